@@ -15,6 +15,7 @@ the fast one (parallel pre-tokenisation, heap-based incremental pair counts) and
 import argparse
 import gzip
 import heapq
+import http.client
 import json
 import multiprocessing
 import os
@@ -743,7 +744,7 @@ def download(url: str, dest: Path, progress=True) -> Path:
                 print(file=sys.stderr)
             if total and done != total:
                 raise DownloadError(f"download of {url} stopped at {done} of {total} bytes; re-run to resume")
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         if isinstance(e, urllib.error.HTTPError) and e.code == 416 and have:  # range past the end: already complete
             os.replace(part, dest)
             return dest
