@@ -334,7 +334,10 @@ def bpe_merges(counts: Counter, num_merges: int, *, progress=False, t0=None) -> 
         vocab.append(vocab[a] + vocab[b])
         keys.append(_inverted(vocab[new]))
         merges.append((a, b))
-        new_pair_words = defaultdict(set)  # pairs that contain the new token -> words they occur in
+        # The new pairs (x, new) and (new, y) are tallied by their other token alone (int keys are cheaper than
+        # tuples) and moved into pair_counts / pair_words after the merge. They are all brand new pairs.
+        left_counts, right_counts = defaultdict(int), defaultdict(int)
+        left_words, right_words = defaultdict(set), defaultdict(set)
         for i in pair_words.pop((a, b)):
             w, n = words[i], freqs[i]
             j = 0
@@ -343,26 +346,31 @@ def bpe_merges(counts: Counter, num_merges: int, *, progress=False, t0=None) -> 
                     j = w.index(a, j)
                     if j + 1 < len(w) and w[j + 1] == b:
                         if j:  # left neighbour x: (x, a) becomes (x, new)
-                            # note: x may be `new` itself ("a b a b"): then (new, a) was added by the previous
-                            # occurrence's right neighbour and is taken off again here, as the merged word has no (new, a).
                             x = w[j - 1]
-                            pair_counts[(x, a)] -= n
-                            pair_counts[(x, new)] += n
-                            new_pair_words[(x, new)].add(i)
-                        if j + 2 < len(w):  # right neighbour y: (b, y) becomes (new, y)
+                            if x == new:  # "a b a b": the previous occurrence just counted (new, a); take it back
+                                right_counts[a] -= n
+                            else:
+                                pair_counts[(x, a)] -= n
+                            left_counts[x] += n
+                            left_words[x].add(i)
+                        if j + 2 < len(w):  # right neighbour y (never `new`: not merged yet): (b, y) -> (new, y)
                             y = w[j + 2]
                             pair_counts[(b, y)] -= n
-                            pair_counts[(new, y)] += n
-                            new_pair_words[(new, y)].add(i)
+                            right_counts[y] += n
+                            right_words[y].add(i)
                         w[j:j + 2] = (new,)  # merge in place
                     j += 1
             except ValueError:
                 pass
         del pair_counts[(a, b)]  # a greedy left-to-right merge leaves no (a, b) behind
-        pair_words.update(new_pair_words)
-        for pair in new_pair_words:
-            if pair_counts[pair] > 0:
-                heapq.heappush(heap, (-pair_counts[pair], keys[pair[0]], keys[pair[1]], pair[0], pair[1]))
+        for counts_by, words_by, make in ((left_counts, left_words, lambda t: (t, new)),
+                                          (right_counts, right_words, lambda t: (new, t))):
+            for t, count in counts_by.items():
+                pair = make(t)
+                pair_counts[pair] = count
+                pair_words[pair] = words_by[t]
+                if count > 0:
+                    heapq.heappush(heap, (-count, keys[pair[0]], keys[pair[1]], pair[0], pair[1]))
         if progress and len(merges) % 1000 == 0:
             print(f"merges {len(merges):,}/{num_merges:,}  {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return vocab, merges
