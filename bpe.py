@@ -272,24 +272,27 @@ def _inverted(token: bytes) -> tuple:
 
 def count_pairs(words: list[list[int]], freqs: list[int]) -> tuple[defaultdict, defaultdict]:
     """Initial pair counts and pair -> word indices, vectorised with numpy (ids are still bytes, < 256 here).
-    count_pairs([[1, 2, 1, 2]], [3]) -> ({(1, 2): 6, (2, 1): 3}, {(1, 2): {0}, (2, 1): {0}})"""
-    lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-    flat = np.fromiter(chain.from_iterable(words), dtype=np.int64, count=int(lengths.sum()))
-    word_of = np.repeat(np.arange(len(words)), lengths)  # the word index of each position in `flat`
+    count_pairs([[1, 2, 1, 2]], [3]) -> ({(1, 2): 6, (2, 1): 3}, {(1, 2): [0, 0], (2, 1): [0]})"""
+    lengths = np.fromiter(map(len, words), dtype=np.int32, count=len(words))
+    flat = np.fromiter(chain.from_iterable(words), dtype=np.int32, count=int(lengths.sum()))
+    word_of = np.repeat(np.arange(len(words), dtype=np.int32), lengths)  # the word index of each position
     inside = word_of[:-1] == word_of[1:]  # adjacent positions in the same word form a pair
     code = (flat[:-1] * 256 + flat[1:])[inside]
     where = word_of[:-1][inside]
-    weight = np.asarray(freqs, dtype=np.int64)[where]
+    del flat, word_of, inside  # note: these arrays are ~10 MB each on a 27 MB corpus; free them before the lists
     order = np.argsort(code, kind="stable")
-    code, where, weight = code[order], where[order], weight[order]
+    code, where = code[order], where[order]
+    weight = np.asarray(freqs, dtype=np.int64)[where]
     starts = np.flatnonzero(np.r_[True, code[1:] != code[:-1]])
-    totals = np.add.reduceat(weight, starts) if len(code) else []
-    pair_counts, pair_words = defaultdict(int), defaultdict(set)
-    for s, e, c, total in zip(starts.tolist(), [*starts[1:].tolist(), len(code)], code[starts].tolist(),
-                              np.asarray(totals).tolist()):
+    totals = np.add.reduceat(weight, starts).tolist() if len(code) else []
+    # One int object per word, shared by all the lists (an object array hands out the same objects): a fresh int per
+    # list entry would cost 28 bytes x ~2 million entries.
+    word_ids = np.array(list(range(len(words))), dtype=object)
+    pair_counts, pair_words = defaultdict(int), defaultdict(list)
+    for s, e, c, total in zip(starts.tolist(), [*starts[1:].tolist(), len(code)], code[starts].tolist(), totals):
         pair = divmod(c, 256)
         pair_counts[pair] = total
-        pair_words[pair] = set(where[s:e].tolist())
+        pair_words[pair] = word_ids[where[s:e]].tolist()
     return pair_counts, pair_words
 
 
@@ -307,8 +310,9 @@ def bpe_merges(counts: Counter, num_merges: int, *, progress=False, t0=None) -> 
 
     # The bookkeeping (what makes a merge cheap):
     #   pair_counts[(a, b)]  how often the pair occurs in the corpus (sum of word frequencies);
-    #   pair_words[(a, b)]   the indices of the words that contain it (may also hold words that no longer do: those
-    #                        are skipped when visited, which is cheaper than removing them);
+    #   pair_words[(a, b)]   the indices of the words that contain it, a list (it may name a word twice, or words that
+    #                        no longer contain the pair: those visits find nothing to merge, which is cheaper than
+    #                        keeping the lists exact);
     #   heap                 entries (-count, key(a), key(b), a, b): a max-heap on count, then on the byte strings.
     # Lazy invalidation: counts only ever go down for existing pairs (a merge turns (x, a) into (x, ab)), and new pairs
     # all contain the new token and are pushed once the merge is done. So when an entry is popped whose count is no
@@ -337,7 +341,7 @@ def bpe_merges(counts: Counter, num_merges: int, *, progress=False, t0=None) -> 
         # The new pairs (x, new) and (new, y) are tallied by their other token alone (int keys are cheaper than
         # tuples) and moved into pair_counts / pair_words after the merge. They are all brand new pairs.
         left_counts, right_counts = defaultdict(int), defaultdict(int)
-        left_words, right_words = defaultdict(set), defaultdict(set)
+        left_words, right_words = defaultdict(list), defaultdict(list)
         for i in pair_words.pop((a, b)):
             w, n = words[i], freqs[i]
             j = 0
@@ -352,12 +356,12 @@ def bpe_merges(counts: Counter, num_merges: int, *, progress=False, t0=None) -> 
                             else:
                                 pair_counts[(x, a)] -= n
                             left_counts[x] += n
-                            left_words[x].add(i)
+                            left_words[x].append(i)
                         if j + 2 < len(w):  # right neighbour y (never `new`: not merged yet): (b, y) -> (new, y)
                             y = w[j + 2]
                             pair_counts[(b, y)] -= n
                             right_counts[y] += n
-                            right_words[y].add(i)
+                            right_words[y].append(i)
                         w[j:j + 2] = (new,)  # merge in place
                     j += 1
             except ValueError:
