@@ -715,8 +715,12 @@ def encode_file(tokenizer: Tokenizer, input_path, output_path, num_workers=None,
                 results = map(_encode_piece, jobs)
                 pool = None
             else:
+                # The first piece is encoded here, so its caches (most of the cost of a cold start) are warm in the
+                # forked workers, which inherit this process's memory.
+                _init_encode_worker(tokenizer)
+                first = _encode_piece(jobs[0])
                 pool = multiprocessing.get_context("fork").Pool(num_workers, _init_encode_worker, (tokenizer,))
-                results = pool.imap(_encode_piece, jobs)  # in order, a few pieces ahead
+                results = chain([first], pool.imap(_encode_piece, jobs[1:]))  # in order, a few pieces ahead
             try:
                 for (_, s, e, _), ids in zip(jobs, results):
                     out.write(ids.tobytes())
