@@ -87,21 +87,33 @@ def special_pattern(special_tokens: Iterable[str]) -> "re.Pattern | None":
     return re.compile("(" + "|".join(re.escape(s) for s in specials) + ")")
 
 
-def count_pretokens(text: str, special_tokens: Iterable[str] = ()) -> Counter:
-    """Pre-token frequencies of `text`, split on the special tokens first so no pre-token spans a document boundary.
-    count_pretokens("low low<|e|>lower", ["<|e|>"]) == Counter({'low': 1, ' low': 1, 'lower': 1})"""
+def count_chunks(text: str, special_tokens: Iterable[str] = ()) -> Counter:
+    """Chunk frequencies of `text`, split on the special tokens first so nothing spans a document boundary.
+    count_chunks("low low<|e|>lower", ["<|e|>"]) == Counter({'low': 1, ' low': 1, 'lower': 1})"""
     pattern = special_pattern(special_tokens)
     docs = pattern.split(text)[::2] if pattern else [text]  # odd entries of split() are the captured specials
-    chunk_counts = Counter()
+    counts = Counter()
     for doc in docs:
-        chunk_counts.update(CHUNK_RE.findall(doc))
+        counts.update(CHUNK_RE.findall(doc))
+    return counts
+
+
+def chunks_to_pretokens(chunk_counts: Counter) -> Counter:
+    """Chunk frequencies -> pre-token frequencies; the slow GPT-2 regex sees each unique chunk once.
+    chunks_to_pretokens(Counter({" it's": 2, "a": 1})) == Counter({" it": 2, "'s": 2, "a": 1})"""
     counts = Counter()
     chunks = list(chunk_counts)
-    for chunk, pretokens in zip(chunks, pretokenize_chunks(chunks)):  # the slow regex sees each chunk once
+    for chunk, pretokens in zip(chunks, pretokenize_chunks(chunks)):
         n = chunk_counts[chunk]
         for pretoken in pretokens:
             counts[pretoken] += n
     return counts
+
+
+def count_pretokens(text: str, special_tokens: Iterable[str] = ()) -> Counter:
+    """Pre-token frequencies of `text` (special tokens split off first, never counted).
+    count_pretokens("low low<|e|>lower", ["<|e|>"]) == Counter({'low': 1, ' low': 1, 'lower': 1})"""
+    return chunks_to_pretokens(count_chunks(text, special_tokens))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -168,10 +180,10 @@ def _count_pieces(args) -> Counter:
     """Worker: pre-token counts of a list of pieces. Each worker opens the file and reads only its own pieces, so
     memory holds one piece of text at a time plus the counts (which scale with unique pre-tokens)."""
     path, ranges, special_tokens = args
-    counts = Counter()
+    chunk_counts = Counter()
     for start, end in ranges:
-        counts.update(count_pretokens(read_piece(path, start, end), special_tokens))
-    return counts
+        chunk_counts.update(count_chunks(read_piece(path, start, end), special_tokens))
+    return chunks_to_pretokens(chunk_counts)  # once per worker: unique chunks repeat across pieces
 
 
 def _split_evenly(items: list, n: int) -> list[list]:
