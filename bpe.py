@@ -647,7 +647,8 @@ class Tokenizer:
 
     def encode_iterable(self, iterable: Iterable[str], *, buffer_chars: int = 1 << 16) -> Iterator[int]:
         """Lazily encode a stream of strings (e.g. an open file), holding about `buffer_chars` of text at a time.
-        Yields exactly encode("".join(iterable)): text is only cut at safe points (see _safe_cut)."""
+        Yields exactly encode("".join(iterable)): text is only cut at safe points (see _safe_cut), so a long stretch
+        without whitespace stays buffered until whitespace arrives."""
         buf = ""
         for piece in iterable:
             buf += piece
@@ -783,6 +784,7 @@ def download(url: str, dest: Path, progress=True) -> Path:
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.is_file() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    printed = False  # a progress line is open on stderr (end it before an error message)
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             if have and response.status != 206:  # the server ignored the Range: start over
@@ -797,16 +799,20 @@ def download(url: str, dest: Path, progress=True) -> Path:
                         rate = (done - have) / 1e6 / max(time.perf_counter() - t0, 1e-9)
                         print(f"\rdownloading {dest.name}: {done / 1e6:.1f}/{total / 1e6:.1f} MB  {rate:.1f} MB/s",
                               end="", file=sys.stderr)
-            if progress:
+                        printed = True
+            if printed:
                 print(file=sys.stderr)
+                printed = False
             if total and done != total:
                 raise DownloadError(f"download of {url} stopped at {done} of {total} bytes; re-run to resume")
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         if isinstance(e, urllib.error.HTTPError) and e.code == 416 and have:  # range past the end: already complete
             os.replace(part, dest)
             return dest
-        raise DownloadError(f"download of {url} failed: {getattr(e, 'reason', e)}; partial data kept in {part}, "
-                            f"re-run to resume") from None
+        if printed:
+            print(file=sys.stderr)
+        kept = f"; partial data kept in {part}, re-run to resume" if part.is_file() and part.stat().st_size else ""
+        raise DownloadError(f"download of {url} failed: {getattr(e, 'reason', e)}{kept}") from None
     os.replace(part, dest)
     return dest
 

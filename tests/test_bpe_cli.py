@@ -152,6 +152,7 @@ def test_prepare_resumes_a_cut_off_download(tmp_path, server):
     out = tmp_path / "ts"
     r = run("prepare", "tinystories", "--out", out, "--base-url", url, "--vocab-size", 300, "--workers", 1)
     assert r.returncode == 1 and "download of" in r.stderr and "re-run to resume" in r.stderr, r.stderr
+    assert r.stderr.splitlines()[-1].startswith("error: download of")  # on its own line, after the progress line
     assert "Traceback" not in r.stderr
     part = out / "TinyStoriesV2-GPT4-train.txt.part"
     have = part.stat().st_size
