@@ -27,7 +27,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter, defaultdict
-from itertools import chain
+from itertools import chain, filterfalse, repeat
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -593,8 +593,8 @@ class Tokenizer:
         change. (Occurrences of the best pair are merged one at a time, leftmost first: a pair that contains the new
         token always ranks later, so this equals merging all of them left to right.)"""
         get, none = self._ranks.get, self._NO_MERGE
-        ids = [self._byte_ids[b] for b in pretoken.encode("utf-8")]
-        pairs = [get(p, none) for p in zip(ids, ids[1:])]  # pairs[k] describes (ids[k], ids[k + 1])
+        ids = list(map(self._byte_ids.__getitem__, pretoken.encode("utf-8")))
+        pairs = list(map(get, zip(ids, ids[1:]), repeat(none)))  # pairs[k]: (rank, merged id) of (ids[k], ids[k+1])
         while pairs:
             best = min(pairs)
             if best is none or best[1] < 0:
@@ -616,7 +616,7 @@ class Tokenizer:
             cache.clear()
             self._pretoken_cache.clear()
         chunks = CHUNK_RE.findall(text)
-        new = [c for c in dict.fromkeys(chunks) if c not in cache]  # chunks not seen before, once each
+        new = list(filterfalse(cache.__contains__, dict.fromkeys(chunks)))  # chunks not seen before, once each
         for chunk, pretokens in zip(new, pretokenize_chunks(new)):
             cache[chunk] = tuple(chain.from_iterable(map(self._pretoken_cache.__getitem__, pretokens)))
         return list(chain.from_iterable(map(cache.__getitem__, chunks)))
