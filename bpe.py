@@ -264,7 +264,7 @@ def check_training_args(input_path, vocab_size: int, special_tokens) -> list[str
     """Validate the arguments of train_bpe; returns the special tokens de-duplicated in order."""
     path = Path(input_path)
     if not path.is_file():
-        raise FileNotFoundError(f"input file {path} does not exist")
+        raise FileNotFoundError(f"input file {path} does not exist" if not path.exists() else f"{path} is not a file")
     if path.stat().st_size == 0:
         raise ValueError(f"input file {path} is empty; give a text file with some content")
     specials = list(dict.fromkeys(special_tokens))
@@ -908,12 +908,12 @@ def main(argv=None) -> int:
             counts = prepare(args.dataset, args.out, args.base_url, args.vocab_size, args.workers)
             print(f"prepared {args.dataset} in {time.perf_counter() - t0:.0f} s: "
                   + ", ".join(f"{k} {v:,} tokens" for k, v in counts.items()) + f" -> {args.out}")
-    except (ValueError, FileNotFoundError, IsADirectoryError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except DownloadError as e:
+    except DownloadError as e:  # not the user's input: exit code 1
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (ValueError, OSError) as e:  # bad input: missing/unreadable files, bad arguments, bad file contents
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
