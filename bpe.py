@@ -568,7 +568,10 @@ class Tokenizer:
                 raise FileNotFoundError(f"{d / name} does not exist; is {d} a tokenizer directory (bpe.py train --out)?")
         specials = []
         if (d / "special_tokens.json").is_file():
-            specials = json.loads((d / "special_tokens.json").read_text(encoding="utf-8"))
+            try:
+                specials = json.loads((d / "special_tokens.json").read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{d / 'special_tokens.json'} is not valid JSON ({e}); expected a list of strings") from None
             if not isinstance(specials, list) or not all(isinstance(s, str) for s in specials):
                 raise ValueError(f"{d / 'special_tokens.json'} must be a JSON list of strings")
         return cls.from_files(d / "vocab.json", d / "merges.txt", specials)

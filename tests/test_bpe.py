@@ -276,6 +276,10 @@ def test_bad_tokenizer_files(tmp_path, trained):
         bpe.load_tokenizer_files(v, m)
     with pytest.raises(FileNotFoundError, match="tokenizer directory"):
         bpe.Tokenizer.from_dir(tmp_path / "nowhere")
+    bpe.save_tokenizer(vocab, merges, v, m)
+    (tmp_path / "special_tokens.json").write_text('["<|endoftext|>"', encoding="utf-8")
+    with pytest.raises(ValueError, match="special_tokens.json is not valid JSON"):
+        bpe.Tokenizer.from_dir(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
