@@ -217,20 +217,23 @@ class RotaryPositionalEmbedding(nn.Module):
         inv_freq = theta ** (-torch.arange(0, d_k, 2, device=device, dtype=torch.float32) / d_k)  # (D/2,): θ^(-2k/D)
         positions = torch.arange(max_seq_len, device=device, dtype=torch.float32)  # (max_seq_len,)
         angles = torch.outer(positions, inv_freq)  # (max_seq_len, D/2): angle of pair k at position i
+        # Each angle serves both members of its pair: cos as (c0, c0, c1, c1, ...), sin signed as (-s0, s0, -s1, s1,
+        # ...), so that forward is two full-width multiplies (see there).
+        cos = torch.cos(angles).repeat_interleave(2, dim=-1)  # (max_seq_len, D)
+        sin = torch.stack((-torch.sin(angles), torch.sin(angles)), dim=-1).flatten(-2)  # (max_seq_len, D/2, 2) -> (.., D)
         # Non-persistent buffers: they follow .to(device) but are derived, so they stay out of the state dict.
-        self.register_buffer("cos", torch.cos(angles), persistent=False)  # (max_seq_len, D/2)
-        self.register_buffer("sin", torch.sin(angles), persistent=False)  # (max_seq_len, D/2)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, x: Tensor, token_positions: Tensor) -> Tensor:
-        """x (..., T, D), token_positions (..., T) ints broadcastable to x's leading dims -> (..., T, D)."""
+        """x (..., T, D), token_positions (..., T) ints, broadcastable to x.shape[:-1] -> (..., T, D)."""
         # subtle: the cache is fp32; cast to x's dtype so bf16 activations stay bf16 (HF Llama does the same).
-        cos = self.cos[token_positions].to(x.dtype)  # (..., T, D/2)
-        sin = self.sin[token_positions].to(x.dtype)  # (..., T, D/2)
-        x_even, x_odd = x[..., 0::2], x[..., 1::2]  # (..., T, D/2) each: the pairs (x[2k], x[2k+1])
-        # The 2-D rotation [[cos, -sin], [sin, cos]] applied to every pair.
-        out_even = x_even * cos - x_odd * sin  # (..., T, D/2)
-        out_odd = x_even * sin + x_odd * cos  # (..., T, D/2)
-        return torch.stack((out_even, out_odd), dim=-1).flatten(-2)  # (..., T, D/2, 2) -> (..., T, D) interleaved
+        cos = self.cos[token_positions].to(x.dtype)  # (..., T, D): (c0, c0, c1, c1, ...)
+        sin = self.sin[token_positions].to(x.dtype)  # (..., T, D): (-s0, s0, -s1, s1, ...)
+        # The 2-D rotation of each pair: (x0, x1) -> (c·x0 - s·x1, s·x0 + c·x1) = c·(x0, x1) + s·(-x1, x0).
+        # Swapping each pair gives (x1, x0, x3, x2, ...); the signed sin supplies the minus.
+        swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (..., T, D/2, 2) -> pairs swapped -> (..., T, D)
+        return x * cos + swapped * sin  # (..., T, D)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -314,17 +317,19 @@ class CausalMultiHeadSelfAttention(nn.Module):
         H = self.num_heads
         D = C // H
         offset = kv_cache.seq_len if kv_cache is not None else 0
-        # (B, T, C) -> (B, T, H, D) -> (B, H, T, D): split C into H heads of D, heads become a batch dim.
-        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, H, D).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, H, D).transpose(1, 2)
+        # (B, T, C) -> (B, T, H, D): split C into H heads of D.
+        q = self.q_proj(x).view(B, T, H, D)
+        k = self.k_proj(x).view(B, T, H, D)
+        v = self.v_proj(x).view(B, T, H, D)
         if self.rope is not None:
             if token_positions is None:
                 token_positions = torch.arange(offset, offset + T, device=x.device)  # (T,)
-            elif token_positions.dim() == 2:
-                token_positions = token_positions[:, None, :]  # (B, T) -> (B, 1, T): same positions for every head
-            q = self.rope(q, token_positions)  # (B, H, T, D)
-            k = self.rope(k, token_positions)  # (B, H, T, D)
+            # note: rotate before moving the heads forward, while q and k are still contiguous (faster element-wise
+            # ops); the positions get a trailing 1 to broadcast over the heads: (T,) -> (T, 1), (B, T) -> (B, T, 1).
+            q = self.rope(q, token_positions[..., None])  # (B, T, H, D)
+            k = self.rope(k, token_positions[..., None])  # (B, T, H, D)
+        # (B, T, H, D) -> (B, H, T, D): heads become a batch dim for attention.
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.append(layer_idx, k, v)  # (B, H, S, D) each, S = offset + T
         S = k.shape[-2]
