@@ -66,7 +66,8 @@ class ModelConfig:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(choices)}")
         if self.position == "rope":
             if (self.d_model // self.num_heads) % 2 != 0:
-                raise ValueError(f"RoPE needs an even head dim, got d_model/num_heads = {self.d_model // self.num_heads}")
+                head_dim = self.d_model // self.num_heads
+                raise ValueError(f"RoPE needs an even head dim, got d_model/num_heads = {head_dim}")
             if not self.rope_theta > 0:
                 raise ValueError(f"rope_theta must be positive, got {self.rope_theta!r}")
         return self
@@ -220,7 +221,7 @@ class RotaryPositionalEmbedding(nn.Module):
         # Each angle serves both members of its pair: cos as (c0, c0, c1, c1, ...), sin signed as (-s0, s0, -s1, s1,
         # ...), so that forward is two full-width multiplies (see there).
         cos = torch.cos(angles).repeat_interleave(2, dim=-1)  # (max_seq_len, D)
-        sin = torch.stack((-torch.sin(angles), torch.sin(angles)), dim=-1).flatten(-2)  # (max_seq_len, D/2, 2) -> (.., D)
+        sin = torch.stack((-torch.sin(angles), torch.sin(angles)), dim=-1).flatten(-2)  # (.., D/2, 2) -> (.., D)
         # Non-persistent buffers: they follow .to(device) but are derived, so they stay out of the state dict.
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)

@@ -254,7 +254,7 @@ def sgd_toy(lr: float, steps: int = 10, seed: int = 0) -> list[float]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="The handout's SGD learning-rate toy: minimise mean(θ²) at three lrs.")
+    parser = argparse.ArgumentParser(description="The handout's SGD learning-rate toy: minimise mean(θ²) at 3 lrs.")
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args(argv)
     if args.steps <= 0:

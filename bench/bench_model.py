@@ -196,7 +196,7 @@ def main(argv=None) -> None:
     if "bf16" in precisions:
         print()
         for name in args.configs:
-            fp32, bf16 = (next(r for r in rows if r["config"] == name and r["precision"] == p) for p in ("fp32", "bf16"))
+            fp32, bf16 = (next(r for r in rows if (r["config"], r["precision"]) == (name, p)) for p in ("fp32", "bf16"))
             print(f"- {name}: bf16 autocast / fp32 = {bf16['ours'] / fp32['ours']:.2f}x (ours), "
                   f"{bf16['hf'] / fp32['hf']:.2f}x (HF)")
     print("\nTargets: ours / HF >= 1.0x at both configs in fp32; bf16 autocast >= 2x our fp32 tokens/s.")
