@@ -185,7 +185,8 @@ def saved_activation_rows(cfg, batch_size: int = 1, seq_len: int | None = None) 
       - SiLU(a) = a·σ(a) keeps a and σ(a), so SwiGLU keeps 5 B·T·F (a, σ(a), SiLU(a), W3 x, the product), not 4;
       - the output projection's output goes into a residual add, which keeps nothing; the heads are merged by a copy
         that the projection keeps (1 B·T·d, not 2);
-      - the loss keeps the logits and their logsumexp (B·T), not a second B·T·V softmax."""
+      - optim.cross_entropy keeps exp(logits - max) and its row sums (B·T) — the unnormalised softmax its
+        hand-written backward needs — and nothing keeps the logits themselves: one B·T·V tensor, not two."""
     B, T = batch_size, cfg.context_length if seq_len is None else seq_len
     V, d, L, F, h = cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.d_ff, cfg.num_heads
     rows = []
@@ -213,7 +214,7 @@ def saved_activation_rows(cfg, batch_size: int = 1, seq_len: int | None = None) 
     if cfg.norm == "pre":
         rows.append(("ln_final: x, x/rms, 1/rms (once)", "2·B·T·d + B·T", 2 * B * T * d + B * T))
     rows += [("lm_head input (once)", "B·T·d", B * T * d),
-             ("logits and logsumexp (once)", "B·T·V + B·T", B * T * V + B * T)]
+             ("loss: exp(logits - max), row sums (once)", "B·T·V + B·T", B * T * V + B * T)]
     return rows
 
 
