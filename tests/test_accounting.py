@@ -107,9 +107,9 @@ def test_gpt2_xl_forward_flops_match_flop_counter():
     assert counted_flops(XL, 1, 1024, device="meta") == accounting.forward_flops(XL, 1, 1024) == 4_513_336_524_800
 
 
-@pytest.mark.parametrize("cfg,B,T", [(SMALL, 2, 64), (SMALL, 3, 17),
-                                     (dataclasses.replace(SMALL, ffn="silu", d_ff=256, norm="post"), 2, 33),
-                                     (dataclasses.replace(SMALL, norm="none", position="nope", tie_embeddings=True), 1, 50)])
+@pytest.mark.parametrize("cfg,B,T", [
+    (SMALL, 2, 64), (SMALL, 3, 17), (dataclasses.replace(SMALL, ffn="silu", d_ff=256, norm="post"), 2, 33),
+    (dataclasses.replace(SMALL, norm="none", position="nope", tie_embeddings=True), 1, 50)])
 def test_forward_flops_match_flop_counter(cfg, B, T):
     assert counted_flops(cfg, B, T) == accounting.forward_flops(cfg, B, T)
 
@@ -139,14 +139,19 @@ def test_training_flops_match_flop_counter_forward_plus_backward():
 
 
 def test_train_flops_per_token_is_6n_plus_attention():
-    # 6·N_matmul + 12·L·T·d: N_matmul excludes the embedding gather and the norm gains, includes lm_head. Duck-typed:
-    # train.py may pass any object with ModelConfig's field names.
-    silu = SimpleNamespace(**{**dataclasses.asdict(XL), "ffn": "silu", "d_ff": 64, "tie_embeddings": True, "norm": "none"})
+    # 6·N_matmul + 12·L·T·d, N_matmul by hand: no embedding gather, no norm gains, lm_head included (tied or not).
+    # Duck-typed: train.py may pass any object with ModelConfig's field names.
+    silu = SimpleNamespace(**{**dataclasses.asdict(XL), "ffn": "silu", "d_ff": 64, "tie_embeddings": True})
     for cfg, T in [(XL, 1024), (XL, 17), (silu, 8)]:
         n_ffn = 3 if cfg.ffn == "swiglu" else 2
         n_matmul = cfg.num_layers * (4 * cfg.d_model**2 + n_ffn * cfg.d_model * cfg.d_ff) + cfg.vocab_size * cfg.d_model
+        assert accounting.matmul_params(cfg) == n_matmul
         assert accounting.train_flops_per_token(cfg, seq_len=T) == 6 * n_matmul + 12 * cfg.num_layers * T * cfg.d_model
     assert accounting.train_flops_per_token(XL) == accounting.train_flops_per_token(XL, 1024)
+    # and N_matmul is what the real model multiplies with: all parameters but the embedding and the norm gains
+    lm = meta_model(XL)
+    assert accounting.matmul_params(XL) == sum(p.numel() for n, p in lm.named_parameters()
+                                               if p.dim() == 2 and not n.startswith("token_embeddings"))
 
 
 def test_gpt2_xl_training_days_with_two_flops_per_multiply_add():
