@@ -64,10 +64,8 @@ def param_rows(cfg) -> list[tuple[str, str, int, int]]:
                  ("layers.*.ffn.w3", "(F, d)", F * d, L)]
     else:  # w2 · SiLU(w1 x): the SiLU ablation drops w3
         rows += [("layers.*.ffn.w1", "(F, d)", F * d, L), ("layers.*.ffn.w2", "(d, F)", d * F, L)]
-    if norm:  # RMSNorm gains, one per sublayer
-        rows += [("layers.*.ln1", "(d,)", d, L), ("layers.*.ln2", "(d,)", d, L)]
-    if cfg.norm == "pre":  # post-norm blocks already end in a norm, so model.py has no final one there
-        rows += [("ln_final", "(d,)", d, 1)]
+    if norm:  # RMSNorm gains: one per sublayer and a final one (model.py keeps it for post-norm too)
+        rows += [("layers.*.ln1", "(d,)", d, L), ("layers.*.ln2", "(d,)", d, L), ("ln_final", "(d,)", d, 1)]
     if not cfg.tie_embeddings:
         rows += [("lm_head", "(V, d)", V * d, 1)]
     return rows
@@ -167,7 +165,7 @@ def activation_rows(cfg, batch_size: int = 1, seq_len: int | None = None) -> lis
     rows.append(("SiLU(W1 x)", "L · B·T·F", L * B * T * F))
     if cfg.ffn == "swiglu":  # W2's input is SiLU(W1 x) ⊙ W3 x, a fourth (B, T, F) tensor
         rows.append(("W2 input SiLU(W1 x) ⊙ W3 x", "L · B·T·F", L * B * T * F))
-    if cfg.norm == "pre":
+    if norm:
         rows.append(("final RMSNorm (once)", "B·T·d", B * T * d))
     rows += [("logits (once)", "B·T·V", B * T * V), ("cross-entropy softmax (once)", "B·T·V", B * T * V)]
     return rows
@@ -218,7 +216,7 @@ def saved_activation_rows(cfg, batch_size: int = 1, seq_len: int | None = None) 
         rows.append(("W1 x, σ(W1 x), SiLU, W3 x, product", "L · 5·B·T·F", L * 5 * B * T * F))
     else:
         rows.append(("W1 x, σ(W1 x), SiLU(W1 x)", "L · 3·B·T·F", L * 3 * B * T * F))
-    if cfg.norm == "pre":
+    if cfg.norm != "none":
         rows.append(("ln_final: x, x/rms, 1/rms (once)", "2·B·T·d + B·T", 2 * B * T * d + B * T))
     rows += [("lm_head input (once)", "B·T·d", B * T * d),
              ("loss: exp(logits - max), row sums (once)", "B·T·V + B·T", B * T * V + B * T)]
