@@ -333,9 +333,10 @@ def measure_saved_activations(cfg, batch_size: int = 1, seq_len: int | None = No
 # ---------------------------------------------------------------------------------------------------------------
 # Presets: GPT-2 sizes as the handout's transformer_accounting problem gives them, plus model.PRESETS
 # ---------------------------------------------------------------------------------------------------------------
-# (num_layers, d_model, num_heads) of GPT-2 (Radford et al. 2019, table 2 of the handout's problem (e)); vocab 50,257
-# and context 1,024 for all; d_ff = 4·d_model (the handout's GPT-2 XL has d_ff = 6,400 = 4 · 1,600 — its SwiGLU FFN
-# keeps GPT-2's width rather than the 8/3·d_model rule). gpt2-xl-16k is problem (f): GPT-2 XL at context 16,384.
+# (num_layers, d_model, num_heads) of the four GPT-2 sizes (Radford et al. 2019), as the handout's
+# transformer_accounting problem lists them; vocab 50,257 and context 1,024 for all; d_ff = 4·d_model (the handout's
+# GPT-2 XL has d_ff = 6,400 = 4 · 1,600: its SwiGLU FFN keeps GPT-2's width rather than the 8/3·d_model rule, and the
+# smaller sizes follow the same rule). gpt2-xl-16k is the problem's last question: GPT-2 XL at context 16,384.
 GPT2_SHAPES = {"gpt2-small": (12, 768, 12), "gpt2-medium": (24, 1024, 16), "gpt2-large": (36, 1280, 20),
                "gpt2-xl": (48, 1600, 25)}
 
