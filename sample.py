@@ -177,8 +177,10 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, t
     one_row = torch.as_tensor(prompt_ids).dim() == 1
     steps = list(generate_stream(model, prompt_ids, max_new_tokens, temperature, top_p, top_k, eos_id, generator,
                                  use_cache))
-    batch = prompt_batch(prompt_ids, eos_id).size(0)
-    new = torch.stack(steps, dim=1) if steps else torch.empty(batch, 0, dtype=torch.long)  # (B, N)
+    if steps:
+        new = torch.stack(steps, dim=1)                                     # (B, N)
+    else:                                                                   # max_new_tokens == 0
+        new = torch.empty(prompt_batch(prompt_ids, eos_id).size(0), 0, dtype=torch.long, device=_device_of(model))
     return new[0] if one_row else new
 
 
@@ -197,6 +199,9 @@ class TextStream:
 
     def push(self, token_id: int) -> str:
         """The text that became complete with this token ("" while a character is still unfinished)."""
+        if token_id not in self.vocab:
+            raise ValueError(f"token id {token_id} is not in the tokenizer's vocab (size {len(self.vocab)}): "
+                             "the model's vocab_size is larger than its tokenizer's")
         return self._utf8.decode(self.vocab[token_id])
 
     def flush(self) -> str:
