@@ -1,11 +1,11 @@
 """Decoding: sample text from a trained checkpoint, with a KV cache, streaming, and a perplexity check.
 
 CS336 assignment 1, §6 (decoding). One step turns the model's logits for the last position into the next token:
-temperature (0 = greedy argmax) → top-k → top-p (nucleus, Holtzman et al. 2019) → sample. `generate` repeats that
-step, feeding each new token back. With the KV cache (`use_cache=True`, the default) every layer keeps the keys
-(after RoPE, at their absolute positions) and values it has already computed, so a new token costs one position's
-work instead of re-running the whole context; `use_cache=False` recomputes the context every step and is the
-reference the cache is tested against (tests/test_sample.py: equal logits at every step).
+temperature (0 = greedy argmax) → top-k (Fan et al. 2018) → top-p (nucleus, Holtzman et al. 2019) → sample.
+`generate` repeats that step, feeding each new token back. With the KV cache (`use_cache=True`, the default) every
+layer keeps the keys (after RoPE, at their absolute positions) and values it has already computed, so a new token
+costs one position's work instead of re-running the whole context; `use_cache=False` recomputes the context every
+step and is the reference the cache is tested against (tests/test_sample.py: equal logits at every step).
 
 Past the context window: once the sequence is longer than context_length, each step re-encodes the last
 context_length tokens with a fresh cache. That is exact (the same logits as the reference, which crops to the last
@@ -22,7 +22,6 @@ import codecs
 import dataclasses
 import math
 import secrets
-import sys
 import time
 from pathlib import Path
 
@@ -400,7 +399,8 @@ def _evaluate_file(args, model, tokenizer, ckpt) -> None:
 
 
 def main(argv=None) -> None:
-    parser = _Parser(prog="sample.py", description="Sample text from a train.py checkpoint, or measure its loss on a file (--eval).")
+    parser = _Parser(prog="sample.py",
+                     description="Sample text from a train.py checkpoint, or measure its loss on a file (--eval).")
     parser.add_argument("ckpt", help="checkpoint .pt written by train.py (carries the model config and tokenizer dir)")
     parser.add_argument("--prompt", default="", help=f"text to continue (default: empty = start after {END_OF_TEXT})")
     parser.add_argument("--max-new-tokens", type=int, default=256)
