@@ -55,6 +55,27 @@ PRETOKEN_RE = regex.compile(GPT2_PAT)
 # both agree on every code point (tests/test_bpe.py checks all 1,114,112 of them).
 _WS, _NON_WS = r"[^\S\x1c-\x1f]", r"[\S\x1c-\x1f]"
 CHUNK_RE = re.compile(rf"{_WS}*{_NON_WS}+|{_WS}+")
+WHITESPACE = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
+                       "\u2028\u2029\u202f\u205f\u3000")  # the same set: what `regex` calls \s
+
+
+def pretokenize_chunks(chunks: list[str]) -> list[list[str]]:
+    """The GPT-2 pre-tokens of each chunk, with one regex call for (almost) all of them: by the lemma above, chunks
+    that start with whitespace and end with non-whitespace can be joined and split back by length.
+    pretokenize_chunks(["hello", " world!!", "  x"]) == [["hello"], [" world", "!!"], [" ", " x"]]"""
+    joinable = [c[0] in WHITESPACE and c[-1] not in WHITESPACE for c in chunks]
+    pieces = iter(PRETOKEN_RE.findall("".join(c for c, ok in zip(chunks, joinable) if ok)))
+    out = []
+    for chunk, ok in zip(chunks, joinable):
+        if not ok:  # e.g. the first chunk of a text ("hello"): on its own
+            out.append(PRETOKEN_RE.findall(chunk))
+            continue
+        got, left = [], len(chunk)
+        while left:
+            got.append(next(pieces))
+            left -= len(got[-1])
+        out.append(got)
+    return out
 
 
 def special_pattern(special_tokens: Iterable[str]) -> "re.Pattern | None":
@@ -75,8 +96,10 @@ def count_pretokens(text: str, special_tokens: Iterable[str] = ()) -> Counter:
     for doc in docs:
         chunk_counts.update(CHUNK_RE.findall(doc))
     counts = Counter()
-    for chunk, n in chunk_counts.items():  # the slow regex runs once per unique chunk (see the lemma above)
-        for pretoken in PRETOKEN_RE.findall(chunk):
+    chunks = list(chunk_counts)
+    for chunk, pretokens in zip(chunks, pretokenize_chunks(chunks)):  # the slow regex sees each chunk once
+        n = chunk_counts[chunk]
+        for pretoken in pretokens:
             counts[pretoken] += n
     return counts
 
@@ -502,7 +525,7 @@ class Tokenizer:
             self._ranks.setdefault((token_ids[a], token_ids[b]), (rank, token_ids[a + b]))
         self._special_re = special_pattern(self.special_tokens)
         self._pretoken_cache = _Cache(self._bpe)
-        self._chunk_cache = _Cache(self._encode_chunk)
+        self._chunk_cache = {}
 
     def __reduce__(self):  # pickle (for worker processes) without the caches
         return (Tokenizer, (self.vocab, self.merges, self.special_tokens))
@@ -537,36 +560,42 @@ class Tokenizer:
 
     # -- encoding -----------------------------------------------------------------------------------------------------
 
+    _NO_MERGE = (1 << 62, -1)  # the "rank" of a pair that is not a merge: larger than every real rank
+
     def _bpe(self, pretoken: str) -> tuple:
         """Ids of one pre-token: start from its bytes, then merge the lowest-ranked adjacent pair until none is left.
-        Merging by rank gives the same result as replaying the merge list in order, without scanning it."""
+        Merging by rank gives the same result as replaying the merge list in order, without scanning it. Each step
+        is one C-level min() over the (rank, merged id) of the current pairs; only the two pairs beside the merge
+        change. (Occurrences of the best pair are merged one at a time, leftmost first: a pair that contains the new
+        token always ranks later, so this equals merging all of them left to right.)"""
+        get, none = self._ranks.get, self._NO_MERGE
         ids = [self._byte_ids[b] for b in pretoken.encode("utf-8")]
-        ranks = self._ranks
-        while len(ids) > 1:
-            best = min(zip(ids, ids[1:]), key=lambda p: ranks.get(p, (1 << 62,)))
-            if best not in ranks:
+        pairs = [get(p, none) for p in zip(ids, ids[1:])]  # pairs[k] describes (ids[k], ids[k + 1])
+        while pairs:
+            best = min(pairs)
+            if best is none or best[1] < 0:
                 break
-            new = ranks[best][1]
-            out, j = [], 0
-            while j < len(ids):
-                if j + 1 < len(ids) and ids[j] == best[0] and ids[j + 1] == best[1]:
-                    out.append(new)
-                    j += 2
-                else:
-                    out.append(ids[j])
-                    j += 1
-            ids = out
+            i = pairs.index(best)
+            new = best[1]
+            ids[i:i + 2] = (new,)
+            del pairs[i]
+            if i < len(pairs):
+                pairs[i] = get((new, ids[i + 1]), none)
+            if i > 0:
+                pairs[i - 1] = get((ids[i - 1], new), none)
         return tuple(ids)
-
-    def _encode_chunk(self, chunk: str) -> tuple:
-        return tuple(chain.from_iterable(map(self._pretoken_cache.__getitem__, PRETOKEN_RE.findall(chunk))))
 
     def _encode_ordinary(self, text: str) -> list[int]:
         """Text without special tokens: chunks (see CHUNK_RE) -> cached ids; the GPT-2 regex runs only on new chunks."""
-        if len(self._chunk_cache) > self.CACHE_LIMIT:
-            self._chunk_cache.clear()
+        cache = self._chunk_cache
+        if len(cache) > self.CACHE_LIMIT:
+            cache.clear()
             self._pretoken_cache.clear()
-        return list(chain.from_iterable(map(self._chunk_cache.__getitem__, CHUNK_RE.findall(text))))
+        chunks = CHUNK_RE.findall(text)
+        new = [c for c in dict.fromkeys(chunks) if c not in cache]  # chunks not seen before, once each
+        for chunk, pretokens in zip(new, pretokenize_chunks(new)):
+            cache[chunk] = tuple(chain.from_iterable(map(self._pretoken_cache.__getitem__, pretokens)))
+        return list(chain.from_iterable(map(cache.__getitem__, chunks)))
 
     def encode_plain(self, text: str) -> list[int]:
         """Reference path without the chunk cache: GPT-2 regex over the whole text, then BPE per pre-token."""
