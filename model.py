@@ -1,0 +1,491 @@
+"""The Llama-style Transformer language model of CS336 assignment 1 (handout §3), from scratch.
+
+Built bottom-up from nothing but `nn.Parameter` and container modules: Linear → Embedding → RMSNorm → SwiGLU →
+softmax → RoPE → attention → block → LM. The one fused kernel allowed, `F.scaled_dot_product_attention`, sits beside
+the readable from-scratch attention and is tested equal to it (tests/test_model.py). A KV cache (`KVCache`) lets
+sample.py decode one token at a time without recomputing the prefix.
+
+    python model.py                          # parameter counts of the presets and a forward pass on random ids
+    python model.py --preset ts17m --norm post --position nope
+    python -m pytest tests/test_model.py
+
+Shape legend: B batch, T sequence (query) length, S key length (cached + new), C d_model, H heads, D head dim
+(C / H), V vocab, F d_ff.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Configuration: every knob of the model, including the ablations (handout §3.5 and §7)
+
+NORMS = ("pre", "post", "none")
+POSITIONS = ("rope", "nope")
+FFNS = ("swiglu", "silu")
+ATTN_IMPLS = ("sdpa", "manual")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a TransformerLM: `TransformerLM(**dataclasses.asdict(cfg))`.
+
+    Checkpoints store `dataclasses.asdict(cfg)` (plain ints, floats and strings), so they load with weights_only=True.
+    """
+
+    vocab_size: int = 10_000
+    context_length: int = 256
+    d_model: int = 512
+    num_layers: int = 4
+    num_heads: int = 16
+    d_ff: int = 1344
+    rope_theta: float = 10_000.0
+    norm: str = "pre"  # "pre" (Llama, default) | "post" (Vaswani et al. 2017) | "none" (no RMSNorm at all)
+    position: str = "rope"  # "rope" (Su et al. 2021) | "nope" (no position information, Kazemnejad et al. 2023)
+    ffn: str = "swiglu"  # "swiglu" (Shazeer 2020: w1, w2, w3) | "silu" (two matrices, w1 and w2)
+    tie_embeddings: bool = False  # lm_head.weight is token_embeddings.weight (Press & Wolf 2017)
+    attn_impl: str = "sdpa"  # "sdpa" (fused torch kernel) | "manual" (the from-scratch reference below)
+
+    def validate(self) -> "ModelConfig":
+        """Raise ValueError with one clear line for a config that cannot build a model; return self."""
+        for name in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.num_heads != 0:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
+        for name, choices in (("norm", NORMS), ("position", POSITIONS), ("ffn", FFNS), ("attn_impl", ATTN_IMPLS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(choices)}")
+        if self.position == "rope":
+            if (self.d_model // self.num_heads) % 2 != 0:
+                raise ValueError(f"RoPE needs an even head dim, got d_model/num_heads = {self.d_model // self.num_heads}")
+            if not self.rope_theta > 0:
+                raise ValueError(f"rope_theta must be positive, got {self.rope_theta!r}")
+        return self
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # A fast model for tests and CPU demos.
+    "tiny": ModelConfig(vocab_size=10_000, context_length=256, d_model=256, num_layers=4, num_heads=8, d_ff=688),
+    # The handout's TinyStories model (§7.2): ~17M non-embedding parameters.
+    "ts17m": ModelConfig(vocab_size=10_000, context_length=256, d_model=512, num_layers=4, num_heads=16, d_ff=1344),
+}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Linear and Embedding (handout §3.4.2, §3.4.3)
+
+
+class Linear(nn.Module):
+    """y = x W^T with no bias; weight is (out, in), the PyTorch and CS336 convention."""
+
+    def __init__(self, in_features: int, out_features: int, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        # Init (handout §3.4.1): N(0, σ² = 2 / (d_in + d_out)) truncated at ±3σ (Glorot-style variance preservation).
+        std = math.sqrt(2.0 / (in_features + out_features))
+        nn.init.trunc_normal_(self.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ self.weight.T  # (..., in) @ (in, out) -> (..., out)
+
+
+class Embedding(nn.Module):
+    """Row lookup: token id i -> weight[i]; weight is (V, C)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
+        # Init (handout §3.4.1): N(0, 1) truncated at ±3.
+        nn.init.trunc_normal_(self.weight, mean=0.0, std=1.0, a=-3.0, b=3.0)
+
+    def forward(self, token_ids: Tensor) -> Tensor:
+        return self.weight[token_ids]  # (B, T) -> (B, T, C)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# RMSNorm (Zhang & Sennrich 2019; handout §3.5.1)
+
+
+class RMSNorm(nn.Module):
+    """x / RMS(x) * g, with RMS(x) = sqrt(mean(x²) + eps) over the last dim; g is the learned gain."""
+
+    def __init__(self, d_model: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        # Init: g = 1, so the layer starts as a pure normalisation.
+        self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        in_dtype = x.dtype
+        # note: squaring in bf16/fp16 overflows or loses precision, so compute in fp32 and cast back.
+        x = x.float()
+        inv_rms = torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)  # (..., C) -> (..., 1)
+        return (x * inv_rms * self.weight.float()).to(in_dtype)  # (..., C) * (..., 1) * (C,) -> (..., C)
+
+
+class NoNorm(nn.Module):
+    """The norm="none" ablation: the identity, with no parameters (so no ln*.weight keys in the state dict)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Feed-forward: SwiGLU (Shazeer 2020; handout §3.5.2) and the plain SiLU ablation
+
+
+def silu(x: Tensor) -> Tensor:
+    """SiLU / Swish (Elfwing et al. 2017): x · σ(x)."""
+    return x * torch.sigmoid(x)
+
+
+class SwiGLU(nn.Module):
+    """FFN(x) = W2 (SiLU(W1 x) ⊙ W3 x); w1, w3 are (F, C), w2 is (C, F)."""
+
+    def __init__(self, d_model: int, d_ff: int, device=None, dtype=None):
+        super().__init__()
+        self.w1 = Linear(d_model, d_ff, device=device, dtype=dtype)
+        self.w2 = Linear(d_ff, d_model, device=device, dtype=dtype)
+        self.w3 = Linear(d_model, d_ff, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(silu(self.w1(x)) * self.w3(x))  # (B, T, C) -> (B, T, F) -> (B, T, C)
+
+
+class SiLUFFN(nn.Module):
+    """The ffn="silu" ablation: FFN(x) = W2 SiLU(W1 x), two matrices (no gate w3); d_ff is usually 4·d_model."""
+
+    def __init__(self, d_model: int, d_ff: int, device=None, dtype=None):
+        super().__init__()
+        self.w1 = Linear(d_model, d_ff, device=device, dtype=dtype)
+        self.w2 = Linear(d_ff, d_model, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(silu(self.w1(x)))  # (B, T, C) -> (B, T, F) -> (B, T, C)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Softmax and scaled dot-product attention (handout §3.5.4)
+
+
+def softmax(x: Tensor, dim: int) -> Tensor:
+    """exp(x_i) / Σ_j exp(x_j) along `dim`.
+
+    Subtracting the max first changes nothing mathematically (it cancels) but keeps exp() ≤ 1, so huge logits do
+    not overflow to inf (and inf/inf = NaN). A row that is all -inf (fully masked) still gives NaN.
+    """
+    x = x - x.amax(dim=dim, keepdim=True)
+    e = torch.exp(x)
+    return e / e.sum(dim=dim, keepdim=True)
+
+
+def scaled_dot_product_attention(Q: Tensor, K: Tensor, V: Tensor, mask: Tensor | None = None) -> Tensor:
+    """softmax(Q Kᵀ / sqrt(D)) V for any leading batch dims (Vaswani et al. 2017, eq. 1).
+
+    Q (..., T, D), K (..., S, D), V (..., S, Dv); mask (T, S) or broadcastable to (..., T, S), boolean,
+    True = may attend. Returns (..., T, Dv).
+    """
+    scores = Q @ K.transpose(-2, -1) / math.sqrt(Q.shape[-1])  # (..., T, D) @ (..., D, S) -> (..., T, S)
+    if mask is not None:
+        # -inf, not a large negative number: exp(-inf) is exactly 0, so masked keys get exactly zero weight.
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return softmax(scores, dim=-1) @ V  # (..., T, S) @ (..., S, Dv) -> (..., T, Dv)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Rotary position embedding (Su et al. 2021, RoFormer; handout §3.5.3)
+
+
+class RotaryPositionalEmbedding(nn.Module):
+    """Rotates each adjacent pair (x[2k], x[2k+1]) of a query/key vector at position i by the angle i · θ^(-2k/D).
+
+    note: adjacent pairs, as in the handout and the RoFormer paper; Llama/HF's code rotates the two halves
+    (x[k], x[k + D/2]) instead — the same idea with a permuted head dim, so the weights are not interchangeable.
+    """
+
+    def __init__(self, theta: float, d_k: int, max_seq_len: int, device=None):
+        super().__init__()
+        inv_freq = theta ** (-torch.arange(0, d_k, 2, device=device, dtype=torch.float32) / d_k)  # (D/2,): θ^(-2k/D)
+        positions = torch.arange(max_seq_len, device=device, dtype=torch.float32)  # (max_seq_len,)
+        angles = torch.outer(positions, inv_freq)  # (max_seq_len, D/2): angle of pair k at position i
+        # Non-persistent buffers: they follow .to(device) but are derived, so they stay out of the state dict.
+        self.register_buffer("cos", torch.cos(angles), persistent=False)  # (max_seq_len, D/2)
+        self.register_buffer("sin", torch.sin(angles), persistent=False)  # (max_seq_len, D/2)
+
+    def forward(self, x: Tensor, token_positions: Tensor) -> Tensor:
+        """x (..., T, D), token_positions (..., T) ints broadcastable to x's leading dims -> (..., T, D)."""
+        # subtle: the cache is fp32; cast to x's dtype so bf16 activations stay bf16 (HF Llama does the same).
+        cos = self.cos[token_positions].to(x.dtype)  # (..., T, D/2)
+        sin = self.sin[token_positions].to(x.dtype)  # (..., T, D/2)
+        x_even, x_odd = x[..., 0::2], x[..., 1::2]  # (..., T, D/2) each: the pairs (x[2k], x[2k+1])
+        # The 2-D rotation [[cos, -sin], [sin, cos]] applied to every pair.
+        out_even = x_even * cos - x_odd * sin  # (..., T, D/2)
+        out_odd = x_even * sin + x_odd * cos  # (..., T, D/2)
+        return torch.stack((out_even, out_odd), dim=-1).flatten(-2)  # (..., T, D/2, 2) -> (..., T, D) interleaved
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# KV cache: the keys and values of the positions already seen, for incremental decoding (used by sample.py)
+
+
+class KVCache:
+    """Per-layer keys (after RoPE) and values of positions 0 .. seq_len-1, for one batch of sequences.
+
+    Usage: `cache = KVCache(); logits = lm(prompt_ids, kv_cache=cache); logits = lm(next_ids, kv_cache=cache)`.
+    TransformerLM.forward places new tokens at positions seq_len .. seq_len+T_new-1 and advances seq_len; each
+    attention layer appends its new keys/values with `append`. The cache is not a module and holds no parameters;
+    start a fresh one to reset (e.g. when the window is full).
+    """
+
+    def __init__(self):
+        self.keys: list[Tensor] = []  # per layer: (B, H, seq_len, D), RoPE already applied
+        self.values: list[Tensor] = []  # per layer: (B, H, seq_len, D)
+        self.seq_len = 0  # positions cached so far (advanced by TransformerLM.forward after all layers ran)
+
+    def append(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append this layer's new (B, H, T_new, D) keys and values; return all of them, (B, H, S, D) each."""
+        if layer_idx == len(self.keys):  # the first call for this layer
+            self.keys.append(k)
+            self.values.append(v)
+        else:
+            # note: torch.cat copies the whole cache each step, O(S) per token; fine for context lengths in the
+            # hundreds, and simpler than a preallocated buffer.
+            self.keys[layer_idx] = torch.cat((self.keys[layer_idx], k), dim=-2)  # (B, H, S, D)
+            self.values[layer_idx] = torch.cat((self.values[layer_idx], v), dim=-2)  # (B, H, S, D)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Causal multi-head self-attention (handout §3.5.5)
+
+
+def causal_mask(T: int, S: int, device=None) -> Tensor:
+    """(T, S) boolean, True = may attend: query t (absolute position S - T + t) sees keys 0 .. S - T + t.
+
+    With no cache S == T and this is the usual lower triangle. subtle: with a cache the T new queries are the LAST
+    T positions, so the triangle is aligned bottom-right; F.scaled_dot_product_attention(is_causal=True) aligns it
+    top-left, which is why the cached path passes this mask explicitly.
+    """
+    q_pos = torch.arange(S - T, S, device=device)  # (T,) absolute positions of the queries
+    k_pos = torch.arange(S, device=device)  # (S,)
+    return k_pos[None, :] <= q_pos[:, None]  # (1, S) <= (T, 1) -> (T, S)
+
+
+class CausalMultiHeadSelfAttention(nn.Module):
+    """MultiHead(x) = W_O concat_h(softmax(Q_h K_hᵀ / sqrt(D) + causal mask) V_h), Q/K rotated by RoPE if theta."""
+
+    def __init__(self, d_model: int, num_heads: int, max_seq_len: int | None = None, theta: float | None = None,
+                 attn_impl: str = "sdpa", device=None, dtype=None):
+        super().__init__()
+        if d_model % num_heads != 0:
+            raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"unknown attn_impl {attn_impl!r}; choose one of {', '.join(ATTN_IMPLS)}")
+        self.num_heads = num_heads
+        self.attn_impl = attn_impl
+        # Each projection is (C, C) = all H heads' (D, C) matrices stacked; init as any Linear.
+        self.q_proj = Linear(d_model, d_model, device=device, dtype=dtype)
+        self.k_proj = Linear(d_model, d_model, device=device, dtype=dtype)
+        self.v_proj = Linear(d_model, d_model, device=device, dtype=dtype)
+        self.output_proj = Linear(d_model, d_model, device=device, dtype=dtype)
+        self.rope = None
+        if theta is not None:  # position="nope" passes theta=None: no position information at all
+            if max_seq_len is None:
+                raise ValueError("RoPE (theta given) needs max_seq_len for its cos/sin cache")
+            self.rope = RotaryPositionalEmbedding(theta, d_model // num_heads, max_seq_len, device=device)
+
+    def forward(self, x: Tensor, token_positions: Tensor | None = None, kv_cache: KVCache | None = None,
+                layer_idx: int = 0) -> Tensor:
+        """x (B, T, C) -> (B, T, C). token_positions (T,) or (B, T); default 0..T-1 (or the cache's next T).
+
+        With kv_cache, this layer's keys/values are appended to kv_cache at `layer_idx` and the queries attend
+        over everything cached; the caller (TransformerLM) advances kv_cache.seq_len once all layers ran.
+        """
+        B, T, C = x.shape
+        H = self.num_heads
+        D = C // H
+        offset = kv_cache.seq_len if kv_cache is not None else 0
+        # (B, T, C) -> (B, T, H, D) -> (B, H, T, D): split C into H heads of D, heads become a batch dim.
+        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, H, D).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, H, D).transpose(1, 2)
+        if self.rope is not None:
+            if token_positions is None:
+                token_positions = torch.arange(offset, offset + T, device=x.device)  # (T,)
+            elif token_positions.dim() == 2:
+                token_positions = token_positions[:, None, :]  # (B, T) -> (B, 1, T): same positions for every head
+            q = self.rope(q, token_positions)  # (B, H, T, D)
+            k = self.rope(k, token_positions)  # (B, H, T, D)
+        if kv_cache is not None:
+            k, v = kv_cache.append(layer_idx, k, v)  # (B, H, S, D) each, S = offset + T
+        S = k.shape[-2]
+
+        if self.attn_impl == "manual":
+            out = scaled_dot_product_attention(q, k, v, causal_mask(T, S, x.device))  # (B, H, T, D)
+        elif S == T:
+            # The fused kernel (flash attention on GPU and CPU); is_causal builds the lower triangle itself.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
+        elif T == 1:
+            # One new token is the last position: it may attend to every cached key, so no mask at all.
+            out = F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, D)
+        else:
+            # Several new tokens after a cache: the bottom-right-aligned triangle (see causal_mask).
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, x.device))  # (B, H, T, D)
+        # (B, H, T, D) -> (B, T, H, D) -> (B, T, C): concatenate the heads again.
+        out = out.transpose(1, 2).reshape(B, T, C)
+        return self.output_proj(out)  # (B, T, C)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Transformer block (handout §3.5, Figure 2) and the language model (§3.1)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + Attn(RMSNorm(x)), then + FFN(RMSNorm(·)). Ablations: norm="post" | "none", ffn="silu"."""
+
+    def __init__(self, d_model: int, num_heads: int, d_ff: int, max_seq_len: int, theta: float | None, *,
+                 norm: str = "pre", ffn: str = "swiglu", attn_impl: str = "sdpa", device=None, dtype=None):
+        super().__init__()
+        self.norm = norm
+        # Registered in the CS336 reference's state-dict order: attn, ln1, ffn, ln2.
+        self.attn = CausalMultiHeadSelfAttention(d_model, num_heads, max_seq_len, theta, attn_impl,
+                                                 device=device, dtype=dtype)
+        self.ln1 = RMSNorm(d_model, device=device, dtype=dtype) if norm != "none" else NoNorm()
+        self.ffn = (SwiGLU if ffn == "swiglu" else SiLUFFN)(d_model, d_ff, device=device, dtype=dtype)
+        self.ln2 = RMSNorm(d_model, device=device, dtype=dtype) if norm != "none" else NoNorm()
+
+    def forward(self, x: Tensor, token_positions: Tensor | None = None, kv_cache: KVCache | None = None,
+                layer_idx: int = 0) -> Tensor:
+        """x (B, T, C) -> (B, T, C)."""
+        if self.norm == "post":  # Vaswani et al. 2017: normalise after each residual add
+            x = self.ln1(x + self.attn(x, token_positions, kv_cache, layer_idx))
+            return self.ln2(x + self.ffn(x))
+        # Pre-norm (Xiong et al. 2020): the residual stream itself is never normalised; "none" makes ln* identities.
+        x = x + self.attn(self.ln1(x), token_positions, kv_cache, layer_idx)
+        return x + self.ffn(self.ln2(x))
+
+
+class TransformerLM(nn.Module):
+    """token ids (B, T) -> unnormalised next-token logits (B, T, V).
+
+    Embedding → num_layers TransformerBlocks → final RMSNorm → lm_head. `lm.config` is the ModelConfig.
+    Weight tying (tie_embeddings=True): lm_head.weight IS token_embeddings.weight (one Parameter). parameters()
+    yields it once, while state_dict() keeps both keys (PyTorch's usual behaviour for shared tensors), so a tied
+    checkpoint has the same keys as an untied one and load_state_dict works unchanged.
+    """
+
+    def __init__(self, vocab_size: int, context_length: int, d_model: int, num_layers: int, num_heads: int,
+                 d_ff: int, rope_theta: float = 10_000.0, *, norm: str = "pre", position: str = "rope",
+                 ffn: str = "swiglu", tie_embeddings: bool = False, attn_impl: str = "sdpa", device=None, dtype=None):
+        super().__init__()
+        self.config = ModelConfig(vocab_size, context_length, d_model, num_layers, num_heads, d_ff, rope_theta,
+                                  norm, position, ffn, tie_embeddings, attn_impl).validate()
+        theta = rope_theta if position == "rope" else None
+        self.token_embeddings = Embedding(vocab_size, d_model, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(
+            TransformerBlock(d_model, num_heads, d_ff, context_length, theta, norm=norm, ffn=ffn,
+                             attn_impl=attn_impl, device=device, dtype=dtype)
+            for _ in range(num_layers)
+        )
+        # Post-norm blocks already end in a norm (Vaswani et al. have no final one); pre-norm needs it.
+        self.ln_final = RMSNorm(d_model, device=device, dtype=dtype) if norm == "pre" else NoNorm()
+        self.lm_head = Linear(d_model, vocab_size, device=device, dtype=dtype)
+        if tie_embeddings:
+            # note: the shared matrix keeps lm_head's init N(0, 2/(V+C)) (std ≈ 0.014 here, like GPT-2's 0.02):
+            # the embedding's N(0, 1) would make the initial logits' std ≈ sqrt(C) and the first loss huge.
+            self.token_embeddings.weight = self.lm_head.weight
+
+    def forward(self, token_ids: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+        """token_ids (B, T) int64 -> logits (B, T, V).
+
+        With kv_cache: token_ids are the positions kv_cache.seq_len .. seq_len+T-1 and attend over the cache too;
+        the cache is extended and kv_cache.seq_len advanced by T.
+        """
+        self._check_input(token_ids, kv_cache)
+        offset = kv_cache.seq_len if kv_cache is not None else 0
+        T = token_ids.shape[1]
+        token_positions = torch.arange(offset, offset + T, device=token_ids.device)  # (T,)
+        x = self.token_embeddings(token_ids)  # (B, T) -> (B, T, C)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, token_positions, kv_cache, i)  # (B, T, C)
+        if kv_cache is not None:
+            kv_cache.seq_len += T
+        return self.lm_head(self.ln_final(x))  # (B, T, C) -> (B, T, V)
+
+    def _check_input(self, token_ids: Tensor, kv_cache: KVCache | None) -> None:
+        """Raise ValueError for inputs the model cannot handle (rather than an IndexError deep inside)."""
+        cfg = self.config
+        if token_ids.dim() != 2:
+            raise ValueError(f"token_ids must be (batch, seq_len), got shape {tuple(token_ids.shape)}")
+        if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex or token_ids.dtype == torch.bool:
+            raise ValueError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
+        offset = kv_cache.seq_len if kv_cache is not None else 0
+        T = token_ids.shape[1]
+        if offset + T > cfg.context_length:
+            where = f"cache has {offset} + {T} new" if kv_cache is not None else f"{T}"
+            raise ValueError(f"sequence length {where} exceeds context_length {cfg.context_length}; "
+                             "crop the input (or start a fresh KVCache)")
+        if kv_cache is not None and kv_cache.keys and kv_cache.keys[0].shape[0] != token_ids.shape[0]:
+            raise ValueError(f"batch size {token_ids.shape[0]} differs from the KV cache's {kv_cache.keys[0].shape[0]}")
+        # note: the range check reads the ids back (a host sync on GPU); torch.compile skips it (no graph break).
+        if token_ids.numel() and not torch.compiler.is_compiling():
+            lo, hi = int(token_ids.min()), int(token_ids.max())
+            if lo < 0 or hi >= cfg.vocab_size:
+                raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got min {lo} max {hi}; "
+                                 "does the tokenizer's vocab match the model's vocab_size?")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CLI: parameter counts and a smoke forward pass
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Build a TransformerLM, print its parameters, run one forward pass.")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--norm", choices=NORMS, default=None)
+    parser.add_argument("--position", choices=POSITIONS, default=None)
+    parser.add_argument("--ffn", choices=FFNS, default=None)
+    parser.add_argument("--d-ff", type=int, default=None, help="default: the preset's, or 4*d_model for --ffn silu")
+    parser.add_argument("--tie-embeddings", action="store_true")
+    parser.add_argument("--attn-impl", choices=ATTN_IMPLS, default=None)
+    args = parser.parse_args(argv)
+
+    cfg = PRESETS[args.preset]
+    changes = {k: v for k, v in (("norm", args.norm), ("position", args.position), ("ffn", args.ffn),
+                                 ("attn_impl", args.attn_impl)) if v is not None}
+    if args.tie_embeddings:
+        changes["tie_embeddings"] = True
+    if args.d_ff is not None:
+        changes["d_ff"] = args.d_ff
+    elif args.ffn == "silu":
+        changes["d_ff"] = 4 * cfg.d_model
+    cfg = dataclasses.replace(cfg, **changes)
+    try:
+        lm = TransformerLM(**dataclasses.asdict(cfg))
+    except ValueError as e:
+        parser.error(str(e))  # exits with code 2, no traceback
+    n_params = sum(p.numel() for p in lm.parameters())
+    n_embed = lm.token_embeddings.weight.numel()
+    print(cfg)
+    print(f"parameters: {n_params:,} ({n_params - n_embed:,} without the token embedding)")
+    ids = torch.randint(0, cfg.vocab_size, (2, cfg.context_length))
+    with torch.no_grad():
+        logits = lm(ids)
+    from optim import cross_entropy  # the project's loss (optim.py); imported here so model.py stands alone
+
+    print(f"forward: ids {tuple(ids.shape)} -> logits {tuple(logits.shape)}, "
+          f"loss at init {cross_entropy(logits, ids).item():.3f} "
+          f"(ln V = {math.log(cfg.vocab_size):.3f})")
+
+
+if __name__ == "__main__":
+    main()

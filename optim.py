@@ -1,0 +1,234 @@
+"""Loss and optimisation for CS336 assignment 1 (handout §4), from scratch: cross-entropy, AdamW, the cosine
+learning-rate schedule and global gradient-norm clipping.
+
+AdamW subclasses `torch.optim.Optimizer` only for its parameter-group and state-dict bookkeeping; the update itself
+is written out below, once as a plain per-parameter loop (the reference) and once with `torch._foreach_*`
+multi-tensor ops (the fast path, `foreach=True`), tested equal to each other and to `torch.optim.AdamW`.
+
+    python optim.py                          # the handout's SGD learning-rate toy (§4.2): lr 1e1, 1e2, 1e3
+    python -m pytest tests/test_optim.py
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Cross-entropy (handout §4.1)
+
+
+def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean over all positions of -log softmax(logits)[target]; logits (..., V), targets (...) int -> scalar.
+
+    -log(exp(o_y) / Σ_j exp(o_j)) = logsumexp(o) - o_y. note: never form softmax(o) itself: exp(1e4) overflows to
+    inf. torch.logsumexp subtracts the max first (log Σ exp(o_j) = m + log Σ exp(o_j - m), m = max_j o_j), so it is
+    finite for any finite logits, and its gradient is softmax(o) computed the same stable way.
+    """
+    logits = logits.float()  # bf16 logits (autocast) lose digits in the sum; the loss is always computed in fp32
+    target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (..., V) -> (..., 1) -> (...)
+    return (torch.logsumexp(logits, dim=-1) - target_logit).mean()  # (...) -> scalar
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# AdamW (Loshchilov & Hutter 2019; handout §4.3, Algorithm 1)
+
+
+class AdamW(torch.optim.Optimizer):
+    """Adam with decoupled weight decay. Per parameter θ with gradient g, at step t = 1, 2, ...:
+
+        m ← β1 m + (1 - β1) g                 first-moment (mean) estimate
+        v ← β2 v + (1 - β2) g²                second-moment (uncentred variance) estimate
+        α_t ← α sqrt(1 - β2^t) / (1 - β1^t)   bias correction of m and v, folded into the step size
+        θ ← θ - α λ θ                          decoupled weight decay (not part of the gradient, so Adam's
+                                               per-coordinate scaling never touches it)
+        θ ← θ - α_t m / (sqrt(v) + ε)         the Adam step
+
+    note: the handout writes the decay after the Adam step; we apply it to θ_{t-1} first, as Loshchilov & Hutter's
+    Algorithm 2 (line 12) and torch.optim.AdamW do. The two differ by α²λ·(step) per iteration, ~1e-8 at α = 1e-3.
+    note: ε is added to sqrt(v), not to sqrt(v̂) as torch does; the effective ε differs by sqrt(1 - β2^t), which
+    only matters while sqrt(v̂) is as small as ε.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01, foreach: bool = False):
+        if not lr >= 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if not eps >= 0.0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=foreach)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if p.grad.is_sparse:
+                    raise ValueError("AdamW does not support sparse gradients")
+                state = self.state[p]
+                if not state:  # lazy init, so state_dict() of a fresh optimizer is empty, like torch's
+                    state["step"] = 0
+                    state["m"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["v"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+            if group["foreach"]:
+                self._step_foreach(group, params)
+            else:
+                self._step_loop(group, params)
+        return loss
+
+    def _step_loop(self, group: dict, params: list[Tensor]) -> None:
+        """The reference: one parameter at a time, one line per line of the algorithm."""
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        for p in params:
+            g, state = p.grad, self.state[p]
+            m, v, t = state["m"], state["v"], state["step"]
+            m.mul_(beta1).add_(g, alpha=1 - beta1)  # m ← β1 m + (1 - β1) g
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)  # v ← β2 v + (1 - β2) g²
+            alpha_t = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)  # α_t ← α sqrt(1 - β2^t) / (1 - β1^t)
+            p.mul_(1 - lr * wd)  # θ ← θ - α λ θ
+            p.addcdiv_(m, v.sqrt().add_(eps), value=-alpha_t)  # θ ← θ - α_t m / (sqrt(v) + ε)
+
+    def _step_foreach(self, group: dict, params: list[Tensor]) -> None:
+        """The same lines with torch._foreach_* ops: one kernel launch per op for the whole list of tensors."""
+        if not params:
+            return
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        grads = [p.grad for p in params]
+        ms = [self.state[p]["m"] for p in params]
+        vs = [self.state[p]["v"] for p in params]
+        steps = [self.state[p]["step"] for p in params]
+        torch._foreach_mul_(ms, beta1)  # m ← β1 m ...
+        torch._foreach_add_(ms, grads, alpha=1 - beta1)  # ... + (1 - β1) g
+        torch._foreach_mul_(vs, beta2)  # v ← β2 v ...
+        torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)  # ... + (1 - β2) g²
+        neg_alphas = [-lr * math.sqrt(1 - beta2**t) / (1 - beta1**t) for t in steps]  # -α_t per tensor
+        torch._foreach_mul_(params, 1 - lr * wd)  # θ ← θ - α λ θ
+        denoms = torch._foreach_sqrt(vs)  # sqrt(v)
+        torch._foreach_add_(denoms, eps)  # sqrt(v) + ε
+        torch._foreach_addcdiv_(params, ms, denoms, neg_alphas)  # θ ← θ - α_t m / (sqrt(v) + ε)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Learning-rate schedule (handout §4.4): linear warmup, cosine decay, constant floor
+
+
+def cosine_lr(it: int, max_lr: float, min_lr: float, warmup_iters: int, cosine_cycle_iters: int) -> float:
+    """The learning rate at iteration `it` (0-based).
+
+    it < warmup_iters:                        max_lr · it / warmup_iters            (linear warmup from 0)
+    warmup_iters ≤ it ≤ cosine_cycle_iters:   min_lr + ½(1 + cos(π · progress))(max_lr - min_lr),
+                                              progress = (it - warmup_iters) / (cosine_cycle_iters - warmup_iters)
+    it > cosine_cycle_iters:                  min_lr
+    note: cosine_cycle_iters is the absolute iteration where the decay ends (the handout's T_c), not a length.
+    """
+    if cosine_cycle_iters < warmup_iters:
+        raise ValueError(f"cosine_cycle_iters ({cosine_cycle_iters}) must be >= warmup_iters ({warmup_iters})")
+    if it < warmup_iters:
+        return max_lr * it / warmup_iters
+    if it > cosine_cycle_iters:
+        return min_lr
+    if cosine_cycle_iters == warmup_iters:  # a zero-length cosine: the boundary iteration is the peak
+        return max_lr
+    progress = (it - warmup_iters) / (cosine_cycle_iters - warmup_iters)  # 0 at the peak, 1 at the floor
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Gradient clipping (handout §4.5)
+
+
+def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float, eps: float = 1e-6) -> float:
+    """Scale all gradients by one factor so that their global L2 norm is at most max_norm; return the norm before.
+
+    One norm over ALL parameters (‖g‖ = sqrt(Σ_p ‖g_p‖²)), not one per tensor, so clipping keeps the direction of
+    the full gradient. The factor is max_norm / (‖g‖ + eps) when ‖g‖ > max_norm (eps guards against 0/0).
+    note: the returned float reads the norm back to the host (a sync on GPU) — callers log it anyway.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    per_tensor = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])  # (n_tensors,) ‖g_p‖
+    total_norm = torch.linalg.vector_norm(per_tensor)  # () sqrt(Σ_p ‖g_p‖²)
+    # min(1, max_norm / (‖g‖ + eps)) as a tensor: always multiplying avoids a data-dependent branch (and a sync).
+    scale = (max_norm / (total_norm + eps)).clamp(max=1.0)
+    torch._foreach_mul_(grads, scale.to(grads[0].dtype))
+    return total_norm.item()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CLI: the handout's SGD learning-rate toy (§4.2)
+
+
+class SGD(torch.optim.Optimizer):
+    """The handout's example optimizer: θ_{t+1} = θ_t - α / sqrt(t + 1) · ∇L(θ_t) (decaying SGD)."""
+
+    def __init__(self, params, lr: float = 1e-3):
+        if not lr >= 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                t = state.get("t", 0)  # iteration number, from 0
+                p.add_(p.grad, alpha=-group["lr"] / math.sqrt(t + 1))  # θ ← θ - α/sqrt(t+1) · g
+                state["t"] = t + 1
+        return loss
+
+
+def sgd_toy(lr: float, steps: int = 10, seed: int = 0) -> list[float]:
+    """Minimise mean(θ²) for a random 10x10 θ with SGD at `lr`; return the loss at each step."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = torch.nn.Parameter(5 * torch.randn((10, 10), generator=generator))
+    opt = SGD([weights], lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = (weights**2).mean()
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+    return losses
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="The handout's SGD learning-rate toy: minimise mean(θ²) at three lrs.")
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args(argv)
+    if args.steps <= 0:
+        parser.error("--steps must be positive")
+    for lr in (1e1, 1e2, 1e3):
+        losses = sgd_toy(lr, args.steps)
+        if losses[-1] > losses[0]:
+            verdict = "diverges (the step overshoots the minimum by more than it started from)"
+        elif losses[-1] < 1e-6 * losses[0]:
+            verdict = "converges fast"
+        else:
+            verdict = "decays slowly"
+        print(f"lr {lr:g}: " + " ".join(f"{x:.3g}" for x in losses) + f"  -> {verdict}")
+
+
+if __name__ == "__main__":
+    main()

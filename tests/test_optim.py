@@ -1,0 +1,253 @@
+"""Tests for optim.py against PyTorch: cross_entropy vs F.cross_entropy (values and gradients, 2-D and 3-D, logits
+of 1e4 stay finite), AdamW vs torch.optim.AdamW over 100 steps (≤ 1e-6, several groups, with weight decay), the
+foreach fast path vs the plain loop, AdamW state_dict round-trips (resume == uninterrupted run), cosine_lr at its
+boundary iterations, clip_grad_norm vs torch.nn.utils.clip_grad_norm_, and the SGD learning-rate toy's behaviours."""
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from optim import AdamW, clip_grad_norm, cosine_lr, cross_entropy, sgd_toy
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# cross_entropy
+
+
+@pytest.mark.parametrize("shape", [(12,), (3, 5)], ids=["2-D logits", "3-D logits"])
+def test_cross_entropy_matches_torch_values_and_grads(shape):
+    torch.manual_seed(0)
+    V = 11
+    logits = torch.randn(*shape, V, requires_grad=True)
+    targets = torch.randint(0, V, shape)
+    ours = cross_entropy(logits, targets)
+    ref = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
+    torch.testing.assert_close(ours, ref)
+    (g_ours,) = torch.autograd.grad(ours, logits)
+    (g_ref,) = torch.autograd.grad(ref, logits)
+    torch.testing.assert_close(g_ours, g_ref)
+
+
+def test_cross_entropy_is_stable_for_huge_logits():
+    logits = torch.tensor([[1e4, 0.0, -1e4], [0.0, 1e4, 1e4]], requires_grad=True)
+    targets = torch.tensor([1, 2])
+    loss = cross_entropy(logits, targets)
+    assert torch.isfinite(loss)
+    # by hand: row 0 has loss 1e4 - 0 = 1e4 (up to e^-1e4); row 1 has ln 2 (two equal maxima)
+    torch.testing.assert_close(loss, torch.tensor((1e4 + math.log(2)) / 2))
+    torch.testing.assert_close(loss, F.cross_entropy(logits, targets))
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_cross_entropy_bf16_logits_computed_in_fp32():
+    torch.manual_seed(0)
+    logits = (torch.randn(8, 50) * 4).bfloat16()
+    targets = torch.randint(0, 50, (8,))
+    loss = cross_entropy(logits, targets)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, F.cross_entropy(logits.float(), targets))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# AdamW
+
+
+def make_problem(seed=0):
+    """A small least-squares model with O(1) gradients and parameters of several shapes."""
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(8, 5, generator=g)), torch.nn.Parameter(torch.randn(5, generator=g)),
+              torch.nn.Parameter(torch.randn(3, 8, generator=g))]
+    data = [(torch.randn(16, 3, generator=g), torch.randn(16, 5, generator=g)) for _ in range(100)]
+
+    def loss_fn(params, step):
+        x, y = data[step]
+        w0, b, w1 = params
+        h = torch.tanh(x @ w1) @ w0 + b  # (16, 3) @ (3, 8) -> (16, 8) @ (8, 5) -> (16, 5)
+        return ((h - y) ** 2).mean()
+
+    return params, loss_fn
+
+
+def run(opt_factory, steps=100, seed=0, groups=False):
+    params, loss_fn = make_problem(seed)
+    if groups:  # two groups with their own hyperparameters, as train.py may use (no decay on gains)
+        opt = opt_factory([{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.0, "lr": 3e-3}])
+    else:
+        opt = opt_factory(params)
+    for step in range(steps):
+        opt.zero_grad()
+        loss_fn(params, step).backward()
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["loop", "foreach"])
+@pytest.mark.parametrize("groups", [False, True], ids=["one group", "two groups"])
+def test_adamw_matches_torch_over_100_steps(foreach, groups):
+    kw = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    ours, _ = run(lambda p: AdamW(p, foreach=foreach, **kw), groups=groups)
+    ref, _ = run(lambda p: torch.optim.AdamW(p, **kw), groups=groups)
+    start, _ = make_problem()
+    for a, b, s in zip(ours, ref, start):
+        assert (a - s).abs().max() > 1e-2  # the parameters really moved
+        assert (a - b).abs().max().item() <= 1e-6
+
+
+def test_adamw_foreach_equals_loop():
+    kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    loop, loop_opt = run(lambda p: AdamW(p, foreach=False, **kw), steps=50)
+    fast, fast_opt = run(lambda p: AdamW(p, foreach=True, **kw), steps=50)
+    for a, b in zip(loop, fast):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
+    for sa, sb in zip(loop_opt.state.values(), fast_opt.state.values()):
+        assert sa["step"] == sb["step"] == 50
+        torch.testing.assert_close(sa["m"], sb["m"], atol=1e-7, rtol=1e-6)
+        torch.testing.assert_close(sa["v"], sb["v"], atol=1e-7, rtol=1e-6)
+
+
+def test_adamw_weight_decay_is_decoupled():
+    # With a zero gradient Adam's step is 0, so only the decay acts: θ ← (1 - αλ) θ exactly.
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = AdamW([p], lr=0.1, weight_decay=0.5)
+    p.grad = torch.zeros(3)
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((3,), 1 - 0.1 * 0.5))
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["loop", "foreach"])
+def test_adamw_state_dict_round_trip(tmp_path, foreach):
+    kw = dict(lr=1e-2, weight_decay=0.1, foreach=foreach)
+    uninterrupted, _ = run(lambda p: AdamW(p, **kw), steps=20)
+
+    params, loss_fn = make_problem()
+    opt = AdamW(params, **kw)
+    for step in range(10):
+        opt.zero_grad()
+        loss_fn(params, step).backward()
+        opt.step()
+    torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    params2, _ = make_problem(seed=1)  # different starting values: everything must come from the checkpoint
+    with torch.no_grad():
+        for p, saved in zip(params2, ckpt["params"]):
+            p.copy_(saved)
+    opt2 = AdamW(params2, **kw)
+    opt2.load_state_dict(ckpt["opt"])
+    assert opt2.state_dict()["state"][0]["step"] == 10
+    for step in range(10, 20):
+        opt2.zero_grad()
+        loss_fn(params2, step).backward()
+        opt2.step()
+    for a, b in zip(params2, uninterrupted):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_adamw_lr_set_through_param_groups():
+    # train.py sets group["lr"] from the schedule every step; lr 0 with no decay must leave θ unchanged.
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = AdamW([p], lr=1e-2)
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    p.grad = torch.ones(4)
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.ones(4), atol=0, rtol=0)
+
+
+def test_adamw_rejects_bad_hyperparameters():
+    p = [torch.nn.Parameter(torch.ones(2))]
+    for kw, msg in ((dict(lr=-1.0), "lr"), (dict(betas=(0.9, 1.0)), "betas"), (dict(eps=-1.0), "eps"),
+                    (dict(weight_decay=-0.1), "weight_decay")):
+        with pytest.raises(ValueError, match=msg):
+            AdamW(p, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# cosine_lr
+
+
+def test_cosine_lr_boundaries():
+    max_lr, min_lr, warm, cycle = 1.0, 0.1, 7, 21
+    assert cosine_lr(0, max_lr, min_lr, warm, cycle) == 0.0  # warmup starts from 0
+    assert cosine_lr(3, max_lr, min_lr, warm, cycle) == pytest.approx(3 / 7)
+    assert cosine_lr(warm, max_lr, min_lr, warm, cycle) == pytest.approx(max_lr)  # peak at the end of warmup
+    assert cosine_lr(14, max_lr, min_lr, warm, cycle) == pytest.approx((max_lr + min_lr) / 2)  # halfway down
+    assert cosine_lr(cycle, max_lr, min_lr, warm, cycle) == pytest.approx(min_lr)  # T_c is absolute
+    assert cosine_lr(cycle + 1, max_lr, min_lr, warm, cycle) == min_lr
+    assert cosine_lr(10_000, max_lr, min_lr, warm, cycle) == min_lr
+    lrs = [cosine_lr(it, max_lr, min_lr, warm, cycle) for it in range(30)]
+    assert all(a < b for a, b in zip(lrs[:warm], lrs[1:warm + 1]))  # rising through warmup
+    assert all(a > b for a, b in zip(lrs[warm:cycle], lrs[warm + 1:cycle + 1]))  # falling through the cosine
+
+
+def test_cosine_lr_matches_handout_reference_values():
+    # The handout's test values (CS336 tests/test_optimizer.py: max 1, min 0.1, warmup 7, cycle 21).
+    expected = [0, 0.14285714285714285, 0.2857142857142857, 0.42857142857142855, 0.5714285714285714,
+                0.7142857142857143, 0.8571428571428571, 1.0, 0.9887175604818206, 0.9554359905560885,
+                0.9018241671106134, 0.8305704108364301, 0.7452476826029011, 0.6501344202803414, 0.55,
+                0.44986557971965857, 0.3547523173970989, 0.26942958916356996, 0.19817583288938662,
+                0.14456400944391146, 0.11128243951817937, 0.1, 0.1, 0.1, 0.1]
+    got = [cosine_lr(it, 1.0, 0.1, 7, 21) for it in range(25)]
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_cosine_lr_edge_cases():
+    assert cosine_lr(0, 1.0, 0.1, 0, 10) == 1.0  # no warmup: start at the peak
+    assert cosine_lr(5, 1.0, 0.1, 5, 5) == 1.0  # zero-length cosine
+    assert cosine_lr(6, 1.0, 0.1, 5, 5) == 0.1
+    with pytest.raises(ValueError, match="cosine_cycle_iters"):
+        cosine_lr(0, 1.0, 0.1, 10, 5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# clip_grad_norm
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e3], ids=["clipped", "untouched"])
+def test_clip_grad_norm_matches_torch(max_norm):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 4)), torch.nn.Parameter(torch.randn(7)),
+              torch.nn.Parameter(torch.randn(3))]
+    for p in params[:2]:
+        p.grad = torch.randn_like(p) * 3
+    # params[2] has no gradient: it is skipped, as torch does
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for r, p in zip(ref, params):
+        r.grad = None if p.grad is None else p.grad.clone()
+    total = clip_grad_norm(params, max_norm)
+    ref_total = torch.nn.utils.clip_grad_norm_(ref, max_norm)
+    assert isinstance(total, float)
+    assert total == pytest.approx(ref_total.item(), rel=1e-6)
+    for a, b in zip(params[:2], ref[:2]):
+        torch.testing.assert_close(a.grad, b.grad)
+    new_norm = math.sqrt(sum(p.grad.pow(2).sum().item() for p in params[:2]))
+    if max_norm < total:
+        assert new_norm == pytest.approx(max_norm, rel=1e-5)  # one global scale: the norm lands on max_norm
+    else:
+        assert new_norm == pytest.approx(total, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The SGD learning-rate toy (python optim.py)
+
+
+def test_sgd_toy_three_behaviours():
+    slow, fast, diverge = sgd_toy(1e1), sgd_toy(1e2), sgd_toy(1e3)
+    assert all(a > b for a, b in zip(slow, slow[1:])) and slow[-1] > 1e-2 * slow[0]  # decays, but slowly
+    assert fast[-1] < 1e-12 * fast[0]  # converges fast
+    assert diverge[-1] > 1e6 * diverge[0]  # diverges
+
+
+def test_optim_cli_prints_the_toy():
+    out = subprocess.run([sys.executable, "optim.py"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["lr 10", "lr 100", "lr 1000"]
+    assert "slowly" in lines[0] and "fast" in lines[1] and "diverges" in lines[2]
