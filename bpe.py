@@ -1,0 +1,858 @@
+"""Byte-level BPE: training, the tokenizer, and dataset preparation (CS336 assignment 1, section 2).
+
+What it is: the GPT-2 style byte-level byte-pair-encoding tokenizer (Sennrich et al. 2016; Radford et al. 2019).
+Text is cut into pre-tokens by the GPT-2 regex, each pre-token is a sequence of bytes, and training repeatedly merges
+the most frequent adjacent pair of tokens (ties: the lexicographically greater pair) into a new token.
+Why it is written this way: `train_bpe_naive` is the 20-line teaching version (and the test oracle); `train_bpe` is
+the fast one (parallel pre-tokenisation, heap-based incremental pair counts) and must give identical merges.
+`Tokenizer` encodes with merge ranks and caches, and matches tiktoken token for token.
+
+    python bpe.py train --input ../shared/data/kernel-docs-train.txt --vocab-size 10000 \
+        --special-tokens "<|endoftext|>" --out runs/tok
+    python bpe.py encode --tokenizer runs/tok --input ../shared/data/kernel-docs-valid.txt --output runs/valid.npy
+    python bpe.py prepare tinystories --out data/tinystories   # download + train 10K tokenizer + encode both splits
+"""
+import argparse
+import gzip
+import heapq
+import http.client
+import json
+import multiprocessing
+import os
+import re
+import resource
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import Counter, defaultdict
+from itertools import chain
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import regex
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pre-tokenisation
+# ---------------------------------------------------------------------------------------------------------------------
+
+# The GPT-2 pre-tokenisation regex (Radford et al. 2019, as in the handout section 2.4): contractions, an optional
+# space + letters, an optional space + digits, an optional space + other symbols, whitespace runs (leaving the last
+# space to the next word), and trailing whitespace. Needs the `regex` package for \p{L} / \p{N}.
+GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+PRETOKEN_RE = regex.compile(GPT2_PAT)
+
+# Chunks: a whitespace run followed by a non-whitespace run ("\n\n  foo.bar()", " the").
+# Lemma: no GPT-2 pre-token contains a non-whitespace character followed by a whitespace character (the only
+# alternatives that take whitespace are a single leading space, or runs of whitespace only), and the pattern has no
+# lookbehind. So cutting the text just before any whitespace that follows a non-whitespace character never changes the
+# pre-tokens: pretokens(chunk1 + chunk2) == pretokens(chunk1) + pretokens(chunk2). Chunks repeat far more than text
+# does, so training counts chunks first and encoding caches chunk -> ids; both then run the slow GPT-2 regex only on
+# unique chunks. The chunk split uses the stdlib `re` (about 3x faster than `regex` here).
+# subtle: `re`'s \s also matches U+001C..U+001F, which the GPT-2 pattern's `regex` \s does not; they are excluded so
+# both agree on every code point (tests/test_bpe.py checks all 1,114,112 of them).
+_WS, _NON_WS = r"[^\S\x1c-\x1f]", r"[\S\x1c-\x1f]"
+CHUNK_RE = re.compile(rf"{_WS}*{_NON_WS}+|{_WS}+")
+
+
+def special_pattern(special_tokens: Iterable[str]) -> "re.Pattern | None":
+    """A regex that finds special tokens, longest first so that overlapping ones resolve to the longest match.
+    special_pattern(["<|a|>", "<|a|><|a|>"]).pattern == '(<\\|a\\|><\\|a\\|>|<\\|a\\|>)'"""
+    specials = sorted(set(special_tokens), key=len, reverse=True)
+    if not specials:
+        return None
+    return re.compile("(" + "|".join(re.escape(s) for s in specials) + ")")
+
+
+def count_pretokens(text: str, special_tokens: Iterable[str] = ()) -> Counter:
+    """Pre-token frequencies of `text`, split on the special tokens first so no pre-token spans a document boundary.
+    count_pretokens("low low<|e|>lower", ["<|e|>"]) == Counter({'low': 1, ' low': 1, 'lower': 1})"""
+    pattern = special_pattern(special_tokens)
+    docs = pattern.split(text)[::2] if pattern else [text]  # odd entries of split() are the captured specials
+    chunk_counts = Counter()
+    for doc in docs:
+        chunk_counts.update(CHUNK_RE.findall(doc))
+    counts = Counter()
+    for chunk, n in chunk_counts.items():  # the slow regex runs once per unique chunk (see the lemma above)
+        for pretoken in PRETOKEN_RE.findall(chunk):
+            counts[pretoken] += n
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading a file in parallel pieces
+# ---------------------------------------------------------------------------------------------------------------------
+
+# A safe cut point in the raw bytes: just before an ASCII whitespace byte that follows a printable non-space ASCII
+# byte (the chunk lemma above, restricted to ASCII so it can be checked on bytes and always falls on a UTF-8 character
+# boundary), and not inside an occurrence of a special token. Pre-tokenising or encoding the pieces separately then
+# gives exactly the result for the whole file, so the output never depends on the number of workers.
+_SAFE_CUT = re.compile(rb"[!-~](?=[\t\n\x0b\x0c\r ])")
+
+
+def find_piece_boundaries(path, piece_bytes: int, special_tokens: Iterable[str] = ()) -> list[int]:
+    """Byte offsets [0, ..., file size] cutting the file into pieces of about `piece_bytes` at safe cut points."""
+    specials = [s.encode("utf-8") for s in special_tokens]
+    longest = max(map(len, specials), default=0)
+    size = os.path.getsize(path)
+    bounds = [0]
+    with open(path, "rb") as f:
+        target = piece_bytes
+        while target < size:
+            lo = max(0, target - longest)  # read a little before the target to see specials that span a cut
+            f.seek(lo)
+            window = f.read((1 << 16) + 2 * longest)
+            cut = None
+            for m in _SAFE_CUT.finditer(window, target - lo):
+                p = m.end()  # just before the whitespace byte
+                if p > len(window) - longest:
+                    break
+                if not any(_covers(window, s, p) for s in specials):
+                    cut = lo + p
+                    break
+            if cut is None:  # no safe cut in this window: look further on
+                target += 1 << 16
+                continue
+            bounds.append(cut)
+            target = cut + piece_bytes
+    bounds.append(size)
+    return bounds
+
+
+def _covers(window: bytes, special: bytes, p: int) -> bool:
+    """True if an occurrence of `special` in `window` starts before offset p and ends after it."""
+    for start in range(max(0, p - len(special) + 1), p):
+        if window.startswith(special, start):
+            return True
+    return False
+
+
+def read_piece(path, start: int, end: int) -> str:
+    """The text of bytes [start, end) of the file; invalid UTF-8 is an error that says where."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not valid UTF-8 at byte {start + e.start} ({e.reason}); "
+                         f"re-save it as UTF-8") from None
+
+
+def _count_pieces(args) -> Counter:
+    """Worker: pre-token counts of a list of pieces. Each worker opens the file and reads only its own pieces, so
+    memory holds one piece of text at a time plus the counts (which scale with unique pre-tokens)."""
+    path, ranges, special_tokens = args
+    counts = Counter()
+    for start, end in ranges:
+        counts.update(count_pretokens(read_piece(path, start, end), special_tokens))
+    return counts
+
+
+def _split_evenly(items: list, n: int) -> list[list]:
+    """[1, 2, 3, 4, 5] in 2 -> [[1, 2, 3], [4, 5]] (contiguous, so each worker reads one stretch of the file)."""
+    k, r = divmod(len(items), n)
+    out, i = [], 0
+    for j in range(n):
+        out.append(items[i:i + k + (j < r)])
+        i += k + (j < r)
+    return [o for o in out if o]
+
+
+PIECE_BYTES = 1 << 20  # 1 MiB of text per piece: small enough for flat memory, big enough to amortise overhead
+
+
+def count_pretokens_file(input_path, special_tokens=(), num_workers=None) -> Counter:
+    """Pre-token counts of a whole file, pre-tokenised in parallel by `num_workers` processes."""
+    num_workers = num_workers or os.cpu_count() or 1
+    bounds = find_piece_boundaries(input_path, PIECE_BYTES, special_tokens)
+    ranges = list(zip(bounds[:-1], bounds[1:]))
+    jobs = [(str(input_path), group, tuple(special_tokens)) for group in _split_evenly(ranges, num_workers)]
+    if len(jobs) == 1:
+        return _count_pieces(jobs[0])
+    with multiprocessing.get_context("fork").Pool(len(jobs)) as pool:
+        parts = pool.map(_count_pieces, jobs)
+    total = parts[0]
+    for part in parts[1:]:
+        total.update(part)
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training: the teaching version (the oracle)
+# ---------------------------------------------------------------------------------------------------------------------
+
+def merge_word(word: tuple, pair: tuple, new) -> tuple:
+    """Replace every non-overlapping occurrence of `pair`, left to right, by `new`.
+    merge_word((1, 2, 1, 2, 3), (1, 2), 9) == (9, 9, 3)"""
+    out, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            out.append(new)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
+def train_bpe_naive(input_path, vocab_size: int, special_tokens=()) -> tuple[dict[int, bytes], list]:
+    """Teaching version: recount every pair after every merge. O(merges x corpus); the reference for train_bpe."""
+    text = Path(input_path).read_text(encoding="utf-8")
+    words = Counter({tuple(bytes([b]) for b in w.encode("utf-8")): n
+                     for w, n in count_pretokens(text, special_tokens).items()})
+    vocab = {i: bytes([i]) for i in range(256)}
+    merges = []
+    while len(vocab) < vocab_size - len(special_tokens):
+        pairs = Counter()
+        for word, n in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best = max(pairs, key=lambda p: (pairs[p], p))  # ties: the lexicographically greater pair of byte strings
+        merges.append(best)
+        vocab[len(vocab)] = best[0] + best[1]
+        words = Counter({merge_word(w, best, best[0] + best[1]): n for w, n in words.items()})
+    for s in special_tokens:
+        vocab[len(vocab)] = s.encode("utf-8")
+    return vocab, merges
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training: the fast version
+# ---------------------------------------------------------------------------------------------------------------------
+
+def check_training_args(input_path, vocab_size: int, special_tokens) -> list[str]:
+    """Validate the arguments of train_bpe; returns the special tokens de-duplicated in order."""
+    path = Path(input_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input file {path} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"input file {path} is empty; give a text file with some content")
+    specials = list(dict.fromkeys(special_tokens))
+    if any(s == "" for s in specials):
+        raise ValueError("a special token is the empty string; remove it")
+    if vocab_size < 256 + len(specials):
+        raise ValueError(f"vocab_size {vocab_size} is smaller than 256 bytes + {len(specials)} special tokens; "
+                         f"use at least {256 + len(specials)}")
+    return specials
+
+
+def _inverted(token: bytes) -> tuple:
+    """A key that sorts byte strings in reverse lexicographic order, so heapq's min-heap pops the greater one first.
+    _inverted(b"a") > _inverted(b"ab"): the trailing 256 puts a prefix after its extensions, as b"a" < b"ab"."""
+    return tuple(255 - c for c in token) + (256,)
+
+
+def count_pairs(words: list[list[int]], freqs: list[int]) -> tuple[defaultdict, defaultdict]:
+    """Initial pair counts and pair -> word indices, vectorised with numpy (ids are still bytes, < 256 here).
+    count_pairs([[1, 2, 1, 2]], [3]) -> ({(1, 2): 6, (2, 1): 3}, {(1, 2): {0}, (2, 1): {0}})"""
+    lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+    flat = np.fromiter(chain.from_iterable(words), dtype=np.int64, count=int(lengths.sum()))
+    word_of = np.repeat(np.arange(len(words)), lengths)  # the word index of each position in `flat`
+    inside = word_of[:-1] == word_of[1:]  # adjacent positions in the same word form a pair
+    code = (flat[:-1] * 256 + flat[1:])[inside]
+    where = word_of[:-1][inside]
+    weight = np.asarray(freqs, dtype=np.int64)[where]
+    order = np.argsort(code, kind="stable")
+    code, where, weight = code[order], where[order], weight[order]
+    starts = np.flatnonzero(np.r_[True, code[1:] != code[:-1]])
+    totals = np.add.reduceat(weight, starts) if len(code) else []
+    pair_counts, pair_words = defaultdict(int), defaultdict(set)
+    for s, e, c, total in zip(starts.tolist(), [*starts[1:].tolist(), len(code)], code[starts].tolist(),
+                              np.asarray(totals).tolist()):
+        pair = divmod(c, 256)
+        pair_counts[pair] = total
+        pair_words[pair] = set(where[s:e].tolist())
+    return pair_counts, pair_words
+
+
+def bpe_merges(counts: Counter, num_merges: int, *, progress=False, t0=None) -> tuple[list[bytes], list]:
+    """The merge loop: pre-token counts -> (tokens by id, merges as id pairs), at most num_merges of them.
+    bpe_merges(Counter({"ab": 2, "abc": 1}), 2) -> ([..256 bytes.., b"ab", b"abc"], [(97, 98), (256, 99)])"""
+    t0 = time.perf_counter() if t0 is None else t0
+    # Words as lists of token ids; at the start id == byte value. Single-byte words have no pairs and are dropped.
+    words, freqs = [], []
+    for pretoken, n in counts.items():
+        w = list(pretoken.encode("utf-8"))
+        if len(w) > 1:
+            words.append(w)
+            freqs.append(n)
+
+    # The bookkeeping (what makes a merge cheap):
+    #   pair_counts[(a, b)]  how often the pair occurs in the corpus (sum of word frequencies);
+    #   pair_words[(a, b)]   the indices of the words that contain it (may also hold words that no longer do: those
+    #                        are skipped when visited, which is cheaper than removing them);
+    #   heap                 entries (-count, key(a), key(b), a, b): a max-heap on count, then on the byte strings.
+    # Lazy invalidation: counts only ever go down for existing pairs (a merge turns (x, a) into (x, ab)), and new pairs
+    # all contain the new token and are pushed once the merge is done. So when an entry is popped whose count is no
+    # longer the pair's count, it is pushed back with the current count (if above 0) and skipped; the first popped
+    # entry whose count is current is the true maximum, because every live pair has an entry at least as large.
+    # Cost of one merge: O(total length of the words that contain the pair) to rewrite them and update the counts of
+    # their neighbouring pairs, plus O(log heap) per pushed or re-pushed entry; never a pass over the whole corpus.
+    pair_counts, pair_words = count_pairs(words, freqs)
+    vocab = [bytes([i]) for i in range(256)]
+    keys = [_inverted(t) for t in vocab]
+    heap = [(-n, keys[a], keys[b], a, b) for (a, b), n in pair_counts.items()]
+    heapq.heapify(heap)
+
+    merges = []
+    while len(merges) < num_merges and heap:
+        neg_count, _, _, a, b = heapq.heappop(heap)
+        count = pair_counts.get((a, b), 0)
+        if count != -neg_count:  # stale entry: re-queue with its current count
+            if count > 0:
+                heapq.heappush(heap, (-count, keys[a], keys[b], a, b))
+            continue
+        new = len(vocab)
+        vocab.append(vocab[a] + vocab[b])
+        keys.append(_inverted(vocab[new]))
+        merges.append((a, b))
+        new_pair_words = defaultdict(set)  # pairs that contain the new token -> words they occur in
+        for i in pair_words.pop((a, b)):
+            w, n = words[i], freqs[i]
+            j = 0
+            try:  # visit each `a` in the word (list.count / list.index run in C); ValueError: no more of them
+                for _ in range(w.count(a)):
+                    j = w.index(a, j)
+                    if j + 1 < len(w) and w[j + 1] == b:
+                        if j:  # left neighbour x: (x, a) becomes (x, new)
+                            # note: x may be `new` itself ("a b a b"): then (new, a) was added by the previous
+                            # occurrence's right neighbour and is taken off again here, as the merged word has no (new, a).
+                            x = w[j - 1]
+                            pair_counts[(x, a)] -= n
+                            pair_counts[(x, new)] += n
+                            new_pair_words[(x, new)].add(i)
+                        if j + 2 < len(w):  # right neighbour y: (b, y) becomes (new, y)
+                            y = w[j + 2]
+                            pair_counts[(b, y)] -= n
+                            pair_counts[(new, y)] += n
+                            new_pair_words[(new, y)].add(i)
+                        w[j:j + 2] = (new,)  # merge in place
+                    j += 1
+            except ValueError:
+                pass
+        del pair_counts[(a, b)]  # a greedy left-to-right merge leaves no (a, b) behind
+        pair_words.update(new_pair_words)
+        for pair in new_pair_words:
+            if pair_counts[pair] > 0:
+                heapq.heappush(heap, (-pair_counts[pair], keys[pair[0]], keys[pair[1]], pair[0], pair[1]))
+        if progress and len(merges) % 1000 == 0:
+            print(f"merges {len(merges):,}/{num_merges:,}  {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return vocab, merges
+
+
+
+def train_bpe(input_path, vocab_size: int, special_tokens=(), *, num_workers=None, progress=False):
+    """Train a byte-level BPE tokenizer on a UTF-8 text file.
+
+    Returns (vocab, merges): vocab maps id -> bytes (0..255 the single bytes, then one id per merge in creation order,
+    then the special tokens); merges is the list of (bytes, bytes) pairs in creation order. Identical to
+    train_bpe_naive, whatever num_workers is."""
+    specials = check_training_args(input_path, vocab_size, special_tokens)
+    t0 = time.perf_counter()
+    counts = count_pretokens_file(input_path, specials, num_workers)
+    if progress:
+        dt = time.perf_counter() - t0
+        mb = os.path.getsize(input_path) / 1e6
+        print(f"pre-tokenised {mb:.1f} MB in {dt:.1f} s ({mb / dt:.1f} MB/s), {len(counts):,} unique pre-tokens",
+              file=sys.stderr)
+
+    num_merges = vocab_size - 256 - len(specials)
+    vocab, merges = bpe_merges(counts, num_merges, progress=progress, t0=t0)
+    del counts
+    if len(merges) < num_merges:
+        print(f"note: the corpus has only {len(merges)} distinct merges; stopping at vocab size "
+              f"{256 + len(merges) + len(specials)} instead of {vocab_size}", file=sys.stderr)
+
+    vocab_dict = dict(enumerate(vocab))
+    for s in specials:
+        vocab_dict[len(vocab_dict)] = s.encode("utf-8")
+    return vocab_dict, [(vocab[a], vocab[b]) for a, b in merges]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Files: GPT-2's vocab.json / merges.txt format
+# ---------------------------------------------------------------------------------------------------------------------
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 bytes to printable characters: printable Latin-1 bytes map to themselves,
+    the others (control bytes, space, ...) to chr(256 + k). Tokens then contain no spaces or newlines, so one merge
+    fits on one "a b" line. bytes_to_unicode()[ord(" ")] == "Ġ", bytes_to_unicode()[ord("\\n")] == "Ċ"."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+BYTE_TO_CHAR = bytes_to_unicode()
+CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
+
+
+def token_to_str(token: bytes) -> str:
+    return "".join(BYTE_TO_CHAR[b] for b in token)
+
+
+def str_to_token(s: str, where: str) -> bytes:
+    try:
+        return bytes(CHAR_TO_BYTE[c] for c in s)
+    except KeyError as e:
+        raise ValueError(f"{where}: {s!r} has character {e.args[0]!r} outside GPT-2's byte-to-unicode alphabet") from None
+
+
+def _write_atomic(path, text: str) -> None:
+    """Write via a temporary file + os.replace, so a crash never leaves a half-written file."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output directory {path.parent} does not exist; create it first")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_tokenizer(vocab: dict[int, bytes], merges: list, vocab_path, merges_path) -> None:
+    """Write vocab.json ({token string: id}) and merges.txt (a version line, then one "a b" line per merge)."""
+    strings = {token_to_str(t): i for i, t in sorted(vocab.items())}
+    if len(strings) != len(vocab):
+        raise ValueError("vocab has two ids for the same byte string; vocab.json cannot represent that")
+    _write_atomic(vocab_path, json.dumps(strings, ensure_ascii=False, indent=0) + "\n")
+    _write_atomic(merges_path, "#version: 0.2\n" + "".join(f"{token_to_str(a)} {token_to_str(b)}\n" for a, b in merges))
+
+
+def load_tokenizer_files(vocab_path, merges_path) -> tuple[dict[int, bytes], list]:
+    """Read what save_tokenizer writes (and OpenAI's GPT-2 files); raise ValueError naming the bad line."""
+    try:
+        raw = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{vocab_path} is not valid JSON ({e}); expected {{token: id}}") from None
+    if not isinstance(raw, dict) or not all(isinstance(i, int) and i >= 0 for i in raw.values()):
+        raise ValueError(f"{vocab_path} must map token strings to non-negative integer ids")
+    vocab = {i: str_to_token(s, str(vocab_path)) for s, i in raw.items()}
+    if len(vocab) != len(raw):
+        raise ValueError(f"{vocab_path} gives the same id to two tokens")
+    known = set(vocab.values())
+    merges = []
+    for n, line in enumerate(Path(merges_path).read_text(encoding="utf-8").split("\n"), start=1):
+        if not line or (n == 1 and line.startswith("#version")):
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2:
+            raise ValueError(f"{merges_path} line {n}: expected two tokens separated by one space, got {line!r}")
+        a, b = (str_to_token(p, f"{merges_path} line {n}") for p in parts)
+        for part in (a, b, a + b):
+            if part not in known:
+                raise ValueError(f"{merges_path} line {n}: {token_to_str(part)!r} is not in {vocab_path}; "
+                                 f"the two files do not belong together")
+        merges.append((a, b))
+    return vocab, merges
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The tokenizer
+# ---------------------------------------------------------------------------------------------------------------------
+
+class _Cache(dict):
+    """A dict that computes missing values with `fn`; `map(cache.__getitem__, keys)` then runs in C for hits."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def __missing__(self, key):
+        value = self[key] = self.fn(key)
+        return value
+
+
+class Tokenizer:
+    """Encode text to ids and back with a byte-level BPE vocab (ours or GPT-2's: any id order works).
+
+    tok = Tokenizer.from_dir("runs/tok"); tok.decode(tok.encode("hello<|endoftext|>")) == "hello<|endoftext|>"
+    """
+
+    CACHE_LIMIT = 1 << 20  # entries per cache before it is cleared, so streaming huge files keeps memory bounded
+
+    def __init__(self, vocab: dict[int, bytes], merges: list, special_tokens=None):
+        self.vocab = dict(vocab)
+        self.merges = list(merges)
+        self.special_tokens = list(dict.fromkeys(special_tokens or ()))
+        if any(s == "" for s in self.special_tokens):
+            raise ValueError("a special token is the empty string; remove it")
+        token_ids = {t: i for i, t in self.vocab.items()}
+        for s in self.special_tokens:  # specials absent from the vocab are appended
+            if s.encode("utf-8") not in token_ids:
+                i = max(self.vocab, default=-1) + 1
+                self.vocab[i] = s.encode("utf-8")
+                token_ids[s.encode("utf-8")] = i
+        self.special_token_ids = {s: token_ids[s.encode("utf-8")] for s in self.special_tokens}
+        missing = [b for b in range(256) if bytes([b]) not in token_ids]
+        if missing:
+            raise ValueError(f"vocab lacks the single byte {missing[0]:#04x}; byte-level BPE needs all 256")
+        self._byte_ids = [token_ids[bytes([b])] for b in range(256)]
+        # (id_a, id_b) -> (rank, id of the merged token): merging = repeatedly apply the lowest-ranked pair present.
+        self._ranks = {}
+        for rank, (a, b) in enumerate(self.merges):
+            if a + b not in token_ids or a not in token_ids or b not in token_ids:
+                raise ValueError(f"merge {rank} ({a!r}, {b!r}) uses a token that is not in the vocab")
+            self._ranks.setdefault((token_ids[a], token_ids[b]), (rank, token_ids[a + b]))
+        self._special_re = special_pattern(self.special_tokens)
+        self._pretoken_cache = _Cache(self._bpe)
+        self._chunk_cache = _Cache(self._encode_chunk)
+
+    def __reduce__(self):  # pickle (for worker processes) without the caches
+        return (Tokenizer, (self.vocab, self.merges, self.special_tokens))
+
+    @classmethod
+    def from_files(cls, vocab_path, merges_path, special_tokens=None) -> "Tokenizer":
+        vocab, merges = load_tokenizer_files(vocab_path, merges_path)
+        return cls(vocab, merges, special_tokens)
+
+    @classmethod
+    def from_dir(cls, directory) -> "Tokenizer":
+        """A tokenizer directory: vocab.json, merges.txt and (optional) special_tokens.json, a JSON list of strings."""
+        d = Path(directory)
+        for name in ("vocab.json", "merges.txt"):
+            if not (d / name).is_file():
+                raise FileNotFoundError(f"{d / name} does not exist; is {d} a tokenizer directory (bpe.py train --out)?")
+        specials = []
+        if (d / "special_tokens.json").is_file():
+            specials = json.loads((d / "special_tokens.json").read_text(encoding="utf-8"))
+            if not isinstance(specials, list) or not all(isinstance(s, str) for s in specials):
+                raise ValueError(f"{d / 'special_tokens.json'} must be a JSON list of strings")
+        return cls.from_files(d / "vocab.json", d / "merges.txt", specials)
+
+    def save_dir(self, directory) -> None:
+        d = Path(directory)
+        save_tokenizer(self.vocab, self.merges, d / "vocab.json", d / "merges.txt")
+        _write_atomic(d / "special_tokens.json", json.dumps(self.special_tokens, ensure_ascii=False) + "\n")
+
+    @property
+    def vocab_size(self) -> int:
+        return max(self.vocab) + 1
+
+    # -- encoding -----------------------------------------------------------------------------------------------------
+
+    def _bpe(self, pretoken: str) -> tuple:
+        """Ids of one pre-token: start from its bytes, then merge the lowest-ranked adjacent pair until none is left.
+        Merging by rank gives the same result as replaying the merge list in order, without scanning it."""
+        ids = [self._byte_ids[b] for b in pretoken.encode("utf-8")]
+        ranks = self._ranks
+        while len(ids) > 1:
+            best = min(zip(ids, ids[1:]), key=lambda p: ranks.get(p, (1 << 62,)))
+            if best not in ranks:
+                break
+            new = ranks[best][1]
+            out, j = [], 0
+            while j < len(ids):
+                if j + 1 < len(ids) and ids[j] == best[0] and ids[j + 1] == best[1]:
+                    out.append(new)
+                    j += 2
+                else:
+                    out.append(ids[j])
+                    j += 1
+            ids = out
+        return tuple(ids)
+
+    def _encode_chunk(self, chunk: str) -> tuple:
+        return tuple(chain.from_iterable(map(self._pretoken_cache.__getitem__, PRETOKEN_RE.findall(chunk))))
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        """Text without special tokens: chunks (see CHUNK_RE) -> cached ids; the GPT-2 regex runs only on new chunks."""
+        if len(self._chunk_cache) > self.CACHE_LIMIT:
+            self._chunk_cache.clear()
+            self._pretoken_cache.clear()
+        return list(chain.from_iterable(map(self._chunk_cache.__getitem__, CHUNK_RE.findall(text))))
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Reference path without the chunk cache: GPT-2 regex over the whole text, then BPE per pre-token."""
+        parts = self._special_re.split(text) if self._special_re else [text]
+        ids = []
+        for k, part in enumerate(parts):
+            if k % 2:
+                ids.append(self.special_token_ids[part])
+            else:
+                for pretoken in PRETOKEN_RE.findall(part):
+                    ids.extend(self._bpe(pretoken))
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids. Special tokens are matched first (longest wins) and never split."""
+        if self._special_re is None:
+            return self._encode_ordinary(text)
+        ids = []
+        for k, part in enumerate(self._special_re.split(text)):  # odd entries are the specials themselves
+            if k % 2:
+                ids.append(self.special_token_ids[part])
+            elif part:
+                ids.extend(self._encode_ordinary(part))
+        return ids
+
+    def encode_iterable(self, iterable: Iterable[str], *, buffer_chars: int = 1 << 16) -> Iterator[int]:
+        """Lazily encode a stream of strings (e.g. an open file), holding about `buffer_chars` of text at a time.
+        Yields exactly encode("".join(iterable)): text is only cut at safe points (see _safe_cut)."""
+        buf = ""
+        for piece in iterable:
+            buf += piece
+            if len(buf) < buffer_chars:
+                continue
+            cut = self._safe_cut(buf)
+            if cut:
+                yield from self.encode(buf[:cut])
+                buf = buf[cut:]
+        yield from self.encode(buf)
+
+    def _safe_cut(self, buf: str) -> int:
+        """A position p with encode(buf[:p]) + encode(buf[p:] + rest) == encode(buf + rest) for any rest, or 0.
+        p is the last chunk boundary (before whitespace that follows non-whitespace) that leaves room for the longest
+        special token after it (so no special match can still change), moved back to the start of a special token
+        match if one spans it (a match start is itself a safe cut: special tokens are split off first)."""
+        longest = max(map(len, self.special_tokens), default=0)
+        limit = len(buf) - longest
+        cut = 0
+        for m in re.finditer(rf"(?<={_NON_WS}){_WS}", buf[max(0, limit - 4096):limit]):
+            cut = max(0, limit - 4096) + m.start()
+        if not cut or self._special_re is None:
+            return cut
+        for m in self._special_re.finditer(buf, 0, cut + longest):
+            if m.start() < cut < m.end():
+                return m.start()
+        return cut
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids -> text; byte sequences that are not valid UTF-8 become U+FFFD."""
+        try:
+            data = b"".join(self.vocab[i] for i in ids)
+        except KeyError as e:
+            raise ValueError(f"token id {e.args[0]} is not in the vocab (size {self.vocab_size})") from None
+        return data.decode("utf-8", errors="replace")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Encoding whole files to .npy
+# ---------------------------------------------------------------------------------------------------------------------
+
+_worker_tokenizer = None
+
+
+def _init_encode_worker(tokenizer):
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+
+
+def _encode_piece(args) -> np.ndarray:
+    path, start, end, dtype = args
+    return np.array(_worker_tokenizer.encode(read_piece(path, start, end)), dtype=dtype)
+
+
+def encode_file(tokenizer: Tokenizer, input_path, output_path, num_workers=None, progress=False) -> int:
+    """Encode a text file to an np.save-format .npy of ids (uint16, or uint32 for vocabs over 65,536 tokens).
+    Pieces split at safe cut points are encoded in parallel and streamed to a raw temporary file in order, then the
+    .npy is assembled from it and moved into place: the output never sits in memory whole, and is never half-written.
+    Returns the number of tokens."""
+    input_path, output_path = Path(input_path), Path(output_path)
+    if not input_path.is_file():
+        raise FileNotFoundError(f"input file {input_path} does not exist")
+    if input_path.stat().st_size == 0:
+        raise ValueError(f"input file {input_path} is empty")
+    if not output_path.parent.is_dir():
+        raise FileNotFoundError(f"output directory {output_path.parent} does not exist; create it first")
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    num_workers = num_workers or os.cpu_count() or 1
+    bounds = find_piece_boundaries(input_path, PIECE_BYTES, tokenizer.special_tokens)
+    jobs = [(str(input_path), s, e, dtype) for s, e in zip(bounds[:-1], bounds[1:])]
+    raw, tmp = output_path.with_name(output_path.name + ".raw.tmp"), output_path.with_name(output_path.name + ".tmp")
+    n_tokens, t0, size = 0, time.perf_counter(), input_path.stat().st_size
+    try:
+        with open(raw, "wb") as out:
+            if num_workers == 1 or len(jobs) == 1:
+                _init_encode_worker(tokenizer)
+                results = map(_encode_piece, jobs)
+                pool = None
+            else:
+                pool = multiprocessing.get_context("fork").Pool(num_workers, _init_encode_worker, (tokenizer,))
+                results = pool.imap(_encode_piece, jobs)  # in order, a few pieces ahead
+            try:
+                for (_, s, e, _), ids in zip(jobs, results):
+                    out.write(ids.tobytes())
+                    n_tokens += len(ids)
+                    if progress:
+                        dt = time.perf_counter() - t0
+                        print(f"\rencoded {e / 1e6:.1f}/{size / 1e6:.1f} MB  {e / 1e6 / dt:.1f} MB/s  "
+                              f"{n_tokens:,} tokens", end="", file=sys.stderr)
+            finally:
+                if pool is not None:
+                    pool.terminate()
+        if progress:
+            print(file=sys.stderr)
+        with open(tmp, "wb") as out, open(raw, "rb") as src:
+            np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                       "fortran_order": False, "shape": (n_tokens,)})
+            shutil.copyfileobj(src, out, 1 << 24)
+        os.replace(tmp, output_path)
+    finally:
+        for p in (raw, tmp):
+            p.unlink(missing_ok=True)
+    return n_tokens
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Dataset preparation: download, train, encode
+# ---------------------------------------------------------------------------------------------------------------------
+
+DATASETS = {
+    "tinystories": dict(base_url="https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/",
+                        files={"train": "TinyStoriesV2-GPT4-train.txt", "valid": "TinyStoriesV2-GPT4-valid.txt"},
+                        vocab_size=10_000),
+    "owt": dict(base_url="https://huggingface.co/datasets/stanford-cs336/owt-sample/resolve/main/",
+                files={"train": "owt_train.txt.gz", "valid": "owt_valid.txt.gz"},
+                vocab_size=32_000),
+}
+BASE_URL_ENV = "CS336_DATA_URL"  # overrides the base URL (a mirror, or a local test server)
+
+
+class DownloadError(RuntimeError):
+    pass
+
+
+def download(url: str, dest: Path, progress=True) -> Path:
+    """Download url to dest, resuming dest.part with an HTTP Range request if an earlier attempt was cut off."""
+    if dest.is_file():
+        return dest
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.is_file() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            if have and response.status != 206:  # the server ignored the Range: start over
+                have = 0
+            total = have + int(response.headers.get("Content-Length") or 0)
+            with open(part, "ab" if have else "wb") as f:
+                done, t0 = have, time.perf_counter()
+                while block := response.read(1 << 20):
+                    f.write(block)
+                    done += len(block)
+                    if progress:
+                        rate = (done - have) / 1e6 / max(time.perf_counter() - t0, 1e-9)
+                        print(f"\rdownloading {dest.name}: {done / 1e6:.1f}/{total / 1e6:.1f} MB  {rate:.1f} MB/s",
+                              end="", file=sys.stderr)
+            if progress:
+                print(file=sys.stderr)
+            if total and done != total:
+                raise DownloadError(f"download of {url} stopped at {done} of {total} bytes; re-run to resume")
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        if isinstance(e, urllib.error.HTTPError) and e.code == 416 and have:  # range past the end: already complete
+            os.replace(part, dest)
+            return dest
+        raise DownloadError(f"download of {url} failed: {getattr(e, 'reason', e)}; partial data kept in {part}, "
+                            f"re-run to resume") from None
+    os.replace(part, dest)
+    return dest
+
+
+def gunzip(src: Path, dest: Path) -> Path:
+    tmp = dest.with_name(dest.name + ".tmp")
+    with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 24)
+    os.replace(tmp, dest)
+    src.unlink()
+    return dest
+
+
+def prepare(name: str, out_dir, base_url=None, vocab_size=None, num_workers=None, progress=True) -> dict:
+    """Download a dataset's train/valid text, train its tokenizer on train, encode both splits into out_dir."""
+    spec = DATASETS[name]
+    base_url = base_url or os.environ.get(BASE_URL_ENV) or spec["base_url"]
+    out = Path(out_dir)
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"output directory {out.parent} does not exist; create it first")
+    out.mkdir(exist_ok=True)
+    texts = {}
+    for split, filename in spec["files"].items():
+        txt = out / filename.removesuffix(".gz")
+        if not txt.is_file():
+            got = download(base_url.rstrip("/") + "/" + filename, out / filename, progress)
+            if filename.endswith(".gz"):
+                gunzip(got, txt)
+        texts[split] = txt
+    specials = ["<|endoftext|>"]
+    vocab, merges = train_bpe(texts["train"], vocab_size or spec["vocab_size"], specials,
+                              num_workers=num_workers, progress=progress)
+    tok = Tokenizer(vocab, merges, specials)
+    tok.save_dir(out)
+    counts = {split: encode_file(tok, txt, out / f"{split}.npy", num_workers, progress) for split, txt in texts.items()}
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _peak_rss_mib() -> float:
+    """Peak resident memory of this process and of its (finished) worker processes, whichever is larger."""
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+               resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024  # Linux reports KiB
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a tokenizer and write DIR/{vocab.json,merges.txt,special_tokens.json}")
+    p.add_argument("--input", required=True)
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--special-tokens", nargs="*", default=[])
+    p.add_argument("--out", required=True)
+    p.add_argument("--workers", type=int, default=None)
+    p = sub.add_parser("encode", help="encode a text file to a .npy of token ids")
+    p.add_argument("--tokenizer", required=True, help="a tokenizer directory")
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--workers", type=int, default=None)
+    p = sub.add_parser("prepare", help="download a dataset, train its tokenizer, encode train and valid")
+    p.add_argument("dataset", choices=sorted(DATASETS))
+    p.add_argument("--out", required=True)
+    p.add_argument("--base-url", default=None, help=f"download from here instead (or set ${BASE_URL_ENV})")
+    p.add_argument("--vocab-size", type=int, default=None, help="default: 10000 (tinystories), 32000 (owt)")
+    p.add_argument("--workers", type=int, default=None)
+    args = parser.parse_args(argv)
+    if getattr(args, "workers", None) is not None and args.workers < 1:
+        parser.error("--workers must be at least 1")
+
+    try:
+        t0 = time.perf_counter()
+        if args.command == "train":
+            out = Path(args.out)
+            if not out.parent.is_dir():
+                raise FileNotFoundError(f"output directory {out.parent} does not exist; create it first")
+            vocab, merges = train_bpe(args.input, args.vocab_size, args.special_tokens,
+                                      num_workers=args.workers, progress=True)
+            out.mkdir(exist_ok=True)
+            Tokenizer(vocab, merges, args.special_tokens).save_dir(out)
+            longest = max(vocab.values(), key=len)
+            print(f"trained {len(vocab):,} tokens in {time.perf_counter() - t0:.1f} s, peak memory "
+                  f"{_peak_rss_mib():.0f} MiB, longest token {longest.decode('utf-8', 'replace')!r} "
+                  f"({len(longest)} bytes) -> {out}")
+        elif args.command == "encode":
+            tok = Tokenizer.from_dir(args.tokenizer)
+            n = encode_file(tok, args.input, args.output, args.workers, progress=True)
+            dt, size = time.perf_counter() - t0, os.path.getsize(args.input)
+            print(f"{n:,} tokens, {size / max(n, 1):.2f} bytes/token, {size / 1e6 / dt:.1f} MB/s -> {args.output}")
+        else:
+            counts = prepare(args.dataset, args.out, args.base_url, args.vocab_size, args.workers)
+            print(f"prepared {args.dataset} in {time.perf_counter() - t0:.0f} s: "
+                  + ", ".join(f"{k} {v:,} tokens" for k, v in counts.items()) + f" -> {args.out}")
+    except (ValueError, FileNotFoundError, IsADirectoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except DownloadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""Tests of bpe.py: the fast trainer against the teaching trainer (ties, special tokens, Unicode, empty documents,
+the handout's example, any number of workers); the tokenizer against tiktoken (our trained vocab and GPT-2's);
+10,000 random Unicode round-trips; the chunk cache against the plain path; encode_iterable (identical output, flat
+memory); vocab.json/merges.txt round-trips; and every bad input named in the issue."""
+import json
+import random
+import re
+import tracemalloc
+
+import numpy as np
+import pytest
+import regex
+
+import bpe
+
+EOT = "<|endoftext|>"
+
+
+def write(tmp_path, text, name="corpus.txt"):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def random_text(rng: random.Random, n_words: int, alphabet="abcde", specials=()) -> str:
+    """Words over a small alphabet (many equal pair counts, so ties matter), mixed whitespace and punctuation."""
+    seps = [" ", " ", " ", "\n", "\n\n", "  ", "\t", ", ", ". ", "'s ", " 12 ", " \n "]
+    out = []
+    for _ in range(n_words):
+        out.append("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6))))
+        out.append(rng.choice(seps))
+        if specials and rng.random() < 0.05:
+            out.append(rng.choice(specials))
+    return "".join(out)
+
+
+def random_unicode(rng: random.Random, length: int) -> str:
+    """Mixed scripts, emoji, combining marks, every kind of whitespace (incl. U+001C..U+001F and NBSP), digits."""
+    pools = ["abcxyz ABC", "0123456789", " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0\u2000\u3000", "'s've're.,!?()[]{}",
+             "éüßñçøå", "日本語中文字", "한국어", "🎉🙂👍🏽", "\u0301\u0308", "Ωλπ", "кириллица"]
+    return "".join(rng.choice(rng.choice(pools)) for _ in range(length))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_handout_example(tmp_path):
+    """Sennrich et al.'s example from the handout section 2.4 (ties: 's t' over 'e s' etc.)."""
+    path = write(tmp_path, "low low low low low lower lower widest widest widest newest newest newest newest newest newest")
+    expected = [(b"s", b"t"), (b"e", b"st"), (b"o", b"w"), (b"l", b"ow"), (b"w", b"est"), (b"n", b"e")]
+    for train in (bpe.train_bpe_naive, bpe.train_bpe):
+        vocab, merges = train(path, 256 + 6)
+        assert merges == expected
+        assert vocab[256] == b"st" and vocab[261] == b"ne"
+
+
+CORPORA = {
+    "ties": "ab ab ba ba cd cd dc dc ef fe " * 3,
+    "specials_and_empty_docs": f"{EOT}{EOT}hello world{EOT}{EOT}{EOT}hello there world{EOT}",
+    "unicode": "héllo wörld 日本語 日本 🎉🎉 naïve café crème brûlée ÅÅÅ Ωμέγα 한국어 " * 4,
+    "whitespace": "a  b\n\n\nc \n d\t\te   \n\n  f" * 5,
+}
+
+
+@pytest.mark.parametrize("name", sorted(CORPORA))
+def test_fast_equals_naive_small(tmp_path, name):
+    path = write(tmp_path, CORPORA[name])
+    specials = [EOT] if EOT in CORPORA[name] else []
+    naive = bpe.train_bpe_naive(path, 256 + len(specials) + 40, specials)
+    fast = bpe.train_bpe(path, 256 + len(specials) + 40, specials, num_workers=1)
+    assert fast == naive
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fast_equals_naive_random(tmp_path, seed):
+    rng = random.Random(seed)
+    text = random_text(rng, 1500, alphabet="abcdeé日", specials=[EOT])
+    path = write(tmp_path, text)
+    naive = bpe.train_bpe_naive(path, 256 + 1 + 120, [EOT])
+    fast = bpe.train_bpe(path, 256 + 1 + 120, [EOT], num_workers=1)
+    assert fast[1] == naive[1]
+    assert fast[0] == naive[0]
+    assert len(fast[1]) == 120 and fast[0][256 + 120] == EOT.encode()
+
+
+def test_workers_and_pieces_do_not_change_the_result(tmp_path, monkeypatch):
+    """Tiny pieces (many safe cuts, incl. next to overlapping special tokens) and 1 or 3 workers: same counts."""
+    rng = random.Random(7)
+    specials = [EOT, EOT + EOT]
+    text = random_text(rng, 4000, alphabet="abcxyzé", specials=[EOT, EOT + EOT, EOT + " x"])
+    path = write(tmp_path, text)
+    expected = bpe.count_pretokens(text, specials)
+    monkeypatch.setattr(bpe, "PIECE_BYTES", 97)
+    assert len(bpe.find_piece_boundaries(path, 97, specials)) > 50
+    for workers in (1, 3):
+        assert bpe.count_pretokens_file(path, specials, workers) == expected
+    # and without special tokens, where the only cuts are before whitespace
+    assert bpe.count_pretokens_file(path, [], 3) == bpe.count_pretokens(text, [])
+    assert bpe.train_bpe(path, 400, specials, num_workers=3) == bpe.train_bpe(path, 400, specials, num_workers=1)
+
+
+def test_count_pretokens_matches_plain_regex():
+    """The chunk-first counting (see CHUNK_RE) equals counting the GPT-2 regex matches directly."""
+    rng = random.Random(3)
+    for _ in range(200):
+        text = random_unicode(rng, 200)
+        assert bpe.count_pretokens(text) == bpe.Counter(regex.findall(bpe.GPT2_PAT, text))
+
+
+def test_chunk_whitespace_class_matches_regex_whitespace():
+    """CHUNK_RE's whitespace class (stdlib re) and the GPT-2 pattern's \\s (regex) agree on every code point."""
+    ws_re = re.compile(bpe._WS)
+    ws_regex = regex.compile(r"\s")
+    for cp in range(0x110000):
+        c = chr(cp)
+        assert bool(ws_re.match(c)) == bool(ws_regex.match(c)), hex(cp)
+
+
+def test_stops_early_with_a_note(tmp_path, capsys):
+    path = write(tmp_path, "ab ab")
+    vocab, merges = bpe.train_bpe(path, 1000)
+    assert merges == [(b"a", b"b"), (b" ", b"ab")]
+    assert len(vocab) == 258
+    assert "note:" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad training input
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_training_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        bpe.train_bpe(tmp_path / "missing.txt", 300)
+    with pytest.raises(ValueError, match="empty"):
+        bpe.train_bpe(write(tmp_path, "", "empty.txt"), 300)
+    good = write(tmp_path, "hello world")
+    with pytest.raises(ValueError, match="smaller than 256"):
+        bpe.train_bpe(good, 256, [EOT])
+    with pytest.raises(ValueError, match="empty string"):
+        bpe.train_bpe(good, 300, [""])
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("hello wörld".encode("utf-8") + b" caf\xe9 ok")
+    with pytest.raises(ValueError, match=r"not valid UTF-8 at byte 16"):
+        bpe.train_bpe(bad, 300)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenizer: files, special tokens, parity with tiktoken
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small tokenizer trained on mixed text with many whitespace runs (so merges contain spaces and newlines)."""
+    rng = random.Random(11)
+    text = random_text(rng, 6000, alphabet="abcdefghij", specials=[EOT]) + "".join(
+        random_unicode(rng, 80) + "\n\n    " for _ in range(100))
+    path = write(tmp_path_factory.mktemp("trained"), text)
+    vocab, merges = bpe.train_bpe(path, 700, [EOT], num_workers=1)
+    return vocab, merges
+
+
+def tiktoken_encoding(vocab, special_ids):
+    tiktoken = pytest.importorskip("tiktoken")
+    ranks = {t: i for i, t in vocab.items() if i not in special_ids.values()}
+    return tiktoken.Encoding(name="test", pat_str=bpe.GPT2_PAT, mergeable_ranks=ranks, special_tokens=special_ids)
+
+
+PARITY_TEXTS = [
+    "Hello, world! It's a test: don't they've we're I'll.",
+    "  leading spaces\n\n\ntrailing   \n",
+    f"doc one{EOT}doc two{EOT}{EOT}  spaced {EOT}",
+    "日本語のテキスト、中文字符，한국어 텍스트 🎉👍🏽 naïve café\u00a0nbsp\u3000ideographic",
+    "tabs\tand\x0bvertical\x0cfeeds\rreturns\x1cfile\x1dsep\x1e\x1f",
+    "numbers 1234567890 3.14159 1,000,000 and symbols @#$%^&*()_+-=[]{}|;':\",./<>?",
+    "combining e\u0301 a\u0308 and emoji sequences 👨‍👩‍👧 🇩🇪",
+]
+
+
+def test_tiktoken_parity_our_vocab(trained):
+    vocab, merges = trained
+    tok = bpe.Tokenizer(vocab, merges, [EOT])
+    enc = tiktoken_encoding(vocab, tok.special_token_ids)
+    rng = random.Random(5)
+    texts = PARITY_TEXTS + [random_unicode(rng, 300) for _ in range(200)]
+    for text in texts:
+        assert tok.encode(text) == enc.encode(text, allowed_special="all"), text
+
+
+@pytest.fixture(scope="module")
+def gpt2(gpt2_files):
+    return bpe.Tokenizer.from_files(*gpt2_files, special_tokens=[EOT])
+
+
+def test_tiktoken_parity_gpt2(gpt2, gpt2_files):
+    raw = json.loads(gpt2_files[0].read_text(encoding="utf-8"))
+    vocab = {i: bpe.str_to_token(s, "gpt2") for s, i in raw.items()}
+    enc = tiktoken_encoding(vocab, {EOT: raw[EOT]})
+    assert gpt2.special_token_ids[EOT] == 50256 and gpt2.vocab_size == 50257
+    rng = random.Random(6)
+    for text in PARITY_TEXTS + [random_unicode(rng, 300) for _ in range(200)]:
+        assert gpt2.encode(text) == enc.encode(text, allowed_special="all"), text
+
+
+def test_random_unicode_round_trip_and_chunk_cache(gpt2):
+    """10,000 seeded random strings: decode(encode(s)) == s, and the cached chunk path equals the plain path."""
+    rng = random.Random(1234)
+    for k in range(10_000):
+        s = random_unicode(rng, rng.randint(0, 40))
+        ids = gpt2.encode(s)
+        assert gpt2.decode(ids) == s
+        if k % 10 == 0:
+            assert ids == gpt2.encode_plain(s)
+
+
+def test_special_tokens_longest_match_and_appended(trained):
+    vocab, merges = trained
+    double = EOT + EOT
+    tok = bpe.Tokenizer(vocab, merges, [EOT, double])
+    assert tok.special_token_ids[EOT] == 256 + len(merges)  # already in the vocab: keeps its id
+    assert tok.special_token_ids[double] == len(vocab)  # absent: appended
+    ids = tok.encode(f"a{double}b{EOT}c{EOT}{EOT}{EOT}")
+    assert ids.count(tok.special_token_ids[double]) == 2 and ids.count(tok.special_token_ids[EOT]) == 2
+    assert tok.decode(ids) == f"a{double}b{EOT}c{EOT}{EOT}{EOT}"
+    assert tok.encode("<|endoftext") == bpe.Tokenizer(vocab, merges).encode("<|endoftext")  # a prefix is plain text
+
+
+def test_decode_malformed_utf8(trained):
+    vocab, merges = trained
+    tok = bpe.Tokenizer(vocab, merges)
+    assert tok.decode([0xFF, ord("a")]) == "\ufffda"
+    with pytest.raises(ValueError, match="not in the vocab"):
+        tok.decode([10**6])
+
+
+def test_save_load_round_trip(tmp_path, trained):
+    vocab, merges = trained
+    assert any(b" " in a + b or b"\n" in a + b for a, b in merges)  # the case a naive "a b" writer would break
+    bpe.save_tokenizer(vocab, merges, tmp_path / "vocab.json", tmp_path / "merges.txt")
+    assert bpe.load_tokenizer_files(tmp_path / "vocab.json", tmp_path / "merges.txt") == (vocab, merges)
+    tok = bpe.Tokenizer(vocab, merges, [EOT])
+    (tmp_path / "dir").mkdir()
+    tok.save_dir(tmp_path / "dir")
+    again = bpe.Tokenizer.from_dir(tmp_path / "dir")
+    assert again.special_tokens == [EOT] and again.vocab == tok.vocab and again.merges == tok.merges
+
+
+def test_gpt2_files_load(gpt2):
+    assert gpt2.decode(gpt2.encode("Hello world")) == "Hello world"
+    assert gpt2.encode("Hello world") == [15496, 995]  # ids from OpenAI's encoder.json
+
+
+def test_bad_tokenizer_files(tmp_path, trained):
+    vocab, merges = trained
+    v, m = tmp_path / "vocab.json", tmp_path / "merges.txt"
+    bpe.save_tokenizer(vocab, merges, v, m)
+    good_merges = m.read_text(encoding="utf-8")
+    v.write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        bpe.load_tokenizer_files(v, m)
+    bpe.save_tokenizer(vocab, merges, v, m)
+    m.write_text(good_merges + "a b c\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="expected two tokens"):
+        bpe.load_tokenizer_files(v, m)
+    m.write_text(good_merges + "zzzz qqqq\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="not in .*vocab.json; the two files do not belong together"):
+        bpe.load_tokenizer_files(v, m)
+    with pytest.raises(FileNotFoundError, match="tokenizer directory"):
+        bpe.Tokenizer.from_dir(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Streaming and files
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_encode_iterable_equals_encode(trained):
+    vocab, merges = trained
+    tok = bpe.Tokenizer(vocab, merges, [EOT, EOT + EOT])
+    rng = random.Random(9)
+    for _ in range(30):
+        text = "".join(rng.choice([random_unicode(rng, 30), EOT, EOT + EOT, "  \n ", "<|endof"]) for _ in range(60))
+        cuts = sorted(rng.sample(range(len(text)), 20))
+        pieces = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)])]
+        assert list(tok.encode_iterable(pieces, buffer_chars=rng.choice([1, 16, 64]))) == tok.encode(text)
+
+
+def test_encode_iterable_memory_is_flat(trained):
+    """Streaming ~4 MB peaks at about what ~1 MB does, far below the text size."""
+    vocab, merges = trained
+    tok = bpe.Tokenizer(vocab, merges, [EOT])
+    rng = random.Random(2)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(1, 8))) for _ in range(300)]
+    lines = [" ".join(rng.choice(words) for _ in range(12)) + rng.choice(["\n", f"{EOT}\n"]) for _ in range(997)]
+
+    def peak(n_lines):
+        tracemalloc.start()
+        n = sum(1 for _ in tok.encode_iterable(lines[i % 997] for i in range(n_lines)))
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return n, top
+
+    peak(2000)  # warm the caches
+    n1, p1 = peak(18_000)  # ~1 MB
+    n4, p4 = peak(72_000)  # ~4 MB
+    assert n4 > 3.5 * n1
+    assert p4 < 1.5 * p1 + 200_000 and p4 < 1_000_000
+
+
+def test_encode_file_matches_encode(tmp_path, trained, monkeypatch):
+    vocab, merges = trained
+    tok = bpe.Tokenizer(vocab, merges, [EOT])
+    text = random_text(random.Random(4), 5000, alphabet="abcdefé", specials=[EOT])
+    src = write(tmp_path, text)
+    monkeypatch.setattr(bpe, "PIECE_BYTES", 1000)
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}.npy"
+        n = bpe.encode_file(tok, src, out, num_workers=workers)
+        arr = np.load(out, mmap_mode="r")
+        assert arr.dtype == np.uint16 and n == len(arr)
+        assert arr.tolist() == tok.encode(text)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "out1.npy", "out2.npy"]
+
+
+def test_encode_file_uint32_for_big_vocab(tmp_path):
+    vocab = {i: bytes([i]) for i in range(256)} | {i: b"tok%d" % i for i in range(256, 70_000)}
+    tok = bpe.Tokenizer(vocab, [])
+    bpe.encode_file(tok, write(tmp_path, "hi there"), tmp_path / "o.npy")
+    arr = np.load(tmp_path / "o.npy")
+    assert arr.dtype == np.uint32 and tok.decode(arr.tolist()) == "hi there"
+
+
+def test_encode_file_bad_inputs(tmp_path, trained):
+    tok = bpe.Tokenizer(*trained)
+    with pytest.raises(FileNotFoundError, match="output directory"):
+        bpe.encode_file(tok, write(tmp_path, "abc"), tmp_path / "no" / "o.npy")
+    with pytest.raises(ValueError, match="empty"):
+        bpe.encode_file(tok, write(tmp_path, "", "e.txt"), tmp_path / "o.npy")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ok \xff\xfe")
+    with pytest.raises(ValueError, match="not valid UTF-8 at byte 3"):
+        bpe.encode_file(tok, bad, tmp_path / "o.npy")
+    assert not any(p.name.startswith("o.npy") for p in tmp_path.iterdir())
