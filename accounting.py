@@ -62,8 +62,10 @@ def param_rows(cfg) -> list[tuple[str, str, int, int]]:
                  ("layers.*.ffn.w3", "(F, d)", F * d, L)]
     else:  # w2 · SiLU(w1 x): the SiLU ablation drops w3
         rows += [("layers.*.ffn.w1", "(F, d)", F * d, L), ("layers.*.ffn.w2", "(d, F)", d * F, L)]
-    if norm:  # RMSNorm gains; the post-norm ablation keeps the same three norms, only where they sit changes
-        rows += [("layers.*.ln1", "(d,)", d, L), ("layers.*.ln2", "(d,)", d, L), ("ln_final", "(d,)", d, 1)]
+    if norm:  # RMSNorm gains, one per sublayer
+        rows += [("layers.*.ln1", "(d,)", d, L), ("layers.*.ln2", "(d,)", d, L)]
+    if cfg.norm == "pre":  # post-norm blocks already end in a norm, so model.py has no final one there
+        rows += [("ln_final", "(d,)", d, 1)]
     if not cfg.tie_embeddings:
         rows += [("lm_head", "(V, d)", V * d, 1)]
     return rows
@@ -158,7 +160,7 @@ def activation_rows(cfg, batch_size: int = 1, seq_len: int | None = None) -> lis
     rows.append(("SiLU(W1 x)", "L · B·T·F", L * B * T * F))
     if cfg.ffn == "swiglu":  # W2's input is SiLU(W1 x) ⊙ W3 x, a fourth (B, T, F) tensor
         rows.append(("W2 input SiLU(W1 x) ⊙ W3 x", "L · B·T·F", L * B * T * F))
-    if norm:
+    if cfg.norm == "pre":
         rows.append(("final RMSNorm (once)", "B·T·d", B * T * d))
     rows += [("logits (once)", "B·T·V", B * T * V), ("cross-entropy softmax (once)", "B·T·V", B * T * V)]
     return rows
@@ -166,6 +168,53 @@ def activation_rows(cfg, batch_size: int = 1, seq_len: int | None = None) -> lis
 
 def activation_elements(cfg, batch_size: int = 1, seq_len: int | None = None) -> int:
     return sum(n for _, _, n in activation_rows(cfg, batch_size, seq_len))
+
+
+def saved_activation_rows(cfg, batch_size: int = 1, seq_len: int | None = None) -> list[tuple[str, str, int]]:
+    """(name, element formula, elements) of the floating-point tensors autograd really keeps for backward when
+    model.py's TransformerLM + optim.cross_entropy run in fp32 — measured exactly by --measure.
+
+    The handout's enumeration is a model of that; this is the ground truth for this implementation, derived op by op
+    (an op keeps what its derivative needs: x² keeps x, exp keeps its output, a @ b keeps a and b, a · w keeps a).
+    Where it differs from activation_rows, and why:
+      - RMSNorm keeps its input x, x/rms and 1/rms (B·T); its output is kept by the next matmul: 3 B·T·d, not 1;
+      - the from-scratch softmax keeps the masked scores (for the max), exp and the probabilities: 3 B·h·T², not 2,
+        plus the row max and row sum (B·h·T each); the fused sdpa kernel keeps none of these, only its output and a
+        logsumexp per row (flash attention's memory saving);
+      - RoPE keeps its cos and sin rows (T·d/h each, twice per layer), the same for every sequence of the batch;
+      - SiLU(a) = a·σ(a) keeps a and σ(a), so SwiGLU keeps 5 B·T·F (a, σ(a), SiLU(a), W3 x, the product), not 4;
+      - the output projection's output goes into a residual add, which keeps nothing; the heads are merged by a copy
+        that the projection keeps (1 B·T·d, not 2);
+      - the loss keeps the logits and their logsumexp (B·T), not a second B·T·V softmax."""
+    B, T = batch_size, cfg.context_length if seq_len is None else seq_len
+    V, d, L, F, h = cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.d_ff, cfg.num_heads
+    rows = []
+    if cfg.norm != "none":
+        rows.append(("RMSNorm ln1, ln2: x, x/rms, 1/rms", "L · 2·(2·B·T·d + B·T)", L * 2 * (2 * B * T * d + B * T)))
+    rows += [("inputs of q/k/v_proj and w1/w3", "L · 2·B·T·d", L * 2 * B * T * d),
+             ("Q, K after RoPE, V", "L · 3·B·T·d", L * 3 * B * T * d)]
+    if cfg.position == "rope":
+        rows.append(("RoPE cos, sin (for Q and for K)", "L · 2·T·d/h", L * 2 * T * (d // h)))
+    if cfg.attn_impl == "manual":
+        rows.append(("masked scores, exp, probabilities", "L · 3·B·h·T²", L * 3 * B * h * T * T))
+        rows.append(("softmax row max and row sum", "L · 2·B·h·T", L * 2 * B * h * T))
+    else:
+        rows.append(("sdpa output and logsumexp", "L · (B·T·d + B·h·T)", L * (B * T * d + B * h * T)))
+    # subtle: the fused CPU kernel returns its output in the query's memory layout. Without RoPE, Q is a transposed
+    # view of q_proj's (B, T, H, D) output, so the (B, H, T, D) result already sits in memory as (B, T, C) and the
+    # head merge is a free view of the sdpa output kept above; RoPE's torch.stack makes Q contiguous as
+    # (B, H, T, D), and then the merge is a copy, which output_proj keeps.
+    if cfg.attn_impl == "manual" or cfg.position == "rope":
+        rows.append(("merged heads (output_proj input)", "L · B·T·d", L * B * T * d))
+    if cfg.ffn == "swiglu":
+        rows.append(("W1 x, σ(W1 x), SiLU, W3 x, product", "L · 5·B·T·F", L * 5 * B * T * F))
+    else:
+        rows.append(("W1 x, σ(W1 x), SiLU(W1 x)", "L · 3·B·T·F", L * 3 * B * T * F))
+    if cfg.norm == "pre":
+        rows.append(("ln_final: x, x/rms, 1/rms (once)", "2·B·T·d + B·T", 2 * B * T * d + B * T))
+    rows += [("lm_head input (once)", "B·T·d", B * T * d),
+             ("logits and logsumexp (once)", "B·T·V + B·T", B * T * V + B * T)]
+    return rows
 
 
 def train_memory(cfg, batch_size: int = 1, seq_len: int | None = None, bytes_per: int = 4) -> dict:
@@ -241,3 +290,359 @@ def measure_matmul_flops(device="cpu", dtype=torch.float32, n: int | None = None
             reps *= 2
         if time.perf_counter() > deadline:
             return 2 * n**3 / best
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measured: the bytes autograd really keeps for backward (--measure), to check activation_rows against
+# ---------------------------------------------------------------------------------------------------------------
+
+def measure_saved_activations(cfg, batch_size: int = 1, seq_len: int | None = None, seed: int = 0) -> dict:
+    """Run model.TransformerLM + optim.cross_entropy forward on CPU and add up the tensors autograd saves.
+
+    torch.autograd.graph.saved_tensors_hooks calls `pack` on every tensor an op stores for its backward. Many of
+    them share memory (q, k, v as views of one matmul output; x saved by both w1 and w3), so we count each
+    storage once. Parameters and buffers are excluded (they are counted as parameters, not activations).
+    Returns bytes: "float" (activations proper) and "other" (int64 token ids/targets, bool masks)."""
+    import model  # noqa: PLC0415  (lazy: model.py may import this file for MFU, so no import cycle at load time)
+    import optim  # noqa: PLC0415
+
+    B, T = batch_size, cfg.context_length if seq_len is None else seq_len
+    torch.manual_seed(seed)
+    lm = model.TransformerLM(**dataclasses.asdict(cfg))
+    persistent = {t.untyped_storage().data_ptr() for t in [*lm.parameters(), *lm.buffers()]}
+    ids = torch.randint(cfg.vocab_size, (B, T + 1))
+    x, y = ids[:, :-1], ids[:, 1:]  # (B, T) inputs and next-token targets
+    seen: dict[int, tuple[int, bool]] = {}  # storage address -> (bytes, is floating point)
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in persistent:
+            # note: returning t keeps it alive until backward, so no address is freed and reused meanwhile
+            seen[storage.data_ptr()] = (storage.nbytes(), t.dtype.is_floating_point)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = optim.cross_entropy(lm(x), y)
+    loss.backward()  # the saved tensors are really used: this fails if anything above broke the graph
+    return {"float": sum(n for n, f in seen.values() if f), "other": sum(n for n, f in seen.values() if not f)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Presets: GPT-2 sizes as the handout's transformer_accounting problem gives them, plus model.PRESETS
+# ---------------------------------------------------------------------------------------------------------------
+# (num_layers, d_model, num_heads) of GPT-2 (Radford et al. 2019, table 2 of the handout's problem (e)); vocab 50,257
+# and context 1,024 for all; d_ff = 4·d_model (the handout's GPT-2 XL has d_ff = 6,400 = 4 · 1,600 — its SwiGLU FFN
+# keeps GPT-2's width rather than the 8/3·d_model rule). gpt2-xl-16k is problem (f): GPT-2 XL at context 16,384.
+GPT2_SHAPES = {"gpt2-small": (12, 768, 12), "gpt2-medium": (24, 1024, 16), "gpt2-large": (36, 1280, 20),
+               "gpt2-xl": (48, 1600, 25)}
+
+
+def presets() -> dict:
+    """name -> model.ModelConfig: the GPT-2 family, gpt2-xl-16k, and model.PRESETS (ts17m, tiny) themselves."""
+    import model  # noqa: PLC0415  (lazy, see measure_saved_activations)
+
+    out = {name: model.ModelConfig(vocab_size=50_257, context_length=1024, d_model=d, num_layers=L, num_heads=h,
+                                   d_ff=4 * d)
+           for name, (L, d, h) in GPT2_SHAPES.items()}
+    out["gpt2-xl-16k"] = dataclasses.replace(out["gpt2-xl"], context_length=16_384)
+    out.update(model.PRESETS)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output: aligned tables with human units
+# ---------------------------------------------------------------------------------------------------------------
+
+def human(x: float, unit: str = "") -> str:
+    """Four significant digits: human(2127057600) -> '2.127B'; with a unit, SI prefixes:
+    human(4.513e12, 'FLOP') -> '4.513 TFLOP'."""
+    if unit:
+        prefixes = [(1e21, " Z"), (1e18, " E"), (1e15, " P"), (1e12, " T"), (1e9, " G"), (1e6, " M"), (1e3, " k"), (1, " ")]
+    else:
+        prefixes = [(1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K"), (1, "")]
+    for scale, p in prefixes:
+        if abs(x) >= scale:
+            return f"{x / scale:.4g}{p}{unit}"
+    return f"{x:.4g}{prefixes[-1][1]}{unit}"
+
+
+def human_bytes(n: float) -> str:
+    """Decimal units, as GPU memory is sold: 1 GB = 1e9 bytes."""
+    for scale, p in [(1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")]:
+        if n >= scale:
+            return f"{n / scale:.2f} {p}"
+    return f"{n:.0f} B"
+
+
+def table(headers: list[str], rows: list[list], right: set[int] | None = None) -> str:
+    """Columns padded to their widest cell; columns in `right` (default: all but the first) right-aligned."""
+    right = set(range(1, len(headers))) if right is None else right
+    cells = [[str(c) for c in r] for r in [headers, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+             for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def describe(cfg) -> str:
+    ablations = ", ".join(f"{k}={getattr(cfg, k)}" for k in ("norm", "position", "ffn", "tie_embeddings"))
+    return (f"vocab_size V={cfg.vocab_size:,}  context_length={cfg.context_length:,}  d_model d={cfg.d_model:,}  "
+            f"num_layers L={cfg.num_layers}  num_heads h={cfg.num_heads}  d_ff F={cfg.d_ff:,}\n{ablations}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report: every table for one config (the text and --json views of the same numbers)
+# ---------------------------------------------------------------------------------------------------------------
+
+def summary(cfg, batch_size: int = 1, seq_len: int | None = None, gpu_mem: float | None = None,
+            steps: int | None = None, gpu: str | None = None, mfu: float | None = None, dtype: str = "fp32") -> dict:
+    """All headline numbers for one config as plain JSON-ready values (what --json prints)."""
+    T = cfg.context_length if seq_len is None else seq_len
+    mem = train_memory(cfg, batch_size, T)
+    out = {
+        "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg)),
+        "batch_size": batch_size, "seq_len": T,
+        "params_total": count_params(cfg),
+        "params": {name: n * k for name, _, n, k in param_rows(cfg)},
+        "forward_flops_total": forward_flops(cfg, batch_size, T),
+        "forward_flops": {name: f for name, _, f in forward_flop_rows(cfg, batch_size, T)},
+        "train_flops_per_token": train_flops_per_token(cfg, T),
+        "adamw_flops_per_step": ADAMW_FLOPS_PER_PARAM * count_params(cfg),
+        "train_memory_bytes": mem["total"],
+        "train_memory": mem,
+        "activation_bytes_per_sequence": 4 * activation_elements(cfg, 1, T),
+    }
+    if gpu_mem is not None:
+        out["gpu_mem_bytes"] = gpu_mem
+        out["max_batch_size"] = max_batch_size(cfg, gpu_mem, T)
+    if steps is not None and gpu is not None and mfu is not None:
+        out.update(steps=steps, gpu=gpu, mfu=mfu, dtype=dtype, peak_flops=peak_flops(gpu, dtype),
+                   train_flops_total=train_flops(cfg, steps, batch_size, T),
+                   train_days=train_days(cfg, steps, batch_size, gpu, mfu, dtype, T))
+    return out
+
+
+def report(cfg, name: str, batch_size: int = 1, seq_len: int | None = None, gpu_mem: float | None = None,
+           steps: int | None = None, gpu: str | None = None, mfu: float | None = None, dtype: str = "fp32") -> str:
+    """The text tables: parameters, forward FLOPs, training FLOPs, memory, time."""
+    B, T = batch_size, cfg.context_length if seq_len is None else seq_len
+    s = summary(cfg, B, T, gpu_mem, steps, gpu, mfu, dtype)
+    N, fwd = s["params_total"], s["forward_flops_total"]
+    out = [f"== {name} ==", describe(cfg), ""]
+
+    # Parameters
+    rows = [[n, shape, f"{per:,}", k, f"{per * k:,}", human(per * k), f"{100 * per * k / N:.1f}%"]
+            for n, shape, per, k in param_rows(cfg)]
+    rows.append(["total", "", "", "", f"{N:,}", human(N), "100.0%"])
+    out += ["Parameters (weights are (out, in), no biases)",
+            table(["tensor", "shape", "per copy", "copies", "total", "", "share"], rows, right={2, 3, 4, 5, 6}),
+            f"bytes: {human_bytes(4 * N)} in fp32, {human_bytes(2 * N)} in bf16", ""]
+
+    # Forward FLOPs
+    rows = [[n, formula, f"{f:,}", human(f, "FLOP"), f"{100 * f / fwd:.1f}%"]
+            for n, formula, f in forward_flop_rows(cfg, B, T)]
+    rows.append(["total", "", f"{fwd:,}", human(fwd, "FLOP"), "100.0%"])
+    attn = 2 * cfg.num_layers * 2 * B * T * T * cfg.d_model
+    saved = attn * (T * T - T * (T + 1) // 2) / (T * T)
+    out += [f"Forward FLOPs for B={B} sequences of T={T:,} tokens (2·m·n·p per (m×n)@(n×p) matmul)",
+            table(["matmul", "formula", "FLOPs", "", "share"], rows),
+            "not counted: RMSNorm, RoPE, softmax, SiLU, residual adds, embedding lookup (element-wise, no matmul).",
+            f"causal mask: Q Kᵀ and A V are computed in full and then masked; skipping the masked triangle would save "
+            f"{human(saved, 'FLOP')} ({100 * saved / fwd:.1f}% of the total).", ""]
+
+    # Training FLOPs
+    per_tok = s["train_flops_per_token"]
+    n_matmul = N - cfg.vocab_size * cfg.d_model * (0 if cfg.tie_embeddings else 1) - sum(
+        n * k for name_, _, n, k in param_rows(cfg) if name_.startswith(("layers.*.ln", "ln_final")))
+    attn_tok = 12 * cfg.num_layers * T * cfg.d_model
+    rows = [["forward", "(table above) / (B·T)", human(fwd / (B * T), "FLOP")],
+            ["backward", "2 × forward", human(2 * fwd / (B * T), "FLOP")],
+            ["training", "3 × forward", human(per_tok, "FLOP")],
+            ["  = 6·N_matmul", f"N_matmul = {human(n_matmul)} params used in matmuls", human(6 * n_matmul, "FLOP")],
+            ["  + attention", "12·L·T·d (QKᵀ and A V, fwd + bwd)", human(attn_tok, "FLOP")],
+            ["6·N (Kaplan rule)", "N = all parameters", human(6 * N, "FLOP")]]
+    out += ["Training FLOPs per token (backward = 2 × forward: each matmul's backward is one matmul for the input's",
+            "gradient and one for the weight's, each as big as the forward one)",
+            table(["", "formula", "FLOPs"], rows)]
+    rows = [[f, n, human(n * N, "FLOP")] for f, n in ADAMW_FLOP_ROWS]
+    rows.append(["AdamW step", ADAMW_FLOPS_PER_PARAM, human(ADAMW_FLOPS_PER_PARAM * N, "FLOP")])
+    out += [f"AdamW's own FLOPs per step (per parameter; vs {human(B * T * per_tok, 'FLOP')} for the model at B·T={B * T:,}"
+            " tokens)", table(["update", "per param", "× N"], rows), ""]
+
+    # Memory
+    mem = s["train_memory"]
+    per_seq = s["activation_bytes_per_sequence"]
+    fixed = mem["params"] + mem["grads"] + mem["adamw_state"]
+    rows = [["parameters", "4·N", human_bytes(mem["params"])], ["gradients", "4·N", human_bytes(mem["grads"])],
+            ["AdamW m and v", "2 · 4·N", human_bytes(mem["adamw_state"])]]
+    rows += [[f"act: {n}", f"4 · {formula}", human_bytes(4 * e)] for n, formula, e in activation_rows(cfg, B, T)]
+    rows.append(["total", "", human_bytes(mem["total"])])
+    out += [f"Memory for AdamW training in fp32 (4 bytes per number), B={B}, T={T:,}; activations as the handout "
+            "enumerates them", table(["", "formula", f"B={B}"], rows),
+            f"total(B) = 16·N + B · {per_seq:,} bytes = {human_bytes(fixed)} + B · {human_bytes(per_seq)}"]
+    if gpu_mem is not None:
+        out.append(f"largest batch in {human_bytes(gpu_mem)}: B = {s['max_batch_size']}"
+                   + ("" if s["max_batch_size"] else " (parameters, gradients and AdamW state alone do not fit)"))
+    out.append("")
+
+    # Time
+    if "train_days" in s:
+        out += [f"Time: {steps:,} steps × B={B} × T={T:,} tokens on one {gpu} at {100 * mfu:g}% MFU, {dtype} "
+                f"(peak {human(s['peak_flops'], 'FLOP/s')})",
+                f"  FLOPs = steps · (B·T · {human(per_tok, 'FLOP')} + 14·N) = {human(s['train_flops_total'], 'FLOP')}",
+                f"  time  = FLOPs / (MFU · peak) = {s['train_days']:,.1f} days ({s['train_days'] / 365.25:.1f} years)",
+                ""]
+    return "\n".join(out)
+
+
+def compare(configs: dict, seq_len: int | None = None) -> str:
+    """Presets side by side at B=1, T=context_length (or seq_len): how shares move with size and context."""
+    rows = []
+    for name, cfg in configs.items():
+        T = cfg.context_length if seq_len is None else seq_len
+        f = dict((n.split(" (")[0], x) for n, _, x in forward_flop_rows(cfg, 1, T))
+        tot = sum(f.values())
+        attn = f["attention scores Q Kᵀ"] + f["attention-weighted values A V"]
+        proj = f["QKV projections"] + f["output projection"]
+        rows.append([name, f"{T:,}", human(count_params(cfg)), human(tot, "FLOP"), f"{100 * proj / tot:.1f}%",
+                     f"{100 * attn / tot:.1f}%", f"{100 * f['FFN'] / tot:.1f}%", f"{100 * f['LM head'] / tot:.1f}%",
+                     human(train_flops_per_token(cfg, T), "FLOP"), human_bytes(train_memory(cfg, 1, T)["total"])])
+    return ("Presets side by side: one sequence (B=1) of T tokens; shares of forward FLOPs\n"
+            + table(["preset", "T", "params", "forward", "QKV+out", "QKᵀ+AV", "FFN", "LM head", "train/token",
+                     "memory B=1"], rows))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit code 2), naming the problem and --help."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_bytes(text: str) -> float:
+    """'80GB' -> 80e9, '80GiB' -> 80·2³⁰, '80' -> 80e9 (GB)."""
+    import re  # noqa: PLC0415
+
+    units = {"": 1e9, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+             "tib": 2**40}
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in units or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"bad memory size {text!r}; write e.g. 80GB or 80GiB")
+    return float(m.group(1)) * units[m.group(2).lower()]
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def measure_report(cfg, batch_size: int, seq_len: int) -> str:
+    """--measure: the handout's activation formula, this implementation's, and the bytes autograd really saved,
+    for the from-scratch attention and the fused one."""
+    B, T = batch_size, seq_len
+    analytic = 4 * activation_elements(cfg, B, T)
+    manual_cfg, fused_cfg = (dataclasses.replace(cfg, attn_impl=a) for a in ("manual", "sdpa"))
+    rows = [[n, f"4 · ({formula})" if "+" in formula else f"4 · {formula}", f"{4 * e:,}"]
+            for n, formula, e in saved_activation_rows(manual_cfg, B, T)]
+    out = [f"Activations autograd keeps for backward: B={B}, T={T:,}, fp32, model.py with attn_impl=manual",
+           table(["tensor", "formula (bytes)", "bytes"], rows), ""]
+    rows = [["handout's enumeration (activation_rows)", f"{analytic:,}", human_bytes(analytic), "", "1.00"]]
+    other = 0
+    for c in (manual_cfg, fused_cfg):
+        predicted = 4 * sum(e for *_, e in saved_activation_rows(c, B, T))
+        measured = measure_saved_activations(c, B, T)
+        other = max(other, measured["other"])
+        rows.append([f"model.py, attn_impl={c.attn_impl}: formula / measured", f"{predicted:,}",
+                     human_bytes(predicted), f"{measured['float']:,}", f"{measured['float'] / analytic:.2f}"])
+    out += ["Measured with torch.autograd.graph.saved_tensors_hooks (each storage once; parameters excluded)",
+            table(["", "formula", "", "measured", "measured / handout"], rows),
+            f"(not counted: up to {human_bytes(other)} of int64 token ids and bool masks)",
+            "The differences from the handout's enumeration are explained in saved_activation_rows' docstring."]
+    return "\n".join(out)
+
+
+def main(argv=None) -> None:
+    parser = OneLineParser(description="Parameters, FLOPs, memory and training time of a Transformer LM "
+                                       "(CS336 assignment 1, transformer_accounting and adamwAccounting).")
+    parser.add_argument("--preset", default="gpt2-xl", help="one of the presets (default gpt2-xl); see --compare")
+    for field in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff"):
+        parser.add_argument("--" + field.replace("_", "-"), type=positive_int, help=f"override the preset's {field}")
+    parser.add_argument("--rope-theta", type=float)
+    parser.add_argument("--norm", help="pre | post | none")
+    parser.add_argument("--position", help="rope | nope")
+    parser.add_argument("--ffn", help="swiglu | silu (silu without --d-ff uses 4*d_model)")
+    parser.add_argument("--tie-embeddings", action="store_true")
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="sequences per step B (default 1)")
+    parser.add_argument("--seq-len", type=positive_int, help="tokens per sequence T (default: context_length)")
+    parser.add_argument("--gpu-mem", type=parse_bytes, help="GPU memory, e.g. 80GB: print the largest batch")
+    parser.add_argument("--steps", type=positive_int, help="training steps, for the time estimate")
+    parser.add_argument("--gpu", help=f"accelerator for the time estimate: {', '.join(PEAK_FLOPS)}")
+    parser.add_argument("--mfu", type=float, help="model FLOPs utilisation in (0, 1], e.g. 0.5")
+    parser.add_argument("--dtype", default="fp32", help="which published peak to use (default fp32)")
+    parser.add_argument("--compare", action="store_true", help="all presets side by side")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.add_argument("--measure", action="store_true",
+                        help="run the model on CPU and compare saved activations with the formula (small configs)")
+    args = parser.parse_args(argv)
+
+    all_presets = presets()
+    if args.preset not in all_presets:
+        parser.error(f"unknown preset {args.preset!r}; choose one of {', '.join(all_presets)}")
+    cfg = all_presets[args.preset]
+    changes = {k: v for k, v in vars(args).items()
+               if k in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff", "rope_theta",
+                        "norm", "position", "ffn") and v is not None}
+    if args.tie_embeddings:
+        changes["tie_embeddings"] = True
+    if args.ffn == "silu" and args.d_ff is None:
+        changes["d_ff"] = 4 * changes.get("d_model", cfg.d_model)  # as model.py's CLI: SiLU FFNs are 4·d_model wide
+    cfg = dataclasses.replace(cfg, **changes)
+    try:
+        cfg.validate()
+        if args.seq_len is not None and args.seq_len > cfg.context_length:
+            raise ValueError(f"--seq-len {args.seq_len} exceeds context_length {cfg.context_length}")
+        if args.mfu is not None and not 0 < args.mfu <= 1:
+            raise ValueError(f"--mfu must be in (0, 1], got {args.mfu}")
+        timed = [args.steps is not None, args.gpu is not None, args.mfu is not None]
+        if any(timed) and not all(timed):
+            raise ValueError("the time estimate needs all of --steps, --gpu and --mfu")
+        if args.gpu is not None:
+            peak_flops(args.gpu, args.dtype)
+    except ValueError as e:
+        parser.error(str(e))
+    T = cfg.context_length if args.seq_len is None else args.seq_len
+
+    if args.measure:
+        need = 4 * (4 * count_params(cfg) + activation_elements(cfg, args.batch_size, T))
+        if need > 4e9:
+            parser.error(f"--measure runs the model on CPU and would need ~{human_bytes(need)}; "
+                         "pick a small config (e.g. --preset tiny)")
+        print(measure_report(cfg, args.batch_size, T))
+        return
+    if args.compare:
+        chosen = {name: c for name, c in all_presets.items()}
+        if args.json:
+            print(json.dumps({"presets": {n: summary(c, args.batch_size) for n, c in chosen.items()}}, indent=1))
+        else:
+            print(compare(chosen))
+        return
+    kwargs = dict(batch_size=args.batch_size, seq_len=T, gpu_mem=args.gpu_mem, steps=args.steps, gpu=args.gpu,
+                  mfu=args.mfu, dtype=args.dtype)
+    if args.json:
+        print(json.dumps({"preset": args.preset, **summary(cfg, **kwargs)}, indent=1))
+    else:
+        print(report(cfg, args.preset, **kwargs))
+
+
+if __name__ == "__main__":
+    main()

@@ -396,8 +396,9 @@ class TransformerLM(nn.Module):
                              attn_impl=attn_impl, device=device, dtype=dtype)
             for _ in range(num_layers)
         )
-        # Post-norm blocks already end in a norm (Vaswani et al. have no final one); pre-norm needs it.
-        self.ln_final = RMSNorm(d_model, device=device, dtype=dtype) if norm == "pre" else NoNorm()
+        # note: post-norm keeps ln_final too (its last block already ends in a norm, so it only rescales by its
+        # gain): the pre- and post-norm ablations then differ only in where the norms sit, not in parameters or keys.
+        self.ln_final = RMSNorm(d_model, device=device, dtype=dtype) if norm != "none" else NoNorm()
         self.lm_head = Linear(d_model, vocab_size, device=device, dtype=dtype)
         if tie_embeddings:
             # note: the shared matrix keeps lm_head's init N(0, 2/(V+C)) (std ≈ 0.014 here, like GPT-2's 0.02):

@@ -37,7 +37,7 @@ def expected_keys(num_layers, norm="pre", ffn="swiglu"):
         keys += [f"layers.{i}.ffn.{w}.weight" for w in (("w1", "w2", "w3") if ffn == "swiglu" else ("w1", "w2"))]
         if norm != "none":
             keys.append(f"layers.{i}.ln2.weight")
-    if norm == "pre":
+    if norm != "none":
         keys.append("ln_final.weight")
     keys.append("lm_head.weight")
     return keys
@@ -47,7 +47,7 @@ def count_formula(V, T, C, L, H, F_, norm="pre", ffn="swiglu", tie=False):
     """Parameters by hand: embedding V·C, per layer 4C² (q, k, v, o) + FFN + norms, final norm, head V·C."""
     ffn_params = (3 if ffn == "swiglu" else 2) * C * F_
     norms_per_layer = 0 if norm == "none" else 2 * C
-    final_norm = C if norm == "pre" else 0
+    final_norm = 0 if norm == "none" else C
     return V * C + L * (4 * C * C + ffn_params + norms_per_layer) + final_norm + (0 if tie else V * C)
 
 
@@ -194,6 +194,19 @@ def test_block_pre_norm_is_two_residual_lines():
     torch.testing.assert_close(block(x), h + block.ffn(block.ln2(h)))
 
 
+def test_block_post_norm_and_no_norm():
+    torch.manual_seed(0)
+    post = TransformerBlock(32, 4, 48, 16, 10_000.0, norm="post")
+    x = torch.randn(2, 16, 32)
+    h = post.ln1(x + post.attn(x))  # Vaswani et al.: normalise after each residual add
+    torch.testing.assert_close(post(x), post.ln2(h + post.ffn(h)))
+    bare = TransformerBlock(32, 4, 48, 16, 10_000.0, norm="none")
+    bare.load_state_dict(post.state_dict(), strict=False)  # same attn/ffn weights, no gains
+    h = x + bare.attn(x)
+    torch.testing.assert_close(bare(x), h + bare.ffn(h))
+    assert not any("ln" in k for k in bare.state_dict())
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The whole model
 
@@ -333,7 +346,7 @@ def test_ablation_builds_trains_and_changes_exactly_what_it_should(name):
     C, L, V = SMALL["d_model"], SMALL["num_layers"], SMALL["vocab_size"]
     expected_delta = {
         "no_norm": -(2 * L * C + C),  # every ln1, ln2 and ln_final gone
-        "post_norm": -C,  # ln_final gone: each post-norm block already ends in a norm
+        "post_norm": 0,  # the same three kinds of norm, only where they sit changes
         "nope": 0,  # RoPE has no parameters (its cos/sin cache is a non-persistent buffer)
         "silu_ffn": L * (2 * C * 4 * C - 3 * C * SMALL["d_ff"]),  # two C x 4C matrices instead of three C x F
         "tied": -V * C,  # one matrix fewer
