@@ -29,6 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bpe import Tokenizer
+from model import KVCache, ModelConfig, TransformerLM
+from optim import cross_entropy
+
 # ----------------------------------------------------------------------------------------------------------------------
 # One decoding step: logits of the last position -> the next token
 
@@ -123,7 +127,6 @@ def next_logits(model, idx: torch.Tensor, cache=None):
         return model(window)[:, -1, :], None
     if idx.size(1) > ctx:
         # subtle: the cached positions 0..ctx-1 now hold tokens that fell out of the window; start over.
-        from model import KVCache  # TODO: module level once model.py is merged
         cache = KVCache()
     logits = model(window[:, cache.seq_len:], kv_cache=cache)               # (B, T_new, V); advances cache.seq_len
     # last logits: only the final position predicts the next token
@@ -147,10 +150,7 @@ def generate_stream(model, prompt_ids, max_new_tokens: int, temperature: float =
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     idx = prompt_batch(prompt_ids, eos_id, _device_of(model))               # (B, T)
-    cache = None
-    if use_cache:
-        from model import KVCache  # TODO: module level once model.py is merged
-        cache = KVCache()
+    cache = KVCache() if use_cache else None
     finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)  # (B,)
     for _ in range(max_new_tokens):
         # crop to the window and take the last position's logits (with or without the cache)
@@ -202,3 +202,240 @@ class TextStream:
     def flush(self) -> str:
         """The end of the stream: an unfinished character left over becomes U+FFFD."""
         return self._utf8.decode(b"", final=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading a checkpoint: the model and the tokenizer from the checkpoint alone
+
+
+def load_model(ckpt_path, device="cpu", tokenizer_dir=None):
+    """(model in eval mode, Tokenizer or None, the checkpoint dict) from a train.py checkpoint.
+
+    The checkpoint carries everything: "model_config" rebuilds the architecture, "model" holds the weights,
+    "tokenizer_dir" says where the tokenizer lives (tokenizer_dir overrides it; None in both = no tokenizer).
+    weights_only=True: a checkpoint is tensors and plain values, so loading it cannot run code.
+    """
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found: pass the .pt file train.py wrote (e.g. RUN/last.pt)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, or a pickle that is more than tensors and plain values
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {first_line[:200]}); "
+                         "is it a complete train.py checkpoint?") from None
+    missing = [key for key in ("model", "model_config") if not (isinstance(ckpt, dict) and key in ckpt)]
+    if missing:
+        raise ValueError(f"checkpoint {path} has no {' or '.join(repr(k) for k in missing)} entry: "
+                         "not a train.py checkpoint")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(ckpt["model_config"]) - known)
+    if unknown:
+        raise ValueError(f"checkpoint {path}: model_config has unknown fields {unknown}; "
+                         "was it written by a newer model.py?")
+    config = ModelConfig(**ckpt["model_config"])
+    model = TransformerLM(**dataclasses.asdict(config), device=device)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {path}: weights do not match its model_config "
+                         f"({str(e).splitlines()[0]})") from None
+    model.eval()
+
+    # the tokenizer: --tokenizer DIR, else the directory the checkpoint names, else none (ids only)
+    source = "the tokenizer_dir argument (--tokenizer)" if tokenizer_dir is not None else "the checkpoint"
+    tokenizer_dir = tokenizer_dir if tokenizer_dir is not None else ckpt.get("tokenizer_dir")
+    tokenizer = None
+    if tokenizer_dir is not None:
+        tok_path = Path(tokenizer_dir)
+        if not ((tok_path / "vocab.json").is_file() and (tok_path / "merges.txt").is_file()):
+            raise FileNotFoundError(f"tokenizer directory {tok_path} (named by {source}) has no vocab.json and "
+                                    "merges.txt: pass --tokenizer DIR (a directory bpe.py train/prepare wrote)")
+        tokenizer = Tokenizer.from_dir(tok_path)
+        if tokenizer.vocab_size > config.vocab_size:
+            raise ValueError(f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens but the model only "
+                             f"{config.vocab_size}: wrong --tokenizer for this checkpoint?")
+    return model, tokenizer, ckpt
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation: per-token loss and perplexity over a file
+
+
+@torch.inference_mode()
+def evaluate(model, ids, stride: int | None = None, batch_size: int = 8) -> tuple[float, int]:
+    """(mean loss in nats per token, number of tokens scored) of model over the token sequence ids (N,).
+
+    Every token after the first is scored exactly once. Windows of context_length tokens slide by `stride`; each
+    scores only its last targets, those no earlier window scored, so (after the first window) every token is
+    predicted from at least context_length - stride tokens of context. stride = context_length (the default) gives
+    non-overlapping full windows: the same average over positions as the training loop's validation loss. A smaller
+    stride gives each token more context and a lower loss, at context_length/stride times the cost.
+    """
+    ctx = model.config.context_length
+    stride = ctx if stride is None else stride
+    if not 1 <= stride <= ctx:
+        raise ValueError(f"stride must be in [1, context_length={ctx}], got {stride}")
+    n = len(ids)
+    if n < 2:
+        raise ValueError(f"need at least 2 tokens to score one prediction, got {n}")
+    device = _device_of(model)
+    # Window ends (exclusive, in input positions): inputs ids[end-ctx:end] predict targets ids[end-ctx+1:end+1].
+    ends = list(range(ctx, n - 1, stride)) + [n - 1] if n - 1 > ctx else [n - 1]
+    scored_up_to, total_loss, total_tokens = 0, 0.0, 0
+    for i in range(0, len(ends), batch_size):
+        batch_ends = ends[i:i + batch_size]
+        length = min(ctx, batch_ends[0])            # all windows are full, except a lone one on a short file
+        windows = np.stack([np.asarray(ids[end - length:end + 1]) for end in batch_ends]).astype(np.int64)
+        x = torch.from_numpy(windows[:, :-1]).to(device)                    # (b, T) inputs
+        y = torch.from_numpy(windows[:, 1:]).to(device)                     # (b, T) targets: x shifted by one
+        bad = (windows < 0) | (windows >= model.config.vocab_size)
+        if bad.any():
+            raise ValueError(f"token id {windows[bad][0]} is outside the model's vocabulary "
+                             f"[0, {model.config.vocab_size}): wrong file or wrong tokenizer?")
+        logits = model(x)                                                   # (b, T, V)
+        for row, end in enumerate(batch_ends):
+            new = end - scored_up_to                                        # targets no window has scored yet
+            loss = cross_entropy(logits[row, -new:], y[row, -new:])         # mean over those targets
+            total_loss += loss.item() * new                                 # .item() syncs; once per window
+            total_tokens += new
+            scored_up_to = end
+    return total_loss / total_tokens, total_tokens
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+
+END_OF_TEXT = "<|endoftext|>"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's default adds the usage block; one line reads better in a log
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _sample(args, model, tokenizer, ckpt, device) -> None:
+    """Sample --num-samples continuations as one batch; the first streams as it is generated."""
+    if tokenizer is None:
+        raise ValueError("the checkpoint names no tokenizer_dir: pass --tokenizer DIR")
+    eot = tokenizer.special_token_ids.get(END_OF_TEXT)                      # None if not a special token
+    prompt_ids = tokenizer.encode(args.prompt)
+    if not prompt_ids:
+        if eot is None:
+            raise ValueError(f"empty prompt and the tokenizer has no {END_OF_TEXT} to start from: pass --prompt TEXT")
+        prompt_ids = [eot]                                                  # "a new document starts here"
+    eos_id = None if args.no_stop_on_eos else eot
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)  # printed, so any run can be repeated
+    generator = torch.Generator(device=device).manual_seed(seed)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    print(f"# sample.py {args.ckpt} (iteration {ckpt.get('iteration', '?')}, {n_params / 1e6:.2f}M parameters, "
+          f"context {model.config.context_length}) on {device}")
+    print(f"# temperature {args.temperature} · top_p {args.top_p} · top_k {args.top_k or 'off'} · "
+          f"max_new_tokens {args.max_new_tokens} · seed {seed} · num_samples {args.num_samples} · "
+          f"kv cache {'off' if args.no_cache else 'on'}")
+    print(f"# prompt: {args.prompt!r} ({len(prompt_ids)} tokens{'' if args.prompt else ', ' + END_OF_TEXT})")
+
+    batch = torch.tensor([prompt_ids] * args.num_samples)                   # (S, T): the same prompt S times
+    new_ids = [[] for _ in range(args.num_samples)]                         # per sample, without the final EOS
+    ended = [False] * args.num_samples
+    stream = TextStream(tokenizer.vocab)
+    print(f"\n=== sample 1/{args.num_samples} ===")
+    print(args.prompt, end="", flush=True)
+    start = time.perf_counter()
+    for step in generate_stream(model, batch, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+                                eos_id, generator, use_cache=not args.no_cache):
+        for row, token in enumerate(step.tolist()):                         # .tolist() syncs: once per step
+            if ended[row]:
+                continue
+            if token == eos_id:
+                ended[row] = True
+                continue
+            new_ids[row].append(token)
+            if row == 0:
+                print(stream.push(token), end="", flush=True)
+    seconds = time.perf_counter() - start
+    print(stream.flush())
+
+    for row in range(args.num_samples):
+        if row > 0:
+            print(f"\n=== sample {row + 1}/{args.num_samples} ===")
+            print(args.prompt + tokenizer.decode(new_ids[row]))
+        how = f"stopped at {END_OF_TEXT}" if ended[row] else "reached --max-new-tokens"
+        print(f"=== end of sample {row + 1}/{args.num_samples}: {len(new_ids[row])} new tokens, {how} ===")
+    steps = max(len(ids) + ended[row] for row, ids in enumerate(new_ids))
+    print(f"\n# {args.num_samples} x {steps} steps in {seconds:.2f} s: "
+          f"{args.num_samples * steps / max(seconds, 1e-9):.1f} tokens/s")
+
+
+def _evaluate_file(args, model, tokenizer, ckpt) -> None:
+    """--eval FILE: a .npy of token ids (bpe.py encode_file), or text that the tokenizer encodes."""
+    path = Path(args.eval)
+    if not path.is_file():
+        raise FileNotFoundError(f"--eval file {path} not found")
+    if path.suffix == ".npy":
+        ids = np.load(path, mmap_mode="r")                                  # memmap: windows are read as needed
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"--eval {path}: expected a 1-D array of integer token ids, "
+                             f"got shape {ids.shape} dtype {ids.dtype}")
+    else:
+        if tokenizer is None:
+            raise ValueError(f"--eval {path} is text and the checkpoint names no tokenizer_dir: pass --tokenizer DIR "
+                             "(or a .npy of token ids)")
+        ids = np.array(tokenizer.encode(path.read_text(encoding="utf-8")), dtype=np.int64)
+    ctx = model.config.context_length
+    stride = ctx if args.eval_stride is None else args.eval_stride
+    print(f"# eval {path}: {len(ids):,} tokens · {args.ckpt} (iteration {ckpt.get('iteration', '?')}) · "
+          f"windows of {ctx} tokens, stride {stride}")
+    try:
+        loss, n = evaluate(model, ids, stride=stride)
+    except ValueError as e:
+        raise ValueError(f"--eval {path}: {e}") from None
+    print(f"loss {loss:.4f} nats/token · perplexity {math.exp(loss):.3f} · {n:,} tokens scored")
+
+
+def main(argv=None) -> None:
+    parser = _Parser(prog="sample.py", description="Sample text from a train.py checkpoint, or measure its loss on a file (--eval).")
+    parser.add_argument("ckpt", help="checkpoint .pt written by train.py (carries the model config and tokenizer dir)")
+    parser.add_argument("--prompt", default="", help=f"text to continue (default: empty = start after {END_OF_TEXT})")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (argmax)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1]; 1 = off")
+    parser.add_argument("--top-k", type=int, default=None, help="keep only the K most likely tokens (default off)")
+    parser.add_argument("--num-samples", type=int, default=1, help="samples generated together as one batch")
+    parser.add_argument("--seed", type=int, default=None, help="default: a random seed, printed in the header")
+    parser.add_argument("--no-stop-on-eos", action="store_true", help=f"keep going past {END_OF_TEXT}")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the context every step (the reference)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (overrides the checkpoint's)")
+    parser.add_argument("--eval", default=None, metavar="FILE",
+                        help="report per-token loss and perplexity over FILE (.npy of ids, or text) instead")
+    parser.add_argument("--eval-stride", type=int, default=None,
+                        help="--eval window stride (default context_length: non-overlapping full windows)")
+    args = parser.parse_args(argv)
+
+    try:
+        check_sampling_args(args.temperature, args.top_p, args.top_k)
+        if args.max_new_tokens < 0:
+            raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+        if args.num_samples < 1:
+            raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(f"--device {args.device!r} is not a device (try cpu, cuda, cuda:1)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda but this machine has no CUDA GPU: use --device cpu")
+        model, tokenizer, ckpt = load_model(args.ckpt, device, tokenizer_dir=args.tokenizer)
+        if args.eval:
+            _evaluate_file(args, model, tokenizer, ckpt)
+        else:
+            _sample(args, model, tokenizer, ckpt, device)
+    except (ValueError, FileNotFoundError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    except FloatingPointError as e:
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -5,14 +5,44 @@
 - Bad arguments and NaN logits raise clear errors (no silent fallback distribution).
 - Streaming text: a multi-byte character split across tokens prints once and correctly; the stream equals
   a one-shot decode.
+- KV cache: logits with the cache equal the recompute-everything reference at every step of a 100-token generation
+  (RoPE and NoPE, sdpa and manual attention, batched prompts, and past the context window), and each step after
+  the prompt feeds the model one position.
+- load_model rebuilds model and tokenizer from a checkpoint written here; a missing/corrupt checkpoint or a missing
+  tokenizer is a clear error.
+- --eval: the sliding-window loss equals a brute-force F.cross_entropy reference.
+- The CLI end to end on a tiny checkpoint: header, delimited samples, streamed text equal to a one-shot decode of
+  the same seeded generation; bad arguments exit 2 with one line.
 """
+import dataclasses
 import math
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from sample import TextStream, check_sampling_args, generate, generate_stream, sample_next, sampling_probs
+import sample
+from bpe import Tokenizer, train_bpe
+from model import KVCache, ModelConfig, TransformerLM
+from sample import (TextStream, check_sampling_args, evaluate, generate, generate_stream, load_model, next_logits,
+                    sample_next, sampling_probs)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models here are tiny: with one thread they run ~10x faster on a busy 2-core machine (no OpenMP workers
+    spinning for a core); the previous setting is restored for the other test files."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -234,3 +264,233 @@ def test_stream_equals_one_shot_decode_on_random_bytes():
     stream = TextStream(vocab)
     text = "".join(stream.push(i) for i in ids) + stream.flush()
     assert text == b"".join(vocab[i] for i in ids).decode("utf-8", errors="replace")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# KV cache: equal to the reference at every step
+
+
+def small_model(seed=0, **overrides):
+    config = ModelConfig(vocab_size=64, context_length=128, d_model=32, num_layers=2, num_heads=4, d_ff=64)
+    config = dataclasses.replace(config, **overrides)
+    torch.manual_seed(seed)
+    return TransformerLM(**dataclasses.asdict(config)).eval()
+
+
+@pytest.mark.parametrize("overrides, batch", [
+    (dict(), 1),
+    (dict(position="nope"), 1),
+    (dict(attn_impl="manual"), 1),
+    (dict(), 3),                               # three different prompts at once
+    (dict(context_length=32), 2),              # 105 tokens > 32: re-encodes the last window past the limit
+])
+def test_cache_logits_equal_the_reference_at_every_step(overrides, batch):
+    model = small_model(**overrides)
+    prompts = torch.randint(64, (batch, 5), generator=torch.Generator().manual_seed(1))
+    new = generate(model, prompts, 100, generator=torch.Generator().manual_seed(2))  # sampled with the cache
+    assert new.shape == (batch, 100)
+    seq = torch.cat([prompts, new], dim=1)                                 # (B, 105)
+    cache = KVCache()
+    with torch.inference_mode():
+        for t in range(5, 105):                                            # the 100 steps generate took
+            cached, cache = next_logits(model, seq[:, :t], cache)
+            reference, _ = next_logits(model, seq[:, :t], None)
+            torch.testing.assert_close(cached, reference, rtol=1e-4, atol=1e-4, msg=f"step {t - 5}")
+    # and the whole loop, reference vs cache, draws the same tokens from the same seed
+    again = generate(model, prompts, 100, generator=torch.Generator().manual_seed(2), use_cache=False)
+    assert torch.equal(new, again)
+
+
+def test_cache_feeds_one_position_per_step():
+    model = small_model()
+    lengths = []
+    model.register_forward_hook(lambda module, args, output: lengths.append(args[0].shape[1]))
+    generate(model, torch.zeros(2, 7, dtype=torch.long), 10, temperature=0)
+    assert lengths == [7] + [1] * 9                                        # the prompt once, then one token each
+    lengths.clear()
+    generate(model, torch.zeros(2, 7, dtype=torch.long), 10, temperature=0, use_cache=False)
+    assert lengths == list(range(7, 17))                                   # the reference recomputes everything
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A tiny checkpoint, written here in train.py's layout
+
+
+TEXT = ("Once upon a time, a café owner named Zoë baked crème brûlée for the naïve bears. "
+        "They said: “très bien” and ate it all. The end. ") * 20
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """(checkpoint path, tokenizer dir): a 300-token BPE trained here and a random-init model saved as train.py does."""
+    root = tmp_path_factory.mktemp("run")
+    corpus = root / "corpus.txt"
+    corpus.write_text((TEXT + "<|endoftext|>") * 3, encoding="utf-8")
+    vocab, merges = train_bpe(corpus, 300, special_tokens=["<|endoftext|>"])
+    tok_dir = root / "tokenizer"
+    tok_dir.mkdir()
+    Tokenizer(vocab, merges, ["<|endoftext|>"]).save_dir(tok_dir)
+    config = ModelConfig(vocab_size=len(vocab), context_length=64, d_model=32, num_layers=2, num_heads=4, d_ff=64)
+    torch.manual_seed(0)
+    model = TransformerLM(**dataclasses.asdict(config))
+    ckpt = dict(model=model.state_dict(), optimizer={}, iteration=7, model_config=dataclasses.asdict(config),
+                train_args={}, rng={}, tokenizer_dir=str(tok_dir))
+    torch.save(ckpt, root / "last.pt")
+    return root / "last.pt", tok_dir
+
+
+def test_load_model_rebuilds_model_and_tokenizer(tiny_run):
+    ckpt_path, tok_dir = tiny_run
+    model, tokenizer, ckpt = load_model(ckpt_path, "cpu")
+    assert ckpt["iteration"] == 7 and not model.training
+    reference = TransformerLM(**ckpt["model_config"])
+    reference.load_state_dict(torch.load(ckpt_path, weights_only=True)["model"])
+    ids = torch.tensor([tokenizer.encode("Once upon a time")])
+    torch.testing.assert_close(model(ids), reference(ids))
+    assert tokenizer.decode(tokenizer.encode(TEXT)) == TEXT
+
+
+def test_load_model_errors(tiny_run, tmp_path):
+    ckpt_path, tok_dir = tiny_run
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_model(tmp_path / "nope.pt", "cpu")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        load_model(tmp_path / "garbage.pt", "cpu")
+    (tmp_path / "truncated.pt").write_bytes(ckpt_path.read_bytes()[:5000])
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        load_model(tmp_path / "truncated.pt", "cpu")
+    torch.save({"iteration": 3}, tmp_path / "no_model.pt")
+    with pytest.raises(ValueError, match="'model'"):
+        load_model(tmp_path / "no_model.pt", "cpu")
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    torch.save(ckpt | dict(tokenizer_dir=str(tmp_path / "gone")), tmp_path / "moved.pt")
+    with pytest.raises(FileNotFoundError, match="--tokenizer"):
+        load_model(tmp_path / "moved.pt", "cpu")
+    _, tokenizer, _ = load_model(tmp_path / "moved.pt", "cpu", tokenizer_dir=tok_dir)   # the override fixes it
+    assert tokenizer.vocab_size == ckpt["model_config"]["vocab_size"]
+    bad = dict(ckpt, model_config=ckpt["model_config"] | dict(d_model=64))
+    torch.save(bad, tmp_path / "mismatch.pt")
+    with pytest.raises(ValueError, match="do not match"):
+        load_model(tmp_path / "mismatch.pt", "cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# --eval: sliding-window loss
+
+
+def test_evaluate_stride_1_is_the_full_context_loss_of_every_token():
+    model = small_model(context_length=16)
+    ids = np.random.default_rng(0).integers(0, 64, size=41)
+    loss, n = evaluate(model, ids, stride=1, batch_size=5)
+    # brute force: token j is predicted from the (up to) 16 tokens before it
+    with torch.no_grad():
+        losses = [F.cross_entropy(model(torch.tensor(ids[max(0, j - 16):j])[None])[0, -1], torch.tensor(ids[j]))
+                  for j in range(1, 41)]
+    assert n == 40
+    assert loss == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("n_ids", [41, 49, 10])                            # ragged end, exact fit, one short window
+def test_evaluate_default_stride_is_non_overlapping_windows(n_ids):
+    model = small_model(context_length=16)
+    ids = np.random.default_rng(1).integers(0, 64, size=n_ids)
+    loss, n = evaluate(model, ids)
+    # reference: windows ids[0:17], ids[16:33], ... each scores all its targets; the ragged tail is scored with a
+    # full window ending at the last token
+    expected = []
+    with torch.no_grad():
+        for end in list(range(16, n_ids - 1, 16)) + [n_ids - 1]:
+            start = max(0, end - 16)
+            window = torch.tensor(ids[start:end + 1])[None]
+            targets_new = end - (len(expected) and sum(len(e) for e in expected))
+            per_token = F.cross_entropy(model(window[:, :-1])[0], window[0, 1:], reduction="none")
+            expected.append(per_token[-targets_new:])
+    expected = torch.cat(expected)
+    assert n == n_ids - 1 == expected.numel()
+    assert loss == pytest.approx(expected.mean().item(), rel=1e-5)
+
+
+def test_evaluate_rejects_out_of_vocab_ids():
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        evaluate(small_model(), np.array([1, 2, 64, 3]))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The command line
+
+
+def run_cli(capsys, *argv):
+    sample.main([str(a) for a in argv])
+    return capsys.readouterr().out
+
+
+def test_cli_samples_stream_the_same_text_as_a_one_shot_decode(tiny_run, capsys):
+    ckpt_path, _ = tiny_run
+    out = run_cli(capsys, ckpt_path, "--prompt", "Once upon a café", "--max-new-tokens", 40, "--num-samples", 3,
+                  "--seed", 5, "--temperature", 1.5, "--top-k", 200, "--device", "cpu")
+    header = out.splitlines()[:3]
+    assert "iteration 7" in header[0]
+    assert "temperature 1.5" in header[1] and "seed 5" in header[1] and "max_new_tokens 40" in header[1]
+    assert "top_k 200" in header[1] and "num_samples 3" in header[1]
+    # redo the same seeded generation in-process and decode it in one shot
+    model, tokenizer, _ = load_model(ckpt_path, "cpu")
+    prompt = tokenizer.encode("Once upon a café")
+    assert f"({len(prompt)} tokens" in header[2]
+    eot = tokenizer.special_token_ids["<|endoftext|>"]
+    new = generate(model, torch.tensor([prompt] * 3), 40, temperature=1.5, top_k=200, eos_id=eot,
+                   generator=torch.Generator().manual_seed(5))
+    for row in range(3):
+        ids = new[row].tolist()
+        ids = ids[:ids.index(eot)] if eot in ids else ids
+        body = out.split(f"=== sample {row + 1}/3 ===\n")[1].split(f"\n=== end of sample {row + 1}/3: ")
+        assert body[0] == "Once upon a café" + tokenizer.decode(ids)
+        assert body[1].startswith(f"{len(ids)} new tokens")
+
+
+def test_cli_eval_matches_evaluate(tiny_run, tmp_path, capsys):
+    ckpt_path, _ = tiny_run
+    model, tokenizer, _ = load_model(ckpt_path, "cpu")
+    ids = np.array(tokenizer.encode(TEXT), dtype=np.uint16)
+    np.save(tmp_path / "valid.npy", ids)
+    (tmp_path / "valid.txt").write_text(TEXT, encoding="utf-8")
+    loss, n = evaluate(model, ids.astype(np.int64), stride=32)
+    for name in ("valid.npy", "valid.txt"):
+        out = run_cli(capsys, ckpt_path, "--eval", tmp_path / name, "--eval-stride", 32)
+        assert f"loss {loss:.4f} nats/token · perplexity {math.exp(loss):.3f} · {n:,} tokens scored" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--temperature", "-1"], "temperature"),
+    (["--top-p", "0"], "top_p"),
+    (["--top-p", "1.01"], "top_p"),
+    (["--top-k", "0"], "top_k"),
+    (["--top-k", "many"], "--top-k"),
+    (["--num-samples", "0"], "--num-samples"),
+    (["--max-new-tokens", "-2"], "--max-new-tokens"),
+    (["--device", "toaster"], "--device"),
+    (["--tokenizer", "/nonexistent/tok"], "--tokenizer"),
+    (["--eval", "/nonexistent/valid.npy"], "--eval"),
+    (["--eval", __file__, "--eval-stride", "0"], "stride"),
+])
+def test_cli_bad_arguments_exit_2_with_one_line(tiny_run, capsys, argv, message):
+    ckpt_path, _ = tiny_run
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main([str(ckpt_path), *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("sample.py: error:") and message in err, err
+
+
+def test_cli_missing_checkpoint_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main([str(tmp_path / "missing.pt")])
+    assert exit_info.value.code == 2 and "not found" in capsys.readouterr().err
+
+
+def test_cli_runs_as_a_script(tiny_run):
+    ckpt_path, _ = tiny_run
+    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), str(ckpt_path), "--max-new-tokens", "5",
+                             "--seed", "0"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "=== end of sample 1/1:" in result.stdout
