@@ -245,7 +245,7 @@ MODEL_FLAGS = [f.name for f in dataclasses.fields(ModelConfig)]  # vocab_size, c
 DEFAULTS = dict(
     data=None, val_data=None, tokenizer=None, preset=None, **{name: None for name in MODEL_FLAGS},
     batch_size=32, grad_accum=1, max_iters=5000, lr=1e-3, min_lr=1e-4, warmup_iters=100, cosine_cycle_iters=None,
-    weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, eval_interval=250, eval_iters=20, log_interval=10,
+    weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, eval_interval=500, eval_iters=20, log_interval=10,
     ckpt_interval=500, seed=0, device=None, dtype=None, compile=False, peak_flops=None, out=None, overwrite=False,
 )
 
@@ -519,7 +519,7 @@ def train(args: dict, ckpt: dict | None = None) -> Path:
     torch.manual_seed(args["seed"])
     model = TransformerLM(**dataclasses.asdict(cfg), device=device)
     optimizer = AdamW(model.parameters(), lr=args["lr"], betas=(args["beta1"], args["beta2"]),
-                      weight_decay=args["weight_decay"], foreach=device.type != "cpu")
+                      weight_decay=args["weight_decay"], foreach=True)  # the fused path
     batches = torch.Generator().manual_seed(args["seed"])  # same on every rank: see get_batch
     start, best_val, elapsed, pending_loss, last_log_step = 0, math.inf, 0.0, 0.0, 0
     if ckpt is not None:
@@ -726,17 +726,17 @@ def plot_main(argv) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # The whole stack on a corpus every Python installation carries: the documentation topics of the `help()`
 # system (pydoc_data.topics, about 465K characters of English about Python). Each hop is one named function:
-# bpe.train_bpe -> bpe.save_tokenizer -> bpe.encode_file -> train() -> sample.load_model -> sample.generate.
+# bpe.train_bpe -> Tokenizer.save_dir -> bpe.encode_file -> train() -> sample.load_model -> sample.generate.
 
 DEMO = {  # full: a few minutes on 2 CPU cores; quick: seconds, for CI
     "full": dict(vocab_size=1024, docs=None, flags=["--context-length", "128", "--d-model", "128", "--num-layers",
-                 "4", "--num-heads", "4", "--d-ff", "344", "--batch-size", "16", "--max-iters", "400", "--lr",
+                 "4", "--num-heads", "4", "--d-ff", "344", "--batch-size", "16", "--max-iters", "300", "--lr",
                  "3e-3", "--min-lr", "3e-4", "--warmup-iters", "20", "--eval-interval", "100", "--eval-iters", "8",
                  "--log-interval", "20"], new_tokens=120),
     "quick": dict(vocab_size=300, docs=12, flags=["--context-length", "32", "--d-model", "32", "--num-layers", "2",
                   "--num-heads", "2", "--d-ff", "96", "--batch-size", "8", "--max-iters", "20", "--lr", "3e-3",
                   "--min-lr", "3e-4", "--warmup-iters", "2", "--eval-interval", "10", "--eval-iters", "2",
-                  "--log-interval", "5"], new_tokens=30),
+                  "--log-interval", "5", "--peak-flops", "0"], new_tokens=30),
 }
 EOT = "<|endoftext|>"
 
@@ -761,9 +761,8 @@ def demo(out: Path, quick: bool = False) -> None:
     # 2. a byte-level BPE tokenizer trained on the training split, saved as a tokenizer directory.
     t = time.time()
     vocab, merges = bpe.train_bpe(data_dir / "train.txt", setting["vocab_size"], special_tokens=[EOT])
-    bpe.save_tokenizer(vocab, merges, data_dir / "vocab.json", data_dir / "merges.txt")
-    (data_dir / "special_tokens.json").write_text(json.dumps([EOT]) + "\n")
-    tokenizer = bpe.Tokenizer.from_dir(data_dir)
+    tokenizer = bpe.Tokenizer(vocab, merges, special_tokens=[EOT])
+    tokenizer.save_dir(data_dir)  # vocab.json, merges.txt, special_tokens.json
     print(f"[2/5] BPE: {len(vocab)} tokens, {len(merges)} merges in {time.time() - t:.1f}s -> {data_dir}/vocab.json")
 
     # 3. both splits encoded to uint16 .npy: data_dir is now what `bpe.py prepare` makes.
