@@ -21,7 +21,9 @@ import argparse
 import codecs
 import dataclasses
 import math
+import os
 import secrets
+import sys
 import time
 from pathlib import Path
 
@@ -338,7 +340,8 @@ def _sample(args, model, tokenizer, ckpt, device) -> None:
     print(f"# temperature {args.temperature} · top_p {args.top_p} · top_k {args.top_k or 'off'} · "
           f"max_new_tokens {args.max_new_tokens} · seed {seed} · num_samples {args.num_samples} · "
           f"kv cache {'off' if args.no_cache else 'on'}")
-    print(f"# prompt: {args.prompt!r} ({len(prompt_ids)} tokens{'' if args.prompt else ', ' + END_OF_TEXT})")
+    print(f"# prompt: {args.prompt!r} ({len(prompt_ids)} token{'s' * (len(prompt_ids) != 1)}"
+          f"{'' if args.prompt else ': ' + END_OF_TEXT})")
 
     batch = torch.tensor([prompt_ids] * args.num_samples)                   # (S, T): the same prompt S times
     new_ids = [[] for _ in range(args.num_samples)]                         # per sample, without the final EOS
@@ -440,6 +443,9 @@ def main(argv=None) -> None:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     except FloatingPointError as e:
         parser.exit(1, f"{parser.prog}: error: {e}\n")
+    except BrokenPipeError:  # the reader went away (`sample.py ... | head`): stop quietly, no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())    # so the exit-time flush cannot fail
+        sys.exit(1)
 
 
 if __name__ == "__main__":
