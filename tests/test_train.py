@@ -1,0 +1,483 @@
+"""Tests for train.py: get_batch (shapes, offsets, devices, id checks, DDP slices), checkpoints (round trip,
+weights_only, no compile prefix, atomic under a crash, corrupt files), flag/config resolution, a tiny run whose loss
+falls, exact resume after SIGKILL and after SIGTERM (bitwise identical losses on CPU), the NaN stop, 2-process gloo
+DDP against one process, plots, the offline demo in its quick mode, and every bad input the issue lists (one line,
+exit code 2, nothing lost)."""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from model import ModelConfig, TransformerLM
+from optim import AdamW
+
+ROOT = Path(__file__).resolve().parent.parent
+# A model small enough that a step takes milliseconds; every run passes --peak-flops 0 (no MFU measurement).
+TINY = ["--vocab-size", "32", "--context-length", "16", "--d-model", "32", "--num-layers", "2", "--num-heads", "2",
+        "--d-ff", "64", "--batch-size", "8", "--warmup-iters", "2", "--lr", "3e-3", "--min-lr", "3e-4",
+        "--peak-flops", "0", "--device", "cpu"]
+
+
+def write_ids(path, ids, dtype=np.uint16):
+    np.save(path, np.asarray(ids, dtype=dtype))
+    return path
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """train.npy / valid.npy of a learnable stream over 32 ids: counting up mod 32, with 10% random jumps."""
+    rng = np.random.default_rng(0)
+
+    def stream(n):
+        ids = np.empty(n, dtype=np.int64)
+        ids[0] = 0
+        jumps = rng.random(n) < 0.1
+        for i in range(1, n):
+            ids[i] = rng.integers(32) if jumps[i] else (ids[i - 1] + 1) % 32
+        return ids
+
+    d = tmp_path / "data"
+    d.mkdir()
+    write_ids(d / "train.npy", stream(20_000))
+    write_ids(d / "valid.npy", stream(2_000))
+    return d
+
+
+def run_main(argv, capsys):
+    """train.main in-process -> (exit code, stdout, stderr); argparse's errors exit via SystemExit(2)."""
+    try:
+        rc = train.main(argv)
+    except SystemExit as e:
+        rc = e.code
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def losses(run_dir):
+    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in train.read_log(Path(run_dir) / "log.jsonl")]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# get_batch
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+def test_get_batch_shapes_shift_and_offsets(tmp_path, dtype):
+    n, B, T = 100, 64, 8
+    data = np.load(write_ids(tmp_path / "ids.npy", np.arange(n), dtype), mmap_mode="r")
+    g = torch.Generator().manual_seed(0)
+    starts = []
+    for _ in range(20):
+        x, y = train.get_batch(data, B, T, "cpu", g)
+        assert x.shape == y.shape == (B, T) and x.dtype == y.dtype == torch.int64 and x.device.type == "cpu"
+        # data is 0..n-1, so each row is arange(s, s+T) and y is x shifted by one token
+        assert torch.equal(x - x[:, :1], torch.arange(T).expand(B, T))
+        assert torch.equal(y, x + 1)
+        starts += x[:, 0].tolist()
+    assert min(starts) == 0 and max(starts) == n - T - 1  # every valid start, none past the end
+    # the generator makes batches reproducible
+    a = train.get_batch(data, B, T, "cpu", torch.Generator().manual_seed(3))
+    b = train.get_batch(data, B, T, "cpu", torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], b[0])
+
+
+def test_get_batch_ddp_slices_make_the_single_process_batch():
+    data = np.arange(1000, dtype=np.uint16)
+    whole, _ = train.get_batch(data, 8, 4, "cpu", torch.Generator().manual_seed(1))
+    parts = [train.get_batch(data, 4, 4, "cpu", torch.Generator().manual_seed(1), rank=r, world_size=2)[0]
+             for r in range(2)]
+    assert torch.equal(torch.cat(parts), whole)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_get_batch_unavailable_device_raises():
+    with pytest.raises(train.BadInputError, match="CUDA is not available"):
+        train.get_batch(np.arange(100, dtype=np.uint16), 2, 4, "cuda")
+    with pytest.raises(RuntimeError):
+        train.get_batch(np.arange(100, dtype=np.uint16), 2, 4, "nosuchdevice")
+
+
+def test_get_batch_names_a_bad_id_and_its_file(tmp_path):
+    ids = np.zeros(50, dtype=np.uint16)
+    ids[30] = 999
+    data = np.load(write_ids(tmp_path / "bad.npy", ids), mmap_mode="r")
+    with pytest.raises(train.BadInputError, match=r"token id 999 at position 30 of .*bad\.npy is >= vocab_size 100"):
+        for _ in range(50):  # random windows: one of them soon covers position 30
+            train.get_batch(data, 8, 10, "cpu", vocab_size=100)
+
+
+def test_eval_starts_are_fixed_and_cover_small_splits():
+    assert train.eval_starts(100, 10, 50).tolist() == list(range(0, 90, 10))  # all 9 whole windows
+    torch.manual_seed(1)
+    a = train.eval_starts(10_000, 10, 5)
+    torch.manual_seed(2)
+    assert np.array_equal(a, train.eval_starts(10_000, 10, 5)) and len(a) == 5
+
+
+# --------------------------------------------------------------------------------------------------------------
+# checkpoints
+# --------------------------------------------------------------------------------------------------------------
+
+
+def small_model():
+    cfg = ModelConfig(vocab_size=32, context_length=16, d_model=32, num_layers=1, num_heads=2, d_ff=64)
+    model = TransformerLM(**__import__("dataclasses").asdict(cfg))
+    opt = AdamW(model.parameters(), lr=1e-3)
+    model(torch.randint(32, (2, 16))).sum().backward()
+    opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("to_file_object", [False, True])
+def test_checkpoint_round_trip(tmp_path, to_file_object):
+    model, opt = small_model()
+    target = io.BytesIO() if to_file_object else tmp_path / "ck.pt"
+    train.save_checkpoint(torch.compile(model), opt, 7, target, train_args={"lr": 1e-3}, tokenizer_dir="/tok")
+    if to_file_object:
+        target.seek(0)
+    raw = torch.load(target, weights_only=True)  # plain tensors and values only
+    if to_file_object:
+        target.seek(0)
+    assert not any(k.startswith("_orig_mod.") for k in raw["model"])  # the compile wrapper's prefix is gone
+    assert raw["model_config"] == __import__("dataclasses").asdict(model.config)
+    assert raw["train_args"] == {"lr": 1e-3} and raw["tokenizer_dir"] == "/tok" and raw["iteration"] == 7
+    model2, opt2 = small_model()
+    assert train.load_checkpoint(target, model2, opt2) == 7
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert s1.keys() == s2.keys()
+    for k in s1:
+        for name in s1[k]:
+            assert torch.equal(torch.as_tensor(s1[k][name]), torch.as_tensor(s2[k][name]))
+
+
+def test_atomic_save_survives_a_crash_mid_write(tmp_path, monkeypatch):
+    model, opt = small_model()
+    path = tmp_path / "last.pt"
+    train.save_checkpoint(model, opt, 1, path)
+    before = path.read_bytes()
+
+    def torn_save(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError, match="simulated"):
+        train.save_checkpoint(model, opt, 2, path)
+    assert path.read_bytes() == before  # the old checkpoint is untouched
+    assert train.load_checkpoint(path, small_model()[0]) == 1
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(train.BadInputError, match="corrupt or not a train.py checkpoint"):
+        train.load_checkpoint(bad, small_model()[0])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_config_file_sets_defaults_and_the_command_line_wins(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"lr": 0.5, "batch-size": 4, "preset": "tiny", "ffn": "silu", "d_model": 64}))
+    args, ckpt = train.resolve_args(["--config", str(cfg), "--lr", "0.25", "--data", "x.npy"])
+    assert ckpt is None and args["lr"] == 0.25 and args["batch_size"] == 4 and args["max_iters"] == 5000
+    model_cfg = train.resolve_model_config(args, None, None)
+    # the tiny preset, with d_model from the file and the SiLU FFN's d_ff = 4 * d_model
+    assert (model_cfg.d_model, model_cfg.d_ff, model_cfg.num_layers, model_cfg.ffn) == (64, 256, 4, "silu")
+
+
+def test_presets_and_ablation_flags_reach_model_config():
+    args, _ = train.resolve_args(["--preset", "ts17m", "--norm", "post", "--position", "nope", "--tie-embeddings",
+                                  "--attn-impl", "manual"])
+    cfg = train.resolve_model_config(args, None, None)
+    assert cfg == ModelConfig(norm="post", position="nope", tie_embeddings=True, attn_impl="manual")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# training runs (in-process)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_tiny_run_loss_falls_and_writes_the_run_directory(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, stdout, _ = run_main(["--data", str(data_dir), "--out", str(out), "--max-iters", "30", "--eval-interval",
+                              "15", "--log-interval", "5", "--eval-iters", "4", *TINY], capsys)
+    assert rc == 0, stdout
+    rows = train.read_log(out / "log.jsonl")
+    vals = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    assert [s for s, _ in vals] == [0, 15, 30]  # step 0, every --eval-interval, the end
+    assert abs(vals[0][1] - np.log(32)) < 0.5  # untrained: about ln V
+    assert vals[-1][1] < vals[0][1] - 1.0  # the counting pattern is learnable: the loss falls a lot
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [5, 10, 15, 20, 25, 30]
+    for key in ("lr", "tokens", "time", "grad_norm", "ms_per_step", "tokens_per_s"):
+        assert key in train_rows[0]
+    assert train_rows[-1]["tokens"] == 30 * 8 * 16
+    for name in ("last.pt", "best.pt", "config.json"):
+        assert (out / name).is_file()
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["iteration"] == 30 and ckpt["model_config"]["d_model"] == 32
+    assert json.loads((out / "config.json").read_text())["max_iters"] == 30
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, capsys, monkeypatch):
+    calls = {"n": 0}
+    real_ce = train.cross_entropy
+
+    def ce_that_breaks(logits, targets):  # finite for the first 12 training steps, then nan
+        calls["n"] += 1
+        loss = real_ce(logits, targets)
+        return loss * float("nan") if calls["n"] > 12 + 1 else loss  # +1: the step-0 evaluation
+
+    monkeypatch.setattr(train, "cross_entropy", ce_that_breaks)
+    out = tmp_path / "run"
+    rc, _, err = run_main(["--data", str(data_dir), "--out", str(out), "--max-iters", "40", "--eval-iters", "1",
+                           "--eval-interval", "100", "--ckpt-interval", "5", "--log-interval", "4", *TINY], capsys)
+    assert rc == 1
+    assert "nan/inf by step 15" in err and "try --lr" in err and "step 10" in err
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["iteration"] == 10 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_plot_draws_curves(data_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "run"
+    assert run_main(["--data", str(data_dir), "--out", str(out), "--max-iters", "4", "--eval-interval", "2",
+                     "--log-interval", "1", "--eval-iters", "1", *TINY], capsys)[0] == 0
+    png = tmp_path / "curves.png"
+    assert run_main(["plot", str(out), str(out), "-o", str(png)], capsys)[0] == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    rc, _, err = run_main(["plot", str(tmp_path), "-o", str(tmp_path / "c.png")], capsys)
+    assert rc == 2 and "pip install matplotlib" in err
+
+
+def test_no_arguments_runs_the_demo(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(train, "demo", lambda out, quick=False: seen.update(out=out, quick=quick))
+    assert train.main([]) == 0
+    assert seen == {"out": Path("runs/demo"), "quick": False}
+
+
+def test_sigterm_then_resume_matches_an_uninterrupted_run_exactly(data_dir, tmp_path, capsys, monkeypatch):
+    # Log every 4 steps and stop at 13: the resumed run must also carry the loss summed over step 13 into its
+    # step-16 log line, and cut nothing it needs from log.jsonl.
+    common = ["--data", str(data_dir), "--max-iters", "24", "--eval-interval", "8", "--log-interval", "4",
+              "--ckpt-interval", "5", "--eval-iters", "2", *TINY]
+    assert run_main(["--out", str(tmp_path / "ref"), *common], capsys)[0] == 0
+    calls = {"n": 0}
+    real_clip = train.clip_grad_norm
+
+    def clip_then_sigterm(params, max_norm):  # called once per optimizer step
+        calls["n"] += 1
+        if calls["n"] == 13:
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered to train.py's handler, as `kill PID` would be
+        return real_clip(params, max_norm)
+
+    monkeypatch.setattr(train, "clip_grad_norm", clip_then_sigterm)
+    out = tmp_path / "stopped"
+    rc, stdout, _ = run_main(["--out", str(out), *common], capsys)
+    assert rc == 0 and f"SIGTERM: saved {out}/last.pt at step 13" in stdout
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handlers are put back
+    monkeypatch.setattr(train, "clip_grad_norm", real_clip)
+    assert run_main(["--resume", str(out)], capsys)[0] == 0
+    assert losses(out) == losses(tmp_path / "ref")  # exact floats, train and val
+    assert max(s for s, *_ in losses(out)) == 24
+
+
+# --------------------------------------------------------------------------------------------------------------
+# exact resume after SIGKILL / SIGTERM (subprocesses)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def start_run(data_dir, out, extra=()):
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(data_dir), "--out", str(out), "--max-iters", "60",
+           "--eval-interval", "20", "--eval-iters", "2", "--log-interval", "1", "--ckpt-interval", "7", *TINY, *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(proc, log, step):
+    while proc.poll() is None:
+        rows = train.read_log(log) if log.is_file() else []
+        if rows and rows[-1]["step"] >= step:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"run ended before step {step}: {proc.communicate()}")
+
+
+def resume(out):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", str(out)], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+@pytest.mark.slow  # five training processes: ~30 s on 2 idle cores
+def test_resume_after_sigkill_and_sigterm_is_bitwise_identical(data_dir, tmp_path):
+    ref = start_run(data_dir, tmp_path / "ref")
+    killed, stopped = start_run(data_dir, tmp_path / "killed"), None
+    wait_for_step(killed, tmp_path / "killed" / "log.jsonl", 16)
+    killed.send_signal(signal.SIGKILL)  # no chance to save: resume must use the last periodic checkpoint
+    killed.wait()
+    stopped = start_run(data_dir, tmp_path / "stopped")
+    wait_for_step(stopped, tmp_path / "stopped" / "log.jsonl", 24)
+    stopped.send_signal(signal.SIGTERM)  # saves at the end of the current step and exits cleanly
+    out, err = stopped.communicate()
+    assert stopped.returncode == 0, err
+    assert "SIGTERM: saved" in out
+    stop_step = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)["iteration"]
+    assert 24 <= stop_step < 60
+    assert ref.wait() == 0, ref.stderr.read()
+    killed_at = max(r["step"] for r in train.read_log(tmp_path / "killed" / "log.jsonl"))
+    assert killed_at < 60  # it really was killed mid-run
+    for run in ("killed", "stopped"):
+        done = resume(tmp_path / run)
+        assert done.returncode == 0, done.stderr
+        assert losses(tmp_path / run) == losses(tmp_path / "ref")  # exact floats, every step, train and val
+
+
+# --------------------------------------------------------------------------------------------------------------
+# DDP: 2 gloo processes against one process with the same global batch
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_ddp_two_gloo_ranks_match_one_process(data_dir, tmp_path):
+    common = ["--data", str(data_dir), "--max-iters", "12", "--eval-interval", "6", "--eval-iters", "2",
+              "--log-interval", "1", *TINY]
+    single = subprocess.run([sys.executable, str(ROOT / "train.py"), "--out", str(tmp_path / "one"), *common],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(29500 + os.getpid() % 1000), str(ROOT / "train.py"), "--out", str(tmp_path / "two"),
+                          *common], cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert [s for s, *_ in one] == [s for s, *_ in two]
+    # Same batches, same update: only float summation order differs (per-rank means averaged by all-reduce).
+    for (_, l1, v1), (_, l2, v2) in zip(one, two):
+        for a, b in ((l1, l2), (v1, v2)):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert abs(a - b) < 1e-5, (one, two)  # seen: 5e-7 after 12 steps
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the offline demo (quick mode)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_demo_quick_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "demo", "--quick", "--out", str(out)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for path in ("data/vocab.json", "data/merges.txt", "data/train.npy", "data/valid.npy", "run/last.pt",
+                 "run/log.jsonl"):
+        assert (out / path).is_file(), path
+    assert "[5/5] sample" in done.stdout and "python sample.py" in done.stdout
+    sample_text = done.stdout.split("[5/5] sample")[1].split("demo done")[0]
+    assert len(sample_text.strip()) > len("(temperature 0.8, top-p 0.95):") + 5  # some generated text
+    ckpt = torch.load(out / "run" / "last.pt", weights_only=True)
+    assert Path(ckpt["tokenizer_dir"]) == (out / "data").resolve()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# bad input: one line, exit code 2, nothing lost
+# --------------------------------------------------------------------------------------------------------------
+
+
+def one_line_error(rc, err, pattern):
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert pattern in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("make, flags, pattern", [
+    (None, [], "does not exist"),
+    (lambda p: np.save(p, np.zeros(100, dtype=np.float32)), [], "expected 1-D uint16 or uint32"),
+    (lambda p: np.save(p, np.zeros(100, dtype=np.int64)), [], "expected 1-D uint16 or uint32"),
+    (lambda p: np.save(p, np.zeros(10, dtype=np.uint16)), [], "fewer than context_length + 1 = 17"),
+    (lambda p: np.save(p, np.full(1000, 40, dtype=np.uint16)), [], "token id 40 at position"),
+    (lambda p: p.write_bytes(b"garbage"), [], "not a readable .npy"),
+])
+def test_bad_data(tmp_path, capsys, make, flags, pattern):
+    path = tmp_path / "ids.npy"
+    if make:
+        make(path)
+    rc, _, err = run_main(["--data", str(path), "--out", str(tmp_path / "run"), "--max-iters", "2", *TINY, *flags],
+                          capsys)
+    one_line_error(rc, err, pattern)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("flags, pattern", [
+    (["--num-heads", "3"], "num_heads"),  # d_model 32 not divisible by 3: ModelConfig.validate's line
+    (["--batch-size", "6", "--grad-accum", "4"], "not divisible by --grad-accum 4"),
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--norm", "middle"], "invalid choice"),
+    (["--warmup-iters", "50", "--max-iters", "10"], "--warmup-iters 50"),
+    (["--max-iters", "many"], "invalid int value"),
+])
+def test_inconsistent_flags(data_dir, tmp_path, capsys, flags, pattern):
+    rc, _, err = run_main(["--data", str(data_dir), "--out", str(tmp_path / "run"), *TINY, *flags], capsys)
+    one_line_error(rc, err, pattern)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_device_cuda_without_cuda(data_dir, tmp_path, capsys):
+    rc, _, err = run_main(["--data", str(data_dir), "--out", str(tmp_path / "r"), *TINY, "--device", "cuda"], capsys)
+    one_line_error(rc, err, "CUDA is not available")
+
+
+def test_bad_resumes_and_existing_runs_lose_nothing(data_dir, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    one_line_error(*run_main(["--resume", str(empty)], capsys)[::2], "no checkpoint")
+    run = tmp_path / "run"
+    assert run_main(["--data", str(data_dir), "--out", str(run), "--max-iters", "3", "--eval-iters", "1", *TINY],
+                    capsys)[0] == 0
+    saved = (run / "last.pt").read_bytes()
+    # a different model config
+    one_line_error(*run_main(["--resume", str(run), "--d-model", "64"], capsys)[::2], "different model config")
+    # starting afresh over an existing run needs --overwrite
+    one_line_error(*run_main(["--data", str(data_dir), "--out", str(run), *TINY], capsys)[::2],
+                   f"--resume {run}")
+    assert (run / "last.pt").read_bytes() == saved
+    # a corrupt checkpoint
+    (run / "last.pt").write_bytes(saved[: len(saved) // 2])
+    one_line_error(*run_main(["--resume", str(run)], capsys)[::2], "corrupt or not a train.py checkpoint")
+
+
+def test_bad_config_file(tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"learning_rate": 1}))
+    one_line_error(*run_main(["--config", str(cfg)], capsys)[::2], "unknown key 'learning_rate'")
+    cfg.write_text("{not json")
+    one_line_error(*run_main(["--config", str(cfg)], capsys)[::2], "not valid JSON")
+    cfg.write_text(json.dumps({"max_iters": "ten"}))
+    one_line_error(*run_main(["--config", str(cfg)], capsys)[::2], "max_iters must be an integer")
+
+
+def test_missing_data_from_the_command_line_exits_2_without_traceback(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", str(tmp_path / "nope.npy")],
+                          cwd=tmp_path, capture_output=True, text=True)
+    one_line_error(done.returncode, done.stderr, "does not exist")
+    assert not (tmp_path / "runs").exists()  # no run directory was made for a run that never started
