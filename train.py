@@ -319,6 +319,7 @@ def read_config_file(path, parser) -> dict:
     if not isinstance(raw, dict):
         raise BadInputError(f"--config file {path} must hold a JSON object of flag names to values")
     types = {action.dest: action.type for action in parser._actions}
+    choices = {action.dest: action.choices for action in parser._actions if action.choices}
     out = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
@@ -328,6 +329,8 @@ def read_config_file(path, parser) -> dict:
                 isinstance(value, bool) or not isinstance(value, (int, float))
                 or (types[name] is int and value != int(value))):
             raise BadInputError(f"--config {path}: {key} must be {'an integer' if types[name] is int else 'a number'}")
+        if name in choices and value not in choices[name]:
+            raise BadInputError(f"--config {path}: {key} must be one of {', '.join(choices[name])}, got {value!r}")
         out[name] = value
     return out
 
@@ -394,6 +397,8 @@ def check_args(args: dict, world_size: int) -> None:
     cycle = args["cosine_cycle_iters"] or args["max_iters"]
     if args["warmup_iters"] < 0 or cycle < args["warmup_iters"]:
         raise BadInputError(f"--warmup-iters {args['warmup_iters']} must be <= the cosine cycle ({cycle} steps)")
+    if args["grad_clip"] < 0:
+        raise BadInputError(f"--grad-clip must be >= 0 (0 = no clipping), got {args['grad_clip']}")
     if not args["lr"] > 0 or args["min_lr"] < 0 or args["min_lr"] > args["lr"]:
         raise BadInputError(f"need 0 <= --min-lr ({args['min_lr']}) <= --lr ({args['lr']}) and --lr > 0")
     if args["data"] is None:
@@ -548,7 +553,7 @@ def train(args: dict, ckpt: dict | None = None) -> Path:
     if master:
         out.mkdir(parents=True, exist_ok=True)
         run_config = {**args, "model_config": dataclasses.asdict(cfg), "world_size": world_size}
-        (out / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+        (out / "config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
         kept = [row for row in read_log(log_path) if row["step"] <= start] if ckpt is not None else []
         log_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
         n_params = sum(p.numel() for p in model.parameters())
@@ -556,6 +561,8 @@ def train(args: dict, ckpt: dict | None = None) -> Path:
               f"{', compiled' if args['compile'] else ''}, {world_size} rank(s)) from step {start} to "
               f"{args['max_iters']}; {tokens_per_step:,} tokens/step; run dir {out}")
     log_file = open(log_path, "a") if master else None
+
+    plain_args = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in args.items()}  # weights_only-loadable
 
     def log(row: dict) -> None:
         if master:
@@ -565,7 +572,7 @@ def train(args: dict, ckpt: dict | None = None) -> Path:
     def save(name: str, step: int) -> None:
         if master:
             save_checkpoint(model, optimizer, step, out / name, model_config=dataclasses.asdict(cfg),
-                            train_args=args, rng=rng_state(batches), tokenizer_dir=tokenizer_dir,
+                            train_args=plain_args, rng=rng_state(batches), tokenizer_dir=tokenizer_dir,
                             best_val_loss=best_val, elapsed=time.time() - t0 + elapsed,
                             pending_loss=(loss_sum.item(), last_log_step))
 
@@ -627,6 +634,7 @@ def train(args: dict, ckpt: dict | None = None) -> Path:
                 if world_size > 1:
                     dist.all_reduce(loss_sum)
                     loss_sum /= world_size
+                    nonfinite |= ~torch.isfinite(loss_sum)  # so every rank stops at the same step
                 check_finite(step)
                 steps_since = step - last_log_step
                 dt = time.time() - t_log

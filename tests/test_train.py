@@ -434,6 +434,7 @@ def test_bad_data(tmp_path, capsys, make, flags, pattern):
     (["--norm", "middle"], "invalid choice"),
     (["--warmup-iters", "50", "--max-iters", "10"], "--warmup-iters 50"),
     (["--max-iters", "many"], "invalid int value"),
+    (["--grad-clip", "-1"], "--grad-clip must be >= 0"),
 ])
 def test_inconsistent_flags(data_dir, tmp_path, capsys, flags, pattern):
     rc, _, err = run_main(["--data", str(data_dir), "--out", str(tmp_path / "run"), *TINY, *flags], capsys)
@@ -474,6 +475,8 @@ def test_bad_config_file(tmp_path, capsys):
     one_line_error(*run_main(["--config", str(cfg)], capsys)[::2], "not valid JSON")
     cfg.write_text(json.dumps({"max_iters": "ten"}))
     one_line_error(*run_main(["--config", str(cfg)], capsys)[::2], "max_iters must be an integer")
+    cfg.write_text(json.dumps({"dtype": "fp16"}))
+    one_line_error(*run_main(["--config", str(cfg)], capsys)[::2], "dtype must be one of fp32, bf16")
 
 
 def test_missing_data_from_the_command_line_exits_2_without_traceback(tmp_path):
