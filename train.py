@@ -552,8 +552,8 @@ def train(args: dict, ckpt: dict | None = None) -> Path:
     log_path = out / "log.jsonl"
     if master:
         out.mkdir(parents=True, exist_ok=True)
-        run_config = {**args, "model_config": dataclasses.asdict(cfg), "world_size": world_size}
-        (out / "config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
+        # every resolved flag (model fields included): `--config RUN/config.json --out NEW` repeats this run
+        (out / "config.json").write_text(json.dumps(args, indent=2, default=str) + "\n")
         kept = [row for row in read_log(log_path) if row["step"] <= start] if ckpt is not None else []
         log_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
         n_params = sum(p.numel() for p in model.parameters())

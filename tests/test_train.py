@@ -233,6 +233,10 @@ def test_tiny_run_loss_falls_and_writes_the_run_directory(data_dir, tmp_path, ca
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["iteration"] == 30 and ckpt["model_config"]["d_model"] == 32
     assert json.loads((out / "config.json").read_text())["max_iters"] == 30
+    # the resolved config.json is itself a --config file that repeats the run
+    again, _ = train.resolve_args(["--config", str(out / "config.json"), "--out", str(tmp_path / "again")])
+    assert train.resolve_model_config(again, None, None) == ModelConfig(**ckpt["model_config"])
+    assert again["max_iters"] == 30 and again["data"] == str(data_dir)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, capsys, monkeypatch):
