@@ -3,17 +3,12 @@ of 1e4 stay finite), AdamW vs torch.optim.AdamW over 100 steps (≤ 1e-6, severa
 foreach fast path vs the plain loop, AdamW state_dict round-trips (resume == uninterrupted run), cosine_lr at its
 boundary iterations, clip_grad_norm vs torch.nn.utils.clip_grad_norm_, and the SGD learning-rate toy's behaviours."""
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from optim import AdamW, clip_grad_norm, cosine_lr, cross_entropy, sgd_toy
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -256,9 +251,10 @@ def test_sgd_toy_three_behaviours():
     assert diverge[-1] > 1e6 * diverge[0]  # diverges
 
 
-def test_optim_cli_prints_the_toy():
-    out = subprocess.run([sys.executable, "optim.py"], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.strip().splitlines()
+def test_optim_cli_prints_the_toy(capsys):
+    from optim import main
+
+    main([])
+    lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == ["lr 10", "lr 100", "lr 1000"]
     assert "slowly" in lines[0] and "fast" in lines[1] and "diverges" in lines[2]

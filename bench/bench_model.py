@@ -1,0 +1,206 @@
+"""Benchmark: one training step (forward + backward + optimizer step) of model.TransformerLM + optim.AdamW against
+Hugging Face transformers' LlamaForCausalLM + torch.optim.AdamW with the identical configuration, on CPU.
+
+Both models are built from the same ModelConfig (SiLU-gated FFN with intermediate_size = d_ff, num_key_value_heads =
+num_heads, untied embeddings, rope_theta 10000, rms_norm_eps 1e-5, SDPA attention; the parameter counts are checked
+equal), fed the same random batch, and timed step by step, alternating ours / HF (then the same under
+torch.autocast("cpu", dtype=torch.bfloat16)) in one process, so machine noise hits both alike. Reported: medians of
+tokens/s, the ratio ours / HF, and MFU = accounting.train_flops_per_token x tokens/s / a measured torch.mm peak.
+transformers is a benchmark-only dependency (requirements-dev.txt).
+
+    python bench/bench_model.py              # both configs, fp32 and bf16 autocast (~3 minutes on 2 idle cores)
+    python bench/bench_model.py --quick      # smoke run: 2 timed steps each
+    python bench/bench_model.py --configs ts17m --profile    # + torch.profiler op tables for one step of each
+"""
+import argparse
+import dataclasses
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: model.py, optim.py, accounting.py
+
+from accounting import measure_matmul_flops, train_flops_per_token  # noqa: E402
+from model import PRESETS, TransformerLM  # noqa: E402
+from optim import AdamW, cross_entropy  # noqa: E402
+
+# The batch sizes the issue names for each preset.
+BATCH = {"tiny": 16, "ts17m": 8}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The two contestants, built from one ModelConfig
+
+
+def build_ours(cfg):
+    model = TransformerLM(**dataclasses.asdict(cfg))  # attn_impl="sdpa", the default fast path
+    return model, AdamW(model.parameters(), foreach=True)  # lr 1e-3, weight decay 0.01: torch's defaults too
+
+
+def build_hf(cfg):
+    from transformers import LlamaConfig, LlamaForCausalLM  # benchmark-only dependency
+
+    hf_cfg = LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.context_length, rope_theta=cfg.rope_theta, rms_norm_eps=1e-5,
+        hidden_act="silu", tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+        attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(hf_cfg)
+    return model, torch.optim.AdamW(model.parameters())  # defaults: lr 1e-3, weight decay 0.01, CPU: per-tensor loop
+
+
+def make_step(model, opt, x, y, is_hf: bool, bf16: bool):
+    """A closure running one training step; both sides compute the loss the same way (fp32 logsumexp)."""
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=x).logits if is_hf else model(x)  # (B, T, V)
+        if is_hf:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # torch's fused log_softmax + nll
+        else:
+            loss = cross_entropy(logits, y)  # ours: logsumexp - target logit, hand-written backward
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Timing: alternate the contestants, take medians
+
+
+def bench_config(name: str, rounds: int, warmup: int, precisions: list[str], profile: bool) -> list[dict]:
+    cfg = PRESETS[name]
+    B, T = BATCH[name], cfg.context_length
+    torch.manual_seed(0)
+    ours, ours_opt = build_ours(cfg)
+    hf, hf_opt = build_hf(cfg)
+    n_ours = sum(p.numel() for p in ours.parameters())
+    n_hf = sum(p.numel() for p in hf.parameters())
+    if n_ours != n_hf:
+        raise SystemExit(f"{name}: parameter counts differ (ours {n_ours:,}, HF {n_hf:,}): configs do not match")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+    y = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+
+    # One entry per (precision, contestant); the order inside a round flips every round so neither always goes first.
+    steps = {(p, who): make_step(model, opt, x, y, who == "hf", p == "bf16")
+             for p in precisions for who, model, opt in (("ours", ours, ours_opt), ("hf", hf, hf_opt))}
+    times = {key: [] for key in steps}
+    for key, step in steps.items():
+        for _ in range(warmup):
+            step()
+    for r in range(rounds):
+        for key in (list(steps) if r % 2 == 0 else list(reversed(steps))):
+            t0 = time.perf_counter()
+            steps[key]()
+            times[key].append(time.perf_counter() - t0)
+
+    if profile:
+        from torch.profiler import profile as torch_profile
+
+        for key, step in steps.items():
+            with torch_profile() as prof:
+                step()
+            print(f"\n### profile: {name} {key[0]} {key[1]}\n")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+    flops_per_token = train_flops_per_token(cfg, T)
+    rows = []
+    for p in precisions:
+        tok_s = {who: B * T / statistics.median(times[(p, who)]) for who in ("ours", "hf")}
+        # The ratio of each round's adjacent pair of steps, then the median: robust to load that drifts over a run.
+        paired = statistics.median(h / o for o, h in zip(times[(p, "ours")], times[(p, "hf")]))
+        rows.append(dict(config=name, batch=B, seq=T, precision=p, ours=tok_s["ours"], hf=tok_s["hf"],
+                         paired=paired, flops_per_token=flops_per_token, n_params=n_ours))
+    return rows
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"Python {platform.python_version()}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Training-step throughput: TransformerLM vs HF LlamaForCausalLM.")
+    parser.add_argument("--configs", nargs="+", choices=sorted(BATCH), default=["tiny", "ts17m"])
+    parser.add_argument("--rounds", type=int, default=8, help="timed steps per contestant and precision")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per contestant and precision first")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast rows")
+    parser.add_argument("--quick", action="store_true", help="smoke run: --rounds 2 --warmup 1, short peak timing")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler tables for one step of each")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.warmup = 2, 1
+    if args.rounds < 1 or args.warmup < 0:
+        parser.error("--rounds must be >= 1 and --warmup >= 0")
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        parser.error("this benchmark needs Hugging Face transformers: pip install -r requirements-dev.txt")
+
+    precisions = ["fp32"] if args.no_bf16 else ["fp32", "bf16"]
+    load_before = os.getloadavg()[0]
+    if load_before > 0.5:
+        print(f"warning: 1-minute load average is {load_before:.2f}: other processes are busy, timings are noisy",
+              file=sys.stderr)
+    seconds = 0.3 if args.quick else 2.0  # the best of many repeats: see accounting.measure_matmul_flops
+    peak = {"fp32": measure_matmul_flops("cpu", torch.float32, seconds=seconds)}
+    if "bf16" in precisions:
+        peak["bf16"] = measure_matmul_flops("cpu", torch.bfloat16, seconds=seconds)
+    rows = []
+    for name in args.configs:
+        rows += bench_config(name, args.rounds, args.warmup, precisions, args.profile)
+        print(f"done: {name}", file=sys.stderr)
+    load_after = os.getloadavg()[0]
+
+    command = "python bench/bench_model.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    print("\n## model.py\n")
+    print("One training step (forward + backward + optimizer step, loss included) on CPU: model.TransformerLM +")
+    print("optim.AdamW(foreach=True) vs Hugging Face `LlamaForCausalLM` (same config, SDPA attention) +")
+    print(f"torch.optim.AdamW, alternated step by step in one process; medians of {args.rounds} steps each.")
+    print("'paired' = the median over rounds of the ratio of adjacent steps (robust to drifting load).")
+    print("MFU = accounting.train_flops_per_token x tokens/s / the measured torch.mm peak of that precision.\n")
+    print(f"Command: `{command.strip()}`  ")
+    print(f"Machine: {machine_line()}; load average {load_before:.2f} before, {load_after:.2f} after  ")
+    print(f"torch.mm peak (n=1024): fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s"
+          + (f", bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s" if "bf16" in peak else "") + "\n")
+    print("| config | batch x context | precision | ours tokens/s | HF tokens/s | ours / HF | ours / HF, paired "
+          "| ours MFU | HF MFU |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        mfu = {who: r[who] * r["flops_per_token"] / peak[r["precision"]] for who in ("ours", "hf")}
+        precision = "fp32" if r["precision"] == "fp32" else "bf16 autocast"
+        print(f"| {r['config']} ({r['n_params'] / 1e6:.1f}M) | {r['batch']} x {r['seq']} | {precision} "
+              f"| {r['ours']:,.0f} | {r['hf']:,.0f} | {r['ours'] / r['hf']:.2f}x | {r['paired']:.2f}x "
+              f"| {100 * mfu['ours']:.0f}% | {100 * mfu['hf']:.0f}% |")
+    if "bf16" in precisions:
+        print()
+        for name in args.configs:
+            fp32, bf16 = (next(r for r in rows if r["config"] == name and r["precision"] == p) for p in ("fp32", "bf16"))
+            print(f"- {name}: bf16 autocast / fp32 = {bf16['ours'] / fp32['ours']:.2f}x (ours), "
+                  f"{bf16['hf'] / fp32['hf']:.2f}x (HF)")
+    print("\nTargets: ours / HF >= 1.0x at both configs in fp32; bf16 autocast >= 2x our fp32 tokens/s.")
+
+
+if __name__ == "__main__":
+    main()
