@@ -55,6 +55,27 @@ PRETOKEN_RE = regex.compile(GPT2_PAT)
 # both agree on every code point (tests/test_bpe.py checks all 1,114,112 of them).
 _WS, _NON_WS = r"[^\S\x1c-\x1f]", r"[\S\x1c-\x1f]"
 CHUNK_RE = re.compile(rf"{_WS}*{_NON_WS}+|{_WS}+")
+WHITESPACE = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
+                       "\u2028\u2029\u202f\u205f\u3000")  # the same set: what `regex` calls \s
+
+
+def pretokenize_chunks(chunks: list[str]) -> list[list[str]]:
+    """The GPT-2 pre-tokens of each chunk, with one regex call for (almost) all of them: by the lemma above, chunks
+    that start with whitespace and end with non-whitespace can be joined and split back by length.
+    pretokenize_chunks(["hello", " world!!", "  x"]) == [["hello"], [" world", "!!"], [" ", " x"]]"""
+    joinable = [c[0] in WHITESPACE and c[-1] not in WHITESPACE for c in chunks]
+    pieces = iter(PRETOKEN_RE.findall("".join(c for c, ok in zip(chunks, joinable) if ok)))
+    out = []
+    for chunk, ok in zip(chunks, joinable):
+        if not ok:  # e.g. the first chunk of a text ("hello"): on its own
+            out.append(PRETOKEN_RE.findall(chunk))
+            continue
+        got, left = [], len(chunk)
+        while left:
+            got.append(next(pieces))
+            left -= len(got[-1])
+        out.append(got)
+    return out
 
 
 def special_pattern(special_tokens: Iterable[str]) -> "re.Pattern | None":
@@ -75,8 +96,10 @@ def count_pretokens(text: str, special_tokens: Iterable[str] = ()) -> Counter:
     for doc in docs:
         chunk_counts.update(CHUNK_RE.findall(doc))
     counts = Counter()
-    for chunk, n in chunk_counts.items():  # the slow regex runs once per unique chunk (see the lemma above)
-        for pretoken in PRETOKEN_RE.findall(chunk):
+    chunks = list(chunk_counts)
+    for chunk, pretokens in zip(chunks, pretokenize_chunks(chunks)):  # the slow regex sees each chunk once
+        n = chunk_counts[chunk]
+        for pretoken in pretokens:
             counts[pretoken] += n
     return counts
 
@@ -249,24 +272,27 @@ def _inverted(token: bytes) -> tuple:
 
 def count_pairs(words: list[list[int]], freqs: list[int]) -> tuple[defaultdict, defaultdict]:
     """Initial pair counts and pair -> word indices, vectorised with numpy (ids are still bytes, < 256 here).
-    count_pairs([[1, 2, 1, 2]], [3]) -> ({(1, 2): 6, (2, 1): 3}, {(1, 2): {0}, (2, 1): {0}})"""
-    lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-    flat = np.fromiter(chain.from_iterable(words), dtype=np.int64, count=int(lengths.sum()))
-    word_of = np.repeat(np.arange(len(words)), lengths)  # the word index of each position in `flat`
+    count_pairs([[1, 2, 1, 2]], [3]) -> ({(1, 2): 6, (2, 1): 3}, {(1, 2): [0, 0], (2, 1): [0]})"""
+    lengths = np.fromiter(map(len, words), dtype=np.int32, count=len(words))
+    flat = np.fromiter(chain.from_iterable(words), dtype=np.int32, count=int(lengths.sum()))
+    word_of = np.repeat(np.arange(len(words), dtype=np.int32), lengths)  # the word index of each position
     inside = word_of[:-1] == word_of[1:]  # adjacent positions in the same word form a pair
     code = (flat[:-1] * 256 + flat[1:])[inside]
     where = word_of[:-1][inside]
-    weight = np.asarray(freqs, dtype=np.int64)[where]
+    del flat, word_of, inside  # note: these arrays are ~10 MB each on a 27 MB corpus; free them before the lists
     order = np.argsort(code, kind="stable")
-    code, where, weight = code[order], where[order], weight[order]
+    code, where = code[order], where[order]
+    weight = np.asarray(freqs, dtype=np.int64)[where]
     starts = np.flatnonzero(np.r_[True, code[1:] != code[:-1]])
-    totals = np.add.reduceat(weight, starts) if len(code) else []
-    pair_counts, pair_words = defaultdict(int), defaultdict(set)
-    for s, e, c, total in zip(starts.tolist(), [*starts[1:].tolist(), len(code)], code[starts].tolist(),
-                              np.asarray(totals).tolist()):
+    totals = np.add.reduceat(weight, starts).tolist() if len(code) else []
+    # One int object per word, shared by all the lists (an object array hands out the same objects): a fresh int per
+    # list entry would cost 28 bytes x ~2 million entries.
+    word_ids = np.array(list(range(len(words))), dtype=object)
+    pair_counts, pair_words = defaultdict(int), defaultdict(list)
+    for s, e, c, total in zip(starts.tolist(), [*starts[1:].tolist(), len(code)], code[starts].tolist(), totals):
         pair = divmod(c, 256)
         pair_counts[pair] = total
-        pair_words[pair] = set(where[s:e].tolist())
+        pair_words[pair] = word_ids[where[s:e]].tolist()
     return pair_counts, pair_words
 
 
@@ -284,8 +310,9 @@ def bpe_merges(counts: Counter, num_merges: int, *, progress=False, t0=None) -> 
 
     # The bookkeeping (what makes a merge cheap):
     #   pair_counts[(a, b)]  how often the pair occurs in the corpus (sum of word frequencies);
-    #   pair_words[(a, b)]   the indices of the words that contain it (may also hold words that no longer do: those
-    #                        are skipped when visited, which is cheaper than removing them);
+    #   pair_words[(a, b)]   the indices of the words that contain it, a list (it may name a word twice, or words that
+    #                        no longer contain the pair: those visits find nothing to merge, which is cheaper than
+    #                        keeping the lists exact);
     #   heap                 entries (-count, key(a), key(b), a, b): a max-heap on count, then on the byte strings.
     # Lazy invalidation: counts only ever go down for existing pairs (a merge turns (x, a) into (x, ab)), and new pairs
     # all contain the new token and are pushed once the merge is done. So when an entry is popped whose count is no
@@ -311,7 +338,10 @@ def bpe_merges(counts: Counter, num_merges: int, *, progress=False, t0=None) -> 
         vocab.append(vocab[a] + vocab[b])
         keys.append(_inverted(vocab[new]))
         merges.append((a, b))
-        new_pair_words = defaultdict(set)  # pairs that contain the new token -> words they occur in
+        # The new pairs (x, new) and (new, y) are tallied by their other token alone (int keys are cheaper than
+        # tuples) and moved into pair_counts / pair_words after the merge. They are all brand new pairs.
+        left_counts, right_counts = defaultdict(int), defaultdict(int)
+        left_words, right_words = defaultdict(list), defaultdict(list)
         for i in pair_words.pop((a, b)):
             w, n = words[i], freqs[i]
             j = 0
@@ -320,26 +350,31 @@ def bpe_merges(counts: Counter, num_merges: int, *, progress=False, t0=None) -> 
                     j = w.index(a, j)
                     if j + 1 < len(w) and w[j + 1] == b:
                         if j:  # left neighbour x: (x, a) becomes (x, new)
-                            # note: x may be `new` itself ("a b a b"): then (new, a) was added by the previous
-                            # occurrence's right neighbour and is taken off again here, as the merged word has no (new, a).
                             x = w[j - 1]
-                            pair_counts[(x, a)] -= n
-                            pair_counts[(x, new)] += n
-                            new_pair_words[(x, new)].add(i)
-                        if j + 2 < len(w):  # right neighbour y: (b, y) becomes (new, y)
+                            if x == new:  # "a b a b": the previous occurrence just counted (new, a); take it back
+                                right_counts[a] -= n
+                            else:
+                                pair_counts[(x, a)] -= n
+                            left_counts[x] += n
+                            left_words[x].append(i)
+                        if j + 2 < len(w):  # right neighbour y (never `new`: not merged yet): (b, y) -> (new, y)
                             y = w[j + 2]
                             pair_counts[(b, y)] -= n
-                            pair_counts[(new, y)] += n
-                            new_pair_words[(new, y)].add(i)
+                            right_counts[y] += n
+                            right_words[y].append(i)
                         w[j:j + 2] = (new,)  # merge in place
                     j += 1
             except ValueError:
                 pass
         del pair_counts[(a, b)]  # a greedy left-to-right merge leaves no (a, b) behind
-        pair_words.update(new_pair_words)
-        for pair in new_pair_words:
-            if pair_counts[pair] > 0:
-                heapq.heappush(heap, (-pair_counts[pair], keys[pair[0]], keys[pair[1]], pair[0], pair[1]))
+        for counts_by, words_by, make in ((left_counts, left_words, lambda t: (t, new)),
+                                          (right_counts, right_words, lambda t: (new, t))):
+            for t, count in counts_by.items():
+                pair = make(t)
+                pair_counts[pair] = count
+                pair_words[pair] = words_by[t]
+                if count > 0:
+                    heapq.heappush(heap, (-count, keys[pair[0]], keys[pair[1]], pair[0], pair[1]))
         if progress and len(merges) % 1000 == 0:
             print(f"merges {len(merges):,}/{num_merges:,}  {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return vocab, merges
@@ -502,7 +537,7 @@ class Tokenizer:
             self._ranks.setdefault((token_ids[a], token_ids[b]), (rank, token_ids[a + b]))
         self._special_re = special_pattern(self.special_tokens)
         self._pretoken_cache = _Cache(self._bpe)
-        self._chunk_cache = _Cache(self._encode_chunk)
+        self._chunk_cache = {}
 
     def __reduce__(self):  # pickle (for worker processes) without the caches
         return (Tokenizer, (self.vocab, self.merges, self.special_tokens))
@@ -537,36 +572,42 @@ class Tokenizer:
 
     # -- encoding -----------------------------------------------------------------------------------------------------
 
+    _NO_MERGE = (1 << 62, -1)  # the "rank" of a pair that is not a merge: larger than every real rank
+
     def _bpe(self, pretoken: str) -> tuple:
         """Ids of one pre-token: start from its bytes, then merge the lowest-ranked adjacent pair until none is left.
-        Merging by rank gives the same result as replaying the merge list in order, without scanning it."""
+        Merging by rank gives the same result as replaying the merge list in order, without scanning it. Each step
+        is one C-level min() over the (rank, merged id) of the current pairs; only the two pairs beside the merge
+        change. (Occurrences of the best pair are merged one at a time, leftmost first: a pair that contains the new
+        token always ranks later, so this equals merging all of them left to right.)"""
+        get, none = self._ranks.get, self._NO_MERGE
         ids = [self._byte_ids[b] for b in pretoken.encode("utf-8")]
-        ranks = self._ranks
-        while len(ids) > 1:
-            best = min(zip(ids, ids[1:]), key=lambda p: ranks.get(p, (1 << 62,)))
-            if best not in ranks:
+        pairs = [get(p, none) for p in zip(ids, ids[1:])]  # pairs[k] describes (ids[k], ids[k + 1])
+        while pairs:
+            best = min(pairs)
+            if best is none or best[1] < 0:
                 break
-            new = ranks[best][1]
-            out, j = [], 0
-            while j < len(ids):
-                if j + 1 < len(ids) and ids[j] == best[0] and ids[j + 1] == best[1]:
-                    out.append(new)
-                    j += 2
-                else:
-                    out.append(ids[j])
-                    j += 1
-            ids = out
+            i = pairs.index(best)
+            new = best[1]
+            ids[i:i + 2] = (new,)
+            del pairs[i]
+            if i < len(pairs):
+                pairs[i] = get((new, ids[i + 1]), none)
+            if i > 0:
+                pairs[i - 1] = get((ids[i - 1], new), none)
         return tuple(ids)
-
-    def _encode_chunk(self, chunk: str) -> tuple:
-        return tuple(chain.from_iterable(map(self._pretoken_cache.__getitem__, PRETOKEN_RE.findall(chunk))))
 
     def _encode_ordinary(self, text: str) -> list[int]:
         """Text without special tokens: chunks (see CHUNK_RE) -> cached ids; the GPT-2 regex runs only on new chunks."""
-        if len(self._chunk_cache) > self.CACHE_LIMIT:
-            self._chunk_cache.clear()
+        cache = self._chunk_cache
+        if len(cache) > self.CACHE_LIMIT:
+            cache.clear()
             self._pretoken_cache.clear()
-        return list(chain.from_iterable(map(self._chunk_cache.__getitem__, CHUNK_RE.findall(text))))
+        chunks = CHUNK_RE.findall(text)
+        new = [c for c in dict.fromkeys(chunks) if c not in cache]  # chunks not seen before, once each
+        for chunk, pretokens in zip(new, pretokenize_chunks(new)):
+            cache[chunk] = tuple(chain.from_iterable(map(self._pretoken_cache.__getitem__, pretokens)))
+        return list(chain.from_iterable(map(cache.__getitem__, chunks)))
 
     def encode_plain(self, text: str) -> list[int]:
         """Reference path without the chunk cache: GPT-2 regex over the whole text, then BPE per pre-token."""
@@ -674,8 +715,12 @@ def encode_file(tokenizer: Tokenizer, input_path, output_path, num_workers=None,
                 results = map(_encode_piece, jobs)
                 pool = None
             else:
+                # The first piece is encoded here, so its caches (most of the cost of a cold start) are warm in the
+                # forked workers, which inherit this process's memory.
+                _init_encode_worker(tokenizer)
+                first = _encode_piece(jobs[0])
                 pool = multiprocessing.get_context("fork").Pool(num_workers, _init_encode_worker, (tokenizer,))
-                results = pool.imap(_encode_piece, jobs)  # in order, a few pieces ahead
+                results = chain([first], pool.imap(_encode_piece, jobs[1:]))  # in order, a few pieces ahead
             try:
                 for (_, s, e, _), ids in zip(jobs, results):
                     out.write(ids.tobytes())

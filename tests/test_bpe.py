@@ -114,7 +114,16 @@ def test_chunk_whitespace_class_matches_regex_whitespace():
     ws_regex = regex.compile(r"\s")
     for cp in range(0x110000):
         c = chr(cp)
-        assert bool(ws_re.match(c)) == bool(ws_regex.match(c)), hex(cp)
+        assert bool(ws_re.match(c)) == bool(ws_regex.match(c)) == (c in bpe.WHITESPACE), hex(cp)
+
+
+def test_pretokenize_chunks_matches_one_by_one():
+    rng = random.Random(8)
+    text = "".join(random_unicode(rng, 50) for _ in range(200))
+    chunks = bpe.CHUNK_RE.findall(text)
+    assert "".join(chunks) == text
+    assert bpe.pretokenize_chunks(chunks) == [regex.findall(bpe.GPT2_PAT, c) for c in chunks]
+    assert sum(bpe.pretokenize_chunks(chunks), []) == regex.findall(bpe.GPT2_PAT, text)
 
 
 def test_stops_early_with_a_note(tmp_path, capsys):

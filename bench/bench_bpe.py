@@ -1,0 +1,179 @@
+"""Benchmark bpe.py against the reference libraries, side by side in one run (issue 2's performance targets).
+
+Training: bpe.train_bpe vs Hugging Face `tokenizers` (BpeTrainer, the same GPT-2 regex split + byte-level alphabet)
+on the same file, vocab 10,000 with <|endoftext|>, same cores; wall time and peak RSS, each trial in a fresh forked
+process so neither inherits the other's memory. Encoding: Tokenizer.encode (one process, GPT-2 vocab, cold caches)
+vs tiktoken built from the same GPT-2 files, on the first 10 MB; then `encode_file` with 1 and 2 workers.
+Compression (bytes/token) of our 10K tokenizer and GPT-2's on the validation texts. Trials alternate and the medians
+and ratios are reported; the script ends with a Markdown block for BENCHMARKS.md.
+
+    python bench/bench_bpe.py              # full run (~3 minutes on 2 cores)
+    python bench/bench_bpe.py --quick      # smoke run on small slices (~30 s)
+"""
+import argparse
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import bpe  # noqa: E402
+
+EOT = "<|endoftext|>"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One trial per forked process: (seconds, peak RSS MiB)
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _in_child(fn, args, queue):
+    t0 = time.perf_counter()
+    fn(*args)
+    dt = time.perf_counter() - t0
+    rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+              resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+    queue.put((dt, rss))
+
+
+def trial(fn, *args) -> tuple[float, float]:
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    p = ctx.Process(target=_in_child, args=(fn, args, queue))
+    p.start()
+    p.join()
+    if p.exitcode != 0:
+        raise RuntimeError(f"benchmark trial {fn.__name__} failed (exit code {p.exitcode})")
+    return queue.get()
+
+
+def train_ours(path, vocab_size, workers, out_dir=None):
+    vocab, merges = bpe.train_bpe(path, vocab_size, [EOT], num_workers=workers)
+    if out_dir:  # the first trial keeps its tokenizer for the compression table (~0.1 s of writing)
+        bpe.Tokenizer(vocab, merges, [EOT]).save_dir(out_dir)
+
+
+def train_hf(path, vocab_size, workers):
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    os.environ["RAYON_NUM_THREADS"] = str(workers)  # same cores as ours (read when its thread pool starts)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(bpe.GPT2_PAT), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([str(path)], trainer)
+
+
+def gpt2_tiktoken(vocab_path):
+    import json
+
+    import tiktoken
+    raw = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
+    ranks = {bpe.str_to_token(s, "gpt2"): i for s, i in raw.items() if s != EOT}
+    return tiktoken.Encoding(name="gpt2-files", pat_str=bpe.GPT2_PAT, mergeable_ranks=ranks,
+                             special_tokens={EOT: raw[EOT]})
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shared", default=os.environ.get("CS336_SHARED", ROOT.parent / "shared"), type=Path)
+    ap.add_argument("--quick", action="store_true", help="small slices, one repeat: a smoke run")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+    data, fixtures = args.shared / "data", args.shared / "fixtures"
+    repeats = 1 if args.quick else args.repeats
+    train_mb, vocab_size, encode_mb = (3, 2000, 2) if args.quick else (None, 10_000, 10)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_bpe_"))
+
+    train_file = data / "kernel-docs-train.txt"
+    if train_mb:  # a slice cut at a line end (valid UTF-8)
+        raw = train_file.read_bytes()[:train_mb << 20]
+        train_file = tmp / "train-slice.txt"
+        train_file.write_bytes(raw[:raw.rfind(b"\n") + 1])
+    size_mb = train_file.stat().st_size / 1e6
+    print(f"training on {train_file} ({size_mb:.1f} MB), vocab {vocab_size}, {args.workers} workers, "
+          f"{repeats} alternating trials", file=sys.stderr)
+    ours, hf = [], []
+    (tmp / "tok").mkdir()
+    for r in range(repeats):
+        hf.append(trial(train_hf, train_file, vocab_size, args.workers))
+        ours.append(trial(train_ours, train_file, vocab_size, args.workers, tmp / "tok" if r == 0 else None))
+        print(f"  trial {r}: ours {ours[-1][0]:.2f} s {ours[-1][1]:.0f} MiB | HF {hf[-1][0]:.2f} s {hf[-1][1]:.0f} MiB",
+              file=sys.stderr)
+
+    # Encoding throughput, GPT-2 vocab, one process.
+    gpt2_vocab, gpt2_merges = fixtures / "gpt2_vocab.json", fixtures / "gpt2_merges.txt"
+    text = (data / "kernel-docs-train.txt").read_bytes()[:encode_mb * 10**6].decode("utf-8", errors="ignore")
+    mb = len(text.encode("utf-8")) / 1e6
+    enc = gpt2_tiktoken(gpt2_vocab)
+    t_ours, t_tik = [], []
+    for r in range(repeats):
+        tok = bpe.Tokenizer.from_files(gpt2_vocab, gpt2_merges, [EOT])  # fresh: cold caches
+        t0 = time.perf_counter()
+        ids = tok.encode(text)
+        t_ours.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ref = enc.encode(text, allowed_special="all")
+        t_tik.append(time.perf_counter() - t0)
+        assert ids == ref, "our encoding differs from tiktoken's"
+        print(f"  encode trial {r}: ours {mb / t_ours[-1]:.1f} MB/s | tiktoken {mb / t_tik[-1]:.1f} MB/s",
+              file=sys.stderr)
+
+    # encode_file with 1 and 2 workers (the CLI path), same 10 MB as a file.
+    src = tmp / "encode-slice.txt"
+    src.write_text(text, encoding="utf-8")
+    t_w = {1: [], 2: []}
+    for r in range(repeats):
+        for w in (1, 2):
+            tok = bpe.Tokenizer.from_files(gpt2_vocab, gpt2_merges, [EOT])  # fresh: cold caches
+            t0 = time.perf_counter()
+            bpe.encode_file(tok, src, tmp / f"w{w}.npy", num_workers=w)
+            t_w[w].append(time.perf_counter() - t0)
+        print(f"  encode_file trial {r}: 1 worker {t_w[1][-1]:.2f} s | 2 workers {t_w[2][-1]:.2f} s", file=sys.stderr)
+
+    # Compression.
+    ours10k = bpe.Tokenizer.from_dir(tmp / "tok")
+    gpt2 = bpe.Tokenizer.from_files(gpt2_vocab, gpt2_merges, [EOT])
+    compression = []
+    for name in ("kernel-docs-valid.txt", "tinyshakespeare.txt"):
+        t = (data / name).read_text(encoding="utf-8")
+        n = len(t.encode("utf-8"))
+        compression.append((name, n / len(ours10k.encode(t)), n / len(gpt2.encode(t))))
+
+    tr_o, tr_h = median([t for t, _ in ours]), median([t for t, _ in hf])
+    rss_o, rss_h = max(m for _, m in ours), max(m for _, m in hf)
+    enc_o, enc_t = mb / median(t_ours), mb / median(t_tik)
+    w1, w2 = median(t_w[1]), median(t_w[2])
+    mode = " --quick" if args.quick else ""
+    print(f"""
+### Command
+
+`python bench/bench_bpe.py{mode}` ({repeats} alternating trials, medians; {args.workers} workers / threads)
+
+Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}
+
+| measurement | ours (bpe.py) | reference | ratio (ours / reference) | target |
+|---|---|---|---|---|
+| train {size_mb:.1f} MB kernel-docs, vocab {vocab_size:,} + {EOT} | {tr_o:.2f} s | HF tokenizers {tr_h:.2f} s | {tr_o / tr_h:.2f}x time | <= 1.0x |
+| peak RSS while training | {rss_o:.0f} MiB | HF tokenizers {rss_h:.0f} MiB | | <= 400 MiB |
+| encode {mb:.0f} MB, GPT-2 vocab, 1 process | {enc_o:.1f} MB/s | tiktoken {enc_t:.1f} MB/s | {enc_o / enc_t:.2f}x throughput | >= 0.5x |
+| `encode_file` {mb:.0f} MB, 1 vs 2 workers | 2 workers {w2:.2f} s | 1 worker {w1:.2f} s | {w1 / w2:.2f}x speed-up | > 1x |
+
+| text | bytes/token, ours {vocab_size:,} (trained on kernel-docs-train) | bytes/token, GPT-2 50K |
+|---|---|---|""")
+    for name, o, g in compression:
+        print(f"| {name} | {o:.2f} | {g:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
