@@ -16,15 +16,19 @@ against torch.utils.flop_counter, and the activation formula against the bytes a
     python accounting.py --preset gpt2-xl                                   # tables for GPT-2 XL
     python accounting.py --preset gpt2-xl --steps 400000 --batch-size 1024 --gpu a100 --mfu 0.5 --gpu-mem 80GB
     python accounting.py --compare            # all presets side by side;  --json for one machine-readable object
+    python accounting.py --preset tiny --measure    # activation bytes autograd really keeps vs the formulas
 """
 import argparse
 import dataclasses
 import json
 import math
-import sys
+import re
 import time
 
 import torch
+
+import model
+import optim
 
 # ---------------------------------------------------------------------------------------------------------------
 # Published dense peak throughput, FLOP/s per GPU (the MFU denominator on a GPU)
@@ -43,8 +47,6 @@ PEAK_FLOPS = {
     "h200": {"fp32": 67e12, "tf32": 494.5e12, "bf16": 989.5e12, "fp16": 989.5e12, "fp8": 1979e12},  # SXM
 }
 
-BYTES_PER = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Parameters: one row per tensor kind (model.py names), shape formula, count
@@ -62,10 +64,8 @@ def param_rows(cfg) -> list[tuple[str, str, int, int]]:
                  ("layers.*.ffn.w3", "(F, d)", F * d, L)]
     else:  # w2 · SiLU(w1 x): the SiLU ablation drops w3
         rows += [("layers.*.ffn.w1", "(F, d)", F * d, L), ("layers.*.ffn.w2", "(d, F)", d * F, L)]
-    if norm:  # RMSNorm gains, one per sublayer
-        rows += [("layers.*.ln1", "(d,)", d, L), ("layers.*.ln2", "(d,)", d, L)]
-    if cfg.norm == "pre":  # post-norm blocks already end in a norm, so model.py has no final one there
-        rows += [("ln_final", "(d,)", d, 1)]
+    if norm:  # RMSNorm gains: one per sublayer and a final one (model.py keeps it for post-norm too)
+        rows += [("layers.*.ln1", "(d,)", d, L), ("layers.*.ln2", "(d,)", d, L), ("ln_final", "(d,)", d, 1)]
     if not cfg.tie_embeddings:
         rows += [("lm_head", "(V, d)", V * d, 1)]
     return rows
@@ -101,7 +101,7 @@ def forward_flop_rows(cfg, batch_size: int = 1, seq_len: int | None = None) -> l
         ("attention scores Q Kᵀ", "L · 2·B·T·T·d", L * 2 * B * T * T * d),
         ("attention-weighted values A V", "L · 2·B·T·T·d", L * 2 * B * T * T * d),
         ("output projection", "L · 2·B·T·d·d", L * 2 * B * T * d * d),
-        (f"FFN ({'w1, w3, w2' if n_ffn == 3 else 'w1, w2'})", f"L · {n_ffn} · 2·B·T·d·F", L * n_ffn * 2 * B * T * d * F),
+        ("FFN", f"L · {n_ffn} · 2·B·T·d·F ({'w1, w3, w2' if n_ffn == 3 else 'w1, w2'})", L * n_ffn * 2 * B * T * d * F),
         ("LM head", "2·B·T·d·V", 2 * B * T * d * V),
     ]
 
@@ -111,14 +111,19 @@ def forward_flops(cfg, batch_size: int = 1, seq_len: int | None = None) -> int:
     return sum(f for _, _, f in forward_flop_rows(cfg, batch_size, seq_len))
 
 
+def matmul_params(cfg) -> int:
+    """N_matmul: the parameters that take part in a matmul — all but the embedding (a gather) and the norm gains;
+    a tied lm_head still counts (it is a matmul). Forward FLOPs per token = 2·N_matmul + 4·L·T·d (attention)."""
+    n_ffn = 3 if cfg.ffn == "swiglu" else 2
+    return cfg.num_layers * (4 * cfg.d_model**2 + n_ffn * cfg.d_model * cfg.d_ff) + cfg.vocab_size * cfg.d_model
+
+
 def train_flops_per_token(config, seq_len: int | None = None) -> float:
     """Training FLOPs per token: forward + backward = 3 x forward matmul FLOPs (2 FLOPs per multiply-add,
     attention's QKᵀ and A V included), seq_len defaulting to config.context_length.
 
     THE formula for MFU in this project (train.py, bench/): MFU = train_flops_per_token · tokens/s / peak FLOP/s.
-    Equal to 6·N_matmul + 12·L·T·d, where N_matmul counts the parameters used in matmuls (all but the token
-    embedding gather and the norm gains; a tied lm_head still counts: it is a matmul). Works on any object with
-    ModelConfig's attribute names."""
+    Equal to 6·matmul_params(config) + 12·L·T·d. Works on any object with ModelConfig's attribute names."""
     T = config.context_length if seq_len is None else seq_len
     return 3 * forward_flops(config, 1, T) / T
 
@@ -160,7 +165,7 @@ def activation_rows(cfg, batch_size: int = 1, seq_len: int | None = None) -> lis
     rows.append(("SiLU(W1 x)", "L · B·T·F", L * B * T * F))
     if cfg.ffn == "swiglu":  # W2's input is SiLU(W1 x) ⊙ W3 x, a fourth (B, T, F) tensor
         rows.append(("W2 input SiLU(W1 x) ⊙ W3 x", "L · B·T·F", L * B * T * F))
-    if cfg.norm == "pre":
+    if norm:
         rows.append(("final RMSNorm (once)", "B·T·d", B * T * d))
     rows += [("logits (once)", "B·T·V", B * T * V), ("cross-entropy softmax (once)", "B·T·V", B * T * V)]
     return rows
@@ -185,7 +190,8 @@ def saved_activation_rows(cfg, batch_size: int = 1, seq_len: int | None = None) 
       - SiLU(a) = a·σ(a) keeps a and σ(a), so SwiGLU keeps 5 B·T·F (a, σ(a), SiLU(a), W3 x, the product), not 4;
       - the output projection's output goes into a residual add, which keeps nothing; the heads are merged by a copy
         that the projection keeps (1 B·T·d, not 2);
-      - the loss keeps the logits and their logsumexp (B·T), not a second B·T·V softmax."""
+      - optim.cross_entropy keeps exp(logits - max) and its row sums (B·T) — the unnormalised softmax its
+        hand-written backward needs — and nothing keeps the logits themselves: one B·T·V tensor, not two."""
     B, T = batch_size, cfg.context_length if seq_len is None else seq_len
     V, d, L, F, h = cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.d_ff, cfg.num_heads
     rows = []
@@ -210,10 +216,10 @@ def saved_activation_rows(cfg, batch_size: int = 1, seq_len: int | None = None) 
         rows.append(("W1 x, σ(W1 x), SiLU, W3 x, product", "L · 5·B·T·F", L * 5 * B * T * F))
     else:
         rows.append(("W1 x, σ(W1 x), SiLU(W1 x)", "L · 3·B·T·F", L * 3 * B * T * F))
-    if cfg.norm == "pre":
+    if cfg.norm != "none":
         rows.append(("ln_final: x, x/rms, 1/rms (once)", "2·B·T·d + B·T", 2 * B * T * d + B * T))
     rows += [("lm_head input (once)", "B·T·d", B * T * d),
-             ("logits and logsumexp (once)", "B·T·V + B·T", B * T * V + B * T)]
+             ("loss: exp(logits - max), row sums (once)", "B·T·V + B·T", B * T * V + B * T)]
     return rows
 
 
@@ -303,9 +309,6 @@ def measure_saved_activations(cfg, batch_size: int = 1, seq_len: int | None = No
     them share memory (q, k, v as views of one matmul output; x saved by both w1 and w3), so we count each
     storage once. Parameters and buffers are excluded (they are counted as parameters, not activations).
     Returns bytes: "float" (activations proper) and "other" (int64 token ids/targets, bool masks)."""
-    import model  # noqa: PLC0415  (lazy: model.py may import this file for MFU, so no import cycle at load time)
-    import optim  # noqa: PLC0415
-
     B, T = batch_size, cfg.context_length if seq_len is None else seq_len
     torch.manual_seed(seed)
     lm = model.TransformerLM(**dataclasses.asdict(cfg))
@@ -330,17 +333,16 @@ def measure_saved_activations(cfg, batch_size: int = 1, seq_len: int | None = No
 # ---------------------------------------------------------------------------------------------------------------
 # Presets: GPT-2 sizes as the handout's transformer_accounting problem gives them, plus model.PRESETS
 # ---------------------------------------------------------------------------------------------------------------
-# (num_layers, d_model, num_heads) of GPT-2 (Radford et al. 2019, table 2 of the handout's problem (e)); vocab 50,257
-# and context 1,024 for all; d_ff = 4·d_model (the handout's GPT-2 XL has d_ff = 6,400 = 4 · 1,600 — its SwiGLU FFN
-# keeps GPT-2's width rather than the 8/3·d_model rule). gpt2-xl-16k is problem (f): GPT-2 XL at context 16,384.
+# (num_layers, d_model, num_heads) of the four GPT-2 sizes (Radford et al. 2019), as the handout's
+# transformer_accounting problem lists them; vocab 50,257 and context 1,024 for all; d_ff = 4·d_model (the handout's
+# GPT-2 XL has d_ff = 6,400 = 4 · 1,600: its SwiGLU FFN keeps GPT-2's width rather than the 8/3·d_model rule, and the
+# smaller sizes follow the same rule). gpt2-xl-16k is the problem's last question: GPT-2 XL at context 16,384.
 GPT2_SHAPES = {"gpt2-small": (12, 768, 12), "gpt2-medium": (24, 1024, 16), "gpt2-large": (36, 1280, 20),
                "gpt2-xl": (48, 1600, 25)}
 
 
 def presets() -> dict:
     """name -> model.ModelConfig: the GPT-2 family, gpt2-xl-16k, and model.PRESETS (ts17m, tiny) themselves."""
-    import model  # noqa: PLC0415  (lazy, see measure_saved_activations)
-
     out = {name: model.ModelConfig(vocab_size=50_257, context_length=1024, d_model=d, num_layers=L, num_heads=h,
                                    d_ff=4 * d)
            for name, (L, d, h) in GPT2_SHAPES.items()}
@@ -357,7 +359,8 @@ def human(x: float, unit: str = "") -> str:
     """Four significant digits: human(2127057600) -> '2.127B'; with a unit, SI prefixes:
     human(4.513e12, 'FLOP') -> '4.513 TFLOP'."""
     if unit:
-        prefixes = [(1e21, " Z"), (1e18, " E"), (1e15, " P"), (1e12, " T"), (1e9, " G"), (1e6, " M"), (1e3, " k"), (1, " ")]
+        prefixes = [(1e21, " Z"), (1e18, " E"), (1e15, " P"), (1e12, " T"), (1e9, " G"), (1e6, " M"), (1e3, " k"),
+                    (1, " ")]
     else:
         prefixes = [(1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K"), (1, "")]
     for scale, p in prefixes:
@@ -372,6 +375,13 @@ def human_bytes(n: float) -> str:
         if n >= scale:
             return f"{n / scale:.2f} {p}"
     return f"{n:.0f} B"
+
+
+def human_days(days: float) -> str:
+    """6583.57 -> '6,583.6 days (18.0 years)'; under a day in hours, under an hour in minutes."""
+    if days >= 1:
+        return f"{days:,.1f} days ({days / 365.25:.1f} years)"
+    return f"{days * 24:.2f} hours" if days * 24 >= 1 else f"{days * 24 * 60:.2f} minutes"
 
 
 def table(headers: list[str], rows: list[list], right: set[int] | None = None) -> str:
@@ -453,8 +463,7 @@ def report(cfg, name: str, batch_size: int = 1, seq_len: int | None = None, gpu_
 
     # Training FLOPs
     per_tok = s["train_flops_per_token"]
-    n_matmul = N - cfg.vocab_size * cfg.d_model * (0 if cfg.tie_embeddings else 1) - sum(
-        n * k for name_, _, n, k in param_rows(cfg) if name_.startswith(("layers.*.ln", "ln_final")))
+    n_matmul = matmul_params(cfg)
     attn_tok = 12 * cfg.num_layers * T * cfg.d_model
     rows = [["forward", "(table above) / (B·T)", human(fwd / (B * T), "FLOP")],
             ["backward", "2 × forward", human(2 * fwd / (B * T), "FLOP")],
@@ -467,8 +476,8 @@ def report(cfg, name: str, batch_size: int = 1, seq_len: int | None = None, gpu_
             table(["", "formula", "FLOPs"], rows)]
     rows = [[f, n, human(n * N, "FLOP")] for f, n in ADAMW_FLOP_ROWS]
     rows.append(["AdamW step", ADAMW_FLOPS_PER_PARAM, human(ADAMW_FLOPS_PER_PARAM * N, "FLOP")])
-    out += [f"AdamW's own FLOPs per step (per parameter; vs {human(B * T * per_tok, 'FLOP')} for the model at B·T={B * T:,}"
-            " tokens)", table(["update", "per param", "× N"], rows), ""]
+    out += [f"AdamW's own FLOPs per step, per parameter (vs {human(B * T * per_tok, 'FLOP')} for the model's "
+            f"B·T={B * T:,} tokens)", table(["update", "per param", "× N"], rows), ""]
 
     # Memory
     mem = s["train_memory"]
@@ -490,8 +499,9 @@ def report(cfg, name: str, batch_size: int = 1, seq_len: int | None = None, gpu_
     if "train_days" in s:
         out += [f"Time: {steps:,} steps × B={B} × T={T:,} tokens on one {gpu} at {100 * mfu:g}% MFU, {dtype} "
                 f"(peak {human(s['peak_flops'], 'FLOP/s')})",
-                f"  FLOPs = steps · (B·T · {human(per_tok, 'FLOP')} + 14·N) = {human(s['train_flops_total'], 'FLOP')}",
-                f"  time  = FLOPs / (MFU · peak) = {s['train_days']:,.1f} days ({s['train_days'] / 365.25:.1f} years)",
+                f"  FLOPs = steps · (B·T · {human(per_tok, 'FLOP')} + {ADAMW_FLOPS_PER_PARAM}·N) = "
+                f"{human(s['train_flops_total'], 'FLOP')}",
+                f"  time  = FLOPs / (MFU · peak) = {human_days(s['train_days'])}",
                 ""]
     return "\n".join(out)
 
@@ -501,7 +511,7 @@ def compare(configs: dict, seq_len: int | None = None) -> str:
     rows = []
     for name, cfg in configs.items():
         T = cfg.context_length if seq_len is None else seq_len
-        f = dict((n.split(" (")[0], x) for n, _, x in forward_flop_rows(cfg, 1, T))
+        f = {n: x for n, _, x in forward_flop_rows(cfg, 1, T)}
         tot = sum(f.values())
         attn = f["attention scores Q Kᵀ"] + f["attention-weighted values A V"]
         proj = f["QKV projections"] + f["output projection"]
@@ -526,8 +536,6 @@ class OneLineParser(argparse.ArgumentParser):
 
 def parse_bytes(text: str) -> float:
     """'80GB' -> 80e9, '80GiB' -> 80·2³⁰, '80' -> 80e9 (GB)."""
-    import re  # noqa: PLC0415
-
     units = {"": 1e9, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
              "tib": 2**40}
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
@@ -588,7 +596,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=positive_int, help="training steps, for the time estimate")
     parser.add_argument("--gpu", help=f"accelerator for the time estimate: {', '.join(PEAK_FLOPS)}")
     parser.add_argument("--mfu", type=float, help="model FLOPs utilisation in (0, 1], e.g. 0.5")
-    parser.add_argument("--dtype", default="fp32", help="which published peak to use (default fp32)")
+    parser.add_argument("--dtype", default="fp32",
+                        help="which published peak the time estimate uses (default fp32); memory is always fp32")
     parser.add_argument("--compare", action="store_true", help="all presets side by side")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--measure", action="store_true",
@@ -630,11 +639,10 @@ def main(argv=None) -> None:
         print(measure_report(cfg, args.batch_size, T))
         return
     if args.compare:
-        chosen = {name: c for name, c in all_presets.items()}
         if args.json:
-            print(json.dumps({"presets": {n: summary(c, args.batch_size) for n, c in chosen.items()}}, indent=1))
+            print(json.dumps({"presets": {n: summary(c, args.batch_size) for n, c in all_presets.items()}}, indent=1))
         else:
-            print(compare(chosen))
+            print(compare(all_presets))
         return
     kwargs = dict(batch_size=args.batch_size, seq_len=T, gpu_mem=args.gpu_mem, steps=args.steps, gpu=args.gpu,
                   mfu=args.mfu, dtype=args.dtype)
