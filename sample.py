@@ -1,11 +1,11 @@
 """Decoding: sample text from a trained checkpoint, with a KV cache, streaming, and a perplexity check.
 
 CS336 assignment 1, §6 (decoding). One step turns the model's logits for the last position into the next token:
-temperature (0 = greedy argmax) → top-k → top-p (nucleus, Holtzman et al. 2019) → sample. `generate` repeats that
-step, feeding each new token back. With the KV cache (`use_cache=True`, the default) every layer keeps the keys
-(after RoPE, at their absolute positions) and values it has already computed, so a new token costs one position's
-work instead of re-running the whole context; `use_cache=False` recomputes the context every step and is the
-reference the cache is tested against (tests/test_sample.py: equal logits at every step).
+temperature (0 = greedy argmax) → top-k (Fan et al. 2018) → top-p (nucleus, Holtzman et al. 2019) → sample.
+`generate` repeats that step, feeding each new token back. With the KV cache (`use_cache=True`, the default) every
+layer keeps the keys (after RoPE, at their absolute positions) and values it has already computed, so a new token
+costs one position's work instead of re-running the whole context; `use_cache=False` recomputes the context every
+step and is the reference the cache is tested against (tests/test_sample.py: equal logits at every step).
 
 Past the context window: once the sequence is longer than context_length, each step re-encodes the last
 context_length tokens with a fresh cache. That is exact (the same logits as the reference, which crops to the last
@@ -21,6 +21,7 @@ import argparse
 import codecs
 import dataclasses
 import math
+import os
 import secrets
 import sys
 import time
@@ -177,8 +178,10 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, t
     one_row = torch.as_tensor(prompt_ids).dim() == 1
     steps = list(generate_stream(model, prompt_ids, max_new_tokens, temperature, top_p, top_k, eos_id, generator,
                                  use_cache))
-    batch = prompt_batch(prompt_ids, eos_id).size(0)
-    new = torch.stack(steps, dim=1) if steps else torch.empty(batch, 0, dtype=torch.long)  # (B, N)
+    if steps:
+        new = torch.stack(steps, dim=1)                                     # (B, N)
+    else:                                                                   # max_new_tokens == 0
+        new = torch.empty(prompt_batch(prompt_ids, eos_id).size(0), 0, dtype=torch.long, device=_device_of(model))
     return new[0] if one_row else new
 
 
@@ -197,6 +200,9 @@ class TextStream:
 
     def push(self, token_id: int) -> str:
         """The text that became complete with this token ("" while a character is still unfinished)."""
+        if token_id not in self.vocab:
+            raise ValueError(f"token id {token_id} is not in the tokenizer's vocab (size {len(self.vocab)}): "
+                             "the model's vocab_size is larger than its tokenizer's")
         return self._utf8.decode(self.vocab[token_id])
 
     def flush(self) -> str:
@@ -334,7 +340,8 @@ def _sample(args, model, tokenizer, ckpt, device) -> None:
     print(f"# temperature {args.temperature} · top_p {args.top_p} · top_k {args.top_k or 'off'} · "
           f"max_new_tokens {args.max_new_tokens} · seed {seed} · num_samples {args.num_samples} · "
           f"kv cache {'off' if args.no_cache else 'on'}")
-    print(f"# prompt: {args.prompt!r} ({len(prompt_ids)} tokens{'' if args.prompt else ', ' + END_OF_TEXT})")
+    print(f"# prompt: {args.prompt!r} ({len(prompt_ids)} token{'s' * (len(prompt_ids) != 1)}"
+          f"{'' if args.prompt else ': ' + END_OF_TEXT})")
 
     batch = torch.tensor([prompt_ids] * args.num_samples)                   # (S, T): the same prompt S times
     new_ids = [[] for _ in range(args.num_samples)]                         # per sample, without the final EOS
@@ -395,7 +402,8 @@ def _evaluate_file(args, model, tokenizer, ckpt) -> None:
 
 
 def main(argv=None) -> None:
-    parser = _Parser(prog="sample.py", description="Sample text from a train.py checkpoint, or measure its loss on a file (--eval).")
+    parser = _Parser(prog="sample.py",
+                     description="Sample text from a train.py checkpoint, or measure its loss on a file (--eval).")
     parser.add_argument("ckpt", help="checkpoint .pt written by train.py (carries the model config and tokenizer dir)")
     parser.add_argument("--prompt", default="", help=f"text to continue (default: empty = start after {END_OF_TEXT})")
     parser.add_argument("--max-new-tokens", type=int, default=256)
@@ -435,6 +443,9 @@ def main(argv=None) -> None:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     except FloatingPointError as e:
         parser.exit(1, f"{parser.prog}: error: {e}\n")
+    except BrokenPipeError:  # the reader went away (`sample.py ... | head`): stop quietly, no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())    # so the exit-time flush cannot fail
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -254,12 +254,18 @@ def test_a_character_split_across_tokens_prints_once():
     assert "".join(pieces) + stream.flush() == "aé€🙂a"
 
 
+def test_stream_rejects_an_id_outside_the_vocab():
+    with pytest.raises(ValueError, match="not in the tokenizer's vocab"):
+        TextStream({0: b"a"}).push(1)
+
+
 def test_stream_equals_one_shot_decode_on_random_bytes():
     # Random single-byte and two-byte tokens: plenty of split characters and invalid bytes (-> U+FFFD).
     gen = torch.Generator().manual_seed(0)
     vocab = {i: bytes([i]) for i in range(256)}
     vocab |= {256 + i: bytes([0xC3, 0x80 + i]) for i in range(64)}
-    pool = list(range(0x41, 0x5B)) + [0xC3, 0xE2, 0x82, 0xAC, 0xA9, 0xF0, 0x9F, 0x99, 0x82, 0xFF] + list(range(256, 320))
+    pool = list(range(0x41, 0x5B)) + [0xC3, 0xE2, 0x82, 0xAC, 0xA9, 0xF0, 0x9F, 0x99, 0x82, 0xFF]
+    pool += list(range(256, 320))
     ids = [pool[i] for i in torch.randint(len(pool), (2000,), generator=gen).tolist()]
     stream = TextStream(vocab)
     text = "".join(stream.push(i) for i in ids) + stream.flush()
