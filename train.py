@@ -257,7 +257,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     # argument_default=SUPPRESS: the namespace holds only the flags actually given, the top layer of resolution.
-    p = _Parser(prog="train.py", description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
+    p = _Parser(prog="train.py", description=__doc__, argument_default=argparse.SUPPRESS,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument_group("data").add_argument
     a("--data", help="a .npy of token ids, or a `bpe.py prepare` directory (train.npy, valid.npy, tokenizer)")
@@ -305,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     a("--peak-flops", type=float, help="MFU denominator in FLOP/s per device (default: published GPU peak, or a "
                                        "measured matmul on CPU; 0 = no MFU)")
+    for action in p._actions:  # show DEFAULTS in --help (the parser itself has none: see argument_default)
+        if DEFAULTS.get(action.dest) not in (None, False):
+            action.help = f"{action.help + ' ' if action.help else ''}(default {DEFAULTS[action.dest]})"
     return p
 
 
