@@ -362,8 +362,9 @@ def test_resume_after_sigkill_and_sigterm_is_bitwise_identical(data_dir, tmp_pat
 
 
 def test_ddp_two_gloo_ranks_match_one_process(data_dir, tmp_path):
+    # --grad-accum 2: each rank runs 2 micro-batches of 2 sequences, all-reducing only after the second (no_sync)
     common = ["--data", str(data_dir), "--max-iters", "12", "--eval-interval", "6", "--eval-iters", "2",
-              "--log-interval", "1", *TINY]
+              "--log-interval", "1", *TINY, "--grad-accum", "2"]
     single = subprocess.run([sys.executable, str(ROOT / "train.py"), "--out", str(tmp_path / "one"), *common],
                             cwd=ROOT, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
