@@ -257,7 +257,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     # argument_default=SUPPRESS: the namespace holds only the flags actually given, the top layer of resolution.
-    p = _Parser(prog="train.py", description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
+    p = _Parser(prog="train.py", description=__doc__, argument_default=argparse.SUPPRESS,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument_group("data").add_argument
     a("--data", help="a .npy of token ids, or a `bpe.py prepare` directory (train.npy, valid.npy, tokenizer)")
@@ -305,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     a("--peak-flops", type=float, help="MFU denominator in FLOP/s per device (default: published GPU peak, or a "
                                        "measured matmul on CPU; 0 = no MFU)")
+    for action in p._actions:  # show DEFAULTS in --help (the parser itself has none: see argument_default)
+        if DEFAULTS.get(action.dest) not in (None, False):
+            action.help = f"{action.help + ' ' if action.help else ''}(default {DEFAULTS[action.dest]})"
     return p
 
 
@@ -319,6 +322,7 @@ def read_config_file(path, parser) -> dict:
     if not isinstance(raw, dict):
         raise BadInputError(f"--config file {path} must hold a JSON object of flag names to values")
     types = {action.dest: action.type for action in parser._actions}
+    choices = {action.dest: action.choices for action in parser._actions if action.choices}
     out = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
@@ -328,6 +332,8 @@ def read_config_file(path, parser) -> dict:
                 isinstance(value, bool) or not isinstance(value, (int, float))
                 or (types[name] is int and value != int(value))):
             raise BadInputError(f"--config {path}: {key} must be {'an integer' if types[name] is int else 'a number'}")
+        if name in choices and value not in choices[name]:
+            raise BadInputError(f"--config {path}: {key} must be one of {', '.join(choices[name])}, got {value!r}")
         out[name] = value
     return out
 
@@ -394,6 +400,8 @@ def check_args(args: dict, world_size: int) -> None:
     cycle = args["cosine_cycle_iters"] or args["max_iters"]
     if args["warmup_iters"] < 0 or cycle < args["warmup_iters"]:
         raise BadInputError(f"--warmup-iters {args['warmup_iters']} must be <= the cosine cycle ({cycle} steps)")
+    if args["grad_clip"] < 0:
+        raise BadInputError(f"--grad-clip must be >= 0 (0 = no clipping), got {args['grad_clip']}")
     if not args["lr"] > 0 or args["min_lr"] < 0 or args["min_lr"] > args["lr"]:
         raise BadInputError(f"need 0 <= --min-lr ({args['min_lr']}) <= --lr ({args['lr']}) and --lr > 0")
     if args["data"] is None:
@@ -547,8 +555,8 @@ def train(args: dict, ckpt: dict | None = None) -> Path:
     log_path = out / "log.jsonl"
     if master:
         out.mkdir(parents=True, exist_ok=True)
-        run_config = {**args, "model_config": dataclasses.asdict(cfg), "world_size": world_size}
-        (out / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+        # every resolved flag (model fields included): `--config RUN/config.json --out NEW` repeats this run
+        (out / "config.json").write_text(json.dumps(args, indent=2, default=str) + "\n")
         kept = [row for row in read_log(log_path) if row["step"] <= start] if ckpt is not None else []
         log_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
         n_params = sum(p.numel() for p in model.parameters())
@@ -556,6 +564,8 @@ def train(args: dict, ckpt: dict | None = None) -> Path:
               f"{', compiled' if args['compile'] else ''}, {world_size} rank(s)) from step {start} to "
               f"{args['max_iters']}; {tokens_per_step:,} tokens/step; run dir {out}")
     log_file = open(log_path, "a") if master else None
+
+    plain_args = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in args.items()}  # weights_only-loadable
 
     def log(row: dict) -> None:
         if master:
@@ -565,7 +575,7 @@ def train(args: dict, ckpt: dict | None = None) -> Path:
     def save(name: str, step: int) -> None:
         if master:
             save_checkpoint(model, optimizer, step, out / name, model_config=dataclasses.asdict(cfg),
-                            train_args=args, rng=rng_state(batches), tokenizer_dir=tokenizer_dir,
+                            train_args=plain_args, rng=rng_state(batches), tokenizer_dir=tokenizer_dir,
                             best_val_loss=best_val, elapsed=time.time() - t0 + elapsed,
                             pending_loss=(loss_sum.item(), last_log_step))
 
@@ -627,6 +637,7 @@ def train(args: dict, ckpt: dict | None = None) -> Path:
                 if world_size > 1:
                     dist.all_reduce(loss_sum)
                     loss_sum /= world_size
+                    nonfinite |= ~torch.isfinite(loss_sum)  # so every rank stops at the same step
                 check_finite(step)
                 steps_since = step - last_log_step
                 dt = time.time() - t_log

@@ -233,6 +233,10 @@ def test_tiny_run_loss_falls_and_writes_the_run_directory(data_dir, tmp_path, ca
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["iteration"] == 30 and ckpt["model_config"]["d_model"] == 32
     assert json.loads((out / "config.json").read_text())["max_iters"] == 30
+    # the resolved config.json is itself a --config file that repeats the run
+    again, _ = train.resolve_args(["--config", str(out / "config.json"), "--out", str(tmp_path / "again")])
+    assert train.resolve_model_config(again, None, None) == ModelConfig(**ckpt["model_config"])
+    assert again["max_iters"] == 30 and again["data"] == str(data_dir)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, capsys, monkeypatch):
@@ -358,8 +362,9 @@ def test_resume_after_sigkill_and_sigterm_is_bitwise_identical(data_dir, tmp_pat
 
 
 def test_ddp_two_gloo_ranks_match_one_process(data_dir, tmp_path):
+    # --grad-accum 2: each rank runs 2 micro-batches of 2 sequences, all-reducing only after the second (no_sync)
     common = ["--data", str(data_dir), "--max-iters", "12", "--eval-interval", "6", "--eval-iters", "2",
-              "--log-interval", "1", *TINY]
+              "--log-interval", "1", *TINY, "--grad-accum", "2"]
     single = subprocess.run([sys.executable, str(ROOT / "train.py"), "--out", str(tmp_path / "one"), *common],
                             cwd=ROOT, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
@@ -434,6 +439,7 @@ def test_bad_data(tmp_path, capsys, make, flags, pattern):
     (["--norm", "middle"], "invalid choice"),
     (["--warmup-iters", "50", "--max-iters", "10"], "--warmup-iters 50"),
     (["--max-iters", "many"], "invalid int value"),
+    (["--grad-clip", "-1"], "--grad-clip must be >= 0"),
 ])
 def test_inconsistent_flags(data_dir, tmp_path, capsys, flags, pattern):
     rc, _, err = run_main(["--data", str(data_dir), "--out", str(tmp_path / "run"), *TINY, *flags], capsys)
@@ -474,6 +480,8 @@ def test_bad_config_file(tmp_path, capsys):
     one_line_error(*run_main(["--config", str(cfg)], capsys)[::2], "not valid JSON")
     cfg.write_text(json.dumps({"max_iters": "ten"}))
     one_line_error(*run_main(["--config", str(cfg)], capsys)[::2], "max_iters must be an integer")
+    cfg.write_text(json.dumps({"dtype": "fp16"}))
+    one_line_error(*run_main(["--config", str(cfg)], capsys)[::2], "dtype must be one of fp32, bf16")
 
 
 def test_missing_data_from_the_command_line_exits_2_without_traceback(tmp_path):
