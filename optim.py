@@ -47,8 +47,16 @@ class _CrossEntropy(torch.autograd.Function):
     ROWS_PER_CHUNK = 64  # 64 x V fp32 = 2.5 MB of temporaries at V = 10,000: cache-sized, few Python iterations
 
     @staticmethod
+    def rows_per_chunk(logits: Tensor) -> int:
+        # note: small chunks pay on CPU (cache); on a GPU each chunk costs kernel launches, so there the chunks are
+        # as big as a 1 GiB fp32 temporary allows (a few chunks even for GPT-2's vocab at large batches).
+        if logits.device.type == "cpu":
+            return _CrossEntropy.ROWS_PER_CHUNK
+        return max(1, 2**30 // (4 * logits.shape[-1]))
+
+    @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
-        N, R = logits.shape[0], _CrossEntropy.ROWS_PER_CHUNK
+        N, R = logits.shape[0], _CrossEntropy.rows_per_chunk(logits)
         acc = torch.promote_types(logits.dtype, torch.float32)  # at least fp32 (float64 stays float64)
         lse = torch.empty(N, 1, dtype=acc, device=logits.device)  # (N, 1): logsumexp(o) of each row
         for i in range(0, N, R):
@@ -64,7 +72,7 @@ class _CrossEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
         logits, lse, targets = ctx.saved_tensors
-        N, R = logits.shape[0], _CrossEntropy.ROWS_PER_CHUNK
+        N, R = logits.shape[0], _CrossEntropy.rows_per_chunk(logits)
         grad_logits = torch.empty_like(logits)  # (N, V), in the logits' dtype
         for i in range(0, N, R):
             p = (logits[i:i + R].to(lse.dtype) - lse[i:i + R]).exp_()  # (R, V): softmax(o) = exp(o - logsumexp(o))
