@@ -186,12 +186,13 @@ def saved_activation_rows(cfg, batch_size: int = 1, seq_len: int | None = None) 
       - the from-scratch softmax keeps the masked scores (for the max), exp and the probabilities: 3 B·h·T², not 2,
         plus the row max and row sum (B·h·T each); the fused sdpa kernel keeps none of these, only its output and a
         logsumexp per row (flash attention's memory saving);
-      - RoPE keeps its cos and sin rows (T·d/h each, twice per layer), the same for every sequence of the batch;
+      - RoPE keeps its full-width cos and signed-sin rows (T·d/h each, for Q and for K), the same for every
+        sequence of the batch;
       - SiLU(a) = a·σ(a) keeps a and σ(a), so SwiGLU keeps 5 B·T·F (a, σ(a), SiLU(a), W3 x, the product), not 4;
-      - the output projection's output goes into a residual add, which keeps nothing; the heads are merged by a copy
-        that the projection keeps (1 B·T·d, not 2);
-      - optim.cross_entropy keeps exp(logits - max) and its row sums (B·T) — the unnormalised softmax its
-        hand-written backward needs — and nothing keeps the logits themselves: one B·T·V tensor, not two."""
+      - the output projection's output goes into a residual add, which keeps nothing; with the from-scratch
+        attention the heads are merged by a copy that the projection keeps (1 B·T·d, not 2), with sdpa by a free view;
+      - optim.cross_entropy keeps the logits and each row's logsumexp (B·T), from which its hand-written backward
+        rebuilds softmax - onehot; nothing else keeps a (B, T, V) tensor: one B·T·V tensor, not two."""
     B, T = batch_size, cfg.context_length if seq_len is None else seq_len
     V, d, L, F, h = cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.d_ff, cfg.num_heads
     rows = []
@@ -200,17 +201,17 @@ def saved_activation_rows(cfg, batch_size: int = 1, seq_len: int | None = None) 
     rows += [("inputs of q/k/v_proj and w1/w3", "L · 2·B·T·d", L * 2 * B * T * d),
              ("Q, K after RoPE, V", "L · 3·B·T·d", L * 3 * B * T * d)]
     if cfg.position == "rope":
-        rows.append(("RoPE cos, sin (for Q and for K)", "L · 2·T·d/h", L * 2 * T * (d // h)))
+        rows.append(("RoPE cos, sin (for Q and for K)", "L · 4·T·d/h", L * 4 * T * (d // h)))
     if cfg.attn_impl == "manual":
         rows.append(("masked scores, exp, probabilities", "L · 3·B·h·T²", L * 3 * B * h * T * T))
         rows.append(("softmax row max and row sum", "L · 2·B·h·T", L * 2 * B * h * T))
     else:
         rows.append(("sdpa output and logsumexp", "L · (B·T·d + B·h·T)", L * (B * T * d + B * h * T)))
-    # subtle: the fused CPU kernel returns its output in the query's memory layout. Without RoPE, Q is a transposed
-    # view of q_proj's (B, T, H, D) output, so the (B, H, T, D) result already sits in memory as (B, T, C) and the
-    # head merge is a free view of the sdpa output kept above; RoPE's torch.stack makes Q contiguous as
-    # (B, H, T, D), and then the merge is a copy, which output_proj keeps.
-    if cfg.attn_impl == "manual" or cfg.position == "rope":
+    # subtle: the fused CPU kernel returns its output in the query's memory layout. model.py computes Q as a
+    # transposed view of q_proj's (B, T, H, D) output (RoPE runs before the head transpose), so the (B, H, T, D)
+    # result already sits in memory as (B, T, C) and the head merge is a free view of the sdpa output kept above.
+    # The from-scratch path's `probs @ V` is contiguous as (B, H, T, D), so its merge is a copy that output_proj keeps.
+    if cfg.attn_impl == "manual":
         rows.append(("merged heads (output_proj input)", "L · B·T·d", L * B * T * d))
     if cfg.ffn == "swiglu":
         rows.append(("W1 x, σ(W1 x), SiLU, W3 x, product", "L · 5·B·T·F", L * 5 * B * T * F))
@@ -219,7 +220,7 @@ def saved_activation_rows(cfg, batch_size: int = 1, seq_len: int | None = None) 
     if cfg.norm != "none":
         rows.append(("ln_final: x, x/rms, 1/rms (once)", "2·B·T·d + B·T", 2 * B * T * d + B * T))
     rows += [("lm_head input (once)", "B·T·d", B * T * d),
-             ("loss: exp(logits - max), row sums (once)", "B·T·V + B·T", B * T * V + B * T)]
+             ("loss: logits, row logsumexp (once)", "B·T·V + B·T", B * T * V + B * T)]
     return rows
 
 
