@@ -199,22 +199,23 @@ def cosine_lr(it: int, max_lr: float, min_lr: float, warmup_iters: int, cosine_c
 # Gradient clipping (handout §4.5)
 
 
-def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float, eps: float = 1e-6) -> float:
+def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float, eps: float = 1e-6) -> torch.Tensor:
     """Scale all gradients by one factor so that their global L2 norm is at most max_norm; return the norm before.
 
     One norm over ALL parameters (‖g‖ = sqrt(Σ_p ‖g_p‖²)), not one per tensor, so clipping keeps the direction of
     the full gradient. The factor is max_norm / (‖g‖ + eps) when ‖g‖ > max_norm (eps guards against 0/0).
-    note: the returned float reads the norm back to the host (a sync on GPU) — callers log it anyway.
+    note: the norm comes back as a 0-dim tensor on the gradients' device, not a float: reading it (`.item()`,
+    `float()`) waits for the GPU, so a training loop does that only on the steps it logs.
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return 0.0
+        return torch.tensor(0.0)
     per_tensor = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])  # (n_tensors,) ‖g_p‖
     total_norm = torch.linalg.vector_norm(per_tensor)  # () sqrt(Σ_p ‖g_p‖²)
     # min(1, max_norm / (‖g‖ + eps)) as a tensor: always multiplying avoids a data-dependent branch (and a sync).
     scale = (max_norm / (total_norm + eps)).clamp(max=1.0)
     torch._foreach_mul_(grads, scale.to(grads[0].dtype))
-    return total_norm.item()
+    return total_norm
 
 
 # --------------------------------------------------------------------------------------------------------------------

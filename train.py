@@ -622,7 +622,7 @@ def train(args: dict, ckpt: dict | None = None) -> Path:
                 loss = loss.detach()
                 loss_sum += loss / accum
                 nonfinite |= ~torch.isfinite(loss)
-            grad_norm = clip_grad_norm(model.parameters(), args["grad_clip"] or math.inf)
+            grad_norm = clip_grad_norm(model.parameters(), args["grad_clip"] or math.inf)  # 0-dim tensor: no sync
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
