@@ -912,10 +912,10 @@ def main(argv=None) -> int:
             print(f"prepared {args.dataset} in {time.perf_counter() - t0:.0f} s: "
                   + ", ".join(f"{k} {v:,} tokens" for k, v in counts.items()) + f" -> {args.out}")
     except DownloadError as e:  # not the user's input: exit code 1
-        print(f"error: {e}", file=sys.stderr)
+        print(f"bpe.py: error: {e}", file=sys.stderr)
         return 1
     except (ValueError, OSError) as e:  # bad input: missing/unreadable files, bad arguments, bad file contents
-        print(f"error: {e}", file=sys.stderr)
+        print(f"bpe.py: error: {e}", file=sys.stderr)
         return 2
     return 0
 

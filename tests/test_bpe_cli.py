@@ -35,7 +35,7 @@ def corpus(seed=0, n_docs=60) -> str:
 def assert_clean_error(result, pattern):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and pattern in lines[0], result.stderr
+    assert len(lines) == 1 and lines[0].startswith("bpe.py: error:") and pattern in lines[0], result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -152,7 +152,8 @@ def test_prepare_resumes_a_cut_off_download(tmp_path, server):
     out = tmp_path / "ts"
     r = run("prepare", "tinystories", "--out", out, "--base-url", url, "--vocab-size", 300, "--workers", 1)
     assert r.returncode == 1 and "download of" in r.stderr and "re-run to resume" in r.stderr, r.stderr
-    assert r.stderr.splitlines()[-1].startswith("error: download of")  # on its own line, after the progress line
+    # the error is on its own line, after the progress line
+    assert r.stderr.splitlines()[-1].startswith("bpe.py: error: download of")
     assert "Traceback" not in r.stderr
     part = out / "TinyStoriesV2-GPT4-train.txt.part"
     have = part.stat().st_size
