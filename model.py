@@ -251,20 +251,32 @@ class KVCache:
     """
 
     def __init__(self):
-        self.keys: list[Tensor] = []  # per layer: (B, H, seq_len, D), RoPE already applied
+        self.keys: list[Tensor] = []  # per layer: (B, H, seq_len, D), RoPE already applied (views of the buffers)
         self.values: list[Tensor] = []  # per layer: (B, H, seq_len, D)
+        self.buffers: list[tuple[Tensor, Tensor]] = []  # per layer: key and value storage, (B, H, capacity, D)
         self.seq_len = 0  # positions cached so far (advanced by TransformerLM.forward after all layers ran)
 
     def append(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append this layer's new (B, H, T_new, D) keys and values; return all of them, (B, H, S, D) each."""
-        if layer_idx == len(self.keys):  # the first call for this layer
-            self.keys.append(k)
-            self.values.append(v)
-        else:
-            # note: torch.cat copies the whole cache each step, O(S) per token; fine for context lengths in the
-            # hundreds, and simpler than a preallocated buffer.
-            self.keys[layer_idx] = torch.cat((self.keys[layer_idx], k), dim=-2)  # (B, H, S, D)
-            self.values[layer_idx] = torch.cat((self.values[layer_idx], v), dim=-2)  # (B, H, S, D)
+        """Append this layer's new (B, H, T_new, D) keys and values; return all of them, (B, H, S, D) each.
+
+        note: appending with torch.cat would copy the whole cache on every decoded token (O(S) per token, a step
+        time that grows with the sequence). Instead the keys/values live in buffers whose capacity doubles when
+        full, so a token costs one (B, H, 1, D) write and, amortised, O(1) copying.
+        """
+        if layer_idx == len(self.buffers):  # the first call for this layer: empty views of the right shape
+            self.buffers.append((k[..., :0, :], v[..., :0, :]))
+            self.keys.append(k[..., :0, :])
+            self.values.append(v[..., :0, :])
+        old_len, (k_buf, v_buf) = self.keys[layer_idx].shape[-2], self.buffers[layer_idx]
+        new_len = old_len + k.shape[-2]
+        if new_len > k_buf.shape[-2]:  # full: move to buffers of twice the size
+            capacity = max(new_len, 2 * k_buf.shape[-2])
+            k_buf = torch.cat((self.keys[layer_idx], k.new_empty(*k.shape[:-2], capacity - old_len, k.shape[-1])), -2)
+            v_buf = torch.cat((self.values[layer_idx], v.new_empty(*v.shape[:-2], capacity - old_len, v.shape[-1])), -2)
+            self.buffers[layer_idx] = (k_buf, v_buf)  # (B, H, capacity, D) each
+        k_buf[..., old_len:new_len, :] = k
+        v_buf[..., old_len:new_len, :] = v
+        self.keys[layer_idx], self.values[layer_idx] = k_buf[..., :new_len, :], v_buf[..., :new_len, :]  # (B, H, S, D)
         return self.keys[layer_idx], self.values[layer_idx]
 
 
