@@ -88,12 +88,13 @@ def special_pattern(special_tokens: Iterable[str]) -> "re.Pattern | None":
     return re.compile("(" + "|".join(re.escape(s) for s in specials) + ")")
 
 
-def count_chunks(text: str, special_tokens: Iterable[str] = ()) -> Counter:
-    """Chunk frequencies of `text`, split on the special tokens first so nothing spans a document boundary.
+def count_chunks(text: str, special_tokens: Iterable[str] = (), counts: Counter | None = None) -> Counter:
+    """Chunk frequencies of `text`, split on the special tokens first so nothing spans a document boundary; added to
+    `counts` if given (one Counter for many pieces: Counter.update from a list counts in C, from a Counter in Python).
     count_chunks("low low<|e|>lower", ["<|e|>"]) == Counter({'low': 1, ' low': 1, 'lower': 1})"""
     pattern = special_pattern(special_tokens)
     docs = pattern.split(text)[::2] if pattern else [text]  # odd entries of split() are the captured specials
-    counts = Counter()
+    counts = Counter() if counts is None else counts
     for doc in docs:
         counts.update(CHUNK_RE.findall(doc))
     return counts
@@ -102,13 +103,12 @@ def count_chunks(text: str, special_tokens: Iterable[str] = ()) -> Counter:
 def chunks_to_pretokens(chunk_counts: Counter) -> Counter:
     """Chunk frequencies -> pre-token frequencies; the slow GPT-2 regex sees each unique chunk once.
     chunks_to_pretokens(Counter({" it's": 2, "a": 1})) == Counter({" it": 2, "'s": 2, "a": 1})"""
-    counts = Counter()
-    chunks = list(chunk_counts)
-    for chunk, pretokens in zip(chunks, pretokenize_chunks(chunks)):
-        n = chunk_counts[chunk]
+    counts = {}
+    get = counts.get  # note: a plain dict and a bound .get are ~3x faster than Counter's +=, whose __missing__ is Python
+    for n, pretokens in zip(chunk_counts.values(), pretokenize_chunks(list(chunk_counts))):
         for pretoken in pretokens:
-            counts[pretoken] += n
-    return counts
+            counts[pretoken] = get(pretoken, 0) + n
+    return Counter(counts)
 
 
 def count_pretokens(text: str, special_tokens: Iterable[str] = ()) -> Counter:
@@ -183,7 +183,7 @@ def _count_pieces(args) -> Counter:
     path, ranges, special_tokens = args
     chunk_counts = Counter()
     for start, end in ranges:
-        chunk_counts.update(count_chunks(read_piece(path, start, end), special_tokens))
+        count_chunks(read_piece(path, start, end), special_tokens, chunk_counts)
     return chunks_to_pretokens(chunk_counts)  # once per worker: unique chunks repeat across pieces
 
 
