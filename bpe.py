@@ -297,14 +297,16 @@ def count_pairs(words: list[str], freqs: list[int]) -> tuple[defaultdict, defaul
     flat = np.frombuffer("".join(words).encode("latin-1"), dtype=np.uint8).astype(np.int32)  # chr(i) -> byte i
     word_of = np.repeat(np.arange(len(words), dtype=np.int32), lengths)  # the word index of each position
     inside = word_of[:-1] == word_of[1:]  # adjacent positions in the same word form a pair
-    code = (flat[:-1] * 256 + flat[1:])[inside]
+    code = (flat[:-1] * 256 + flat[1:])[inside].astype(np.uint16)  # note: numpy sorts 16-bit keys by radix sort
     where = word_of[:-1][inside]
     del flat, word_of, inside  # note: these arrays are ~10 MB each on a 27 MB corpus; free them before the lists
+    if len(code) == 0:  # every word is a single byte: nothing to merge
+        return defaultdict(int), defaultdict(list)
     order = np.argsort(code, kind="stable")
     code, where = code[order], where[order]
     weight = np.asarray(freqs, dtype=np.int64)[where]
     starts = np.flatnonzero(np.r_[True, code[1:] != code[:-1]])
-    totals = np.add.reduceat(weight, starts).tolist() if len(code) else []
+    totals = np.add.reduceat(weight, starts).tolist()
     # A word that holds a pair twice ("abab") is listed once: after the stable sort, its positions are neighbours.
     once = np.r_[True, (code[1:] != code[:-1]) | (where[1:] != where[:-1])]
     code, where = code[once], where[once]

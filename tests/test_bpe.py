@@ -62,6 +62,7 @@ CORPORA = {
     "whitespace": "a  b\n\n\nc \n d\t\te   \n\n  f" * 5,
     # pairs of a token with itself and overlapping occurrences ("a b a b", "a a a"): the merge loop's special cases
     "repeats": "aaaa aaa abab ababab abababa ---------- ==== xyxyxy aaaaaaaaa bababab " * 3,
+    "no_pairs": f"a{EOT}b{EOT}{EOT}c",  # single-byte words only: no merge at all
 }
 
 
