@@ -13,6 +13,7 @@ the fast one (parallel pre-tokenisation, heap-based incremental pair counts) and
     python bpe.py prepare tinystories --out data/tinystories   # download + train 10K tokenizer + encode both splits
 """
 import argparse
+import contextlib
 import gc
 import gzip
 import heapq
@@ -423,6 +424,21 @@ def bpe_merges(counts: Counter, num_merges: int, *, progress=False, t0=None) -> 
     return vocab, merges
 
 
+@contextlib.contextmanager
+def gc_paused():
+    """Pause Python's cyclic garbage collector inside a `with` block (reference counting still frees everything that
+    is not in a reference cycle). Training allocates millions of small lists, tuples and strings but makes no cycles;
+    with the collector on, it would rescan the ever-growing counts and bookkeeping again and again (~15% of the merge
+    loop's time, ~8% of the pre-tokenisation workers', which are forked inside the block and inherit the pause)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def train_bpe(input_path, vocab_size: int, special_tokens=(), *, num_workers=None, progress=False):
     """Train a byte-level BPE tokenizer on a UTF-8 text file.
 
@@ -431,23 +447,15 @@ def train_bpe(input_path, vocab_size: int, special_tokens=(), *, num_workers=Non
     train_bpe_naive, whatever num_workers is."""
     specials = check_training_args(input_path, vocab_size, special_tokens)
     t0 = time.perf_counter()
-    counts = count_pretokens_file(input_path, specials, num_workers)
-    if progress:
-        dt = time.perf_counter() - t0
-        mb = os.path.getsize(input_path) / 1e6
-        print(f"pre-tokenised {mb:.1f} MB in {dt:.1f} s ({mb / dt:.1f} MB/s), {len(counts):,} unique pre-tokens",
-              file=sys.stderr)
-
     num_merges = vocab_size - 256 - len(specials)
-    # note: the merge loop allocates millions of small tuples, lists and strings but no reference cycles; with the
-    # cyclic garbage collector on, it would rescan the ever-growing bookkeeping again and again (~15% of the time).
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with gc_paused():
+        counts = count_pretokens_file(input_path, specials, num_workers)
+        if progress:
+            dt = time.perf_counter() - t0
+            mb = os.path.getsize(input_path) / 1e6
+            print(f"pre-tokenised {mb:.1f} MB in {dt:.1f} s ({mb / dt:.1f} MB/s), {len(counts):,} unique pre-tokens",
+                  file=sys.stderr)
         vocab, merges = bpe_merges(counts, num_merges, progress=progress, t0=t0)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
     del counts
     if len(merges) < num_merges:
         print(f"note: the corpus has only {len(merges)} distinct merges; stopping at vocab size "
