@@ -277,7 +277,7 @@ def check_training_args(input_path, vocab_size: int, special_tokens) -> list[str
                          f"use at least {256 + len(specials)}")
     if vocab_size - len(specials) > MAX_TRAIN_VOCAB:
         raise ValueError(f"vocab_size {vocab_size} is too large: training supports at most {MAX_TRAIN_VOCAB:,} "
-                         f"merged tokens (+ special tokens); use a smaller one")
+                         f"tokens besides the special tokens; use a smaller one")
     return specials
 
 
