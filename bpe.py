@@ -13,6 +13,8 @@ the fast one (parallel pre-tokenisation, heap-based incremental pair counts) and
     python bpe.py prepare tinystories --out data/tinystories   # download + train 10K tokenizer + encode both splits
 """
 import argparse
+import contextlib
+import gc
 import gzip
 import heapq
 import http.client
@@ -87,12 +89,13 @@ def special_pattern(special_tokens: Iterable[str]) -> "re.Pattern | None":
     return re.compile("(" + "|".join(re.escape(s) for s in specials) + ")")
 
 
-def count_chunks(text: str, special_tokens: Iterable[str] = ()) -> Counter:
-    """Chunk frequencies of `text`, split on the special tokens first so nothing spans a document boundary.
+def count_chunks(text: str, special_tokens: Iterable[str] = (), counts: Counter | None = None) -> Counter:
+    """Chunk frequencies of `text`, split on the special tokens first so nothing spans a document boundary; added to
+    `counts` if given (one Counter for many pieces: Counter.update from a list counts in C, from a Counter in Python).
     count_chunks("low low<|e|>lower", ["<|e|>"]) == Counter({'low': 1, ' low': 1, 'lower': 1})"""
     pattern = special_pattern(special_tokens)
     docs = pattern.split(text)[::2] if pattern else [text]  # odd entries of split() are the captured specials
-    counts = Counter()
+    counts = Counter() if counts is None else counts
     for doc in docs:
         counts.update(CHUNK_RE.findall(doc))
     return counts
@@ -101,13 +104,12 @@ def count_chunks(text: str, special_tokens: Iterable[str] = ()) -> Counter:
 def chunks_to_pretokens(chunk_counts: Counter) -> Counter:
     """Chunk frequencies -> pre-token frequencies; the slow GPT-2 regex sees each unique chunk once.
     chunks_to_pretokens(Counter({" it's": 2, "a": 1})) == Counter({" it": 2, "'s": 2, "a": 1})"""
-    counts = Counter()
-    chunks = list(chunk_counts)
-    for chunk, pretokens in zip(chunks, pretokenize_chunks(chunks)):
-        n = chunk_counts[chunk]
+    counts = {}
+    get = counts.get  # note: a plain dict and a bound .get are ~3x faster than Counter's +=, whose __missing__ is Python
+    for n, pretokens in zip(chunk_counts.values(), pretokenize_chunks(list(chunk_counts))):
         for pretoken in pretokens:
-            counts[pretoken] += n
-    return counts
+            counts[pretoken] = get(pretoken, 0) + n
+    return Counter(counts)
 
 
 def count_pretokens(text: str, special_tokens: Iterable[str] = ()) -> Counter:
@@ -182,7 +184,7 @@ def _count_pieces(args) -> Counter:
     path, ranges, special_tokens = args
     chunk_counts = Counter()
     for start, end in ranges:
-        chunk_counts.update(count_chunks(read_piece(path, start, end), special_tokens))
+        count_chunks(read_piece(path, start, end), special_tokens, chunk_counts)
     return chunks_to_pretokens(chunk_counts)  # once per worker: unique chunks repeat across pieces
 
 
@@ -273,7 +275,13 @@ def check_training_args(input_path, vocab_size: int, special_tokens) -> list[str
     if vocab_size < 256 + len(specials):
         raise ValueError(f"vocab_size {vocab_size} is smaller than 256 bytes + {len(specials)} special tokens; "
                          f"use at least {256 + len(specials)}")
+    if vocab_size - len(specials) > MAX_TRAIN_VOCAB:
+        raise ValueError(f"vocab_size {vocab_size} is too large: training supports at most {MAX_TRAIN_VOCAB:,} "
+                         f"tokens besides the special tokens; use a smaller one")
     return specials
+
+
+MAX_TRAIN_VOCAB = 0x110000  # bpe_merges writes token ids as characters, chr(id), and chr stops at U+10FFFF
 
 
 def _inverted(token: bytes) -> tuple:
@@ -282,27 +290,34 @@ def _inverted(token: bytes) -> tuple:
     return tuple(255 - c for c in token) + (256,)
 
 
-def count_pairs(words: list[list[int]], freqs: list[int]) -> tuple[defaultdict, defaultdict]:
-    """Initial pair counts and pair -> word indices, vectorised with numpy (ids are still bytes, < 256 here).
-    count_pairs([[1, 2, 1, 2]], [3]) -> ({(1, 2): 6, (2, 1): 3}, {(1, 2): [0, 0], (2, 1): [0]})"""
+def count_pairs(words: list[str], freqs: list[int]) -> tuple[defaultdict, defaultdict]:
+    """Initial pair counts and pair -> word indices, vectorised with numpy (a word is a str of token ids, see
+    bpe_merges; here every id is still a byte, < 256). A pair is the 2-character str of its two ids.
+    count_pairs(["abab", "ba"], [3, 1]) -> ({"ab": 6, "ba": 4}, {"ab": [0], "ba": [0, 1]})"""
     lengths = np.fromiter(map(len, words), dtype=np.int32, count=len(words))
-    flat = np.fromiter(chain.from_iterable(words), dtype=np.int32, count=int(lengths.sum()))
+    flat = np.frombuffer("".join(words).encode("latin-1"), dtype=np.uint8).astype(np.int32)  # chr(i) -> byte i
     word_of = np.repeat(np.arange(len(words), dtype=np.int32), lengths)  # the word index of each position
     inside = word_of[:-1] == word_of[1:]  # adjacent positions in the same word form a pair
-    code = (flat[:-1] * 256 + flat[1:])[inside]
+    code = (flat[:-1] * 256 + flat[1:])[inside].astype(np.uint16)  # note: numpy sorts 16-bit keys by radix sort
     where = word_of[:-1][inside]
     del flat, word_of, inside  # note: these arrays are ~10 MB each on a 27 MB corpus; free them before the lists
+    if len(code) == 0:  # every word is a single byte: nothing to merge
+        return defaultdict(int), defaultdict(list)
     order = np.argsort(code, kind="stable")
     code, where = code[order], where[order]
     weight = np.asarray(freqs, dtype=np.int64)[where]
     starts = np.flatnonzero(np.r_[True, code[1:] != code[:-1]])
-    totals = np.add.reduceat(weight, starts).tolist() if len(code) else []
+    totals = np.add.reduceat(weight, starts).tolist()
+    # A word that holds a pair twice ("abab") is listed once: after the stable sort, its positions are neighbours.
+    once = np.r_[True, (code[1:] != code[:-1]) | (where[1:] != where[:-1])]
+    code, where = code[once], where[once]
+    starts = np.flatnonzero(np.r_[True, code[1:] != code[:-1]])
     # One int object per word, shared by all the lists (an object array hands out the same objects): a fresh int per
     # list entry would cost 28 bytes x ~2 million entries.
     word_ids = np.array(list(range(len(words))), dtype=object)
     pair_counts, pair_words = defaultdict(int), defaultdict(list)
     for s, e, c, total in zip(starts.tolist(), [*starts[1:].tolist(), len(code)], code[starts].tolist(), totals):
-        pair = divmod(c, 256)
+        pair = chr(c >> 8) + chr(c & 255)
         pair_counts[pair] = total
         pair_words[pair] = word_ids[where[s:e]].tolist()
     return pair_counts, pair_words
@@ -312,85 +327,116 @@ def bpe_merges(counts: Counter, num_merges: int, *, progress=False, t0=None) -> 
     """The merge loop: pre-token counts -> (tokens by id, merges as id pairs), at most num_merges of them.
     bpe_merges(Counter({"ab": 2, "abc": 1}), 2) -> ([..256 bytes.., b"ab", b"abc"], [(97, 98), (256, 99)])"""
     t0 = time.perf_counter() if t0 is None else t0
-    # Words as lists of token ids; at the start id == byte value. Single-byte words have no pairs and are dropped.
+    # A word is a str with one character per token: chr(id). At the start id == byte value, so decoding the UTF-8
+    # bytes as Latin-1 gives exactly that (b"\xc3\xa9" -> "\xc3\xa9", two tokens). Strings let the merge loop
+    # find and rewrite the pair with str methods that run in C, with no Python-level step per token: a merge is
+    # `word.replace(chr(a) + chr(b), chr(new))`, whose non-overlapping left-to-right rule is exactly BPE's.
+    # Single-byte words have no pairs and are dropped.
     words, freqs = [], []
     for pretoken, n in counts.items():
-        w = list(pretoken.encode("utf-8"))
+        w = pretoken.encode("utf-8").decode("latin-1")
         if len(w) > 1:
             words.append(w)
             freqs.append(n)
 
-    # The bookkeeping (what makes a merge cheap):
-    #   pair_counts[(a, b)]  how often the pair occurs in the corpus (sum of word frequencies);
-    #   pair_words[(a, b)]   the indices of the words that contain it, a list (it may name a word twice, or words that
-    #                        no longer contain the pair: those visits find nothing to merge, which is cheaper than
-    #                        keeping the lists exact);
-    #   heap                 entries (-count, key(a), key(b), a, b): a max-heap on count, then on the byte strings.
+    # The bookkeeping (what makes a merge cheap). A pair (a, b) is the 2-character str chr(a) + chr(b):
+    #   pair_counts[pair]  how often the pair occurs in the corpus (sum of word frequencies);
+    #   pair_words[pair]   the indices of the words that contain it, a list (it may name a word twice, or words that
+    #                      no longer contain the pair: those visits find nothing to merge, which is cheaper than
+    #                      keeping the lists exact);
+    #   heap               entries (-count, key(a), key(b), pair): a max-heap on count, then on the byte strings.
     # Lazy invalidation: counts only ever go down for existing pairs (a merge turns (x, a) into (x, ab)), and new pairs
     # all contain the new token and are pushed once the merge is done. So when an entry is popped whose count is no
     # longer the pair's count, it is pushed back with the current count (if above 0) and skipped; the first popped
     # entry whose count is current is the true maximum, because every live pair has an entry at least as large.
     # Cost of one merge: O(total length of the words that contain the pair) to rewrite them and update the counts of
     # their neighbouring pairs, plus O(log heap) per pushed or re-pushed entry; never a pass over the whole corpus.
+    # The count changes of one merge are first summed per neighbour token, then applied once per changed pair.
     pair_counts, pair_words = count_pairs(words, freqs)
     vocab = [bytes([i]) for i in range(256)]
     keys = [_inverted(t) for t in vocab]
-    heap = [(-n, keys[a], keys[b], a, b) for (a, b), n in pair_counts.items()]
+    heap = [(-n, keys[ord(pair[0])], keys[ord(pair[1])], pair) for pair, n in pair_counts.items()]
     heapq.heapify(heap)
 
     merges = []
+    heappush, heappop = heapq.heappush, heapq.heappop  # note: local names are faster in the hot loop below
     while len(merges) < num_merges and heap:
-        neg_count, _, _, a, b = heapq.heappop(heap)
-        count = pair_counts.get((a, b), 0)
+        neg_count, key_a, key_b, pair = heappop(heap)
+        count = pair_counts.get(pair, 0)
         if count != -neg_count:  # stale entry: re-queue with its current count
             if count > 0:
-                heapq.heappush(heap, (-count, keys[a], keys[b], a, b))
+                heappush(heap, (-count, key_a, key_b, pair))
             continue
-        new = len(vocab)
-        vocab.append(vocab[a] + vocab[b])
-        keys.append(_inverted(vocab[new]))
-        merges.append((a, b))
-        # The new pairs (x, new) and (new, y) are tallied by their other token alone (int keys are cheaper than
-        # tuples) and moved into pair_counts / pair_words after the merge. They are all brand new pairs.
+        a, b = pair
+        new = chr(len(vocab))
+        vocab.append(vocab[ord(a)] + vocab[ord(b)])
+        keys.append(_inverted(vocab[-1]))
+        merges.append((ord(a), ord(b)))
+        # Each occurrence with left neighbour x turns (x, a) into (x, new), and with right neighbour y turns (b, y)
+        # into (new, y). The new pairs are tallied by their other token (x or y) and added to the bookkeeping after the
+        # words are rewritten; they are all brand new. The old pairs (x, a) and (b, y) lose the same amounts, except in
+        # "a b a b" (see `overlap`).
         left_counts, right_counts = defaultdict(int), defaultdict(int)
         left_words, right_words = defaultdict(list), defaultdict(list)
-        for i in pair_words.pop((a, b)):
-            w, n = words[i], freqs[i]
-            j = 0
-            try:  # visit each `a` in the word (list.count / list.index run in C); ValueError: no more of them
-                for _ in range(w.count(a)):
-                    j = w.index(a, j)
-                    if j + 1 < len(w) and w[j + 1] == b:
-                        if j:  # left neighbour x: (x, a) becomes (x, new)
-                            x = w[j - 1]
-                            if x == new:  # "a b a b": the previous occurrence just counted (new, a); take it back
-                                right_counts[a] -= n
-                            else:
-                                pair_counts[(x, a)] -= n
-                            left_counts[x] += n
-                            left_words[x].append(i)
-                        if j + 2 < len(w):  # right neighbour y (never `new`: not merged yet): (b, y) -> (new, y)
-                            y = w[j + 2]
-                            pair_counts[(b, y)] -= n
-                            right_counts[y] += n
-                            right_words[y].append(i)
-                        w[j:j + 2] = (new,)  # merge in place
-                    j += 1
-            except ValueError:
-                pass
-        del pair_counts[(a, b)]  # a greedy left-to-right merge leaves no (a, b) behind
-        for counts_by, words_by, make in ((left_counts, left_words, lambda t: (t, new)),
-                                          (right_counts, right_words, lambda t: (new, t))):
-            for t, count in counts_by.items():
-                pair = make(t)
-                pair_counts[pair] = count
-                pair_words[pair] = words_by[t]
-                if count > 0:
-                    heapq.heappush(heap, (-count, keys[pair[0]], keys[pair[1]], pair[0], pair[1]))
+        overlap = 0
+        for i in pair_words.pop(pair):
+            w = words[i]
+            j = w.find(pair)
+            if j < 0:  # the word no longer holds the pair (an earlier merge took one of its tokens)
+                continue
+            n, end = freqs[i], 0
+            while j >= 0:
+                if j:
+                    if j == end:  # "a b a b": the left neighbour is the `new` just made, and the previous
+                        x = new   # occurrence counted (new, a), which does not exist: take it back
+                        right_counts[a] -= n
+                        overlap += n
+                    else:
+                        x = w[j - 1]
+                    left_counts[x] += n
+                    left_words[x].append(i)
+                end = j + 2
+                if end < len(w):  # the right neighbour, as it is before this word is rewritten
+                    y = w[end]
+                    right_counts[y] += n
+                    right_words[y].append(i)
+                j = w.find(pair, end)
+            words[i] = w.replace(pair, new)  # BPE's merge: non-overlapping, left to right
+        key_new = keys[-1]
+        for x, count in left_counts.items():
+            if x != new:  # (new, a) did not exist before this merge
+                pair_counts[x + a] -= count
+            x_new = x + new
+            pair_counts[x_new] = count
+            pair_words[x_new] = left_words[x]
+            if count > 0:
+                heappush(heap, (-count, keys[ord(x)], key_new, x_new))
+        for y, count in right_counts.items():
+            pair_counts[b + y] -= count + overlap if y == a else count  # overlap: (b, a) lost it, (new, a) gave back
+            new_y = new + y
+            pair_counts[new_y] = count
+            pair_words[new_y] = right_words[y]
+            if count > 0:
+                heappush(heap, (-count, key_new, keys[ord(y)], new_y))
+        del pair_counts[pair]  # a greedy left-to-right merge leaves no (a, b) behind
         if progress and len(merges) % 1000 == 0:
             print(f"merges {len(merges):,}/{num_merges:,}  {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return vocab, merges
 
+
+@contextlib.contextmanager
+def gc_paused():
+    """Pause Python's cyclic garbage collector inside a `with` block (reference counting still frees everything that
+    is not in a reference cycle). Training allocates millions of small lists, tuples and strings but makes no cycles;
+    with the collector on, it would rescan the ever-growing counts and bookkeeping again and again (~15% of the merge
+    loop's time, ~8% of the pre-tokenisation workers', which are forked inside the block and inherit the pause)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def train_bpe(input_path, vocab_size: int, special_tokens=(), *, num_workers=None, progress=False):
@@ -401,15 +447,15 @@ def train_bpe(input_path, vocab_size: int, special_tokens=(), *, num_workers=Non
     train_bpe_naive, whatever num_workers is."""
     specials = check_training_args(input_path, vocab_size, special_tokens)
     t0 = time.perf_counter()
-    counts = count_pretokens_file(input_path, specials, num_workers)
-    if progress:
-        dt = time.perf_counter() - t0
-        mb = os.path.getsize(input_path) / 1e6
-        print(f"pre-tokenised {mb:.1f} MB in {dt:.1f} s ({mb / dt:.1f} MB/s), {len(counts):,} unique pre-tokens",
-              file=sys.stderr)
-
     num_merges = vocab_size - 256 - len(specials)
-    vocab, merges = bpe_merges(counts, num_merges, progress=progress, t0=t0)
+    with gc_paused():
+        counts = count_pretokens_file(input_path, specials, num_workers)
+        if progress:
+            dt = time.perf_counter() - t0
+            mb = os.path.getsize(input_path) / 1e6
+            print(f"pre-tokenised {mb:.1f} MB in {dt:.1f} s ({mb / dt:.1f} MB/s), {len(counts):,} unique pre-tokens",
+                  file=sys.stderr)
+        vocab, merges = bpe_merges(counts, num_merges, progress=progress, t0=t0)
     del counts
     if len(merges) < num_merges:
         print(f"note: the corpus has only {len(merges)} distinct merges; stopping at vocab size "

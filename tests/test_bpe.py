@@ -60,6 +60,9 @@ CORPORA = {
     "specials_and_empty_docs": f"{EOT}{EOT}hello world{EOT}{EOT}{EOT}hello there world{EOT}",
     "unicode": "héllo wörld 日本語 日本 🎉🎉 naïve café crème brûlée ÅÅÅ Ωμέγα 한국어 " * 4,
     "whitespace": "a  b\n\n\nc \n d\t\te   \n\n  f" * 5,
+    # pairs of a token with itself and overlapping occurrences ("a b a b", "a a a"): the merge loop's special cases
+    "repeats": "aaaa aaa abab ababab abababa ---------- ==== xyxyxy aaaaaaaaa bababab " * 3,
+    "no_pairs": f"a{EOT}b{EOT}{EOT}c",  # single-byte words only: no merge at all
 }
 
 
@@ -148,6 +151,8 @@ def test_training_bad_inputs(tmp_path):
         bpe.train_bpe(good, 256, [EOT])
     with pytest.raises(ValueError, match="empty string"):
         bpe.train_bpe(good, 300, [""])
+    with pytest.raises(ValueError, match="too large"):  # token ids must fit in chr() for the merge loop
+        bpe.train_bpe(good, bpe.MAX_TRAIN_VOCAB + 2, [EOT])
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("hello wörld".encode("utf-8") + b" caf\xe9 ok")
     with pytest.raises(ValueError, match=r"not valid UTF-8 at byte 16"):
