@@ -49,7 +49,7 @@ SCALES = {
         model=dict(context_length=128, d_model=128, num_layers=4, num_heads=4, d_ff=344),
         batch_size=16, max_iters=200, lr=3e-3, warmup_frac=0.1, evals=4, eval_windows=256,
         device="cpu", extra=[],
-        lrs=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1], batch_sizes=[8, 16, 32, 64], seeds=[0, 1, 2],
+        lrs=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 1.0], batch_sizes=[8, 16, 32, 64], seeds=[0, 1, 2],
         data="kernel-docs", prompt="The kernel",
     ),
     "full": dict(
@@ -191,11 +191,13 @@ def summarize_log(run_dir: Path) -> dict:
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
     train = [r for r in rows if "loss" in r]
     val = [r for r in rows if "val_loss" in r]
+    peak = max(train, key=lambda r: r["loss"]) if train else {"loss": None, "step": None}
     ms = [r["ms_per_step"] for r in train[1:]] or [r["ms_per_step"] for r in train]
     mfu = [r["mfu"] for r in train[1:] if "mfu" in r]
     return {"steps": rows[-1]["step"], "tokens": rows[-1]["tokens"], "time_s": rows[-1]["time"],
             "train_loss": train[-1]["loss"] if train else None, "val_loss_0": val[0]["val_loss"] if val else None,
-            "val_loss_subset": val[-1]["val_loss"] if val else None,
+            "val_loss_subset": val[-1]["val_loss"] if val else None, "max_train_loss": peak["loss"],
+            "max_train_loss_step": peak["step"],
             "ms_per_step": statistics.median(ms) if ms else None, "mfu": statistics.median(mfu) if mfu else None}
 
 
@@ -215,6 +217,22 @@ def whole_split_loss(ckpt: Path, valid: Path, device: str) -> float:
                           model.config.vocab_size)
 
 
+SPIKE_NATS = 1.0  # a training loss this far above the untrained model's is a blow-up, not noise
+
+
+def outcome(record: dict) -> str:
+    """diverged (train.py stopped on nan/inf, or the final loss is above the untrained model's), unstable (the
+    training loss blew up above the untrained model's at some point, then came back down), or ok."""
+    if record.get("nan_step") is not None:
+        return f"diverged: nan/inf by step {record['nan_step']}"
+    if not record["val_loss_full"] < record["val_loss_0"]:
+        return "diverged: final val loss above step 0's"
+    if record["max_train_loss"] > record["val_loss_0"] + SPIKE_NATS:
+        return (f"unstable: train loss {record['max_train_loss']:.1f} at step {record['max_train_loss_step']} "
+                f"(step 0: {record['val_loss_0']:.1f}), then recovered")
+    return "ok"
+
+
 def train_run(scale: str, runs: Path, run: Runner, name: str, force: bool = False, **changes) -> dict:
     """Train (unless an identical finished run exists), score the final model on the whole validation split, and
     return the run's record (also saved as RUN/result.json). A run that train.py stops on a nan/inf loss (exit 1) is
@@ -225,6 +243,8 @@ def train_run(scale: str, runs: Path, run: Runner, name: str, force: bool = Fals
         record = json.loads(record_path.read_text())
         if record["cmd"] == shlex.join(cmd[1:]):
             print(f"# reusing {rel(out)} (same command; --force reruns it)")
+            record.update(summarize_log(out))
+            record["outcome"] = outcome(record)
             return record
     rc, text = run(cmd, check=False)
     if run.dry_run:
@@ -235,13 +255,12 @@ def train_run(scale: str, runs: Path, run: Runner, name: str, force: bool = Fals
         sys.exit(f"run.py: train.py failed (exit code {rc}); see its output above")
     record = {"name": name, "changes": dict(changes), "cmd": shlex.join(cmd[1:]), **summarize_log(out)}
     if nan:
-        record.update(outcome=f"diverged: nan/inf by step {nan.group(1)}", val_loss_full=None)
+        record.update(nan_step=int(nan.group(1)), val_loss_full=None)
     else:
         record["val_loss_full"] = whole_split_loss(out / "last.pt", data_dir(scale, runs) / "valid.npy",
                                                    SCALES[scale]["device"])
         print(f"# whole-split validation loss of {rel(out / 'last.pt')}: {record['val_loss_full']:.4f}")
-        record["outcome"] = ("diverged: final val loss above step 0" if not record["val_loss_full"]
-                             < record["val_loss_0"] else "ok")
+    record["outcome"] = outcome(record)
     record_path.write_text(json.dumps(record, indent=1) + "\n")
     return record
 
