@@ -4,8 +4,9 @@ accounting), one command per study, at two sizes.
 Every training run is one `train.py` command line, printed before it runs (as a subprocess), so each run in
 EXPERIMENTS.md is a command a reader can repeat by hand; the final model is then scored on the whole validation
 split here, with train.py's own `evaluate` (`sample.py RUN/last.pt --eval valid.npy` gives the same number, but its
-per-window loop took 3.7 minutes for kernel-docs-valid on 2 CPU cores against ~20 s here). `--quick` fits a 2-core CPU (kernel-docs from ../shared/data, a 10K BPE tokenizer, a
-0.8M-non-embedding-parameter model, a few minutes per run); `--full` is the handout's scale on one GPU (TinyStories,
+per-window loop took 3.7 minutes for kernel-docs-valid on 2 CPU cores against ~20 s here). `--quick` fits a 2-core
+CPU (kernel-docs from ../shared/data, a 10K BPE tokenizer, a model with 0.8M non-embedding parameters, 1-2 minutes
+per run); `--full` is the handout's scale on one GPU (TinyStories,
 the 17M model, 327,680,000 tokens per run) and is meant to be printed with `--dry-run` unless a GPU is at hand.
 
     python experiments/run.py prep --quick               # 10K BPE on kernel-docs-train, encode train/valid (cached)
@@ -37,8 +38,9 @@ EOT = "<|endoftext|>"
 # Scales: what --quick and --full train on
 # ---------------------------------------------------------------------------------------------------------------
 # One baseline per scale; every study changes one thing against it and keeps the token budget and the seed.
-# quick: sized so one run takes ~1-2 minutes on 2 CPU cores (measured: see EXPERIMENTS.md). d_ff = 8/3 d_model
-#   rounded up to a multiple of 8 (the handout's SwiGLU rule); head dim 32.
+# quick: sized so one run takes ~1-2 minutes on 2 idle CPU cores (~300 ms/step, measured: see EXPERIMENTS.md).
+#   d_ff = 8/3 d_model rounded up to a multiple of 8 (the handout's SwiGLU rule); head dim 32. Peak lr 3e-3 was
+#   fixed before the lr sweep (which puts this model's best at 1e-2..3e-2 for this budget).
 # full: the handout's TinyStories model and budget: 128 x 256 tokens x 10,000 steps = 327,680,000 tokens.
 # Validation: train.py evaluates a fixed set of `eval_windows` windows every eval_interval steps (the curves; the
 # same windows for every batch size, since eval_iters x batch_size is held at eval_windows), and the final model
