@@ -29,6 +29,7 @@ import torch
 
 import model
 import optim
+from bpe import OneLineParser
 
 # ---------------------------------------------------------------------------------------------------------------
 # Published dense peak throughput, FLOP/s per GPU (the MFU denominator on a GPU)
@@ -527,13 +528,6 @@ def compare(configs: dict, seq_len: int | None = None) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------------------------
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (exit code 2), naming the problem and --help."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
 
 def parse_bytes(text: str) -> float:
     """'80GB' -> 80e9, '80GiB' -> 80·2³⁰, '80' -> 80e9 (GB)."""

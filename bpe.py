@@ -904,6 +904,14 @@ def prepare(name: str, out_dir, base_url=None, vocab_size=None, num_workers=None
 # CLI
 # ---------------------------------------------------------------------------------------------------------------------
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit code 2), naming the problem and --help; argparse's
+    default also prints the whole usage block. Every script's CLI uses this one (bpe.py is the layer they all import)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _peak_rss_mib() -> float:
     """Peak resident memory of this process and of its (finished) worker processes, whichever is larger."""
     return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
@@ -911,7 +919,7 @@ def _peak_rss_mib() -> float:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a tokenizer and write DIR/{vocab.json,merges.txt,special_tokens.json}")
     p.add_argument("--input", required=True)

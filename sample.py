@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bpe import Tokenizer
+from bpe import OneLineParser, Tokenizer
 from model import KVCache, ModelConfig, TransformerLM
 from optim import cross_entropy
 
@@ -315,11 +315,6 @@ def evaluate(model, ids, stride: int | None = None, batch_size: int = 8) -> tupl
 END_OF_TEXT = "<|endoftext|>"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's default adds the usage block; one line reads better in a log
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def _sample(args, model, tokenizer, ckpt, device) -> None:
     """Sample --num-samples continuations as one batch; the first streams as it is generated."""
     if tokenizer is None:
@@ -402,7 +397,7 @@ def _evaluate_file(args, model, tokenizer, ckpt) -> None:
 
 
 def main(argv=None) -> None:
-    parser = _Parser(prog="sample.py",
+    parser = OneLineParser(prog="sample.py",
                      description="Sample text from a train.py checkpoint, or measure its loss on a file (--eval).")
     parser.add_argument("ckpt", help="checkpoint .pt written by train.py (carries the model config and tokenizer dir)")
     parser.add_argument("--prompt", default="", help=f"text to continue (default: empty = start after {END_OF_TEXT})")

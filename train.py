@@ -250,14 +250,9 @@ DEFAULTS = dict(
 )
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2 (argparse's default also prints the whole usage)
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     # argument_default=SUPPRESS: the namespace holds only the flags actually given, the top layer of resolution.
-    p = _Parser(prog="train.py", description=__doc__, argument_default=argparse.SUPPRESS,
+    p = bpe.OneLineParser(prog="train.py", description=__doc__, argument_default=argparse.SUPPRESS,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument_group("data").add_argument
     a("--data", help="a .npy of token ids, or a `bpe.py prepare` directory (train.npy, valid.npy, tokenizer)")
@@ -725,7 +720,7 @@ def plot(run_dirs, out_png) -> None:
 
 
 def plot_main(argv) -> None:
-    p = _Parser(prog="train.py plot", description="loss curves of one or more run directories")
+    p = bpe.OneLineParser(prog="train.py plot", description="loss curves of one or more run directories")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.add_argument("-o", "--out", default="curves.png", help="output image (default curves.png)")
     a = p.parse_args(argv)
@@ -806,7 +801,8 @@ def demo(out: Path, quick: bool = False) -> None:
 
 
 def demo_main(argv) -> None:
-    p = _Parser(prog="train.py demo", description="offline end-to-end demo (also what `python train.py` runs)")
+    p = bpe.OneLineParser(prog="train.py demo",
+                          description="offline end-to-end demo (also what `python train.py` runs)")
     p.add_argument("--out", default="runs/demo", help="demo directory (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="a seconds-long version for CI")
     a = p.parse_args(argv)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # so `import bpe, accounting` works when run as `python experiments/run.py`
+from bpe import OneLineParser  # noqa: E402 (needs the path above)
 
 EOT = "<|endoftext|>"
 
@@ -487,13 +488,8 @@ TRAINING_STUDIES = {"lr": study_lr, "batch": study_batch, "ablations": study_abl
 STUDIES = ["prep", "tokenizer", *TRAINING_STUDIES]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, as the project's other CLIs do
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def main(argv=None) -> int:
-    p = _Parser(prog="experiments/run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="experiments/run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", choices=STUDIES + ["all"])
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="scale", action="store_const", const="quick",
