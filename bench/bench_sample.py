@@ -16,7 +16,6 @@ reference alternate within one process, and medians over --repeats are reported.
 """
 import argparse
 import dataclasses
-import platform
 import statistics
 import sys
 import time
@@ -25,7 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]  # the repo root (model.py, sample.py) and bench/ (bench_model.py)
+from bench_model import machine_line  # noqa: E402
 from model import PRESETS, TransformerLM  # noqa: E402
 from sample import generate_stream, next_logits, sample_next  # noqa: E402
 
@@ -64,17 +65,6 @@ def time_reference(model, seq, new_tokens, ref_every, seed):
         seconds.append(time.perf_counter() - start)
     # steps in between: linear interpolation in the step index (cost grows with length)
     return float(np.interp(np.arange(new_tokens), measured, seconds).sum())
-
-
-def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return (f"{cpu}, {torch.get_num_threads()} torch threads; Python {platform.python_version()}, "
-            f"torch {torch.__version__}")
 
 
 def main() -> None:
