@@ -14,7 +14,6 @@ import argparse
 import multiprocessing
 import os
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -36,9 +35,7 @@ def _in_child(fn, args, queue):
     t0 = time.perf_counter()
     fn(*args)
     dt = time.perf_counter() - t0
-    rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-              resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
-    queue.put((dt, rss))
+    queue.put((dt, bpe._peak_rss_mib()))  # this process and its finished workers
 
 
 def trial(fn, *args) -> tuple[float, float]:

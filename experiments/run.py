@@ -191,14 +191,15 @@ def train_command(scale: str, runs: Path, name: str, **changes) -> tuple[Path, l
 def summarize_log(run_dir: Path) -> dict:
     """What the tables need from a run's log.jsonl: last train loss, first and last val loss on the fixed windows,
     median ms/step (the first log interval, which includes warm-up, left out), wall time, MFU."""
-    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
-    train = [r for r in rows if "loss" in r]
+    import train
+    rows = train.read_log(run_dir / "log.jsonl")
+    steps = [r for r in rows if "loss" in r]  # training-step rows (step 0 has only val fields)
     val = [r for r in rows if "val_loss" in r]
-    peak = max(train, key=lambda r: r["loss"]) if train else {"loss": None, "step": None}
-    ms = [r["ms_per_step"] for r in train[1:]] or [r["ms_per_step"] for r in train]
-    mfu = [r["mfu"] for r in train[1:] if "mfu" in r]
+    peak = max(steps, key=lambda r: r["loss"]) if steps else {"loss": None, "step": None}
+    ms = [r["ms_per_step"] for r in steps[1:]] or [r["ms_per_step"] for r in steps]
+    mfu = [r["mfu"] for r in steps[1:] if "mfu" in r]
     return {"steps": rows[-1]["step"], "tokens": rows[-1]["tokens"], "time_s": rows[-1]["time"],
-            "train_loss": train[-1]["loss"] if train else None, "val_loss_0": val[0]["val_loss"] if val else None,
+            "train_loss": steps[-1]["loss"] if steps else None, "val_loss_0": val[0]["val_loss"] if val else None,
             "val_loss_subset": val[-1]["val_loss"] if val else None, "max_train_loss": peak["loss"],
             "max_train_loss_step": peak["step"],
             "ms_per_step": statistics.median(ms) if ms else None, "mfu": statistics.median(mfu) if mfu else None}
