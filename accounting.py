@@ -29,7 +29,7 @@ import torch
 
 import model
 import optim
-from bpe import OneLineParser
+from cli import OneLineParser
 
 # ---------------------------------------------------------------------------------------------------------------
 # Published dense peak throughput, FLOP/s per GPU (the MFU denominator on a GPU)

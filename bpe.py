@@ -12,7 +12,6 @@ the fast one (parallel pre-tokenisation, heap-based incremental pair counts) and
     python bpe.py encode --tokenizer runs/tok --input ../shared/data/kernel-docs-valid.txt --output runs/valid.npy
     python bpe.py prepare tinystories --out data/tinystories   # download + train 10K tokenizer + encode both splits
 """
-import argparse
 import contextlib
 import gc
 import gzip
@@ -36,6 +35,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import regex
 
+from cli import OneLineParser
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Pre-tokenisation
 # ---------------------------------------------------------------------------------------------------------------------
@@ -45,6 +46,10 @@ import regex
 # space to the next word), and trailing whitespace. Needs the `regex` package for \p{L} / \p{N}.
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 PRETOKEN_RE = regex.compile(GPT2_PAT)
+
+# The document separator of the handout's datasets (TinyStories, OpenWebText) and of GPT-2: a special token, never
+# split or merged. Every layer that needs it (training data, the demo, sampling's start and stop) uses this name.
+END_OF_TEXT = "<|endoftext|>"
 
 # Chunks: a whitespace run followed by a non-whitespace run ("\n\n  foo.bar()", " the").
 # Lemma: no GPT-2 pre-token contains a non-whitespace character followed by a whitespace character (the only
@@ -891,7 +896,7 @@ def prepare(name: str, out_dir, base_url=None, vocab_size=None, num_workers=None
             if filename.endswith(".gz"):
                 gunzip(got, txt)
         texts[split] = txt
-    specials = ["<|endoftext|>"]
+    specials = [END_OF_TEXT]
     vocab, merges = train_bpe(texts["train"], vocab_size or spec["vocab_size"], specials,
                               num_workers=num_workers, progress=progress)
     tok = Tokenizer(vocab, merges, specials)
@@ -903,14 +908,6 @@ def prepare(name: str, out_dir, base_url=None, vocab_size=None, num_workers=None
 # ---------------------------------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------------------------------
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (exit code 2), naming the problem and --help; argparse's
-    default also prints the whole usage block. Every script's CLI uses this one (bpe.py is the layer they all import)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
 
 def _peak_rss_mib() -> float:
     """Peak resident memory of this process and of its (finished) worker processes, whichever is larger."""

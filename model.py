@@ -14,7 +14,6 @@ Shape legend: B batch, T sequence (query) length, S key length (cached + new), C
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from cli import OneLineParser
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -71,6 +72,24 @@ class ModelConfig:
             if not self.rope_theta > 0:
                 raise ValueError(f"rope_theta must be positive, got {self.rope_theta!r}")
         return self
+
+    def with_overrides(self, **fields) -> "ModelConfig":
+        """A validated copy with the given fields replaced; a None value keeps the field (an absent CLI flag).
+
+        The one home of the handout's rule for the SiLU FFN ablation: switching to ffn="silu" without a d_ff makes
+        d_ff = 4 * d_model (of the new d_model), so the two-matrix FFN has about the parameters of the three-matrix
+        SwiGLU at d_ff = 8/3 * d_model. model.py's, accounting.py's and train.py's flags all come through here.
+        """
+        changes = {name: value for name, value in fields.items() if value is not None}
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown model field(s) {', '.join(unknown)}")
+        if changes.get("ffn") == "silu" and self.ffn != "silu" and "d_ff" not in changes:
+            changes["d_ff"] = SILU_D_FF_PER_D_MODEL * changes.get("d_model", self.d_model)
+        return dataclasses.replace(self, **changes).validate()
+
+
+SILU_D_FF_PER_D_MODEL = 4  # the SiLU ablation's FFN width, d_ff = 4 * d_model (handout §7.3, as GPT-2's MLP)
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -468,7 +487,8 @@ class TransformerLM(nn.Module):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Build a TransformerLM, print its parameters, run one forward pass.")
+    parser = OneLineParser(prog="model.py",
+                           description="Build a TransformerLM, print its parameters, run one forward pass.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--norm", choices=NORMS, default=None)
     parser.add_argument("--position", choices=POSITIONS, default=None)
@@ -478,20 +498,13 @@ def main(argv=None) -> None:
     parser.add_argument("--attn-impl", choices=ATTN_IMPLS, default=None)
     args = parser.parse_args(argv)
 
-    cfg = PRESETS[args.preset]
-    changes = {k: v for k, v in (("norm", args.norm), ("position", args.position), ("ffn", args.ffn),
-                                 ("attn_impl", args.attn_impl)) if v is not None}
-    if args.tie_embeddings:
-        changes["tie_embeddings"] = True
-    if args.d_ff is not None:
-        changes["d_ff"] = args.d_ff
-    elif args.ffn == "silu":
-        changes["d_ff"] = 4 * cfg.d_model
-    cfg = dataclasses.replace(cfg, **changes)
     try:
-        lm = TransformerLM(**dataclasses.asdict(cfg))
+        cfg = PRESETS[args.preset].with_overrides(norm=args.norm, position=args.position, ffn=args.ffn,
+                                                  d_ff=args.d_ff, attn_impl=args.attn_impl,
+                                                  tie_embeddings=args.tie_embeddings or None)
     except ValueError as e:
-        parser.error(str(e))  # exits with code 2, no traceback
+        parser.error(str(e))  # one line, exit code 2
+    lm = TransformerLM(**dataclasses.asdict(cfg))
     n_params = sum(p.numel() for p in lm.parameters())
     n_embed = lm.token_embeddings.weight.numel()
     print(cfg)

@@ -10,12 +10,13 @@ multi-tensor ops (the fast path, `foreach=True`), tested equal to each other and
 """
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
+
+from cli import OneLineParser
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -263,7 +264,7 @@ def sgd_toy(lr: float, steps: int = 10, seed: int = 0) -> list[float]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="The handout's SGD learning-rate toy: minimise mean(θ²) at 3 lrs.")
+    parser = OneLineParser(prog="optim.py", description="The handout's SGD learning-rate toy: minimise mean(θ²) at 3 lrs.")
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args(argv)
     if args.steps <= 0:

@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bpe import OneLineParser, Tokenizer
+from bpe import END_OF_TEXT, Tokenizer
+from cli import OneLineParser
 from model import KVCache, ModelConfig, TransformerLM
 from optim import cross_entropy
 
@@ -311,9 +312,6 @@ def evaluate(model, ids, stride: int | None = None, batch_size: int = 8) -> tupl
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
-
-END_OF_TEXT = "<|endoftext|>"
-
 
 def _sample(args, model, tokenizer, ckpt, device) -> None:
     """Sample --num-samples continuations as one batch; the first streams as it is generated."""

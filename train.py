@@ -30,12 +30,9 @@ import torch.distributed as dist
 
 import accounting
 import bpe
+from cli import BadInputError, OneLineParser
 from model import PRESETS, ModelConfig, TransformerLM
 from optim import AdamW, clip_grad_norm, cosine_lr, cross_entropy
-
-
-class BadInputError(ValueError):
-    """A problem with the user's input (flags, data, checkpoint): main() prints its one line and exits with 2."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,7 +249,7 @@ DEFAULTS = dict(
 
 def build_parser() -> argparse.ArgumentParser:
     # argument_default=SUPPRESS: the namespace holds only the flags actually given, the top layer of resolution.
-    p = bpe.OneLineParser(prog="train.py", description=__doc__, argument_default=argparse.SUPPRESS,
+    p = OneLineParser(prog="train.py", description=__doc__, argument_default=argparse.SUPPRESS,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument_group("data").add_argument
     a("--data", help="a .npy of token ids, or a `bpe.py prepare` directory (train.npy, valid.npy, tokenizer)")
@@ -720,7 +717,7 @@ def plot(run_dirs, out_png) -> None:
 
 
 def plot_main(argv) -> None:
-    p = bpe.OneLineParser(prog="train.py plot", description="loss curves of one or more run directories")
+    p = OneLineParser(prog="train.py plot", description="loss curves of one or more run directories")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.add_argument("-o", "--out", default="curves.png", help="output image (default curves.png)")
     a = p.parse_args(argv)
@@ -744,7 +741,6 @@ DEMO = {  # full: a few minutes on 2 CPU cores; quick: seconds, for CI
                   "--min-lr", "3e-4", "--warmup-iters", "2", "--eval-interval", "10", "--eval-iters", "2",
                   "--log-interval", "5", "--peak-flops", "0"], new_tokens=30),
 }
-EOT = "<|endoftext|>"
 
 
 def demo(out: Path, quick: bool = False) -> None:
@@ -760,14 +756,14 @@ def demo(out: Path, quick: bool = False) -> None:
     docs = [topics[k].strip() for k in sorted(topics)][:setting["docs"]]
     n_valid = max(1, len(docs) // 10)
     for name, split in (("train.txt", docs[:-n_valid]), ("valid.txt", docs[-n_valid:])):
-        (data_dir / name).write_text("".join(doc + EOT for doc in split))
+        (data_dir / name).write_text("".join(doc + bpe.END_OF_TEXT for doc in split))
     print(f"[1/5] corpus: {len(docs)} pydoc topics, {sum(map(len, docs)):,} characters -> {data_dir}/train.txt, "
           f"valid.txt")
 
     # 2. a byte-level BPE tokenizer trained on the training split, saved as a tokenizer directory.
     t = time.time()
-    vocab, merges = bpe.train_bpe(data_dir / "train.txt", setting["vocab_size"], special_tokens=[EOT])
-    tokenizer = bpe.Tokenizer(vocab, merges, special_tokens=[EOT])
+    vocab, merges = bpe.train_bpe(data_dir / "train.txt", setting["vocab_size"], special_tokens=[bpe.END_OF_TEXT])
+    tokenizer = bpe.Tokenizer(vocab, merges, special_tokens=[bpe.END_OF_TEXT])
     tokenizer.save_dir(data_dir)  # vocab.json, merges.txt, special_tokens.json
     print(f"[2/5] BPE: {len(vocab)} tokens, {len(merges)} merges in {time.time() - t:.1f}s -> {data_dir}/vocab.json")
 
@@ -789,7 +785,7 @@ def demo(out: Path, quick: bool = False) -> None:
     model, tok, _ = sample.load_model(run_dir / "last.pt", "cpu")
     prompt = "The "
     ids = sample.generate(model, tok.encode(prompt), setting["new_tokens"], temperature=0.8, top_p=0.95,
-                          eos_id=tok.encode(EOT)[0], generator=torch.Generator().manual_seed(0))
+                          eos_id=tok.encode(bpe.END_OF_TEXT)[0], generator=torch.Generator().manual_seed(0))
     print(f"[5/5] sample (temperature 0.8, top-p 0.95):\n\n{prompt}{tok.decode(ids.tolist())}\n")
     print(f"demo done in {time.time() - t_start:.0f}s. Files: corpus, tokenizer and token ids in {data_dir}/; "
           f"log.jsonl, last.pt, best.pt in {run_dir}/\n"
@@ -801,7 +797,7 @@ def demo(out: Path, quick: bool = False) -> None:
 
 
 def demo_main(argv) -> None:
-    p = bpe.OneLineParser(prog="train.py demo",
+    p = OneLineParser(prog="train.py demo",
                           description="offline end-to-end demo (also what `python train.py` runs)")
     p.add_argument("--out", default="runs/demo", help="demo directory (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="a seconds-long version for CI")

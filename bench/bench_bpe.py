@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import bpe  # noqa: E402
 
-EOT = "<|endoftext|>"
+EOT = bpe.END_OF_TEXT
 
 
 # ---------------------------------------------------------------------------------------------------------------------

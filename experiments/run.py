@@ -31,9 +31,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # so `import bpe, accounting` works when run as `python experiments/run.py`
-from bpe import OneLineParser  # noqa: E402 (needs the path above)
-
-EOT = "<|endoftext|>"
+from bpe import END_OF_TEXT as EOT  # noqa: E402 (needs the path above)
+from cli import OneLineParser  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------
 # Scales: what --quick and --full train on
