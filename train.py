@@ -5,7 +5,11 @@ schedule and gradient clipping from optim.py, evaluation on a fixed set of valid
 atomic checkpoints with exact resume, the CUDA extras (bf16 autocast, TF32, pinned memory, torch.compile), and
 DistributedDataParallel under torchrun. With no arguments it runs an offline demo of the whole stack.
 
-    python train.py                                        # offline demo: BPE -> encode -> train -> sample (CPU, minutes)
+Layers (each imports only from those before it): bpe -> model, optim -> accounting -> train -> sample. This file
+uses bpe (tokenizer directories), model, optim and accounting (the MFU formula and peaks); sample.py builds on its
+checkpoint reader, device picker and evaluator. The demo's last step, sampling, is the one import of sample.py here.
+
+    python train.py                                        # offline demo: BPE -> encode -> train -> sample (~1 min, CPU)
     python train.py --data data/tinystories --preset ts17m --device cuda --out runs/ts17m
     torchrun --nproc_per_node 8 train.py --data data/owt --preset ts17m --batch-size 256 --compile
     python train.py --resume runs/ts17m                    # continue exactly where it stopped (Ctrl-C saves first)
@@ -30,8 +34,8 @@ import torch.distributed as dist
 
 import accounting
 import bpe
-from cli import BadInputError, OneLineParser
-from model import PRESETS, ModelConfig, TransformerLM
+from cli import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, BadInputError, OneLineParser
+from model import ATTN_IMPLS, FFNS, NORMS, POSITIONS, PRESETS, ModelConfig, TransformerLM
 from optim import AdamW, clip_grad_norm, cosine_lr, cross_entropy
 
 
@@ -61,24 +65,42 @@ def load_tokens(path) -> np.ndarray:
     return data
 
 
+class DeviceUnavailableError(RuntimeError):
+    """A batch could not be moved to the requested device (no CUDA here, or no such GPU index). A RuntimeError,
+    which is what torch raises there and what code written against the handout's get_batch expects."""
+
+
 def batch_at(data: np.ndarray, starts: np.ndarray, context_length: int, device, vocab_size: int | None = None):
     """The windows data[s : s+T+1] for each start s, split into inputs x = ids[:-1] and targets y = ids[1:].
 
     Returns two int64 tensors of shape (B, T) on `device`; y is x shifted left by one token."""
     idx = starts[:, None] + np.arange(context_length + 1)  # (B, T+1) positions
     window = data[idx]  # (B, T+1) fancy indexing on the memmap reads just these ids
-    if vocab_size is not None and window.size and int(window.max()) >= vocab_size:
-        row, col = np.argwhere(window >= vocab_size)[0]
-        name = getattr(data, "filename", None) or "the data array"
-        raise BadInputError(f"token id {int(window[row, col])} at position {int(starts[row]) + int(col)} of {name} "
-                            f"is >= vocab_size {vocab_size}: pass the tokenizer's --vocab-size or use matching data")
+    if vocab_size is not None:
+        check_ids(window, starts, data, vocab_size)
     window = torch.from_numpy(window.astype(np.int64))
-    if device.type == "cuda":
-        # CUDA extra: page-locked host memory lets the copy run asynchronously (non_blocking) beside the GPU's work.
-        window = window.pin_memory().to(device, non_blocking=True)
-    else:
-        window = window.to(device)
+    try:
+        if device.type == "cuda":
+            # CUDA extra: page-locked host memory lets the copy run asynchronously (non_blocking) beside the GPU's work.
+            window = window.pin_memory().to(device, non_blocking=True)
+        else:
+            window = window.to(device)
+    except (RuntimeError, AssertionError) as e:  # a CPU-only torch raises AssertionError for "cuda"
+        raise DeviceUnavailableError(f"cannot put a batch on device {device} ({str(e).splitlines()[0]}): pick an "
+                                     f"available device, e.g. cpu") from None
     return window[:, :-1], window[:, 1:]  # x (B, T), y (B, T)
+
+
+def check_ids(window: np.ndarray, starts: np.ndarray, data, vocab_size: int) -> None:
+    """Every id of the (B, T+1) windows in [0, vocab_size), else a BadInputError naming the first bad id and where
+    it is: data encoded by another tokenizer would otherwise index past the embedding table."""
+    if not window.size or (int(window.max()) < vocab_size and int(window.min()) >= 0):
+        return
+    row, col = np.argwhere((window >= vocab_size) | (window < 0))[0]
+    name = getattr(data, "filename", None) or "the data array"
+    raise BadInputError(f"token id {int(window[row, col])} at position {int(starts[row]) + int(col)} of {name} is "
+                        f"outside the model's vocabulary [0, {vocab_size}): the data was encoded with another "
+                        f"tokenizer (use matching data, or the tokenizer's --vocab-size)")
 
 
 def get_batch(data, batch_size: int, context_length: int, device, generator: torch.Generator | None = None, *,
@@ -87,16 +109,15 @@ def get_batch(data, batch_size: int, context_length: int, device, generator: tor
 
     Start offsets are uniform over every valid position. With world_size > 1 (DDP) every rank draws the same
     batch_size * world_size offsets from an identically seeded generator and keeps its own slice, so the global
-    batch is exactly the one a single process would draw (and the ranks never read the same window)."""
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BadInputError(f"device {device} requested but CUDA is not available")
+    batch is exactly the one a single process would draw (and the ranks never read the same window).
+    An unavailable device raises DeviceUnavailableError (a RuntimeError) from the copy itself: nothing is checked
+    per batch that the copy does not check anyway."""
     if len(data) <= context_length:
         raise BadInputError(f"data has {len(data)} tokens, fewer than context_length + 1 = {context_length + 1}")
     # Valid starts are 0 .. len - T - 1, so the target of the last input (position s + T) is still in the data.
     starts = torch.randint(len(data) - context_length, (batch_size * world_size,), generator=generator)
     starts = starts[rank * batch_size:(rank + 1) * batch_size].numpy()
-    return batch_at(data, starts, context_length, device, vocab_size)
+    return batch_at(data, starts, context_length, torch.device(device), vocab_size)
 
 
 def eval_starts(n_tokens: int, context_length: int, n_windows: int) -> np.ndarray:
@@ -146,8 +167,9 @@ def open_data(train_path, val_path, context_length):
 # A checkpoint is a dict of tensors and plain Python values only (no pickled classes), so it loads with
 # torch.load(weights_only=True) and sample.py can rebuild model and tokenizer from it alone:
 #   model (state dict), optimizer (state dict), iteration (optimizer steps done), model_config (asdict(ModelConfig)),
-#   train_args (the resolved flags), rng (RNG states), tokenizer_dir (str or None), plus extras
-#   (best_val_loss, elapsed seconds) that exact resume needs.
+#   tokenizer_dir (str or None), and for exact resume: train_args (the resolved flags), rng (RNG states) and
+#   progress (the loop's bookkeeping, Progress.state_dict()). `read_checkpoint` is the one place a checkpoint is
+#   read from disk; train.py's resume, sample.py and the tests all go through it.
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -162,14 +184,15 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def save_checkpoint(model, optimizer, iteration: int, out, **extra) -> None:
+def save_checkpoint(model, optimizer, iteration: int, out, *, tokenizer_dir: str | None = None, **extra) -> None:
     """Write model + optimizer state and `extra` values to `out` (a path or a binary file object).
 
     A path is written atomically: to a temporary file in the same directory, flushed to disk, then os.replace()d
-    over the target, so a crash mid-write leaves the previous checkpoint intact, never a torn one."""
+    over the target, so a crash mid-write leaves the previous checkpoint intact, never a torn one; any failure
+    (an exception, or a second Ctrl-C) removes the temporary file before it propagates."""
     model = unwrap(model)
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "iteration": int(iteration), "tokenizer_dir": None}
+            "iteration": int(iteration), "tokenizer_dir": tokenizer_dir}
     if hasattr(model, "config"):
         ckpt["model_config"] = dataclasses.asdict(model.config)
     ckpt.update(extra)
@@ -178,32 +201,58 @@ def save_checkpoint(model, optimizer, iteration: int, out, **extra) -> None:
         return
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)  # atomic on POSIX and Windows: readers see the old file or the new one
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)  # atomic on POSIX and Windows: readers see the old file or the new one
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_checkpoint(src) -> dict:
-    """torch.load(weights_only=True) onto the CPU, with a one-line error for a missing or corrupt file."""
+    """torch.load(weights_only=True) onto the CPU, with a one-line BadInputError for a missing or corrupt file, or
+    one that is not a checkpoint of this project (it needs at least "model" and "iteration")."""
+    if isinstance(src, (str, os.PathLike)) and not Path(src).is_file():
+        raise BadInputError(f"checkpoint {src} does not exist: pass a .pt file train.py wrote (e.g. RUN/last.pt)")
     try:
         ckpt = torch.load(src, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise BadInputError(f"checkpoint {src} does not exist") from None
-    except Exception as e:
+    except Exception as e:  # truncated, not a torch file, or a pickle that is more than tensors and plain values
+        first_line = (str(e).strip().splitlines() or [""])[0]
         raise BadInputError(f"checkpoint {src} is corrupt or not a train.py checkpoint "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); try best.pt beside it") from None
+                            f"({type(e).__name__}: {first_line[:ERROR_CHARS]}); try best.pt beside it") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "iteration" not in ckpt:
         raise BadInputError(f"checkpoint {src} is not a train.py checkpoint (no 'model'/'iteration' entries)")
     return ckpt
 
 
-def load_checkpoint(src, model, optimizer=None) -> int:
-    """Restore model (and optimizer) state from `src` (path, file object or an already-loaded dict); returns the
-    iteration it was saved at."""
+ERROR_CHARS = 160  # how much of a library's error message a one-line error quotes
+
+
+def checkpoint_config(ckpt: dict, src) -> ModelConfig:
+    """The ModelConfig a checkpoint's weights were made with, or a BadInputError saying why there is none."""
+    if "model_config" not in ckpt:
+        raise BadInputError(f"checkpoint {src} has no 'model_config' entry: not written by train.py")
+    unknown = sorted(set(ckpt["model_config"]) - {f.name for f in dataclasses.fields(ModelConfig)})
+    if unknown:
+        raise BadInputError(f"checkpoint {src}: model_config has unknown fields {unknown}; was it written by a newer "
+                            f"model.py?")
+    return ModelConfig(**ckpt["model_config"])
+
+
+def load_checkpoint(src, model, optimizer=None, *, name=None) -> int:
+    """Restore model (and optimizer) state from `src` (path, file object or an already-loaded dict, whose file
+    `name` gives); returns the iteration it was saved at. Weights that do not fit the model are a BadInputError
+    naming the first mismatch."""
     ckpt = src if isinstance(src, dict) else read_checkpoint(src)
-    unwrap(model).load_state_dict(ckpt["model"])
+    try:
+        unwrap(model).load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        where = name if isinstance(src, dict) else src
+        raise BadInputError(f"checkpoint {where}: weights do not match the model "
+                            f"({str(e).strip().splitlines()[-1].strip()[:ERROR_CHARS]})") from None
     if optimizer is not None and ckpt.get("optimizer") is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
     return int(ckpt["iteration"])
@@ -264,11 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--num-heads", type=int)
     a("--d-ff", type=int, help="FFN width (SwiGLU default from the preset; SiLU default 4*d_model)")
     a("--rope-theta", type=float)
-    a("--norm", choices=["pre", "post", "none"], help="ablation: RMSNorm placement")
-    a("--position", choices=["rope", "nope"], help="ablation: RoPE or no position embedding")
-    a("--ffn", choices=["swiglu", "silu"], help="ablation: gated SwiGLU or plain SiLU FFN")
+    a("--norm", choices=NORMS, help="ablation: RMSNorm placement")
+    a("--position", choices=POSITIONS, help="ablation: RoPE or no position embedding")
+    a("--ffn", choices=FFNS, help="ablation: gated SwiGLU or plain SiLU FFN")
     a("--tie-embeddings", action=argparse.BooleanOptionalAction, help="share token embedding and lm_head")
-    a("--attn-impl", choices=["sdpa", "manual"], help="fused torch SDPA or the from-scratch reference")
+    a("--attn-impl", choices=ATTN_IMPLS, help="fused torch SDPA or the from-scratch reference")
     a = p.add_argument_group("optimisation").add_argument
     a("--batch-size", type=int, help="sequences per optimizer step, summed over accumulation steps and ranks")
     a("--grad-accum", type=int, help="micro-batches per optimizer step")
@@ -357,19 +406,15 @@ def resolve_model_config(args: dict, ckpt: dict | None, tokenizer_dir) -> ModelC
     if args["preset"] is not None and args["preset"] not in PRESETS:
         raise BadInputError(f"unknown preset {args['preset']!r}: choose one of {', '.join(PRESETS)}")
     if ckpt is not None:
-        base = ModelConfig(**ckpt["model_config"])
+        base = checkpoint_config(ckpt, f"{args['out']}/last.pt")
         if args["preset"] is not None:  # an explicit preset must agree with the checkpoint (vocab aside)
             base = dataclasses.replace(PRESETS[args["preset"]], vocab_size=base.vocab_size)
     else:
         base = PRESETS[args["preset"]] if args["preset"] else ModelConfig()
         if args["vocab_size"] is None and tokenizer_dir is not None:
             base = dataclasses.replace(base, vocab_size=bpe.Tokenizer.from_dir(tokenizer_dir).vocab_size)
-    fields = {name: args[name] for name in MODEL_FLAGS if args[name] is not None}
-    if args["ffn"] == "silu" and args["d_ff"] is None and ckpt is None:
-        fields["d_ff"] = 4 * fields.get("d_model", base.d_model)  # the handout's SiLU FFN: d_ff = 4 * d_model
-    cfg = dataclasses.replace(base, **fields)
     try:
-        cfg.validate()
+        cfg = base.with_overrides(**{name: args[name] for name in MODEL_FLAGS})
     except ValueError as e:
         raise BadInputError(str(e)) from None
     if ckpt is not None and dataclasses.asdict(cfg) != ckpt["model_config"]:
@@ -401,8 +446,9 @@ def check_args(args: dict, world_size: int) -> None:
                             "(or run `python train.py` with no arguments for the offline demo)")
 
 
-def pick_device(name: str | None, local_rank: int) -> torch.device:
-    """--device, else the best available: cuda -> mps -> cpu. Under torchrun each rank takes cuda:LOCAL_RANK."""
+def pick_device(name: str | None, local_rank: int = 0) -> torch.device:
+    """--device, else the best available: cuda -> mps -> cpu. Under torchrun each rank takes cuda:LOCAL_RANK.
+    The one device picker: sample.py uses it too."""
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
@@ -412,6 +458,9 @@ def pick_device(name: str | None, local_rank: int) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BadInputError(f"--device {name} but CUDA is not available here (torch {torch.__version__}): "
                             f"use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise BadInputError(f"--device {name} but this machine has {torch.cuda.device_count()} CUDA device(s): "
+                            f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise BadInputError(f"--device {name} but MPS is not available here: use --device cpu")
     if device.type == "cuda" and device.index is None:
@@ -424,35 +473,323 @@ def peak_flops(args, device, world_size) -> float | None:
     if args["peak_flops"] is not None:
         return args["peak_flops"] * world_size or None
     dtype = torch.bfloat16 if args["dtype"] == "bf16" else torch.float32
-    if device.type == "cuda":  # e.g. "NVIDIA H100 80GB HBM3" -> PEAK_FLOPS["h100"]; fp32 matmuls run as TF32 here
-        name = torch.cuda.get_device_name(device).lower()
-        for gpu in sorted(accounting.PEAK_FLOPS, key=len, reverse=True):  # "h100-pcie" before "h100"
-            if all(part in name for part in gpu.split("-")):
-                peak = accounting.PEAK_FLOPS[gpu].get("tf32" if args["dtype"] == "fp32" else args["dtype"])
-                return peak * world_size if peak else None
-        return None
+    if device.type == "cuda":  # the datasheet figure for this GPU's name (fp32 matmuls run as TF32 here)
+        peak = accounting.gpu_peak_flops(torch.cuda.get_device_name(device), args["dtype"])
+        return peak * world_size if peak else None
     if device.type == "cpu":  # measured once (about a second); note: shared cores make this, and so MFU, noisy
         return accounting.measure_matmul_flops(device="cpu", dtype=dtype) * world_size
     return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The training loop
+# A run: what stays fixed (Run), the objects a step uses (Trainer), the bookkeeping it changes (Progress)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class Stop:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints and exits at the end of the current step. A second
-    Ctrl-C gets the default behaviour (an immediate KeyboardInterrupt)."""
+@dataclasses.dataclass
+class Run:
+    """Everything about a run that is fixed once it starts."""
+    args: dict                  # every resolved flag, model fields included (config.json; a copy of the caller's)
+    cfg: ModelConfig
+    device: torch.device
+    rank: int                   # this process among world_size (torchrun); 0 of 1 for a plain `python train.py`
+    world_size: int
+    out: Path                   # the run directory
+    train_data: np.ndarray      # memmaps
+    val_data: np.ndarray
+    val_starts: np.ndarray      # the fixed validation windows (eval_starts)
+    micro_batch: int            # sequences per rank per forward: batch_size / (grad_accum * world_size)
+    autocast: torch.autocast    # bf16 matmuls when --dtype bf16, else a no-op
+    peak: float | None          # MFU denominator, FLOP/s over all ranks (rank 0 only; None = no MFU)
 
-    def __init__(self):
-        self.requested = None
+    @property
+    def master(self) -> bool:
+        return self.rank == 0  # rank 0 writes the run directory and prints
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.args["batch_size"] * self.cfg.context_length
+
+    def lr_at(self, it: int) -> float:
+        a = self.args
+        return cosine_lr(it, a["lr"], a["min_lr"], a["warmup_iters"], a["cosine_cycle_iters"] or a["max_iters"])
+
+
+@dataclasses.dataclass
+class Trainer:
+    """The objects one training step uses."""
+    model: TransformerLM        # the bare model: its parameters, its state dict
+    forward: torch.nn.Module    # the model, compiled with --compile: evaluation runs this
+    train: torch.nn.Module      # forward, wrapped in DDP under torchrun: training runs this
+    optimizer: AdamW
+    batches: torch.Generator    # the get_batch stream (same seed on every rank: see get_batch)
+
+
+@dataclasses.dataclass
+class Progress:
+    """The bookkeeping that several steps of the loop change, in one place. The first six fields are checkpointed
+    as one entry ("progress", plain numbers); the last three belong to the running process."""
+    step: int = 0                       # optimizer updates done
+    best_val_loss: float = math.inf     # best.pt holds the model that had it
+    elapsed: float = 0.0                # training seconds before this process started
+    last_log_step: int = 0
+    last_saved_step: int = 0            # of last.pt; 0 = none yet
+    loss_sum: float | torch.Tensor = 0.0  # train loss summed over the steps since last_log_step (a device tensor
+    #                                       while training: adding to it never waits for the GPU)
+    started: float = 0.0                # time.time() when this process started training
+    last_log_time: float = 0.0          # ms/step and tokens/s are measured from here
+    nonfinite: torch.Tensor | None = None  # device flag: a loss was nan/inf since the last check
+
+    CHECKPOINTED = ("step", "best_val_loss", "elapsed", "last_log_step", "last_saved_step", "loss_sum")
+
+    def begin(self, device: torch.device) -> "Progress":
+        """Start the clocks and put the loss accumulators on the device."""
+        self.loss_sum = torch.full((), float(self.loss_sum), device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self.started = self.last_log_time = time.time()
+        return self
+
+    def seconds(self) -> float:
+        """Training time so far, over every process of the run (resumes add up)."""
+        return self.elapsed + time.time() - self.started
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss
+        self.nonfinite |= ~torch.isfinite(loss)
+
+    def state_dict(self) -> dict:
+        # note: float(loss_sum) reads the tensor back (a sync); only at checkpoints
+        return {"step": self.step, "best_val_loss": self.best_val_loss, "elapsed": self.seconds(),
+                "last_log_step": self.last_log_step, "last_saved_step": self.last_saved_step,
+                "loss_sum": float(self.loss_sum)}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> "Progress":
+        if "progress" in ckpt:
+            return cls(**{k: ckpt["progress"][k] for k in cls.CHECKPOINTED})
+        # checkpoints written before the "progress" entry kept these three entries instead
+        loss_sum, last_log_step = ckpt["pending_loss"]
+        return cls(step=int(ckpt["iteration"]), best_val_loss=ckpt["best_val_loss"], elapsed=ckpt["elapsed"],
+                   last_log_step=last_log_step, last_saved_step=int(ckpt["iteration"]), loss_sum=loss_sum)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Setting a run up: processes and device, data, the run directory, model and optimizer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def process_ranks() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size): torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain python is 0, 0, 1."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1))
+
+
+def setup_run(given: dict, ckpt: dict | None) -> Run:
+    """Resolved flags -> a Run: checks, device, data, model config, run directory name, process group."""
+    args = dict(given)  # filled in below (dtype, model fields, tokenizer, out); the caller's dict stays as it was
+    rank, local_rank, world_size = process_ranks()
+    check_args(args, world_size)
+    device = pick_device(args["device"], local_rank)
+    args["dtype"] = args["dtype"] or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
+    train_path, val_path, found_tokenizer = find_data(args["data"], args["val_data"])
+    args["tokenizer"] = args["tokenizer"] or (str(found_tokenizer.resolve()) if found_tokenizer else None)
+    cfg = resolve_model_config(args, ckpt, args["tokenizer"])
+    args.update({name: getattr(cfg, name) for name in MODEL_FLAGS})
+    train_data, val_data = open_data(train_path, val_path, cfg.context_length)
+    out = Path(args["out"] or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    args["out"] = str(out)
+    if ckpt is None and (out / "last.pt").exists() and not args["overwrite"]:
+        raise BadInputError(f"{out} already holds a checkpoint: continue it with --resume {out}, or pass "
+                            f"--overwrite / a new --out")
+    micro = args["batch_size"] // (args["grad_accum"] * world_size)
+    val_starts = eval_starts(len(val_data), cfg.context_length, args["eval_iters"] * micro * world_size)
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")  # CUDA extra: TF32 tensor cores for the fp32 matmuls
+    # CUDA extra (and CPU with --dtype bf16): matmuls in bfloat16, reductions and weights stay fp32.
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args["dtype"] == "bf16")
+    peak = peak_flops(args, device, world_size) if rank == 0 else None
+    return Run(args, cfg, device, rank, world_size, out, train_data, val_data, val_starts, micro, autocast, peak)
+
+
+def build_trainer(run: Run, ckpt: dict | None) -> tuple[Trainer, Progress]:
+    """Model, optimizer and batch stream; the checkpoint's state over them when resuming; then the wrappers."""
+    args = run.args
+    torch.manual_seed(args["seed"])
+    model = TransformerLM(**dataclasses.asdict(run.cfg), device=run.device)
+    optimizer = AdamW(model.parameters(), lr=args["lr"], betas=(args["beta1"], args["beta2"]),
+                      weight_decay=args["weight_decay"], foreach=True)  # the fused path
+    batches = torch.Generator().manual_seed(args["seed"])  # same on every rank: see get_batch
+    progress = Progress()
+    if ckpt is not None:
+        load_checkpoint(ckpt, model, optimizer)
+        set_rng_state(ckpt["rng"], batches)
+        progress = Progress.from_checkpoint(ckpt)
+    forward = torch.compile(model) if args["compile"] else model  # CUDA extra: fused kernels, fewer launches
+    train_model = forward
+    if run.world_size > 1:  # gradients all-reduced (averaged) across ranks during backward
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            forward, device_ids=[run.device.index] if run.device.type == "cuda" else None, broadcast_buffers=False)
+    return Trainer(model, forward, train_model, optimizer, batches), progress
+
+
+class RunLog:
+    """The run directory's log.jsonl (rank 0 only) and the console line of each logged step."""
+
+    def __init__(self, run: Run, progress: Progress, model: TransformerLM, resumed: bool):
+        """Write config.json, cut log.jsonl back to the checkpoint's step when resuming, print the header."""
+        self.file = None
+        if not run.master:
+            return
+        run.out.mkdir(parents=True, exist_ok=True)
+        # every resolved flag (model fields included): `--config RUN/config.json --out NEW` repeats this run
+        (run.out / "config.json").write_text(json.dumps(run.args, indent=2, default=str) + "\n")
+        path = run.out / "log.jsonl"
+        kept = [row for row in read_log(path) if row["step"] <= progress.step] if resumed else []
+        path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        self.file = open(path, "a")
+        n_params = sum(p.numel() for p in model.parameters())
+        a = run.args
+        print(f"{'resuming' if resumed else 'training'} {n_params / 1e6:.2f}M params on {run.device} ({a['dtype']}"
+              f"{', compiled' if a['compile'] else ''}, {run.world_size} rank(s)) from step {progress.step} to "
+              f"{a['max_iters']}; {run.tokens_per_step:,} tokens/step; run dir {run.out}")
+
+    def write(self, row: dict, suffix: str = "") -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+            print(format_row(row) + suffix, flush=True)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def format_row(row: dict) -> str:
+    """A log row as its console line: step | loss | lr | grad | ms/step | tok/s | MFU | val loss | val ppl."""
+    parts = [f"step {row['step']}"]
+    if "loss" in row:
+        parts += [f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}", f"grad {row['grad_norm']:.3f}",
+                  f"{row['ms_per_step']:.1f} ms/step", f"{row['tokens_per_s']:,.0f} tok/s"]
+    if "mfu" in row:
+        parts.append(f"MFU {100 * row['mfu']:.1f}%")
+    if "val_loss" in row:
+        parts += [f"val loss {row['val_loss']:.4f}", f"val ppl {row['val_ppl']:.1f}"]
+    return " | ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The steps of the loop: train, log, evaluate, checkpoint, stop
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def train_step(run: Run, trainer: Trainer, progress: Progress) -> torch.Tensor:
+    """One optimizer update: per micro-batch batch, forward, loss, backward; then clip and step. Returns the
+    gradient norm before clipping, a 0-dim tensor (no sync)."""
+    accum = run.args["grad_accum"]
+    for i in range(accum):
+        x, y = get_batch(run.train_data, run.micro_batch, run.cfg.context_length, run.device, trainer.batches,
+                         vocab_size=run.cfg.vocab_size, rank=run.rank, world_size=run.world_size)
+        # DDP: all-reduce gradients only on the last micro-batch of the step
+        last = i == accum - 1
+        sync = trainer.train.no_sync() if run.world_size > 1 and not last else contextlib.nullcontext()
+        with sync:
+            with run.autocast:
+                loss = cross_entropy(trainer.train(x), y)
+            (loss / accum).backward()  # / accum: the sum of micro-gradients is the mean over the batch
+        progress.add_loss(loss.detach() / accum)
+    grad_norm = clip_grad_norm(trainer.model.parameters(), run.args["grad_clip"] or math.inf)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def check_finite(run: Run, progress: Progress, lr: float) -> None:
+    """Stop with FloatingPointError once a loss was nan/inf. The flag is read (.item(), a sync) only when logging
+    or saving, so no step waits for the GPU; no checkpoint is written after a NaN, so last.pt is the last good one."""
+    if progress.nonfinite.item():
+        kept = (f"{run.out}/last.pt (step {progress.last_saved_step}) is the last good checkpoint"
+                if progress.last_saved_step else "no checkpoint")
+        raise FloatingPointError(f"loss became nan/inf by step {progress.step} (lr {lr:.2e}): the learning rate is "
+                                 f"probably too high, try --lr {run.args['lr'] / 10:g}; {kept}")
+
+
+def log_row(run: Run, progress: Progress, lr: float, grad_norm: torch.Tensor) -> dict:
+    """The log row of a logging step: the mean train loss since the last one, lr, gradient norm, speed, MFU."""
+    if run.world_size > 1:
+        dist.all_reduce(progress.loss_sum)
+        progress.loss_sum /= run.world_size
+        progress.nonfinite |= ~torch.isfinite(progress.loss_sum)  # so every rank stops at the same step
+    check_finite(run, progress, lr)
+    steps = progress.step - progress.last_log_step
+    dt = time.time() - progress.last_log_time
+    tokens_per_s = run.tokens_per_step * steps / dt
+    row = {"step": progress.step, "loss": progress.loss_sum.item() / steps,  # note: .item() syncs; only here
+           "lr": lr, "grad_norm": float(grad_norm), "tokens": progress.step * run.tokens_per_step,
+           "time": round(progress.seconds(), 3), "ms_per_step": 1000 * dt / steps, "tokens_per_s": tokens_per_s}
+    if run.peak:
+        row["mfu"] = tokens_per_s * accounting.train_flops_per_token(run.cfg) / run.peak
+    progress.loss_sum.zero_()
+    progress.last_log_step = progress.step
+    return row
+
+
+def validation_loss(run: Run, trainer: Trainer) -> float:
+    """Mean loss over the fixed validation windows; ranks share the windows."""
+    return evaluate(trainer.forward, run.val_data, run.val_starts, run.micro_batch, run.cfg.context_length,
+                    run.device, run.autocast, run.cfg.vocab_size, run.rank, run.world_size)
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so a diverged run logs a large finite number (JSON has no inf)."""
+    return math.exp(min(loss, MAX_LOG_PERPLEXITY))
+
+
+MAX_LOG_PERPLEXITY = 50  # exp(50) ≈ 5e21: far above any real perplexity (ln of a 50K vocabulary is 10.8)
+
+
+def save(name: str, run: Run, trainer: Trainer, progress: Progress) -> None:
+    """Checkpoint everything exact resume needs to run.out/name (rank 0 writes; the state is the same on all)."""
+    if run.master:
+        plain_args = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in run.args.items()}
+        save_checkpoint(trainer.model, trainer.optimizer, progress.step, run.out / name,
+                        tokenizer_dir=run.args["tokenizer"], model_config=dataclasses.asdict(run.cfg),
+                        train_args=plain_args, rng=rng_state(trainer.batches), progress=progress.state_dict())
+
+
+class StopNow(KeyboardInterrupt):
+    """The second stop signal: stop at once, without a checkpoint. main() exits with 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class Stop:
+    """The first SIGINT (Ctrl-C) or SIGTERM sets a flag: the loop finishes its step, checkpoints and exits. A second
+    one raises StopNow (a KeyboardInterrupt) at once, wherever the loop is: whoever sends it did not want to wait."""
+
+    def __init__(self, out: Path):
+        self.out, self.requested = out, None
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
         if self.requested is not None:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-        self.requested = signal.Signals(signum).name
+            raise StopNow(f"second {name} ({self.requested} first): stopped at once without saving; "
+                          f"`python train.py --resume {self.out}` continues from the last checkpoint", signum)
+        self.requested = name
+
+    def agreed(self, run: Run, is_log: bool) -> bool:
+        """Whether to stop after this step. One process: as soon as a signal came. Several: all ranks agree (an
+        all-reduce) at a log step, so no rank is left waiting in an all-reduce that the others never join."""
+        if run.world_size == 1 or not is_log:
+            return run.world_size == 1 and self.requested is not None
+        flag = torch.tensor(float(self.requested is not None), device=run.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def restore(self):
         for s, handler in self.previous.items():
@@ -460,21 +797,40 @@ class Stop:
 
 
 @torch.no_grad()
+def loss_over_windows(model, data, starts, window: int, batch_size: int, device, autocast=contextlib.nullcontext(),
+                      vocab_size=None, scored=None, rank: int = 0, world_size: int = 1) -> tuple[float, int]:
+    """(summed loss in nats, number of targets) over the windows data[s : s+window+1], s in starts, scored in
+    batches of batch_size. scored[i] (default: all `window`) is how many of window i's last targets count: a
+    sliding window with stride < window scores only the targets no earlier window scored (sample.py --eval).
+    Ranks take every world_size-th batch and all-reduce the sums. The one evaluator: validation and --eval."""
+    loss_sum, count = torch.zeros((), device=device), 0  # the sum stays on the device: no sync per batch
+    for i in range(rank * batch_size, len(starts), batch_size * world_size):
+        x, y = batch_at(data, starts[i:i + batch_size], window, device, vocab_size)   # (b, T), (b, T)
+        with autocast:
+            logits = model(x)                                                       # (b, T, V)
+            if scored is None or (scored[i:i + batch_size] == window).all():
+                n, loss = y.numel(), cross_entropy(logits, y)
+            else:  # keep the last scored[r] targets of each row r
+                first = torch.as_tensor(window - scored[i:i + batch_size], device=device)[:, None]  # (b, 1)
+                keep = torch.arange(window, device=device)[None, :] >= first                    # (b, T)
+                n, loss = int(scored[i:i + batch_size].sum()), cross_entropy(logits[keep], y[keep])  # (n, V), (n,)
+        loss_sum += loss.float() * n  # a mean over n targets back to their sum
+        count += n
+    if world_size > 1:
+        both = torch.stack([loss_sum, torch.tensor(float(count), device=device)])
+        dist.all_reduce(both)
+        loss_sum, count = both[0], int(both[1].item())
+    return loss_sum.item(), count  # note: .item() waits for the device (fine: once per evaluation)
+
+
 def evaluate(model, data, starts, micro_batch, context_length, device, autocast, vocab_size=None, rank=0,
              world_size=1) -> float:
-    """Mean loss over the fixed validation windows `starts`; ranks share the batches and all-reduce the sum."""
+    """Mean loss per token over the fixed validation windows `starts` (the model is put back in training mode)."""
     model.eval()
-    total = torch.zeros((), device=device)
-    chunks = [starts[i:i + micro_batch] for i in range(0, len(starts), micro_batch)]
-    for chunk in chunks[rank::world_size]:
-        x, y = batch_at(data, chunk, context_length, device, vocab_size)
-        with autocast:
-            loss = cross_entropy(model(x), y)
-        total += loss.float() * len(chunk)  # every window has T targets, so a window-weighted mean is per token
-    if world_size > 1:
-        dist.all_reduce(total)
+    loss_sum, count = loss_over_windows(model, data, starts, context_length, micro_batch, device, autocast,
+                                        vocab_size, rank=rank, world_size=world_size)
     model.train()
-    return total.item() / len(starts)  # note: .item() waits for the device (fine: once per evaluation)
+    return loss_sum / count
 
 
 def read_log(path) -> list[dict]:
@@ -489,191 +845,60 @@ def read_log(path) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The training loop
+# ---------------------------------------------------------------------------------------------------------------
+
+
 def train(args: dict, ckpt: dict | None = None) -> Path:
-    """Run (or resume) training as `args` say; returns the run directory."""
-    # -- processes: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python train.py` is rank 0 of 1.
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    check_args(args, world_size)
-    device = pick_device(args["device"], local_rank)
-    if args["dtype"] is None:
-        args["dtype"] = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    train_path, val_path, tokenizer_dir = find_data(args["data"], args["val_data"])
-    tokenizer_dir = args["tokenizer"] or (str(tokenizer_dir.resolve()) if tokenizer_dir else None)
-    cfg = resolve_model_config(args, ckpt, tokenizer_dir)
-    train_data, val_data = open_data(train_path, val_path, cfg.context_length)
-    args.update({name: getattr(cfg, name) for name in MODEL_FLAGS}, tokenizer=tokenizer_dir)
-    out = Path(args["out"] or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    args["out"] = str(out)
-    if ckpt is None and (out / "last.pt").exists() and not args["overwrite"]:
-        raise BadInputError(f"{out} already holds a checkpoint: continue it with --resume {out}, or pass "
-                            f"--overwrite / a new --out")
-    if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.set_float32_matmul_precision("high")  # CUDA extra: TF32 tensor cores for the fp32 matmuls
-    master = rank == 0
-
-    # -- the model, optimizer, batch stream; then the checkpoint's state over them when resuming.
-    torch.manual_seed(args["seed"])
-    model = TransformerLM(**dataclasses.asdict(cfg), device=device)
-    optimizer = AdamW(model.parameters(), lr=args["lr"], betas=(args["beta1"], args["beta2"]),
-                      weight_decay=args["weight_decay"], foreach=True)  # the fused path
-    batches = torch.Generator().manual_seed(args["seed"])  # same on every rank: see get_batch
-    start, best_val, elapsed, pending_loss, last_log_step = 0, math.inf, 0.0, 0.0, 0
-    if ckpt is not None:
-        start = load_checkpoint(ckpt, model, optimizer)
-        set_rng_state(ckpt["rng"], batches)
-        best_val, elapsed = ckpt["best_val_loss"], ckpt["elapsed"]
-        pending_loss, last_log_step = ckpt["pending_loss"]  # train loss summed since the last log line
-    fwd_model = torch.compile(model) if args["compile"] else model  # CUDA extra: fused kernels, fewer launches
-    train_model = fwd_model
-    if world_size > 1:  # gradients all-reduced (averaged) across ranks during backward
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            fwd_model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    # CUDA extra (and CPU with --dtype bf16): matmuls in bfloat16, reductions and weights stay fp32.
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args["dtype"] == "bf16")
-
-    T, accum = cfg.context_length, args["grad_accum"]
-    micro = args["batch_size"] // (accum * world_size)  # sequences per rank per forward
-    tokens_per_step = args["batch_size"] * T
-    cycle = args["cosine_cycle_iters"] or args["max_iters"]
-    val_starts = eval_starts(len(val_data), T, args["eval_iters"] * micro * world_size)
-    flops_per_token = accounting.train_flops_per_token(cfg, seq_len=T)
-    peak = peak_flops(args, device, world_size) if master else None
-
-    # -- run directory (rank 0 only): resolved config, the log (cut back to the checkpoint when resuming).
-    log_path = out / "log.jsonl"
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        # every resolved flag (model fields included): `--config RUN/config.json --out NEW` repeats this run
-        (out / "config.json").write_text(json.dumps(args, indent=2, default=str) + "\n")
-        kept = [row for row in read_log(log_path) if row["step"] <= start] if ckpt is not None else []
-        log_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"{'resuming' if ckpt else 'training'} {n_params / 1e6:.2f}M params on {device} ({args['dtype']}"
-              f"{', compiled' if args['compile'] else ''}, {world_size} rank(s)) from step {start} to "
-              f"{args['max_iters']}; {tokens_per_step:,} tokens/step; run dir {out}")
-    log_file = open(log_path, "a") if master else None
-
-    plain_args = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in args.items()}  # weights_only-loadable
-
-    def log(row: dict) -> None:
-        if master:
-            log_file.write(json.dumps(row) + "\n")
-            log_file.flush()
-
-    def save(name: str, step: int) -> None:
-        if master:
-            save_checkpoint(model, optimizer, step, out / name, model_config=dataclasses.asdict(cfg),
-                            train_args=plain_args, rng=rng_state(batches), tokenizer_dir=tokenizer_dir,
-                            best_val_loss=best_val, elapsed=time.time() - t0 + elapsed,
-                            pending_loss=(loss_sum.item(), last_log_step))
-
-    # Non-finite losses are flagged on the device and looked at (.item(), a sync) only when logging or saving, so
-    # no step waits for the GPU; no checkpoint is ever written after a NaN, so last.pt stays the last good one.
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    loss_sum = torch.full((), pending_loss, device=device)  # train loss summed since the last log line
-    last_saved = start
-
-    def check_finite(step: int) -> None:
-        if nonfinite.item():
-            kept = f"{out}/last.pt (step {last_saved}) is the last good checkpoint" if last_saved else "no checkpoint"
-            raise FloatingPointError(f"loss became nan/inf by step {step} (lr {lr:.2e}): the learning rate is "
-                                     f"probably too high, try --lr {args['lr'] / 10:g}; {kept}")
-
-    def validation_loss() -> float:
-        return evaluate(fwd_model, val_data, val_starts, micro, T, device, autocast, cfg.vocab_size, rank, world_size)
-
-    stop = Stop()
-    t0 = t_log = time.time()
-    lr = cosine_lr(start, args["lr"], args["min_lr"], args["warmup_iters"], cycle)
+    """Run (or resume) training as `args` say; returns the run directory. `args` itself is left unchanged."""
+    run = setup_run(args, ckpt)
+    trainer, progress = build_trainer(run, ckpt)
+    log = RunLog(run, progress, trainer.model, resumed=ckpt is not None)
+    progress.begin(run.device)
+    stop = Stop(run.out)
     try:
-        if start == 0:  # step 0: the loss of the untrained model (about ln V) anchors every curve
-            val = validation_loss()
-            log({"step": 0, "lr": lr, "tokens": 0, "time": round(elapsed, 3), "val_loss": val,
-                 "val_ppl": math.exp(min(val, 50))})
-            if master:
-                print(f"step 0 | val loss {val:.4f} | val ppl {math.exp(min(val, 50)):.1f}")
-            t_log = time.time()
-        for step in range(start + 1, args["max_iters"] + 1):  # `step` = number of optimizer updates after this one
-            # The algorithm: lr from the schedule; per micro-batch: batch, forward, loss, backward; clip; step.
-            lr = cosine_lr(step - 1, args["lr"], args["min_lr"], args["warmup_iters"], cycle)
-            for group in optimizer.param_groups:
+        if progress.step == 0:  # step 0: the loss of the untrained model (about ln V) anchors every curve
+            val = validation_loss(run, trainer)
+            log.write({"step": 0, "lr": run.lr_at(0), "tokens": 0, "time": round(progress.elapsed, 3),
+                       "val_loss": val, "val_ppl": perplexity(val)})
+            progress.last_log_time = time.time()
+        for step in range(progress.step + 1, run.args["max_iters"] + 1):  # step = updates done after this one
+            # The algorithm: lr from the schedule, then one update (batch, forward, loss, backward, clip, step).
+            lr = run.lr_at(step - 1)
+            for group in trainer.optimizer.param_groups:
                 group["lr"] = lr
-            for i in range(accum):
-                x, y = get_batch(train_data, micro, T, device, batches, vocab_size=cfg.vocab_size,
-                                 rank=rank, world_size=world_size)
-                # DDP: all-reduce gradients only on the last micro-batch of the step
-                sync = train_model.no_sync() if world_size > 1 and i < accum - 1 else contextlib.nullcontext()
-                with sync:
-                    with autocast:
-                        loss = cross_entropy(train_model(x), y)
-                    (loss / accum).backward()  # / accum: the sum of micro-gradients is the mean over the batch
-                loss = loss.detach()
-                loss_sum += loss / accum
-                nonfinite |= ~torch.isfinite(loss)
-            grad_norm = clip_grad_norm(model.parameters(), args["grad_clip"] or math.inf)  # 0-dim tensor: no sync
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            is_eval = step % args["eval_interval"] == 0 or step == args["max_iters"]
-            is_log = step % args["log_interval"] == 0 or is_eval
-            stopping = stop.requested is not None and (world_size == 1 or is_log)
-            if world_size > 1 and is_log:  # ranks agree to stop at a log step, so no rank waits in an all-reduce
-                flag = torch.tensor(float(stop.requested is not None), device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stopping = bool(flag.item())
+            grad_norm = train_step(run, trainer, progress)
+            progress.step = step
+            is_eval = step % run.args["eval_interval"] == 0 or step == run.args["max_iters"]
+            is_log = step % run.args["log_interval"] == 0 or is_eval
+            stopping = stop.agreed(run, is_log)
             if is_log:
-                if world_size > 1:
-                    dist.all_reduce(loss_sum)
-                    loss_sum /= world_size
-                    nonfinite |= ~torch.isfinite(loss_sum)  # so every rank stops at the same step
-                check_finite(step)
-                steps_since = step - last_log_step
-                dt = time.time() - t_log
-                train_loss = loss_sum.item() / steps_since  # note: .item() syncs with the device; only here
-                tok_s = tokens_per_step * steps_since / dt
-                row = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
-                       "tokens": step * tokens_per_step, "time": round(time.time() - t0 + elapsed, 3),
-                       "ms_per_step": 1000 * dt / steps_since, "tokens_per_s": tok_s}
-                if peak:
-                    row["mfu"] = tok_s * flops_per_token / peak
-                line = (f"step {step} | loss {train_loss:.4f} | lr {lr:.2e} | grad {float(grad_norm):.3f} | "
-                        f"{row['ms_per_step']:.1f} ms/step | {tok_s:,.0f} tok/s"
-                        + (f" | MFU {100 * row['mfu']:.1f}%" if peak else ""))
-                loss_sum.zero_()
-                last_log_step = step
+                row, best = log_row(run, progress, lr, grad_norm), ""
                 if is_eval:
-                    val = validation_loss()
-                    row.update(val_loss=val, val_ppl=math.exp(min(val, 50)))
-                    line += f" | val loss {val:.4f} | val ppl {row['val_ppl']:.1f}"
-                    if val < best_val:
-                        best_val = val
-                        save("best.pt", step)
-                        line += " | best"
-                log(row)
-                if master:
-                    print(line, flush=True)
-            if step % args["ckpt_interval"] == 0 or step == args["max_iters"] or stopping:
-                check_finite(step)
-                save("last.pt", step)
-                last_saved = step
+                    val = validation_loss(run, trainer)
+                    row.update(val_loss=val, val_ppl=perplexity(val))
+                    if val < progress.best_val_loss:
+                        progress.best_val_loss, best = val, " | best"
+                        save("best.pt", run, trainer, progress)
+                log.write(row, best)
+            if step % run.args["ckpt_interval"] == 0 or step == run.args["max_iters"] or stopping:
+                check_finite(run, progress, lr)
+                progress.last_saved_step = step
+                save("last.pt", run, trainer, progress)
             if is_log:
-                t_log = time.time()  # ms/step and tokens/s exclude evaluation and checkpoint time
+                progress.last_log_time = time.time()  # ms/step and tokens/s exclude evaluation and checkpoint time
             if stopping:
-                if master:
-                    print(f"{stop.requested}: saved {out}/last.pt at step {step}; continue with "
-                          f"`python train.py --resume {out}`")
+                if run.master:
+                    print(f"{stop.requested}: saved {run.out}/last.pt at step {step}; continue with "
+                          f"`python train.py --resume {run.out}`")
                 break
     finally:
         stop.restore()
-        if log_file:
-            log_file.close()
-        if world_size > 1:
+        log.close()
+        if run.world_size > 1:
             dist.destroy_process_group()
-    return out
+    return run.out
 
 
 def train_main(argv) -> Path:
@@ -731,7 +956,7 @@ def plot_main(argv) -> None:
 # system (pydoc_data.topics, about 465K characters of English about Python). Each hop is one named function:
 # bpe.train_bpe -> Tokenizer.save_dir -> bpe.encode_file -> train() -> sample.load_model -> sample.generate.
 
-DEMO = {  # full: a few minutes on 2 CPU cores; quick: seconds, for CI
+DEMO = {  # full: about a minute on 2 CPU cores; quick: seconds, for CI
     "full": dict(vocab_size=1024, docs=None, flags=["--context-length", "128", "--d-model", "128", "--num-layers",
                  "4", "--num-heads", "4", "--d-ff", "344", "--batch-size", "16", "--max-iters", "300", "--lr",
                  "3e-3", "--min-lr", "3e-4", "--warmup-iters", "20", "--eval-interval", "100", "--eval-iters", "8",
@@ -745,7 +970,9 @@ DEMO = {  # full: a few minutes on 2 CPU cores; quick: seconds, for CI
 
 def demo(out: Path, quick: bool = False) -> None:
     from pydoc_data.topics import topics  # imported here: only the demo needs it
-    import sample  # imported here: sample.py may import train.py's checkpoint helpers
+    # note: the one place a lower layer reaches up: the demo's last hop samples from the model it trained, with
+    # sample.py (which imports train.py), so the import waits until it is needed.
+    import sample
     setting = DEMO["quick" if quick else "full"]
     t_start = time.time()
     out = Path(out)
@@ -785,7 +1012,7 @@ def demo(out: Path, quick: bool = False) -> None:
     model, tok, _ = sample.load_model(run_dir / "last.pt", "cpu")
     prompt = "The "
     ids = sample.generate(model, tok.encode(prompt), setting["new_tokens"], temperature=0.8, top_p=0.95,
-                          eos_id=tok.encode(bpe.END_OF_TEXT)[0], generator=torch.Generator().manual_seed(0))
+                          eos_id=tok.special_token_ids[bpe.END_OF_TEXT], generator=torch.Generator().manual_seed(0))
     print(f"[5/5] sample (temperature 0.8, top-p 0.95):\n\n{prompt}{tok.decode(ids.tolist())}\n")
     print(f"demo done in {time.time() - t_start:.0f}s. Files: corpus, tokenizer and token ids in {data_dir}/; "
           f"log.jsonl, last.pt, best.pt in {run_dir}/\n"
@@ -820,10 +1047,13 @@ def main(argv=None) -> int:
             train_main(argv)
     except BadInputError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except FloatingPointError as e:
         print(f"train.py: stopped: {e}", file=sys.stderr)
-        return 1
+        return EXIT_ENVIRONMENT
+    except StopNow as e:
+        print(f"train.py: stopped: {e}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 
