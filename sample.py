@@ -16,8 +16,10 @@ context the reference no longer sees.
     python sample.py runs/demo/last.pt --prompt "Once upon a time" --temperature 0.8 --top-p 0.95
     python sample.py runs/demo/last.pt --num-samples 4 --seed 1 --max-new-tokens 100
     python sample.py runs/demo/last.pt --eval data/valid.npy      # per-token loss and perplexity over a file
+
+Layers: cli -> bpe -> model, optim -> accounting -> train -> sample. sample.py is the top: it reads checkpoints,
+picks the device and scores --eval files with train.py's functions, so each of those exists once.
 """
-import argparse
 import codecs
 import dataclasses
 import math
@@ -30,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import train  # the layer below: its checkpoint reader, device picker and loss-over-windows evaluator
 from bpe import END_OF_TEXT, Tokenizer
-from cli import OneLineParser
-from model import KVCache, ModelConfig, TransformerLM
-from optim import cross_entropy
+from cli import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, OneLineParser
+from model import KVCache, TransformerLM
 
 # ----------------------------------------------------------------------------------------------------------------------
 # One decoding step: logits of the last position -> the next token
@@ -220,49 +222,32 @@ def load_model(ckpt_path, device="cpu", tokenizer_dir=None):
 
     The checkpoint carries everything: "model_config" rebuilds the architecture, "model" holds the weights,
     "tokenizer_dir" says where the tokenizer lives (tokenizer_dir overrides it; None in both = no tokenizer).
-    weights_only=True: a checkpoint is tensors and plain values, so loading it cannot run code.
+    train.read_checkpoint loads it with weights_only=True: tensors and plain values, so loading cannot run code.
+    Every problem is a train.BadInputError (a ValueError) with one line saying what to do.
     """
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found: pass the .pt file train.py wrote (e.g. RUN/last.pt)")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, or a pickle that is more than tensors and plain values
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {first_line[:200]}); "
-                         "is it a complete train.py checkpoint?") from None
-    missing = [key for key in ("model", "model_config") if not (isinstance(ckpt, dict) and key in ckpt)]
-    if missing:
-        raise ValueError(f"checkpoint {path} has no {' or '.join(repr(k) for k in missing)} entry: "
-                         "not a train.py checkpoint")
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(ckpt["model_config"]) - known)
-    if unknown:
-        raise ValueError(f"checkpoint {path}: model_config has unknown fields {unknown}; "
-                         "was it written by a newer model.py?")
-    config = ModelConfig(**ckpt["model_config"])
+    ckpt = train.read_checkpoint(ckpt_path)
+    config = train.checkpoint_config(ckpt, ckpt_path)
     model = TransformerLM(**dataclasses.asdict(config), device=device)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint {path}: weights do not match its model_config "
-                         f"({str(e).splitlines()[0]})") from None
+    train.load_checkpoint(ckpt, model, name=ckpt_path)
     model.eval()
+    return model, load_tokenizer(ckpt, tokenizer_dir, config.vocab_size), ckpt
 
-    # the tokenizer: --tokenizer DIR, else the directory the checkpoint names, else none (ids only)
+
+def load_tokenizer(ckpt: dict, tokenizer_dir, vocab_size: int) -> Tokenizer | None:
+    """--tokenizer DIR, else the directory the checkpoint names, else None (the model then works on ids only)."""
     source = "the tokenizer_dir argument (--tokenizer)" if tokenizer_dir is not None else "the checkpoint"
     tokenizer_dir = tokenizer_dir if tokenizer_dir is not None else ckpt.get("tokenizer_dir")
-    tokenizer = None
-    if tokenizer_dir is not None:
-        tok_path = Path(tokenizer_dir)
-        if not ((tok_path / "vocab.json").is_file() and (tok_path / "merges.txt").is_file()):
-            raise FileNotFoundError(f"tokenizer directory {tok_path} (named by {source}) has no vocab.json and "
-                                    "merges.txt: pass --tokenizer DIR (a directory bpe.py train/prepare wrote)")
-        tokenizer = Tokenizer.from_dir(tok_path)
-        if tokenizer.vocab_size > config.vocab_size:
-            raise ValueError(f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens but the model only "
-                             f"{config.vocab_size}: wrong --tokenizer for this checkpoint?")
-    return model, tokenizer, ckpt
+    if tokenizer_dir is None:
+        return None
+    tok_path = Path(tokenizer_dir)
+    if not ((tok_path / "vocab.json").is_file() and (tok_path / "merges.txt").is_file()):
+        raise train.BadInputError(f"tokenizer directory {tok_path} (named by {source}) has no vocab.json and "
+                                  "merges.txt: pass --tokenizer DIR (a directory bpe.py train/prepare wrote)")
+    tokenizer = Tokenizer.from_dir(tok_path)
+    if tokenizer.vocab_size > vocab_size:
+        raise train.BadInputError(f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens but the model only "
+                                  f"{vocab_size}: wrong --tokenizer for this checkpoint?")
+    return tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -270,64 +255,49 @@ def load_model(ckpt_path, device="cpu", tokenizer_dir=None):
 
 
 @torch.inference_mode()
-def evaluate(model, ids, stride: int | None = None, batch_size: int = 8) -> tuple[float, int]:
+def evaluate(model, ids, stride: int | None = None, batch_size: int = 16) -> tuple[float, int]:
     """(mean loss in nats per token, number of tokens scored) of model over the token sequence ids (N,).
 
     Every token after the first is scored exactly once. Windows of context_length tokens slide by `stride`; each
     scores only its last targets, those no earlier window scored, so (after the first window) every token is
     predicted from at least context_length - stride tokens of context. stride = context_length (the default) gives
-    non-overlapping full windows: the same average over positions as the training loop's validation loss. A smaller
-    stride gives each token more context and a lower loss, at context_length/stride times the cost.
+    non-overlapping full windows: the same average over positions as the training loop's validation loss, computed
+    by the same code (train.loss_over_windows, batch_size windows per forward). A smaller stride gives each token
+    more context and a lower loss, at context_length/stride times the cost.
     """
     ctx = model.config.context_length
     stride = ctx if stride is None else stride
     if not 1 <= stride <= ctx:
         raise ValueError(f"stride must be in [1, context_length={ctx}], got {stride}")
+    ids = ids if isinstance(ids, np.ndarray) else np.asarray(ids)        # a memmap stays a memmap
     n = len(ids)
     if n < 2:
         raise ValueError(f"need at least 2 tokens to score one prediction, got {n}")
-    device = _device_of(model)
-    # Window ends (exclusive, in input positions): inputs ids[end-ctx:end] predict targets ids[end-ctx+1:end+1].
-    ends = list(range(ctx, n - 1, stride)) + [n - 1] if n - 1 > ctx else [n - 1]
-    scored_up_to, total_loss, total_tokens = 0, 0.0, 0
-    for i in range(0, len(ends), batch_size):
-        batch_ends = ends[i:i + batch_size]
-        length = min(ctx, batch_ends[0])            # all windows are full, except a lone one on a short file
-        windows = np.stack([np.asarray(ids[end - length:end + 1]) for end in batch_ends]).astype(np.int64)
-        x = torch.from_numpy(windows[:, :-1]).to(device)                    # (b, T) inputs
-        y = torch.from_numpy(windows[:, 1:]).to(device)                     # (b, T) targets: x shifted by one
-        bad = (windows < 0) | (windows >= model.config.vocab_size)
-        if bad.any():
-            raise ValueError(f"token id {windows[bad][0]} is outside the model's vocabulary "
-                             f"[0, {model.config.vocab_size}): wrong file or wrong tokenizer?")
-        logits = model(x)                                                   # (b, T, V)
-        for row, end in enumerate(batch_ends):
-            new = end - scored_up_to                                        # targets no window has scored yet
-            loss = cross_entropy(logits[row, -new:], y[row, -new:])         # mean over those targets
-            total_loss += loss.item() * new                                 # .item() syncs; once per window
-            total_tokens += new
-            scored_up_to = end
-    return total_loss / total_tokens, total_tokens
+    # Window ends (exclusive, in input positions): inputs ids[end-T:end] predict targets ids[end-T+1:end+1].
+    ends = np.array(list(range(ctx, n - 1, stride)) + [n - 1] if n - 1 > ctx else [n - 1])
+    window = min(ctx, int(ends[0]))             # all windows are full, except a lone one on a short file
+    scored = np.diff(ends, prepend=0)           # (windows,) targets that no earlier window scored
+    loss_sum, count = train.loss_over_windows(model, ids, ends - window, window, batch_size, _device_of(model),
+                                              vocab_size=model.config.vocab_size, scored=scored)
+    return loss_sum / count, count
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
 
-def _sample(args, model, tokenizer, ckpt, device) -> None:
-    """Sample --num-samples continuations as one batch; the first streams as it is generated."""
-    if tokenizer is None:
-        raise ValueError("the checkpoint names no tokenizer_dir: pass --tokenizer DIR")
-    eot = tokenizer.special_token_ids.get(END_OF_TEXT)                      # None if not a special token
-    prompt_ids = tokenizer.encode(args.prompt)
+def prompt_ids_for(tokenizer, prompt: str) -> list[int]:
+    """The prompt's ids; an empty prompt starts a new document (the end-of-text token), when the tokenizer has one."""
+    prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids:
+        eot = tokenizer.special_token_ids.get(END_OF_TEXT)
         if eot is None:
             raise ValueError(f"empty prompt and the tokenizer has no {END_OF_TEXT} to start from: pass --prompt TEXT")
         prompt_ids = [eot]                                                  # "a new document starts here"
-    eos_id = None if args.no_stop_on_eos else eot
-    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)  # printed, so any run can be repeated
-    generator = torch.Generator(device=device).manual_seed(seed)
-    n_params = sum(p.numel() for p in model.parameters())
+    return prompt_ids
 
+
+def print_header(args, model, ckpt, device, prompt_ids, seed) -> None:
+    n_params = sum(p.numel() for p in model.parameters())
     print(f"# sample.py {args.ckpt} (iteration {ckpt.get('iteration', '?')}, {n_params / 1e6:.2f}M parameters, "
           f"context {model.config.context_length}) on {device}")
     print(f"# temperature {args.temperature} · top_p {args.top_p} · top_k {args.top_k or 'off'} · "
@@ -336,13 +306,16 @@ def _sample(args, model, tokenizer, ckpt, device) -> None:
     print(f"# prompt: {args.prompt!r} ({len(prompt_ids)} token{'s' * (len(prompt_ids) != 1)}"
           f"{'' if args.prompt else ': ' + END_OF_TEXT})")
 
+
+def stream_samples(args, model, tokenizer, prompt_ids, eos_id, generator) -> tuple[list[list[int]], list[bool]]:
+    """Generate --num-samples continuations as one batch, printing the first as it comes; returns each sample's
+    new ids (without the final EOS) and whether it ended at EOS."""
     batch = torch.tensor([prompt_ids] * args.num_samples)                   # (S, T): the same prompt S times
-    new_ids = [[] for _ in range(args.num_samples)]                         # per sample, without the final EOS
+    new_ids = [[] for _ in range(args.num_samples)]
     ended = [False] * args.num_samples
     stream = TextStream(tokenizer.vocab)
     print(f"\n=== sample 1/{args.num_samples} ===")
     print(args.prompt, end="", flush=True)
-    start = time.perf_counter()
     for step in generate_stream(model, batch, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
                                 eos_id, generator, use_cache=not args.no_cache):
         for row, token in enumerate(step.tolist()):                         # .tolist() syncs: once per step
@@ -354,9 +327,12 @@ def _sample(args, model, tokenizer, ckpt, device) -> None:
             new_ids[row].append(token)
             if row == 0:
                 print(stream.push(token), end="", flush=True)
-    seconds = time.perf_counter() - start
     print(stream.flush())
+    return new_ids, ended
 
+
+def print_samples(args, tokenizer, new_ids, ended, seconds) -> None:
+    """The other samples (the first was streamed), how each ended, and the speed."""
     for row in range(args.num_samples):
         if row > 0:
             print(f"\n=== sample {row + 1}/{args.num_samples} ===")
@@ -366,6 +342,20 @@ def _sample(args, model, tokenizer, ckpt, device) -> None:
     steps = max(len(ids) + ended[row] for row, ids in enumerate(new_ids))
     print(f"\n# {args.num_samples} x {steps} steps in {seconds:.2f} s: "
           f"{args.num_samples * steps / max(seconds, 1e-9):.1f} tokens/s")
+
+
+def _sample(args, model, tokenizer, ckpt, device) -> None:
+    """Sample --num-samples continuations as one batch; the first streams as it is generated."""
+    if tokenizer is None:
+        raise ValueError("the checkpoint names no tokenizer_dir: pass --tokenizer DIR")
+    prompt_ids = prompt_ids_for(tokenizer, args.prompt)
+    eos_id = None if args.no_stop_on_eos else tokenizer.special_token_ids.get(END_OF_TEXT)  # None: no such token
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)  # printed, so any run can be repeated
+    generator = torch.Generator(device=device).manual_seed(seed)
+    print_header(args, model, ckpt, device, prompt_ids, seed)
+    start = time.perf_counter()
+    new_ids, ended = stream_samples(args, model, tokenizer, prompt_ids, eos_id, generator)
+    print_samples(args, tokenizer, new_ids, ended, time.perf_counter() - start)
 
 
 def _evaluate_file(args, model, tokenizer, ckpt) -> None:
@@ -407,7 +397,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=None, help="default: a random seed, printed in the header")
     parser.add_argument("--no-stop-on-eos", action="store_true", help=f"keep going past {END_OF_TEXT}")
     parser.add_argument("--no-cache", action="store_true", help="recompute the context every step (the reference)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: the best available)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (overrides the checkpoint's)")
     parser.add_argument("--eval", default=None, metavar="FILE",
                         help="report per-token loss and perplexity over FILE (.npy of ids, or text) instead")
@@ -421,21 +411,16 @@ def main(argv=None) -> None:
             raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
         if args.num_samples < 1:
             raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise ValueError(f"--device {args.device!r} is not a device (try cpu, cuda, cuda:1)") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda but this machine has no CUDA GPU: use --device cpu")
+        device = train.pick_device(args.device)
         model, tokenizer, ckpt = load_model(args.ckpt, device, tokenizer_dir=args.tokenizer)
         if args.eval:
             _evaluate_file(args, model, tokenizer, ckpt)
         else:
             _sample(args, model, tokenizer, ckpt, device)
     except (ValueError, FileNotFoundError) as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+        parser.exit(EXIT_BAD_INPUT, f"{parser.prog}: error: {e}\n")
     except FloatingPointError as e:
-        parser.exit(1, f"{parser.prog}: error: {e}\n")
+        parser.exit(EXIT_ENVIRONMENT, f"{parser.prog}: error: {e}\n")
     except BrokenPipeError:  # the reader went away (`sample.py ... | head`): stop quietly, no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())    # so the exit-time flush cannot fail
         sys.exit(1)
