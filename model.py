@@ -9,6 +9,9 @@ sample.py decode one token at a time without recomputing the prefix.
     python model.py --preset ts17m --norm post --position nope
     python -m pytest tests/test_model.py
 
+Layers: cli -> bpe -> model, optim -> accounting -> train -> sample; model.py needs nothing above cli.py (its
+`main` borrows optim.cross_entropy only to print the loss at init).
+
 Shape legend: B batch, T sequence (query) length, S key length (cached + new), C d_model, H heads, D head dim
 (C / H), V vocab, F d_ff.
 """

@@ -7,6 +7,8 @@ multi-tensor ops (the fast path, `foreach=True`), tested equal to each other and
 
     python optim.py                          # the handout's SGD learning-rate toy (§4.2): lr 1e1, 1e2, 1e3
     python -m pytest tests/test_optim.py
+
+Layers: cli -> bpe -> model, optim -> accounting -> train -> sample; optim.py needs only torch (and cli.py's parser).
 """
 from __future__ import annotations
 

@@ -2,9 +2,16 @@
 torch.softmax, F.scaled_dot_product_attention, F.silu) or an independent implementation (RoPE via complex numbers);
 the whole model's state-dict keys, parameter count formula, causality, fused-vs-manual attention (outputs and
 gradients), the KV cache (cached logits == full-sequence logits, both attention paths, any chunking), every
-ablation's parameters and keys, input checks, and a tiny model overfitting one batch."""
+ablation's parameters and keys, input checks, and a tiny model overfitting one batch.
+
+    python -m pytest tests/test_model.py            # these tests (all fast)
+    python -m pytest -m slow                       # the slow end-to-end checks of the whole suite
+"""
 import dataclasses
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -454,3 +461,34 @@ def test_cli_runs_and_rejects_bad_config(capsys):
         main(["--d-ff", "0"])
     assert exit_info.value.code == 2  # argparse's usage error: one line, no traceback
     assert "d_ff must be a positive integer" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# ModelConfig.with_overrides: the one path from flags to a config (model.py, accounting.py, train.py)
+
+
+def test_with_overrides_replaces_given_fields_and_owns_the_silu_rule():
+    tiny = PRESETS["tiny"]
+    assert tiny.with_overrides(norm=None, d_model=None) == tiny                     # None = the flag was not given
+    assert tiny.with_overrides(norm="post").norm == "post"
+    assert tiny.with_overrides(ffn="silu").d_ff == 4 * 256                          # SiLU without d_ff: 4 * d_model
+    assert tiny.with_overrides(ffn="silu", d_model=64, num_heads=4).d_ff == 4 * 64  # of the new d_model
+    assert tiny.with_overrides(ffn="silu", d_ff=100).d_ff == 100                    # an explicit d_ff wins
+    silu = dataclasses.replace(tiny, ffn="silu", d_ff=500)
+    assert silu.with_overrides(ffn="silu").d_ff == 500                              # already SiLU: kept
+    with pytest.raises(ValueError, match="unknown model field"):
+        tiny.with_overrides(width=3)
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        tiny.with_overrides(num_heads=7)                                            # validated
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("model.py", ["--preset", "huge"], "invalid choice: 'huge'"),
+    ("model.py", ["--ffn", "relu"], "invalid choice: 'relu'"),
+    ("optim.py", ["--steps", "0"], "--steps must be positive"),
+])
+def test_model_and_optim_cli_errors_are_one_line_exit_2(script, argv, message):
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(root / script), *argv], capture_output=True, text=True, cwd=root)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"{script}: error: ") and message in done.stderr

@@ -1,7 +1,11 @@
 """Tests for optim.py against PyTorch: cross_entropy vs F.cross_entropy (values and gradients, 2-D and 3-D, logits
 of 1e4 stay finite), AdamW vs torch.optim.AdamW over 100 steps (≤ 1e-6, several groups, with weight decay), the
 foreach fast path vs the plain loop, AdamW state_dict round-trips (resume == uninterrupted run), cosine_lr at its
-boundary iterations, clip_grad_norm vs torch.nn.utils.clip_grad_norm_, and the SGD learning-rate toy's behaviours."""
+boundary iterations, clip_grad_norm vs torch.nn.utils.clip_grad_norm_, and the SGD learning-rate toy's behaviours.
+
+    python -m pytest tests/test_optim.py            # these tests (all fast)
+    python -m pytest -m slow                       # the slow end-to-end checks of the whole suite
+"""
 import math
 
 import pytest
