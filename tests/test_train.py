@@ -429,6 +429,27 @@ def test_resume_after_sigkill_and_sigterm_is_bitwise_identical(data_dir, tmp_pat
         assert losses(tmp_path / run) == losses(tmp_path / "ref")  # exact floats, every step, train and val
 
 
+@pytest.mark.slow  # a ts17m-sized model on CPU: a step takes seconds, so "at once" is measurable
+def test_two_sigterms_stop_a_real_run_within_a_second_or_two(data_dir, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(data_dir), "--out", str(out), "--preset", "ts17m",
+           "--vocab-size", "32", "--batch-size", "32", "--max-iters", "100", "--log-interval", "1", "--eval-iters",
+           "1", "--peak-flops", "0", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(proc, out / "log.jsonl", 1)
+    step_seconds = train.read_log(out / "log.jsonl")[-1]["ms_per_step"] / 1000
+    proc.send_signal(signal.SIGTERM)  # step 2 has just begun: it would finish, save and exit...
+    time.sleep(min(0.5, step_seconds / 4))
+    proc.send_signal(signal.SIGTERM)  # ...but the second signal stops it now
+    t = time.perf_counter()
+    stdout, stderr = proc.communicate(timeout=60)
+    waited = time.perf_counter() - t
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr.strip().splitlines() == [stderr.strip()] and "second SIGTERM (SIGTERM first): stopped at once" in stderr
+    assert "saved" not in stdout and not (out / "last.pt").exists() and not list(out.glob("*.tmp"))
+    assert waited < min(2.0, step_seconds / 2), (waited, step_seconds)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # DDP: 2 gloo processes against one process with the same global batch
 # --------------------------------------------------------------------------------------------------------------
