@@ -58,12 +58,14 @@ END_OF_TEXT = "<|endoftext|>"
 # pre-tokens: pretokens(chunk1 + chunk2) == pretokens(chunk1) + pretokens(chunk2). Chunks repeat far more than text
 # does, so training counts chunks first and encoding caches chunk -> ids; both then run the slow GPT-2 regex only on
 # unique chunks. The chunk split uses the stdlib `re` (about 3x faster than `regex` here).
-# subtle: `re`'s \s also matches U+001C..U+001F, which the GPT-2 pattern's `regex` \s does not; they are excluded so
-# both agree on every code point (tests/test_bpe.py checks all 1,114,112 of them).
-_WS, _NON_WS = r"[^\S\x1c-\x1f]", r"[\S\x1c-\x1f]"
-CHUNK_RE = re.compile(rf"{_WS}*{_NON_WS}+|{_WS}+")
+# WHITESPACE is what the GPT-2 pattern's \s (the `regex` package's) matches, and the one source of the whitespace
+# classes below. subtle: the stdlib `re`'s \s is not the same set (it also matches U+001C..U+001F), so the classes list
+# the characters instead of saying \s; tests/test_bpe.py checks all 1,114,112 code points against `regex`'s \s.
 WHITESPACE = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
-                       "\u2028\u2029\u202f\u205f\u3000")  # the same set: what `regex` calls \s
+                       "\u2028\u2029\u202f\u205f\u3000")
+_WS_CHARS = "".join(map(re.escape, sorted(WHITESPACE)))  # sorted: a set's order changes from run to run
+_WS, _NON_WS = f"[{_WS_CHARS}]", f"[^{_WS_CHARS}]"  # re compiles both to one bitmap lookup per character
+CHUNK_RE = re.compile(rf"{_WS}*{_NON_WS}+|{_WS}+")
 
 
 def pretokenize_chunks(chunks: list[str]) -> list[list[str]]:

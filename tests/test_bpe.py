@@ -112,7 +112,8 @@ def test_count_pretokens_matches_plain_regex():
 
 
 def test_chunk_whitespace_class_matches_regex_whitespace():
-    """CHUNK_RE's whitespace class (stdlib re) and the GPT-2 pattern's \\s (regex) agree on every code point."""
+    """bpe.WHITESPACE, which CHUNK_RE's classes are built from, is exactly the GPT-2 pattern's \\s (regex) on every
+    code point, and the class built from it (stdlib re) matches exactly those characters."""
     ws_re = re.compile(bpe._WS)
     ws_regex = regex.compile(r"\s")
     for cp in range(0x110000):
