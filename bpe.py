@@ -205,21 +205,47 @@ def _split_evenly(items: list, n: int) -> list[list]:
     return [o for o in out if o]
 
 
+def _num_workers(requested: int | None) -> int:
+    """The number of worker processes: as requested, else one per CPU."""
+    return requested or os.cpu_count() or 1
+
+
+def _map_pieces(fn, jobs: list, num_workers: int | None, initializer=None, initargs=(), warm_first=False) -> Iterator:
+    """fn(job) for each job, yielded in order, computed by up to `num_workers` forked worker processes, or in this
+    process when there is one worker or one job. initializer(*initargs) runs before fn in each process that calls it,
+    as multiprocessing.Pool's initializer does. warm_first: compute the first job here before forking, so whatever it
+    leaves in memory (a tokenizer's caches) is already there in every worker.
+    Close the generator (contextlib.closing) to stop the workers early, e.g. when the caller fails half way."""
+    num_workers = _num_workers(num_workers)
+    if num_workers == 1 or len(jobs) <= 1:
+        if initializer is not None:
+            initializer(*initargs)
+        yield from map(fn, jobs)
+        return
+    if warm_first:
+        if initializer is not None:
+            initializer(*initargs)
+        yield fn(jobs[0])
+        jobs = jobs[1:]
+    # note: "fork", so workers start at once and share this process's memory (copy-on-write), caches included;
+    # imap hands results back in job order.
+    with multiprocessing.get_context("fork").Pool(min(num_workers, len(jobs)), initializer, initargs) as pool:
+        yield from pool.imap(fn, jobs)  # leaving the `with` (done, failed or closed) terminates the workers
+
+
 PIECE_BYTES = 1 << 20  # 1 MiB of text per piece: small enough for flat memory, big enough to amortise overhead
 
 
 def count_pretokens_file(input_path, special_tokens=(), num_workers=None) -> Counter:
-    """Pre-token counts of a whole file, pre-tokenised in parallel by `num_workers` processes."""
-    num_workers = num_workers or os.cpu_count() or 1
+    """Pre-token counts of a whole file, pre-tokenised in parallel by `num_workers` processes (one stretch of
+    pieces each, so each worker turns its chunk counts into pre-token counts once)."""
+    num_workers = _num_workers(num_workers)
     bounds = find_piece_boundaries(input_path, PIECE_BYTES, special_tokens)
     ranges = list(zip(bounds[:-1], bounds[1:]))
     jobs = [(str(input_path), group, tuple(special_tokens)) for group in _split_evenly(ranges, num_workers)]
-    if len(jobs) == 1:
-        return _count_pieces(jobs[0])
-    with multiprocessing.get_context("fork").Pool(len(jobs)) as pool:
-        parts = pool.map(_count_pieces, jobs)
-    total = parts[0]
-    for part in parts[1:]:
+    parts = _map_pieces(_count_pieces, jobs, num_workers)
+    total = next(parts)
+    for part in parts:
         total.update(part)
     return total
 
@@ -772,35 +798,22 @@ def encode_file(tokenizer: Tokenizer, input_path, output_path, num_workers=None,
     if not output_path.parent.is_dir():
         raise FileNotFoundError(f"output directory {output_path.parent} does not exist; create it first")
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-    num_workers = num_workers or os.cpu_count() or 1
     bounds = find_piece_boundaries(input_path, PIECE_BYTES, tokenizer.special_tokens)
     jobs = [(str(input_path), s, e, dtype) for s, e in zip(bounds[:-1], bounds[1:])]
     raw, tmp = output_path.with_name(output_path.name + ".raw.tmp"), output_path.with_name(output_path.name + ".tmp")
     n_tokens, t0, size = 0, time.perf_counter(), input_path.stat().st_size
     try:
-        with open(raw, "wb") as out:
-            if num_workers == 1 or len(jobs) == 1:
-                _init_encode_worker(tokenizer)
-                results = map(_encode_piece, jobs)
-                pool = None
-            else:
-                # The first piece is encoded here, so its caches (most of the cost of a cold start) are warm in the
-                # forked workers, which inherit this process's memory.
-                _init_encode_worker(tokenizer)
-                first = _encode_piece(jobs[0])
-                pool = multiprocessing.get_context("fork").Pool(num_workers, _init_encode_worker, (tokenizer,))
-                results = chain([first], pool.imap(_encode_piece, jobs[1:]))  # in order, a few pieces ahead
-            try:
-                for (_, s, e, _), ids in zip(jobs, results):
-                    out.write(ids.tobytes())
-                    n_tokens += len(ids)
-                    if progress:
-                        dt = time.perf_counter() - t0
-                        print(f"\rencoded {e / 1e6:.1f}/{size / 1e6:.1f} MB  {e / 1e6 / dt:.1f} MB/s  "
-                              f"{n_tokens:,} tokens", end="", file=sys.stderr)
-            finally:
-                if pool is not None:
-                    pool.terminate()
+        # The first piece is encoded here before forking (warm_first), so its caches (most of the cost of a cold
+        # start) are warm in the workers, which inherit this process's memory.
+        results = _map_pieces(_encode_piece, jobs, num_workers, _init_encode_worker, (tokenizer,), warm_first=True)
+        with open(raw, "wb") as out, contextlib.closing(results):
+            for (_, s, e, _), ids in zip(jobs, results):
+                out.write(ids.tobytes())
+                n_tokens += len(ids)
+                if progress:
+                    dt = time.perf_counter() - t0
+                    print(f"\rencoded {e / 1e6:.1f}/{size / 1e6:.1f} MB  {e / 1e6 / dt:.1f} MB/s  "
+                          f"{n_tokens:,} tokens", end="", file=sys.stderr)
         if progress:
             print(file=sys.stderr)
         with open(tmp, "wb") as out, open(raw, "rb") as src:
