@@ -772,7 +772,16 @@ class Tokenizer:
 # Encoding whole files to .npy
 # ---------------------------------------------------------------------------------------------------------------------
 
-_worker_tokenizer = None
+UINT16_VOCAB = 1 << 16  # a vocab of up to 65,536 tokens has ids that fit in uint16: half the disk and memory of uint32
+COPY_BUFFER = 1 << 24  # bytes per read when copying a big file (16 MiB: few system calls, little memory)
+
+
+def _token_dtype(vocab_size: int) -> type:
+    """The .npy dtype for a vocab: _token_dtype(50_257) is np.uint16, _token_dtype(70_000) is np.uint32."""
+    return np.uint16 if vocab_size <= UINT16_VOCAB else np.uint32
+
+
+_worker_tokenizer = None  # the tokenizer of an encode worker (Pool gives fn no state, so _init_encode_worker sets it)
 
 
 def _init_encode_worker(tokenizer):
@@ -780,9 +789,10 @@ def _init_encode_worker(tokenizer):
     _worker_tokenizer = tokenizer
 
 
-def _encode_piece(args) -> np.ndarray:
+def _encode_piece(args) -> tuple[int, np.ndarray]:
+    """Worker: (end, ids) for the text of bytes [start, end) of the file."""
     path, start, end, dtype = args
-    return np.array(_worker_tokenizer.encode(read_piece(path, start, end)), dtype=dtype)
+    return end, np.array(_worker_tokenizer.encode(read_piece(path, start, end)), dtype=dtype)
 
 
 def encode_file(tokenizer: Tokenizer, input_path, output_path, num_workers=None, progress=False) -> int:
@@ -791,40 +801,67 @@ def encode_file(tokenizer: Tokenizer, input_path, output_path, num_workers=None,
     .npy is assembled from it and moved into place: the output never sits in memory whole, and is never half-written.
     Returns the number of tokens."""
     input_path, output_path = Path(input_path), Path(output_path)
+    _check_encode_paths(input_path, output_path)
+    dtype = _token_dtype(tokenizer.vocab_size)
+    raw = output_path.with_name(output_path.name + ".raw.tmp")
+    try:
+        with contextlib.closing(_encoded_pieces(tokenizer, input_path, dtype, num_workers)) as pieces:
+            n_tokens = _write_raw_ids(pieces, raw, input_path.stat().st_size, progress)
+        _write_npy_from_raw(raw, output_path, dtype, n_tokens)
+    finally:
+        raw.unlink(missing_ok=True)
+    return n_tokens
+
+
+def _check_encode_paths(input_path: Path, output_path: Path) -> None:
+    """Fail before any work when the input is missing or empty, or the output's directory is missing."""
     if not input_path.is_file():
         raise FileNotFoundError(f"input file {input_path} does not exist")
     if input_path.stat().st_size == 0:
         raise ValueError(f"input file {input_path} is empty")
     if not output_path.parent.is_dir():
         raise FileNotFoundError(f"output directory {output_path.parent} does not exist; create it first")
-    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+
+
+def _encoded_pieces(tokenizer: Tokenizer, input_path: Path, dtype, num_workers) -> Iterator[tuple[int, np.ndarray]]:
+    """(end byte offset, ids) of each piece of the file, in file order, encoded by `num_workers` processes. A generator:
+    close it to stop the workers."""
     bounds = find_piece_boundaries(input_path, PIECE_BYTES, tokenizer.special_tokens)
     jobs = [(str(input_path), s, e, dtype) for s, e in zip(bounds[:-1], bounds[1:])]
-    raw, tmp = output_path.with_name(output_path.name + ".raw.tmp"), output_path.with_name(output_path.name + ".tmp")
-    n_tokens, t0, size = 0, time.perf_counter(), input_path.stat().st_size
+    # The first piece is encoded here before forking (warm_first), so its caches (most of the cost of a cold start)
+    # are warm in the workers, which inherit this process's memory.
+    return _map_pieces(_encode_piece, jobs, num_workers, _init_encode_worker, (tokenizer,), warm_first=True)
+
+
+def _write_raw_ids(pieces: Iterable[tuple[int, np.ndarray]], raw: Path, total_bytes: int, progress: bool) -> int:
+    """Write the ids of the pieces, in order, to `raw` as bare array bytes (what follows a .npy header); returns the
+    number of tokens. progress: one updating line on stderr with bytes done, speed and tokens."""
+    n_tokens, t0 = 0, time.perf_counter()
+    with open(raw, "wb") as out:
+        for end, ids in pieces:
+            out.write(ids.tobytes())
+            n_tokens += len(ids)
+            if progress:
+                dt = time.perf_counter() - t0
+                print(f"\rencoded {end / 1e6:.1f}/{total_bytes / 1e6:.1f} MB  {end / 1e6 / dt:.1f} MB/s  "
+                      f"{n_tokens:,} tokens", end="", file=sys.stderr)
+    if progress:
+        print(file=sys.stderr)
+    return n_tokens
+
+
+def _write_npy_from_raw(raw: Path, output_path: Path, dtype, n_tokens: int) -> None:
+    """output_path = a .npy header (format 1.0, a 1-D array of n_tokens of dtype) + the bytes of `raw`, written to a
+    temporary file and moved into place with os.replace, so output_path is complete or absent."""
+    tmp = output_path.with_name(output_path.name + ".tmp")
     try:
-        # The first piece is encoded here before forking (warm_first), so its caches (most of the cost of a cold
-        # start) are warm in the workers, which inherit this process's memory.
-        results = _map_pieces(_encode_piece, jobs, num_workers, _init_encode_worker, (tokenizer,), warm_first=True)
-        with open(raw, "wb") as out, contextlib.closing(results):
-            for (_, s, e, _), ids in zip(jobs, results):
-                out.write(ids.tobytes())
-                n_tokens += len(ids)
-                if progress:
-                    dt = time.perf_counter() - t0
-                    print(f"\rencoded {e / 1e6:.1f}/{size / 1e6:.1f} MB  {e / 1e6 / dt:.1f} MB/s  "
-                          f"{n_tokens:,} tokens", end="", file=sys.stderr)
-        if progress:
-            print(file=sys.stderr)
         with open(tmp, "wb") as out, open(raw, "rb") as src:
             np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
                                                        "fortran_order": False, "shape": (n_tokens,)})
-            shutil.copyfileobj(src, out, 1 << 24)
+            shutil.copyfileobj(src, out, COPY_BUFFER)
         os.replace(tmp, output_path)
     finally:
-        for p in (raw, tmp):
-            p.unlink(missing_ok=True)
-    return n_tokens
+        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -889,7 +926,7 @@ def download(url: str, dest: Path, progress=True) -> Path:
 def gunzip(src: Path, dest: Path) -> Path:
     tmp = dest.with_name(dest.name + ".tmp")
     with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
-        shutil.copyfileobj(fin, fout, 1 << 24)
+        shutil.copyfileobj(fin, fout, COPY_BUFFER)
     os.replace(tmp, dest)
     src.unlink()
     return dest
