@@ -30,7 +30,7 @@ import urllib.request
 from collections import Counter, defaultdict
 from itertools import chain, filterfalse, repeat
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 import regex
@@ -323,9 +323,25 @@ def _inverted(token: bytes) -> tuple:
     return tuple(255 - c for c in token) + (256,)
 
 
+def _byte_words(counts: Counter) -> tuple[list[str], list[int]]:
+    """Pre-token counts -> (words, their frequencies), a word being a str with one character per token: chr(id).
+    _byte_words(Counter({"hé": 2, "a": 5})) == (["h\\xc3\\xa9"], [2])"""
+    # At the start id == byte value, so decoding the UTF-8 bytes as Latin-1 gives exactly that (b"\xc3\xa9" ->
+    # "\xc3\xa9", two tokens). Strings let the merge loop find and rewrite the pair with str methods that run in C,
+    # with no Python-level step per token: a merge is `word.replace(chr(a) + chr(b), chr(new))`, whose non-overlapping
+    # left-to-right rule is exactly BPE's. Single-byte words have no pairs and are dropped.
+    words, freqs = [], []
+    for pretoken, n in counts.items():
+        w = pretoken.encode("utf-8").decode("latin-1")
+        if len(w) > 1:
+            words.append(w)
+            freqs.append(n)
+    return words, freqs
+
+
 def count_pairs(words: list[str], freqs: list[int]) -> tuple[defaultdict, defaultdict]:
     """Initial pair counts and pair -> word indices, vectorised with numpy (a word is a str of token ids, see
-    bpe_merges; here every id is still a byte, < 256). A pair is the 2-character str of its two ids.
+    _byte_words; here every id is still a byte, < 256). A pair is the 2-character str of its two ids.
     count_pairs(["abab", "ba"], [3, 1]) -> ({"ab": 6, "ba": 4}, {"ab": [0], "ba": [0, 1]})"""
     lengths = np.fromiter(map(len, words), dtype=np.int32, count=len(words))
     flat = np.frombuffer("".join(words).encode("latin-1"), dtype=np.uint8).astype(np.int32)  # chr(i) -> byte i
@@ -356,21 +372,14 @@ def count_pairs(words: list[str], freqs: list[int]) -> tuple[defaultdict, defaul
     return pair_counts, pair_words
 
 
+PROGRESS_MERGES = 1000  # with progress=True, bpe_merges prints a line every this many merges
+
+
 def bpe_merges(counts: Counter, num_merges: int, *, progress=False, t0=None) -> tuple[list[bytes], list]:
     """The merge loop: pre-token counts -> (tokens by id, merges as id pairs), at most num_merges of them.
     bpe_merges(Counter({"ab": 2, "abc": 1}), 2) -> ([..256 bytes.., b"ab", b"abc"], [(97, 98), (256, 99)])"""
     t0 = time.perf_counter() if t0 is None else t0
-    # A word is a str with one character per token: chr(id). At the start id == byte value, so decoding the UTF-8
-    # bytes as Latin-1 gives exactly that (b"\xc3\xa9" -> "\xc3\xa9", two tokens). Strings let the merge loop
-    # find and rewrite the pair with str methods that run in C, with no Python-level step per token: a merge is
-    # `word.replace(chr(a) + chr(b), chr(new))`, whose non-overlapping left-to-right rule is exactly BPE's.
-    # Single-byte words have no pairs and are dropped.
-    words, freqs = [], []
-    for pretoken, n in counts.items():
-        w = pretoken.encode("utf-8").decode("latin-1")
-        if len(w) > 1:
-            words.append(w)
-            freqs.append(n)
+    words, freqs = _byte_words(counts)  # a word is a str with one character per token, chr(id)
 
     # The bookkeeping (what makes a merge cheap). A pair (a, b) is the 2-character str chr(a) + chr(b):
     #   pair_counts[pair]  how often the pair occurs in the corpus (sum of word frequencies);
@@ -392,69 +401,112 @@ def bpe_merges(counts: Counter, num_merges: int, *, progress=False, t0=None) -> 
     heapq.heapify(heap)
 
     merges = []
-    heappush, heappop = heapq.heappush, heapq.heappop  # note: local names are faster in the hot loop below
-    while len(merges) < num_merges and heap:
-        neg_count, key_a, key_b, pair = heappop(heap)
-        count = pair_counts.get(pair, 0)
-        if count != -neg_count:  # stale entry: re-queue with its current count
-            if count > 0:
-                heappush(heap, (-count, key_a, key_b, pair))
-            continue
+    while len(merges) < num_merges:
+        pair = _pop_best_pair(heap, pair_counts)
+        if pair is None:  # no pair occurs any more: the corpus has no further merges
+            break
         a, b = pair
-        new = chr(len(vocab))
+        new = chr(len(vocab))  # the merged token, as a word character
         vocab.append(vocab[ord(a)] + vocab[ord(b)])
         keys.append(_inverted(vocab[-1]))
         merges.append((ord(a), ord(b)))
-        # Each occurrence with left neighbour x turns (x, a) into (x, new), and with right neighbour y turns (b, y)
-        # into (new, y). The new pairs are tallied by their other token (x or y) and added to the bookkeeping after the
-        # words are rewritten; they are all brand new. The old pairs (x, a) and (b, y) lose the same amounts, except in
-        # "a b a b" (see `overlap`).
-        left_counts, right_counts = defaultdict(int), defaultdict(int)
-        left_words, right_words = defaultdict(list), defaultdict(list)
-        overlap = 0
-        for i in pair_words.pop(pair):
-            w = words[i]
-            j = w.find(pair)
-            if j < 0:  # the word no longer holds the pair (an earlier merge took one of its tokens)
-                continue
-            n, end = freqs[i], 0
-            while j >= 0:
-                if j:
-                    if j == end:  # "a b a b": the left neighbour is the `new` just made, and the previous
-                        x = new   # occurrence counted (new, a), which does not exist: take it back
-                        right_counts[a] -= n
-                        overlap += n
-                    else:
-                        x = w[j - 1]
-                    left_counts[x] += n
-                    left_words[x].append(i)
-                end = j + 2
-                if end < len(w):  # the right neighbour, as it is before this word is rewritten
-                    y = w[end]
-                    right_counts[y] += n
-                    right_words[y].append(i)
-                j = w.find(pair, end)
-            words[i] = w.replace(pair, new)  # BPE's merge: non-overlapping, left to right
-        key_new = keys[-1]
-        for x, count in left_counts.items():
-            if x != new:  # (new, a) did not exist before this merge
-                pair_counts[x + a] -= count
-            x_new = x + new
-            pair_counts[x_new] = count
-            pair_words[x_new] = left_words[x]
-            if count > 0:
-                heappush(heap, (-count, keys[ord(x)], key_new, x_new))
-        for y, count in right_counts.items():
-            pair_counts[b + y] -= count + overlap if y == a else count  # overlap: (b, a) lost it, (new, a) gave back
-            new_y = new + y
-            pair_counts[new_y] = count
-            pair_words[new_y] = right_words[y]
-            if count > 0:
-                heappush(heap, (-count, key_new, keys[ord(y)], new_y))
-        del pair_counts[pair]  # a greedy left-to-right merge leaves no (a, b) behind
-        if progress and len(merges) % 1000 == 0:
+        tally = _rewrite_words(words, freqs, pair_words.pop(pair), pair, new)
+        _apply_pair_deltas(tally, pair, new, pair_counts, pair_words, heap, keys)
+        # A greedy left-to-right merge leaves no (a, b) behind. subtle: only after the deltas, which touch (a, b)
+        # itself when a == b ("a a a" loses (a, a) twice, once as the merged pair and once as (b, y)).
+        del pair_counts[pair]
+        if progress and len(merges) % PROGRESS_MERGES == 0:
             print(f"merges {len(merges):,}/{num_merges:,}  {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return vocab, merges
+
+
+def _pop_best_pair(heap: list, pair_counts: dict) -> str | None:
+    """Pop entries until one is current and return its pair: the most frequent pair (ties: the greater byte strings),
+    or None once the heap is empty. A stale entry, whose count is no longer the pair's count, is pushed back with the
+    current count if that is above 0 (lazy invalidation, see bpe_merges)."""
+    heappush, heappop = heapq.heappush, heapq.heappop  # note: local names are faster in the loop below
+    while heap:
+        neg_count, key_a, key_b, pair = heappop(heap)
+        count = pair_counts.get(pair, 0)
+        if count == -neg_count:
+            return pair
+        if count > 0:
+            heappush(heap, (-count, key_a, key_b, pair))
+    return None
+
+
+class _NeighbourTally(NamedTuple):
+    """How one merge of the pair (a, b) into `new` changes the neighbouring pairs, summed per neighbour token; counts
+    are weighted by word frequency. Made by _rewrite_words, applied by _apply_pair_deltas."""
+    left_counts: dict   # x -> occurrences with left neighbour x: (x, a) became (x, new)
+    left_words: dict    # x -> the indices of the words where it happened
+    right_counts: dict  # y -> occurrences with right neighbour y: (b, y) became (new, y)
+    right_words: dict   # y -> the indices of the words where it happened
+    overlap: int        # back-to-back occurrences ("a b a b"): their (b, a) is gone but they made no (new, a)
+
+
+def _rewrite_words(words: list[str], freqs: list[int], word_ids: list[int], pair: str, new: str) -> _NeighbourTally:
+    """Merge `pair` into the token `new` in every listed word that still holds it (rewriting `words` in place), and
+    tally the neighbours of the merged occurrences, as they were before the rewrite.
+    words = ["abab", "cab"]; _rewrite_words(words, [1, 2], [0, 1], "ab", "Z") turns words into ["ZZ", "cZ"] and
+    tallies left_counts {"Z": 1, "c": 2}, left_words {"Z": [0], "c": [1]}, right_counts {"a": 0}, overlap 1."""
+    # Each occurrence with left neighbour x turns (x, a) into (x, new), and with right neighbour y turns (b, y) into
+    # (new, y). The new pairs are tallied by their other token (x or y); the old pairs (x, a) and (b, y) lose the same
+    # amounts, except in "a b a b" (see `overlap`).
+    a = pair[0]
+    left_counts, right_counts = defaultdict(int), defaultdict(int)
+    left_words, right_words = defaultdict(list), defaultdict(list)
+    overlap = 0
+    for i in word_ids:
+        w = words[i]
+        j = w.find(pair)
+        if j < 0:  # the word no longer holds the pair (an earlier merge took one of its tokens)
+            continue
+        n, end = freqs[i], 0
+        while j >= 0:
+            if j:
+                if j == end:  # "a b a b": the left neighbour is the `new` just made, and the previous
+                    x = new   # occurrence counted (new, a), which does not exist: take it back
+                    right_counts[a] -= n
+                    overlap += n
+                else:
+                    x = w[j - 1]
+                left_counts[x] += n
+                left_words[x].append(i)
+            end = j + 2
+            if end < len(w):  # the right neighbour, as it is before this word is rewritten
+                y = w[end]
+                right_counts[y] += n
+                right_words[y].append(i)
+            j = w.find(pair, end)
+        words[i] = w.replace(pair, new)  # BPE's merge: non-overlapping, left to right
+    return _NeighbourTally(left_counts, left_words, right_counts, right_words, overlap)
+
+
+def _apply_pair_deltas(tally: _NeighbourTally, pair: str, new: str, pair_counts: dict, pair_words: dict, heap: list,
+                       keys: list) -> None:
+    """Apply one merge's tally to the bookkeeping, once per changed pair: the old neighbour pairs (x, a) and (b, y)
+    lose their counts; the new pairs (x, new) and (new, y), all brand new, get theirs and the tally's word lists, and
+    are pushed on the heap if they occur."""
+    a, b = pair
+    key_new = keys[ord(new)]
+    heappush = heapq.heappush
+    left_words, right_words, overlap = tally.left_words, tally.right_words, tally.overlap
+    for x, count in tally.left_counts.items():
+        if x != new:  # (new, a) did not exist before this merge
+            pair_counts[x + a] -= count
+        x_new = x + new
+        pair_counts[x_new] = count
+        pair_words[x_new] = left_words[x]
+        if count > 0:
+            heappush(heap, (-count, keys[ord(x)], key_new, x_new))
+    for y, count in tally.right_counts.items():
+        pair_counts[b + y] -= count + overlap if y == a else count  # overlap: (b, a) lost it, (new, a) gave back
+        new_y = new + y
+        pair_counts[new_y] = count
+        pair_words[new_y] = right_words[y]
+        if count > 0:
+            heappush(heap, (-count, key_new, keys[ord(y)], new_y))
 
 
 @contextlib.contextmanager
