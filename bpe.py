@@ -35,7 +35,7 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 import regex
 
-from cli import OneLineParser
+from cli import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, OneLineParser
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Pre-tokenisation
@@ -1019,7 +1019,40 @@ def _peak_rss_mib() -> float:
                resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024  # Linux reports KiB
 
 
-def main(argv=None) -> int:
+def train_command(args) -> None:
+    """bpe.py train: train on --input and write the tokenizer directory --out."""
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"output directory {out.parent} does not exist; create it first")
+    vocab, merges = train_bpe(args.input, args.vocab_size, args.special_tokens, num_workers=args.workers, progress=True)
+    out.mkdir(exist_ok=True)
+    Tokenizer(vocab, merges, args.special_tokens).save_dir(out)
+    longest = max(vocab.values(), key=len)
+    print(f"trained {len(vocab):,} tokens in {time.perf_counter() - t0:.1f} s, peak memory "
+          f"{_peak_rss_mib():.0f} MiB, longest token {longest.decode('utf-8', 'replace')!r} "
+          f"({len(longest)} bytes) -> {out}")
+
+
+def encode_command(args) -> None:
+    """bpe.py encode: encode --input with the tokenizer directory --tokenizer into the .npy --output."""
+    t0 = time.perf_counter()
+    tok = Tokenizer.from_dir(args.tokenizer)
+    n = encode_file(tok, args.input, args.output, args.workers, progress=True)
+    dt, size = time.perf_counter() - t0, os.path.getsize(args.input)
+    print(f"{n:,} tokens, {size / max(n, 1):.2f} bytes/token, {size / 1e6 / dt:.1f} MB/s -> {args.output}")
+
+
+def prepare_command(args) -> None:
+    """bpe.py prepare: download a dataset, train its tokenizer and encode both splits into --out."""
+    t0 = time.perf_counter()
+    counts = prepare(args.dataset, args.out, args.base_url, args.vocab_size, args.workers)
+    print(f"prepared {args.dataset} in {time.perf_counter() - t0:.0f} s: "
+          + ", ".join(f"{k} {v:,} tokens" for k, v in counts.items()) + f" -> {args.out}")
+
+
+def build_parser() -> OneLineParser:
+    """The three subcommands; each sets args.command_fn, the function that runs it."""
     parser = OneLineParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a tokenizer and write DIR/{vocab.json,merges.txt,special_tokens.json}")
@@ -1028,50 +1061,37 @@ def main(argv=None) -> int:
     p.add_argument("--special-tokens", nargs="*", default=[])
     p.add_argument("--out", required=True)
     p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(command_fn=train_command)
     p = sub.add_parser("encode", help="encode a text file to a .npy of token ids")
     p.add_argument("--tokenizer", required=True, help="a tokenizer directory")
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(command_fn=encode_command)
     p = sub.add_parser("prepare", help="download a dataset, train its tokenizer, encode train and valid")
     p.add_argument("dataset", choices=sorted(DATASETS))
     p.add_argument("--out", required=True)
     p.add_argument("--base-url", default=None, help=f"download from here instead (or set ${BASE_URL_ENV})")
     p.add_argument("--vocab-size", type=int, default=None, help="default: 10000 (tinystories), 32000 (owt)")
     p.add_argument("--workers", type=int, default=None)
-    args = parser.parse_args(argv)
-    if getattr(args, "workers", None) is not None and args.workers < 1:
-        parser.error("--workers must be at least 1")
+    p.set_defaults(command_fn=prepare_command)
+    return parser
 
+
+def main(argv=None) -> int:
+    """Run one subcommand; a problem is one line on stderr and an exit code (see cli.py), never a traceback."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        parser.error("--workers must be at least 1")
     try:
-        t0 = time.perf_counter()
-        if args.command == "train":
-            out = Path(args.out)
-            if not out.parent.is_dir():
-                raise FileNotFoundError(f"output directory {out.parent} does not exist; create it first")
-            vocab, merges = train_bpe(args.input, args.vocab_size, args.special_tokens,
-                                      num_workers=args.workers, progress=True)
-            out.mkdir(exist_ok=True)
-            Tokenizer(vocab, merges, args.special_tokens).save_dir(out)
-            longest = max(vocab.values(), key=len)
-            print(f"trained {len(vocab):,} tokens in {time.perf_counter() - t0:.1f} s, peak memory "
-                  f"{_peak_rss_mib():.0f} MiB, longest token {longest.decode('utf-8', 'replace')!r} "
-                  f"({len(longest)} bytes) -> {out}")
-        elif args.command == "encode":
-            tok = Tokenizer.from_dir(args.tokenizer)
-            n = encode_file(tok, args.input, args.output, args.workers, progress=True)
-            dt, size = time.perf_counter() - t0, os.path.getsize(args.input)
-            print(f"{n:,} tokens, {size / max(n, 1):.2f} bytes/token, {size / 1e6 / dt:.1f} MB/s -> {args.output}")
-        else:
-            counts = prepare(args.dataset, args.out, args.base_url, args.vocab_size, args.workers)
-            print(f"prepared {args.dataset} in {time.perf_counter() - t0:.0f} s: "
-                  + ", ".join(f"{k} {v:,} tokens" for k, v in counts.items()) + f" -> {args.out}")
-    except DownloadError as e:  # not the user's input: exit code 1
+        args.command_fn(args)
+    except DownloadError as e:  # not the user's input
         print(f"bpe.py: error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_ENVIRONMENT
     except (ValueError, OSError) as e:  # bad input: missing/unreadable files, bad arguments, bad file contents
         print(f"bpe.py: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     return 0
 
 
