@@ -96,6 +96,15 @@ def special_pattern(special_tokens: Iterable[str]) -> "re.Pattern | None":
     return re.compile("(" + "|".join(re.escape(s) for s in specials) + ")")
 
 
+def unique_special_tokens(special_tokens: Iterable[str]) -> list[str]:
+    """The special tokens de-duplicated in order; the empty string is an error (it would match everywhere).
+    unique_special_tokens(["<|a|>", "<|b|>", "<|a|>"]) == ["<|a|>", "<|b|>"]"""
+    specials = list(dict.fromkeys(special_tokens))
+    if any(s == "" for s in specials):
+        raise ValueError("a special token is the empty string; remove it")
+    return specials
+
+
 def count_chunks(text: str, special_tokens: Iterable[str] = (), counts: Counter | None = None) -> Counter:
     """Chunk frequencies of `text`, split on the special tokens first so nothing spans a document boundary; added to
     `counts` if given (one Counter for many pieces: Counter.update from a list counts in C, from a Counter in Python).
@@ -302,9 +311,7 @@ def check_training_args(input_path, vocab_size: int, special_tokens) -> list[str
         raise FileNotFoundError(f"input file {path} does not exist" if not path.exists() else f"{path} is not a file")
     if path.stat().st_size == 0:
         raise ValueError(f"input file {path} is empty; give a text file with some content")
-    specials = list(dict.fromkeys(special_tokens))
-    if any(s == "" for s in specials):
-        raise ValueError("a special token is the empty string; remove it")
+    specials = unique_special_tokens(special_tokens)
     if vocab_size < 256 + len(specials):
         raise ValueError(f"vocab_size {vocab_size} is smaller than 256 bytes + {len(specials)} special tokens; "
                          f"use at least {256 + len(specials)}")
@@ -584,11 +591,17 @@ def str_to_token(s: str, where: str) -> bytes:
         raise ValueError(f"{where}: {s!r} has character {e.args[0]!r} outside GPT-2's byte-to-unicode alphabet") from None
 
 
+def check_output_dir(path) -> None:
+    """Raise FileNotFoundError (naming it) unless the directory that `path` goes into exists; it is never created."""
+    parent = Path(path).parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"output directory {parent} does not exist; create it first")
+
+
 def _write_atomic(path, text: str) -> None:
     """Write via a temporary file + os.replace, so a crash never leaves a half-written file."""
     path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output directory {path.parent} does not exist; create it first")
+    check_output_dir(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
@@ -658,9 +671,7 @@ class Tokenizer:
     def __init__(self, vocab: dict[int, bytes], merges: list, special_tokens=None):
         self.vocab = dict(vocab)
         self.merges = list(merges)
-        self.special_tokens = list(dict.fromkeys(special_tokens or ()))
-        if any(s == "" for s in self.special_tokens):
-            raise ValueError("a special token is the empty string; remove it")
+        self.special_tokens = unique_special_tokens(special_tokens or ())
         token_ids = {t: i for i, t in self.vocab.items()}
         for s in self.special_tokens:  # specials absent from the vocab are appended
             if s.encode("utf-8") not in token_ids:
@@ -871,8 +882,7 @@ def _check_encode_paths(input_path: Path, output_path: Path) -> None:
         raise FileNotFoundError(f"input file {input_path} does not exist")
     if input_path.stat().st_size == 0:
         raise ValueError(f"input file {input_path} is empty")
-    if not output_path.parent.is_dir():
-        raise FileNotFoundError(f"output directory {output_path.parent} does not exist; create it first")
+    check_output_dir(output_path)
 
 
 def _encoded_pieces(tokenizer: Tokenizer, input_path: Path, dtype, num_workers) -> Iterator[tuple[int, np.ndarray]]:
@@ -989,8 +999,7 @@ def prepare(name: str, out_dir, base_url=None, vocab_size=None, num_workers=None
     spec = DATASETS[name]
     base_url = base_url or os.environ.get(BASE_URL_ENV) or spec["base_url"]
     out = Path(out_dir)
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"output directory {out.parent} does not exist; create it first")
+    check_output_dir(out)
     out.mkdir(exist_ok=True)
     texts = {}
     for split, filename in spec["files"].items():
@@ -1023,8 +1032,7 @@ def train_command(args) -> None:
     """bpe.py train: train on --input and write the tokenizer directory --out."""
     t0 = time.perf_counter()
     out = Path(args.out)
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"output directory {out.parent} does not exist; create it first")
+    check_output_dir(out)
     vocab, merges = train_bpe(args.input, args.vocab_size, args.special_tokens, num_workers=args.workers, progress=True)
     out.mkdir(exist_ok=True)
     Tokenizer(vocab, merges, args.special_tokens).save_dir(out)
