@@ -29,6 +29,7 @@ import urllib.error
 import urllib.request
 from collections import Counter, defaultdict
 from itertools import chain, filterfalse, repeat
+from http import HTTPStatus
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
@@ -66,6 +67,7 @@ WHITESPACE = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2
 _WS_CHARS = "".join(map(re.escape, sorted(WHITESPACE)))  # sorted: a set's order changes from run to run
 _WS, _NON_WS = f"[{_WS_CHARS}]", f"[^{_WS_CHARS}]"  # re compiles both to one bitmap lookup per character
 CHUNK_RE = re.compile(rf"{_WS}*{_NON_WS}+|{_WS}+")
+CHUNK_START = re.compile(rf"(?<={_NON_WS}){_WS}")  # where a chunk other than the first starts: a safe cut in text
 
 
 def pretokenize_chunks(chunks: list[str]) -> list[list[str]]:
@@ -143,6 +145,8 @@ def count_pretokens(text: str, special_tokens: Iterable[str] = ()) -> Counter:
 # boundary), and not inside an occurrence of a special token. Pre-tokenising or encoding the pieces separately then
 # gives exactly the result for the whole file, so the output never depends on the number of workers.
 _SAFE_CUT = re.compile(rb"[!-~](?=[\t\n\x0b\x0c\r ])")
+PIECE_BYTES = 1 << 20  # 1 MiB of text per piece: small enough for flat memory, big enough to amortise overhead
+_CUT_WINDOW = 1 << 16  # bytes read at a time while looking for a safe cut at or after a piece's target end
 
 
 def find_piece_boundaries(path, piece_bytes: int, special_tokens: Iterable[str] = ()) -> list[int]:
@@ -156,7 +160,7 @@ def find_piece_boundaries(path, piece_bytes: int, special_tokens: Iterable[str] 
         while target < size:
             lo = max(0, target - longest)  # read a little before the target to see specials that span a cut
             f.seek(lo)
-            window = f.read((1 << 16) + 2 * longest)
+            window = f.read(_CUT_WINDOW + 2 * longest)
             cut = None
             for m in _SAFE_CUT.finditer(window, target - lo):
                 p = m.end()  # just before the whitespace byte
@@ -166,7 +170,7 @@ def find_piece_boundaries(path, piece_bytes: int, special_tokens: Iterable[str] 
                     cut = lo + p
                     break
             if cut is None:  # no safe cut in this window: look further on
-                target += 1 << 16
+                target += _CUT_WINDOW
                 continue
             bounds.append(cut)
             target = cut + piece_bytes
@@ -242,9 +246,6 @@ def _map_pieces(fn, jobs: list, num_workers: int | None, initializer=None, inita
         yield from pool.imap(fn, jobs)  # leaving the `with` (done, failed or closed) terminates the workers
 
 
-PIECE_BYTES = 1 << 20  # 1 MiB of text per piece: small enough for flat memory, big enough to amortise overhead
-
-
 def count_pretokens_file(input_path, special_tokens=(), num_workers=None) -> Counter:
     """Pre-token counts of a whole file, pre-tokenised in parallel by `num_workers` processes (one stretch of
     pieces each, so each worker turns its chunk counts into pre-token counts once)."""
@@ -304,6 +305,9 @@ def train_bpe_naive(input_path, vocab_size: int, special_tokens=()) -> tuple[dic
 # Training: the fast version
 # ---------------------------------------------------------------------------------------------------------------------
 
+MAX_TRAIN_VOCAB = 0x110000  # bpe_merges writes token ids as characters, chr(id), and chr stops at U+10FFFF
+
+
 def check_training_args(input_path, vocab_size: int, special_tokens) -> list[str]:
     """Validate the arguments of train_bpe; returns the special tokens de-duplicated in order."""
     path = Path(input_path)
@@ -319,9 +323,6 @@ def check_training_args(input_path, vocab_size: int, special_tokens) -> list[str
         raise ValueError(f"vocab_size {vocab_size} is too large: training supports at most {MAX_TRAIN_VOCAB:,} "
                          f"tokens besides the special tokens; use a smaller one")
     return specials
-
-
-MAX_TRAIN_VOCAB = 0x110000  # bpe_merges writes token ids as characters, chr(id), and chr stops at U+10FFFF
 
 
 def _inverted(token: bytes) -> tuple:
@@ -581,10 +582,12 @@ CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
 
 
 def token_to_str(token: bytes) -> str:
+    """A token as it is written in vocab.json / merges.txt: token_to_str(b" hi\\n") == "ĠhiĊ"."""
     return "".join(BYTE_TO_CHAR[b] for b in token)
 
 
 def str_to_token(s: str, where: str) -> bytes:
+    """The inverse of token_to_str; a character outside the alphabet is a ValueError that names `where`."""
     try:
         return bytes(CHAR_TO_BYTE[c] for c in s)
     except KeyError as e:
@@ -667,6 +670,7 @@ class Tokenizer:
     """
 
     CACHE_LIMIT = 1 << 20  # entries per cache before it is cleared, so streaming huge files keeps memory bounded
+    CUT_LOOKBACK = 4096  # characters before the end of the buffer searched for a safe cut (see _safe_cut)
 
     def __init__(self, vocab: dict[int, bytes], merges: list, special_tokens=None):
         self.vocab = dict(vocab)
@@ -812,9 +816,10 @@ class Tokenizer:
         match if one spans it (a match start is itself a safe cut: special tokens are split off first)."""
         longest = max(map(len, self.special_tokens), default=0)
         limit = len(buf) - longest
+        start = max(0, limit - self.CUT_LOOKBACK)
         cut = 0
-        for m in re.finditer(rf"(?<={_NON_WS}){_WS}", buf[max(0, limit - 4096):limit]):
-            cut = max(0, limit - 4096) + m.start()
+        for m in CHUNK_START.finditer(buf[start:limit]):
+            cut = start + m.start()
         if not cut or self._special_re is None:
             return cut
         for m in self._special_re.finditer(buf, 0, cut + longest):
@@ -848,6 +853,7 @@ _worker_tokenizer = None  # the tokenizer of an encode worker (Pool gives fn no 
 
 
 def _init_encode_worker(tokenizer):
+    """Pool initializer (and, for work done in this process, a plain call): the tokenizer _encode_piece uses."""
     global _worker_tokenizer
     _worker_tokenizer = tokenizer
 
@@ -939,10 +945,12 @@ DATASETS = {
                 vocab_size=32_000),
 }
 BASE_URL_ENV = "CS336_DATA_URL"  # overrides the base URL (a mirror, or a local test server)
+DOWNLOAD_TIMEOUT_S = 60  # seconds a connect or a read may wait before the download counts as failed
+DOWNLOAD_BLOCK = 1 << 20  # bytes per read (1 MiB), and one progress update each
 
 
 class DownloadError(RuntimeError):
-    pass
+    """A download failed or stopped: the network's or the server's fault, not the input's (cli.EXIT_ENVIRONMENT)."""
 
 
 def download(url: str, dest: Path, progress=True) -> Path:
@@ -954,13 +962,13 @@ def download(url: str, dest: Path, progress=True) -> Path:
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     printed = False  # a progress line is open on stderr (end it before an error message)
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            if have and response.status != 206:  # the server ignored the Range: start over
+        with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            if have and response.status != HTTPStatus.PARTIAL_CONTENT:  # the server ignored the Range: start over
                 have = 0
             total = have + int(response.headers.get("Content-Length") or 0)
             with open(part, "ab" if have else "wb") as f:
                 done, t0 = have, time.perf_counter()
-                while block := response.read(1 << 20):
+                while block := response.read(DOWNLOAD_BLOCK):
                     f.write(block)
                     done += len(block)
                     if progress:
@@ -974,7 +982,8 @@ def download(url: str, dest: Path, progress=True) -> Path:
             if total and done != total:
                 raise DownloadError(f"download of {url} stopped at {done} of {total} bytes; re-run to resume")
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-        if isinstance(e, urllib.error.HTTPError) and e.code == 416 and have:  # range past the end: already complete
+        range_refused = isinstance(e, urllib.error.HTTPError) and e.code == HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE
+        if range_refused and have:  # nothing after byte `have`: the .part file is taken as complete
             os.replace(part, dest)
             return dest
         if printed:
@@ -986,6 +995,7 @@ def download(url: str, dest: Path, progress=True) -> Path:
 
 
 def gunzip(src: Path, dest: Path) -> Path:
+    """Decompress src into dest (via dest.tmp, so dest is complete or absent), then delete src."""
     tmp = dest.with_name(dest.name + ".tmp")
     with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
         shutil.copyfileobj(fin, fout, COPY_BUFFER)
@@ -1014,8 +1024,7 @@ def prepare(name: str, out_dir, base_url=None, vocab_size=None, num_workers=None
                               num_workers=num_workers, progress=progress)
     tok = Tokenizer(vocab, merges, specials)
     tok.save_dir(out)
-    counts = {split: encode_file(tok, txt, out / f"{split}.npy", num_workers, progress) for split, txt in texts.items()}
-    return counts
+    return {split: encode_file(tok, txt, out / f"{split}.npy", num_workers, progress) for split, txt in texts.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
