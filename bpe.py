@@ -29,13 +29,14 @@ import urllib.error
 import urllib.request
 from collections import Counter, defaultdict
 from itertools import chain, filterfalse, repeat
+from http import HTTPStatus
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 import regex
 
-from cli import OneLineParser
+from cli import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, OneLineParser
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Pre-tokenisation
@@ -58,12 +59,15 @@ END_OF_TEXT = "<|endoftext|>"
 # pre-tokens: pretokens(chunk1 + chunk2) == pretokens(chunk1) + pretokens(chunk2). Chunks repeat far more than text
 # does, so training counts chunks first and encoding caches chunk -> ids; both then run the slow GPT-2 regex only on
 # unique chunks. The chunk split uses the stdlib `re` (about 3x faster than `regex` here).
-# subtle: `re`'s \s also matches U+001C..U+001F, which the GPT-2 pattern's `regex` \s does not; they are excluded so
-# both agree on every code point (tests/test_bpe.py checks all 1,114,112 of them).
-_WS, _NON_WS = r"[^\S\x1c-\x1f]", r"[\S\x1c-\x1f]"
-CHUNK_RE = re.compile(rf"{_WS}*{_NON_WS}+|{_WS}+")
+# WHITESPACE is what the GPT-2 pattern's \s (the `regex` package's) matches, and the one source of the whitespace
+# classes below. subtle: the stdlib `re`'s \s is not the same set (it also matches U+001C..U+001F), so the classes list
+# the characters instead of saying \s; tests/test_bpe.py checks all 1,114,112 code points against `regex`'s \s.
 WHITESPACE = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
-                       "\u2028\u2029\u202f\u205f\u3000")  # the same set: what `regex` calls \s
+                       "\u2028\u2029\u202f\u205f\u3000")
+_WS_CHARS = "".join(map(re.escape, sorted(WHITESPACE)))  # sorted: a set's order changes from run to run
+_WS, _NON_WS = f"[{_WS_CHARS}]", f"[^{_WS_CHARS}]"  # re compiles both to one bitmap lookup per character
+CHUNK_RE = re.compile(rf"{_WS}*{_NON_WS}+|{_WS}+")
+CHUNK_START = re.compile(rf"(?<={_NON_WS}){_WS}")  # where a chunk other than the first starts: a safe cut in text
 
 
 def pretokenize_chunks(chunks: list[str]) -> list[list[str]]:
@@ -92,6 +96,15 @@ def special_pattern(special_tokens: Iterable[str]) -> "re.Pattern | None":
     if not specials:
         return None
     return re.compile("(" + "|".join(re.escape(s) for s in specials) + ")")
+
+
+def unique_special_tokens(special_tokens: Iterable[str]) -> list[str]:
+    """The special tokens de-duplicated in order; the empty string is an error (it would match everywhere).
+    unique_special_tokens(["<|a|>", "<|b|>", "<|a|>"]) == ["<|a|>", "<|b|>"]"""
+    specials = list(dict.fromkeys(special_tokens))
+    if any(s == "" for s in specials):
+        raise ValueError("a special token is the empty string; remove it")
+    return specials
 
 
 def count_chunks(text: str, special_tokens: Iterable[str] = (), counts: Counter | None = None) -> Counter:
@@ -132,6 +145,8 @@ def count_pretokens(text: str, special_tokens: Iterable[str] = ()) -> Counter:
 # boundary), and not inside an occurrence of a special token. Pre-tokenising or encoding the pieces separately then
 # gives exactly the result for the whole file, so the output never depends on the number of workers.
 _SAFE_CUT = re.compile(rb"[!-~](?=[\t\n\x0b\x0c\r ])")
+PIECE_BYTES = 1 << 20  # 1 MiB of text per piece: small enough for flat memory, big enough to amortise overhead
+_CUT_WINDOW = 1 << 16  # bytes read at a time while looking for a safe cut at or after a piece's target end
 
 
 def find_piece_boundaries(path, piece_bytes: int, special_tokens: Iterable[str] = ()) -> list[int]:
@@ -145,7 +160,7 @@ def find_piece_boundaries(path, piece_bytes: int, special_tokens: Iterable[str] 
         while target < size:
             lo = max(0, target - longest)  # read a little before the target to see specials that span a cut
             f.seek(lo)
-            window = f.read((1 << 16) + 2 * longest)
+            window = f.read(_CUT_WINDOW + 2 * longest)
             cut = None
             for m in _SAFE_CUT.finditer(window, target - lo):
                 p = m.end()  # just before the whitespace byte
@@ -155,7 +170,7 @@ def find_piece_boundaries(path, piece_bytes: int, special_tokens: Iterable[str] 
                     cut = lo + p
                     break
             if cut is None:  # no safe cut in this window: look further on
-                target += 1 << 16
+                target += _CUT_WINDOW
                 continue
             bounds.append(cut)
             target = cut + piece_bytes
@@ -203,21 +218,44 @@ def _split_evenly(items: list, n: int) -> list[list]:
     return [o for o in out if o]
 
 
-PIECE_BYTES = 1 << 20  # 1 MiB of text per piece: small enough for flat memory, big enough to amortise overhead
+def _num_workers(requested: int | None) -> int:
+    """The number of worker processes: as requested, else one per CPU."""
+    return requested or os.cpu_count() or 1
+
+
+def _map_pieces(fn, jobs: list, num_workers: int | None, initializer=None, initargs=(), warm_first=False) -> Iterator:
+    """fn(job) for each job, yielded in order, computed by up to `num_workers` forked worker processes, or in this
+    process when there is one worker or one job. initializer(*initargs) runs before fn in each process that calls it,
+    as multiprocessing.Pool's initializer does. warm_first: compute the first job here before forking, so whatever it
+    leaves in memory (a tokenizer's caches) is already there in every worker.
+    Close the generator (contextlib.closing) to stop the workers early, e.g. when the caller fails half way."""
+    num_workers = _num_workers(num_workers)
+    if num_workers == 1 or len(jobs) <= 1:
+        if initializer is not None:
+            initializer(*initargs)
+        yield from map(fn, jobs)
+        return
+    if warm_first:
+        if initializer is not None:
+            initializer(*initargs)
+        yield fn(jobs[0])
+        jobs = jobs[1:]
+    # note: "fork", so workers start at once and share this process's memory (copy-on-write), caches included;
+    # imap hands results back in job order.
+    with multiprocessing.get_context("fork").Pool(min(num_workers, len(jobs)), initializer, initargs) as pool:
+        yield from pool.imap(fn, jobs)  # leaving the `with` (done, failed or closed) terminates the workers
 
 
 def count_pretokens_file(input_path, special_tokens=(), num_workers=None) -> Counter:
-    """Pre-token counts of a whole file, pre-tokenised in parallel by `num_workers` processes."""
-    num_workers = num_workers or os.cpu_count() or 1
+    """Pre-token counts of a whole file, pre-tokenised in parallel by `num_workers` processes (one stretch of
+    pieces each, so each worker turns its chunk counts into pre-token counts once)."""
+    num_workers = _num_workers(num_workers)
     bounds = find_piece_boundaries(input_path, PIECE_BYTES, special_tokens)
     ranges = list(zip(bounds[:-1], bounds[1:]))
     jobs = [(str(input_path), group, tuple(special_tokens)) for group in _split_evenly(ranges, num_workers)]
-    if len(jobs) == 1:
-        return _count_pieces(jobs[0])
-    with multiprocessing.get_context("fork").Pool(len(jobs)) as pool:
-        parts = pool.map(_count_pieces, jobs)
-    total = parts[0]
-    for part in parts[1:]:
+    parts = _map_pieces(_count_pieces, jobs, num_workers)
+    total = next(parts)
+    for part in parts:
         total.update(part)
     return total
 
@@ -267,6 +305,9 @@ def train_bpe_naive(input_path, vocab_size: int, special_tokens=()) -> tuple[dic
 # Training: the fast version
 # ---------------------------------------------------------------------------------------------------------------------
 
+MAX_TRAIN_VOCAB = 0x110000  # bpe_merges writes token ids as characters, chr(id), and chr stops at U+10FFFF
+
+
 def check_training_args(input_path, vocab_size: int, special_tokens) -> list[str]:
     """Validate the arguments of train_bpe; returns the special tokens de-duplicated in order."""
     path = Path(input_path)
@@ -274,9 +315,7 @@ def check_training_args(input_path, vocab_size: int, special_tokens) -> list[str
         raise FileNotFoundError(f"input file {path} does not exist" if not path.exists() else f"{path} is not a file")
     if path.stat().st_size == 0:
         raise ValueError(f"input file {path} is empty; give a text file with some content")
-    specials = list(dict.fromkeys(special_tokens))
-    if any(s == "" for s in specials):
-        raise ValueError("a special token is the empty string; remove it")
+    specials = unique_special_tokens(special_tokens)
     if vocab_size < 256 + len(specials):
         raise ValueError(f"vocab_size {vocab_size} is smaller than 256 bytes + {len(specials)} special tokens; "
                          f"use at least {256 + len(specials)}")
@@ -286,18 +325,31 @@ def check_training_args(input_path, vocab_size: int, special_tokens) -> list[str
     return specials
 
 
-MAX_TRAIN_VOCAB = 0x110000  # bpe_merges writes token ids as characters, chr(id), and chr stops at U+10FFFF
-
-
 def _inverted(token: bytes) -> tuple:
     """A key that sorts byte strings in reverse lexicographic order, so heapq's min-heap pops the greater one first.
     _inverted(b"a") > _inverted(b"ab"): the trailing 256 puts a prefix after its extensions, as b"a" < b"ab"."""
     return tuple(255 - c for c in token) + (256,)
 
 
+def _byte_words(counts: Counter) -> tuple[list[str], list[int]]:
+    """Pre-token counts -> (words, their frequencies), a word being a str with one character per token: chr(id).
+    _byte_words(Counter({"hé": 2, "a": 5})) == (["h\\xc3\\xa9"], [2])"""
+    # At the start id == byte value, so decoding the UTF-8 bytes as Latin-1 gives exactly that (b"\xc3\xa9" ->
+    # "\xc3\xa9", two tokens). Strings let the merge loop find and rewrite the pair with str methods that run in C,
+    # with no Python-level step per token: a merge is `word.replace(chr(a) + chr(b), chr(new))`, whose non-overlapping
+    # left-to-right rule is exactly BPE's. Single-byte words have no pairs and are dropped.
+    words, freqs = [], []
+    for pretoken, n in counts.items():
+        w = pretoken.encode("utf-8").decode("latin-1")
+        if len(w) > 1:
+            words.append(w)
+            freqs.append(n)
+    return words, freqs
+
+
 def count_pairs(words: list[str], freqs: list[int]) -> tuple[defaultdict, defaultdict]:
     """Initial pair counts and pair -> word indices, vectorised with numpy (a word is a str of token ids, see
-    bpe_merges; here every id is still a byte, < 256). A pair is the 2-character str of its two ids.
+    _byte_words; here every id is still a byte, < 256). A pair is the 2-character str of its two ids.
     count_pairs(["abab", "ba"], [3, 1]) -> ({"ab": 6, "ba": 4}, {"ab": [0], "ba": [0, 1]})"""
     lengths = np.fromiter(map(len, words), dtype=np.int32, count=len(words))
     flat = np.frombuffer("".join(words).encode("latin-1"), dtype=np.uint8).astype(np.int32)  # chr(i) -> byte i
@@ -328,21 +380,14 @@ def count_pairs(words: list[str], freqs: list[int]) -> tuple[defaultdict, defaul
     return pair_counts, pair_words
 
 
+PROGRESS_MERGES = 1000  # with progress=True, bpe_merges prints a line every this many merges
+
+
 def bpe_merges(counts: Counter, num_merges: int, *, progress=False, t0=None) -> tuple[list[bytes], list]:
     """The merge loop: pre-token counts -> (tokens by id, merges as id pairs), at most num_merges of them.
     bpe_merges(Counter({"ab": 2, "abc": 1}), 2) -> ([..256 bytes.., b"ab", b"abc"], [(97, 98), (256, 99)])"""
     t0 = time.perf_counter() if t0 is None else t0
-    # A word is a str with one character per token: chr(id). At the start id == byte value, so decoding the UTF-8
-    # bytes as Latin-1 gives exactly that (b"\xc3\xa9" -> "\xc3\xa9", two tokens). Strings let the merge loop
-    # find and rewrite the pair with str methods that run in C, with no Python-level step per token: a merge is
-    # `word.replace(chr(a) + chr(b), chr(new))`, whose non-overlapping left-to-right rule is exactly BPE's.
-    # Single-byte words have no pairs and are dropped.
-    words, freqs = [], []
-    for pretoken, n in counts.items():
-        w = pretoken.encode("utf-8").decode("latin-1")
-        if len(w) > 1:
-            words.append(w)
-            freqs.append(n)
+    words, freqs = _byte_words(counts)  # a word is a str with one character per token, chr(id)
 
     # The bookkeeping (what makes a merge cheap). A pair (a, b) is the 2-character str chr(a) + chr(b):
     #   pair_counts[pair]  how often the pair occurs in the corpus (sum of word frequencies);
@@ -364,69 +409,112 @@ def bpe_merges(counts: Counter, num_merges: int, *, progress=False, t0=None) -> 
     heapq.heapify(heap)
 
     merges = []
-    heappush, heappop = heapq.heappush, heapq.heappop  # note: local names are faster in the hot loop below
-    while len(merges) < num_merges and heap:
-        neg_count, key_a, key_b, pair = heappop(heap)
-        count = pair_counts.get(pair, 0)
-        if count != -neg_count:  # stale entry: re-queue with its current count
-            if count > 0:
-                heappush(heap, (-count, key_a, key_b, pair))
-            continue
+    while len(merges) < num_merges:
+        pair = _pop_best_pair(heap, pair_counts)
+        if pair is None:  # no pair occurs any more: the corpus has no further merges
+            break
         a, b = pair
-        new = chr(len(vocab))
+        new = chr(len(vocab))  # the merged token, as a word character
         vocab.append(vocab[ord(a)] + vocab[ord(b)])
         keys.append(_inverted(vocab[-1]))
         merges.append((ord(a), ord(b)))
-        # Each occurrence with left neighbour x turns (x, a) into (x, new), and with right neighbour y turns (b, y)
-        # into (new, y). The new pairs are tallied by their other token (x or y) and added to the bookkeeping after the
-        # words are rewritten; they are all brand new. The old pairs (x, a) and (b, y) lose the same amounts, except in
-        # "a b a b" (see `overlap`).
-        left_counts, right_counts = defaultdict(int), defaultdict(int)
-        left_words, right_words = defaultdict(list), defaultdict(list)
-        overlap = 0
-        for i in pair_words.pop(pair):
-            w = words[i]
-            j = w.find(pair)
-            if j < 0:  # the word no longer holds the pair (an earlier merge took one of its tokens)
-                continue
-            n, end = freqs[i], 0
-            while j >= 0:
-                if j:
-                    if j == end:  # "a b a b": the left neighbour is the `new` just made, and the previous
-                        x = new   # occurrence counted (new, a), which does not exist: take it back
-                        right_counts[a] -= n
-                        overlap += n
-                    else:
-                        x = w[j - 1]
-                    left_counts[x] += n
-                    left_words[x].append(i)
-                end = j + 2
-                if end < len(w):  # the right neighbour, as it is before this word is rewritten
-                    y = w[end]
-                    right_counts[y] += n
-                    right_words[y].append(i)
-                j = w.find(pair, end)
-            words[i] = w.replace(pair, new)  # BPE's merge: non-overlapping, left to right
-        key_new = keys[-1]
-        for x, count in left_counts.items():
-            if x != new:  # (new, a) did not exist before this merge
-                pair_counts[x + a] -= count
-            x_new = x + new
-            pair_counts[x_new] = count
-            pair_words[x_new] = left_words[x]
-            if count > 0:
-                heappush(heap, (-count, keys[ord(x)], key_new, x_new))
-        for y, count in right_counts.items():
-            pair_counts[b + y] -= count + overlap if y == a else count  # overlap: (b, a) lost it, (new, a) gave back
-            new_y = new + y
-            pair_counts[new_y] = count
-            pair_words[new_y] = right_words[y]
-            if count > 0:
-                heappush(heap, (-count, key_new, keys[ord(y)], new_y))
-        del pair_counts[pair]  # a greedy left-to-right merge leaves no (a, b) behind
-        if progress and len(merges) % 1000 == 0:
+        tally = _rewrite_words(words, freqs, pair_words.pop(pair), pair, new)
+        _apply_pair_deltas(tally, pair, new, pair_counts, pair_words, heap, keys)
+        # A greedy left-to-right merge leaves no (a, b) behind. subtle: only after the deltas, which touch (a, b)
+        # itself when a == b ("a a a" loses (a, a) twice, once as the merged pair and once as (b, y)).
+        del pair_counts[pair]
+        if progress and len(merges) % PROGRESS_MERGES == 0:
             print(f"merges {len(merges):,}/{num_merges:,}  {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return vocab, merges
+
+
+def _pop_best_pair(heap: list, pair_counts: dict) -> str | None:
+    """Pop entries until one is current and return its pair: the most frequent pair (ties: the greater byte strings),
+    or None once the heap is empty. A stale entry, whose count is no longer the pair's count, is pushed back with the
+    current count if that is above 0 (lazy invalidation, see bpe_merges)."""
+    heappush, heappop = heapq.heappush, heapq.heappop  # note: local names are faster in the loop below
+    while heap:
+        neg_count, key_a, key_b, pair = heappop(heap)
+        count = pair_counts.get(pair, 0)
+        if count == -neg_count:
+            return pair
+        if count > 0:
+            heappush(heap, (-count, key_a, key_b, pair))
+    return None
+
+
+class _NeighbourTally(NamedTuple):
+    """How one merge of the pair (a, b) into `new` changes the neighbouring pairs, summed per neighbour token; counts
+    are weighted by word frequency. Made by _rewrite_words, applied by _apply_pair_deltas."""
+    left_counts: dict   # x -> occurrences with left neighbour x: (x, a) became (x, new)
+    left_words: dict    # x -> the indices of the words where it happened
+    right_counts: dict  # y -> occurrences with right neighbour y: (b, y) became (new, y)
+    right_words: dict   # y -> the indices of the words where it happened
+    overlap: int        # back-to-back occurrences ("a b a b"): their (b, a) is gone but they made no (new, a)
+
+
+def _rewrite_words(words: list[str], freqs: list[int], word_ids: list[int], pair: str, new: str) -> _NeighbourTally:
+    """Merge `pair` into the token `new` in every listed word that still holds it (rewriting `words` in place), and
+    tally the neighbours of the merged occurrences, as they were before the rewrite.
+    words = ["abab", "cab"]; _rewrite_words(words, [1, 2], [0, 1], "ab", "Z") turns words into ["ZZ", "cZ"] and
+    tallies left_counts {"Z": 1, "c": 2}, left_words {"Z": [0], "c": [1]}, right_counts {"a": 0}, overlap 1."""
+    # Each occurrence with left neighbour x turns (x, a) into (x, new), and with right neighbour y turns (b, y) into
+    # (new, y). The new pairs are tallied by their other token (x or y); the old pairs (x, a) and (b, y) lose the same
+    # amounts, except in "a b a b" (see `overlap`).
+    a = pair[0]
+    left_counts, right_counts = defaultdict(int), defaultdict(int)
+    left_words, right_words = defaultdict(list), defaultdict(list)
+    overlap = 0
+    for i in word_ids:
+        w = words[i]
+        j = w.find(pair)
+        if j < 0:  # the word no longer holds the pair (an earlier merge took one of its tokens)
+            continue
+        n, end = freqs[i], 0
+        while j >= 0:
+            if j:
+                if j == end:  # "a b a b": the left neighbour is the `new` just made, and the previous
+                    x = new   # occurrence counted (new, a), which does not exist: take it back
+                    right_counts[a] -= n
+                    overlap += n
+                else:
+                    x = w[j - 1]
+                left_counts[x] += n
+                left_words[x].append(i)
+            end = j + 2
+            if end < len(w):  # the right neighbour, as it is before this word is rewritten
+                y = w[end]
+                right_counts[y] += n
+                right_words[y].append(i)
+            j = w.find(pair, end)
+        words[i] = w.replace(pair, new)  # BPE's merge: non-overlapping, left to right
+    return _NeighbourTally(left_counts, left_words, right_counts, right_words, overlap)
+
+
+def _apply_pair_deltas(tally: _NeighbourTally, pair: str, new: str, pair_counts: dict, pair_words: dict, heap: list,
+                       keys: list) -> None:
+    """Apply one merge's tally to the bookkeeping, once per changed pair: the old neighbour pairs (x, a) and (b, y)
+    lose their counts; the new pairs (x, new) and (new, y), all brand new, get theirs and the tally's word lists, and
+    are pushed on the heap if they occur."""
+    a, b = pair
+    key_new = keys[ord(new)]
+    heappush = heapq.heappush
+    left_words, right_words, overlap = tally.left_words, tally.right_words, tally.overlap
+    for x, count in tally.left_counts.items():
+        if x != new:  # (new, a) did not exist before this merge
+            pair_counts[x + a] -= count
+        x_new = x + new
+        pair_counts[x_new] = count
+        pair_words[x_new] = left_words[x]
+        if count > 0:
+            heappush(heap, (-count, keys[ord(x)], key_new, x_new))
+    for y, count in tally.right_counts.items():
+        pair_counts[b + y] -= count + overlap if y == a else count  # overlap: (b, a) lost it, (new, a) gave back
+        new_y = new + y
+        pair_counts[new_y] = count
+        pair_words[new_y] = right_words[y]
+        if count > 0:
+            heappush(heap, (-count, key_new, keys[ord(y)], new_y))
 
 
 @contextlib.contextmanager
@@ -494,21 +582,29 @@ CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
 
 
 def token_to_str(token: bytes) -> str:
+    """A token as it is written in vocab.json / merges.txt: token_to_str(b" hi\\n") == "ĠhiĊ"."""
     return "".join(BYTE_TO_CHAR[b] for b in token)
 
 
 def str_to_token(s: str, where: str) -> bytes:
+    """The inverse of token_to_str; a character outside the alphabet is a ValueError that names `where`."""
     try:
         return bytes(CHAR_TO_BYTE[c] for c in s)
     except KeyError as e:
         raise ValueError(f"{where}: {s!r} has character {e.args[0]!r} outside GPT-2's byte-to-unicode alphabet") from None
 
 
+def check_output_dir(path) -> None:
+    """Raise FileNotFoundError (naming it) unless the directory that `path` goes into exists; it is never created."""
+    parent = Path(path).parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"output directory {parent} does not exist; create it first")
+
+
 def _write_atomic(path, text: str) -> None:
     """Write via a temporary file + os.replace, so a crash never leaves a half-written file."""
     path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output directory {path.parent} does not exist; create it first")
+    check_output_dir(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
@@ -574,13 +670,12 @@ class Tokenizer:
     """
 
     CACHE_LIMIT = 1 << 20  # entries per cache before it is cleared, so streaming huge files keeps memory bounded
+    CUT_LOOKBACK = 4096  # characters before the end of the buffer searched for a safe cut (see _safe_cut)
 
     def __init__(self, vocab: dict[int, bytes], merges: list, special_tokens=None):
         self.vocab = dict(vocab)
         self.merges = list(merges)
-        self.special_tokens = list(dict.fromkeys(special_tokens or ()))
-        if any(s == "" for s in self.special_tokens):
-            raise ValueError("a special token is the empty string; remove it")
+        self.special_tokens = unique_special_tokens(special_tokens or ())
         token_ids = {t: i for i, t in self.vocab.items()}
         for s in self.special_tokens:  # specials absent from the vocab are appended
             if s.encode("utf-8") not in token_ids:
@@ -721,9 +816,10 @@ class Tokenizer:
         match if one spans it (a match start is itself a safe cut: special tokens are split off first)."""
         longest = max(map(len, self.special_tokens), default=0)
         limit = len(buf) - longest
+        start = max(0, limit - self.CUT_LOOKBACK)
         cut = 0
-        for m in re.finditer(rf"(?<={_NON_WS}){_WS}", buf[max(0, limit - 4096):limit]):
-            cut = max(0, limit - 4096) + m.start()
+        for m in CHUNK_START.finditer(buf[start:limit]):
+            cut = start + m.start()
         if not cut or self._special_re is None:
             return cut
         for m in self._special_re.finditer(buf, 0, cut + longest):
@@ -744,17 +840,28 @@ class Tokenizer:
 # Encoding whole files to .npy
 # ---------------------------------------------------------------------------------------------------------------------
 
-_worker_tokenizer = None
+UINT16_VOCAB = 1 << 16  # a vocab of up to 65,536 tokens has ids that fit in uint16: half the disk and memory of uint32
+COPY_BUFFER = 1 << 24  # bytes per read when copying a big file (16 MiB: few system calls, little memory)
+
+
+def _token_dtype(vocab_size: int) -> type:
+    """The .npy dtype for a vocab: _token_dtype(50_257) is np.uint16, _token_dtype(70_000) is np.uint32."""
+    return np.uint16 if vocab_size <= UINT16_VOCAB else np.uint32
+
+
+_worker_tokenizer = None  # the tokenizer of an encode worker (Pool gives fn no state, so _init_encode_worker sets it)
 
 
 def _init_encode_worker(tokenizer):
+    """Pool initializer (and, for work done in this process, a plain call): the tokenizer _encode_piece uses."""
     global _worker_tokenizer
     _worker_tokenizer = tokenizer
 
 
-def _encode_piece(args) -> np.ndarray:
+def _encode_piece(args) -> tuple[int, np.ndarray]:
+    """Worker: (end, ids) for the text of bytes [start, end) of the file."""
     path, start, end, dtype = args
-    return np.array(_worker_tokenizer.encode(read_piece(path, start, end)), dtype=dtype)
+    return end, np.array(_worker_tokenizer.encode(read_piece(path, start, end)), dtype=dtype)
 
 
 def encode_file(tokenizer: Tokenizer, input_path, output_path, num_workers=None, progress=False) -> int:
@@ -763,53 +870,66 @@ def encode_file(tokenizer: Tokenizer, input_path, output_path, num_workers=None,
     .npy is assembled from it and moved into place: the output never sits in memory whole, and is never half-written.
     Returns the number of tokens."""
     input_path, output_path = Path(input_path), Path(output_path)
+    _check_encode_paths(input_path, output_path)
+    dtype = _token_dtype(tokenizer.vocab_size)
+    raw = output_path.with_name(output_path.name + ".raw.tmp")
+    try:
+        with contextlib.closing(_encoded_pieces(tokenizer, input_path, dtype, num_workers)) as pieces:
+            n_tokens = _write_raw_ids(pieces, raw, input_path.stat().st_size, progress)
+        _write_npy_from_raw(raw, output_path, dtype, n_tokens)
+    finally:
+        raw.unlink(missing_ok=True)
+    return n_tokens
+
+
+def _check_encode_paths(input_path: Path, output_path: Path) -> None:
+    """Fail before any work when the input is missing or empty, or the output's directory is missing."""
     if not input_path.is_file():
         raise FileNotFoundError(f"input file {input_path} does not exist")
     if input_path.stat().st_size == 0:
         raise ValueError(f"input file {input_path} is empty")
-    if not output_path.parent.is_dir():
-        raise FileNotFoundError(f"output directory {output_path.parent} does not exist; create it first")
-    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-    num_workers = num_workers or os.cpu_count() or 1
+    check_output_dir(output_path)
+
+
+def _encoded_pieces(tokenizer: Tokenizer, input_path: Path, dtype, num_workers) -> Iterator[tuple[int, np.ndarray]]:
+    """(end byte offset, ids) of each piece of the file, in file order, encoded by `num_workers` processes. A generator:
+    close it to stop the workers."""
     bounds = find_piece_boundaries(input_path, PIECE_BYTES, tokenizer.special_tokens)
     jobs = [(str(input_path), s, e, dtype) for s, e in zip(bounds[:-1], bounds[1:])]
-    raw, tmp = output_path.with_name(output_path.name + ".raw.tmp"), output_path.with_name(output_path.name + ".tmp")
-    n_tokens, t0, size = 0, time.perf_counter(), input_path.stat().st_size
+    # The first piece is encoded here before forking (warm_first), so its caches (most of the cost of a cold start)
+    # are warm in the workers, which inherit this process's memory.
+    return _map_pieces(_encode_piece, jobs, num_workers, _init_encode_worker, (tokenizer,), warm_first=True)
+
+
+def _write_raw_ids(pieces: Iterable[tuple[int, np.ndarray]], raw: Path, total_bytes: int, progress: bool) -> int:
+    """Write the ids of the pieces, in order, to `raw` as bare array bytes (what follows a .npy header); returns the
+    number of tokens. progress: one updating line on stderr with bytes done, speed and tokens."""
+    n_tokens, t0 = 0, time.perf_counter()
+    with open(raw, "wb") as out:
+        for end, ids in pieces:
+            out.write(ids.tobytes())
+            n_tokens += len(ids)
+            if progress:
+                dt = time.perf_counter() - t0
+                print(f"\rencoded {end / 1e6:.1f}/{total_bytes / 1e6:.1f} MB  {end / 1e6 / dt:.1f} MB/s  "
+                      f"{n_tokens:,} tokens", end="", file=sys.stderr)
+    if progress:
+        print(file=sys.stderr)
+    return n_tokens
+
+
+def _write_npy_from_raw(raw: Path, output_path: Path, dtype, n_tokens: int) -> None:
+    """output_path = a .npy header (format 1.0, a 1-D array of n_tokens of dtype) + the bytes of `raw`, written to a
+    temporary file and moved into place with os.replace, so output_path is complete or absent."""
+    tmp = output_path.with_name(output_path.name + ".tmp")
     try:
-        with open(raw, "wb") as out:
-            if num_workers == 1 or len(jobs) == 1:
-                _init_encode_worker(tokenizer)
-                results = map(_encode_piece, jobs)
-                pool = None
-            else:
-                # The first piece is encoded here, so its caches (most of the cost of a cold start) are warm in the
-                # forked workers, which inherit this process's memory.
-                _init_encode_worker(tokenizer)
-                first = _encode_piece(jobs[0])
-                pool = multiprocessing.get_context("fork").Pool(num_workers, _init_encode_worker, (tokenizer,))
-                results = chain([first], pool.imap(_encode_piece, jobs[1:]))  # in order, a few pieces ahead
-            try:
-                for (_, s, e, _), ids in zip(jobs, results):
-                    out.write(ids.tobytes())
-                    n_tokens += len(ids)
-                    if progress:
-                        dt = time.perf_counter() - t0
-                        print(f"\rencoded {e / 1e6:.1f}/{size / 1e6:.1f} MB  {e / 1e6 / dt:.1f} MB/s  "
-                              f"{n_tokens:,} tokens", end="", file=sys.stderr)
-            finally:
-                if pool is not None:
-                    pool.terminate()
-        if progress:
-            print(file=sys.stderr)
         with open(tmp, "wb") as out, open(raw, "rb") as src:
             np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
                                                        "fortran_order": False, "shape": (n_tokens,)})
-            shutil.copyfileobj(src, out, 1 << 24)
+            shutil.copyfileobj(src, out, COPY_BUFFER)
         os.replace(tmp, output_path)
     finally:
-        for p in (raw, tmp):
-            p.unlink(missing_ok=True)
-    return n_tokens
+        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -825,10 +945,12 @@ DATASETS = {
                 vocab_size=32_000),
 }
 BASE_URL_ENV = "CS336_DATA_URL"  # overrides the base URL (a mirror, or a local test server)
+DOWNLOAD_TIMEOUT_S = 60  # seconds a connect or a read may wait before the download counts as failed
+DOWNLOAD_BLOCK = 1 << 20  # bytes per read (1 MiB), and one progress update each
 
 
 class DownloadError(RuntimeError):
-    pass
+    """A download failed or stopped: the network's or the server's fault, not the input's (cli.EXIT_ENVIRONMENT)."""
 
 
 def download(url: str, dest: Path, progress=True) -> Path:
@@ -840,13 +962,13 @@ def download(url: str, dest: Path, progress=True) -> Path:
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     printed = False  # a progress line is open on stderr (end it before an error message)
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            if have and response.status != 206:  # the server ignored the Range: start over
+        with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            if have and response.status != HTTPStatus.PARTIAL_CONTENT:  # the server ignored the Range: start over
                 have = 0
             total = have + int(response.headers.get("Content-Length") or 0)
             with open(part, "ab" if have else "wb") as f:
                 done, t0 = have, time.perf_counter()
-                while block := response.read(1 << 20):
+                while block := response.read(DOWNLOAD_BLOCK):
                     f.write(block)
                     done += len(block)
                     if progress:
@@ -860,7 +982,8 @@ def download(url: str, dest: Path, progress=True) -> Path:
             if total and done != total:
                 raise DownloadError(f"download of {url} stopped at {done} of {total} bytes; re-run to resume")
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-        if isinstance(e, urllib.error.HTTPError) and e.code == 416 and have:  # range past the end: already complete
+        range_refused = isinstance(e, urllib.error.HTTPError) and e.code == HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE
+        if range_refused and have:  # nothing after byte `have`: the .part file is taken as complete
             os.replace(part, dest)
             return dest
         if printed:
@@ -872,9 +995,10 @@ def download(url: str, dest: Path, progress=True) -> Path:
 
 
 def gunzip(src: Path, dest: Path) -> Path:
+    """Decompress src into dest (via dest.tmp, so dest is complete or absent), then delete src."""
     tmp = dest.with_name(dest.name + ".tmp")
     with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
-        shutil.copyfileobj(fin, fout, 1 << 24)
+        shutil.copyfileobj(fin, fout, COPY_BUFFER)
     os.replace(tmp, dest)
     src.unlink()
     return dest
@@ -885,8 +1009,7 @@ def prepare(name: str, out_dir, base_url=None, vocab_size=None, num_workers=None
     spec = DATASETS[name]
     base_url = base_url or os.environ.get(BASE_URL_ENV) or spec["base_url"]
     out = Path(out_dir)
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"output directory {out.parent} does not exist; create it first")
+    check_output_dir(out)
     out.mkdir(exist_ok=True)
     texts = {}
     for split, filename in spec["files"].items():
@@ -901,8 +1024,7 @@ def prepare(name: str, out_dir, base_url=None, vocab_size=None, num_workers=None
                               num_workers=num_workers, progress=progress)
     tok = Tokenizer(vocab, merges, specials)
     tok.save_dir(out)
-    counts = {split: encode_file(tok, txt, out / f"{split}.npy", num_workers, progress) for split, txt in texts.items()}
-    return counts
+    return {split: encode_file(tok, txt, out / f"{split}.npy", num_workers, progress) for split, txt in texts.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -915,7 +1037,39 @@ def _peak_rss_mib() -> float:
                resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024  # Linux reports KiB
 
 
-def main(argv=None) -> int:
+def train_command(args) -> None:
+    """bpe.py train: train on --input and write the tokenizer directory --out."""
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    check_output_dir(out)
+    vocab, merges = train_bpe(args.input, args.vocab_size, args.special_tokens, num_workers=args.workers, progress=True)
+    out.mkdir(exist_ok=True)
+    Tokenizer(vocab, merges, args.special_tokens).save_dir(out)
+    longest = max(vocab.values(), key=len)
+    print(f"trained {len(vocab):,} tokens in {time.perf_counter() - t0:.1f} s, peak memory "
+          f"{_peak_rss_mib():.0f} MiB, longest token {longest.decode('utf-8', 'replace')!r} "
+          f"({len(longest)} bytes) -> {out}")
+
+
+def encode_command(args) -> None:
+    """bpe.py encode: encode --input with the tokenizer directory --tokenizer into the .npy --output."""
+    t0 = time.perf_counter()
+    tok = Tokenizer.from_dir(args.tokenizer)
+    n = encode_file(tok, args.input, args.output, args.workers, progress=True)
+    dt, size = time.perf_counter() - t0, os.path.getsize(args.input)
+    print(f"{n:,} tokens, {size / max(n, 1):.2f} bytes/token, {size / 1e6 / dt:.1f} MB/s -> {args.output}")
+
+
+def prepare_command(args) -> None:
+    """bpe.py prepare: download a dataset, train its tokenizer and encode both splits into --out."""
+    t0 = time.perf_counter()
+    counts = prepare(args.dataset, args.out, args.base_url, args.vocab_size, args.workers)
+    print(f"prepared {args.dataset} in {time.perf_counter() - t0:.0f} s: "
+          + ", ".join(f"{k} {v:,} tokens" for k, v in counts.items()) + f" -> {args.out}")
+
+
+def build_parser() -> OneLineParser:
+    """The three subcommands; each sets args.command_fn, the function that runs it."""
     parser = OneLineParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a tokenizer and write DIR/{vocab.json,merges.txt,special_tokens.json}")
@@ -924,50 +1078,37 @@ def main(argv=None) -> int:
     p.add_argument("--special-tokens", nargs="*", default=[])
     p.add_argument("--out", required=True)
     p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(command_fn=train_command)
     p = sub.add_parser("encode", help="encode a text file to a .npy of token ids")
     p.add_argument("--tokenizer", required=True, help="a tokenizer directory")
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(command_fn=encode_command)
     p = sub.add_parser("prepare", help="download a dataset, train its tokenizer, encode train and valid")
     p.add_argument("dataset", choices=sorted(DATASETS))
     p.add_argument("--out", required=True)
     p.add_argument("--base-url", default=None, help=f"download from here instead (or set ${BASE_URL_ENV})")
     p.add_argument("--vocab-size", type=int, default=None, help="default: 10000 (tinystories), 32000 (owt)")
     p.add_argument("--workers", type=int, default=None)
-    args = parser.parse_args(argv)
-    if getattr(args, "workers", None) is not None and args.workers < 1:
-        parser.error("--workers must be at least 1")
+    p.set_defaults(command_fn=prepare_command)
+    return parser
 
+
+def main(argv=None) -> int:
+    """Run one subcommand; a problem is one line on stderr and an exit code (see cli.py), never a traceback."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        parser.error("--workers must be at least 1")
     try:
-        t0 = time.perf_counter()
-        if args.command == "train":
-            out = Path(args.out)
-            if not out.parent.is_dir():
-                raise FileNotFoundError(f"output directory {out.parent} does not exist; create it first")
-            vocab, merges = train_bpe(args.input, args.vocab_size, args.special_tokens,
-                                      num_workers=args.workers, progress=True)
-            out.mkdir(exist_ok=True)
-            Tokenizer(vocab, merges, args.special_tokens).save_dir(out)
-            longest = max(vocab.values(), key=len)
-            print(f"trained {len(vocab):,} tokens in {time.perf_counter() - t0:.1f} s, peak memory "
-                  f"{_peak_rss_mib():.0f} MiB, longest token {longest.decode('utf-8', 'replace')!r} "
-                  f"({len(longest)} bytes) -> {out}")
-        elif args.command == "encode":
-            tok = Tokenizer.from_dir(args.tokenizer)
-            n = encode_file(tok, args.input, args.output, args.workers, progress=True)
-            dt, size = time.perf_counter() - t0, os.path.getsize(args.input)
-            print(f"{n:,} tokens, {size / max(n, 1):.2f} bytes/token, {size / 1e6 / dt:.1f} MB/s -> {args.output}")
-        else:
-            counts = prepare(args.dataset, args.out, args.base_url, args.vocab_size, args.workers)
-            print(f"prepared {args.dataset} in {time.perf_counter() - t0:.0f} s: "
-                  + ", ".join(f"{k} {v:,} tokens" for k, v in counts.items()) + f" -> {args.out}")
-    except DownloadError as e:  # not the user's input: exit code 1
+        args.command_fn(args)
+    except DownloadError as e:  # not the user's input
         print(f"bpe.py: error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_ENVIRONMENT
     except (ValueError, OSError) as e:  # bad input: missing/unreadable files, bad arguments, bad file contents
         print(f"bpe.py: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     return 0
 
 

@@ -1,7 +1,14 @@
-"""Tests of bpe.py: the fast trainer against the teaching trainer (ties, special tokens, Unicode, empty documents,
-the handout's example, any number of workers); the tokenizer against tiktoken (our trained vocab and GPT-2's);
-10,000 random Unicode round-trips; the chunk cache against the plain path; encode_iterable (identical output, flat
-memory); vocab.json/merges.txt round-trips; and every bad input named in the issue."""
+"""Tests of bpe.py, the library: the fast trainer against the teaching trainer (ties, special tokens, Unicode, empty
+documents, the handout's example, any number of workers and piece sizes); the chunk regex's whitespace set against
+regex's \\s on every code point; the tokenizer against tiktoken (our trained vocab, and GPT-2's from ../shared/fixtures,
+skipped when that is absent); 10,000 random Unicode round-trips; the chunk cache against the plain path;
+encode_iterable (identical output, flat memory); encode_file (same ids as encode, uint16 or uint32, no leftover
+files); vocab.json/merges.txt round-trips; and bad inputs (missing, empty or non-UTF-8 files, bad vocab sizes and
+special tokens, malformed tokenizer files), each an error that names the problem.
+
+Run: python -m pytest tests/test_bpe.py (~15 s on 2 cores). This file has no slow tests; `python -m pytest -m slow`
+runs the project's slow end-to-end checks, which the default run skips.
+"""
 import json
 import random
 import re
@@ -112,7 +119,8 @@ def test_count_pretokens_matches_plain_regex():
 
 
 def test_chunk_whitespace_class_matches_regex_whitespace():
-    """CHUNK_RE's whitespace class (stdlib re) and the GPT-2 pattern's \\s (regex) agree on every code point."""
+    """bpe.WHITESPACE, which CHUNK_RE's classes are built from, is exactly the GPT-2 pattern's \\s (regex) on every
+    code point, and the class built from it (stdlib re) matches exactly those characters."""
     ws_re = re.compile(bpe._WS)
     ws_regex = regex.compile(r"\s")
     for cp in range(0x110000):

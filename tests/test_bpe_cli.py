@@ -1,7 +1,12 @@
-"""Tests of bpe.py's command line (run with subprocess): `train` and `encode` write what the library functions
-produce; every bad input exits with code 2 and one line, no traceback, nothing half-written; `prepare` downloads
-from an HTTP server on 127.0.0.1 started here (plain and gzipped files, a cut-off download resumed with an HTTP Range
-request, a failed download reported clearly), trains, and encodes both splits."""
+"""Tests of bpe.py's command line, run as a subprocess: `train` and `encode` write what the library functions
+produce, with any number of workers; every bad input exits with code 2 (cli.EXIT_BAD_INPUT) and one `bpe.py: error:`
+line, no traceback, nothing half-written; `prepare` downloads from an HTTP server on 127.0.0.1 started here (plain
+and gzipped files, a cut-off download resumed with an HTTP Range request, a failed download reported with exit code 1,
+cli.EXIT_ENVIRONMENT), trains, and encodes both splits.
+
+Run: python -m pytest tests/test_bpe_cli.py (~10 s on 2 cores). This file has no slow tests; `python -m pytest -m slow`
+runs the project's slow end-to-end checks, which the default run skips.
+"""
 import gzip
 import os
 import random
