@@ -1,14 +1,21 @@
-"""cli.py: what every script's command line shares, so a user sees one kind of error everywhere.
+"""cli.py: what every script shares at its edges, so a user sees one kind of error and no torn files anywhere.
 
 Every CLI of the project (bpe.py, model.py, optim.py, accounting.py, train.py, sample.py, experiments/run.py)
 reports a problem as one line on stderr, `PROG: error: what is wrong and what to do`, never a traceback, and exits
 with one of two codes:
   2  bad input: a flag, a file or its contents, something the user can fix (argparse's own code for usage errors);
   1  the environment: a full disk, a failed download, a run that diverged; not the input's fault.
+Every file is written through `atomic_file` (below): all or nothing, no debris, a WriteFault (exit 1) naming the
+file and the cause, such as "no space left on device: 12.7 MB needed, 3.1 MB free".
 This file sits below bpe.py, the lowest layer of the stack, so every layer can use it without importing the
 tokenizer (or anything else: it needs only the standard library).
 """
 import argparse
+import contextlib
+import errno
+import os
+import shutil
+from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 EXIT_ENVIRONMENT = 1
@@ -26,3 +33,95 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Faults of the machine, and files written so that a fault never leaves a torn file or debris
+# ---------------------------------------------------------------------------------------------------------------
+# Every file the project writes (checkpoints, token-id .npy files, tokenizer files, config.json) goes through
+# `atomic_file`: it is written to PATH.tmp beside the target, flushed to disk, then os.replace()d over the target,
+# which is atomic (a reader, or a run resumed after a crash, sees the old file or the new one, never half of one).
+# Any failure on the way removes PATH.tmp, so a full disk is not kept full by the debris of the write that failed.
+
+
+class EnvironmentFault(RuntimeError):
+    """Not the input's fault: a full disk, a failed write, a failed download. The CLI prints one line, exit 1."""
+
+
+class WriteFault(EnvironmentFault):
+    """A file could not be written; the message names the file, the cause, and (where known) the space needed."""
+
+    def __init__(self, path, cause: str):
+        super().__init__(f"cannot write {path}: {cause}")
+        self.path, self.cause = Path(path), cause
+
+
+def human_bytes(n: float) -> str:
+    """12_700_000 -> '12.7 MB' (decimal units, as disks are sold)."""
+    for scale, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def free_bytes(path) -> int:
+    """Free space on the file system that holds `path` (or the nearest existing directory above it)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path if path.is_dir() else path.parent).free
+
+
+def space_problem(path, needed: int | None) -> str | None:
+    """'no space left on device: 12.7 MB needed, 3.1 MB free' when `needed` bytes will not fit beside `path`."""
+    if needed is None:
+        return None
+    free = free_bytes(path)
+    return f"no space left on device: {human_bytes(needed)} needed, {human_bytes(free)} free" if free < needed else None
+
+
+def describe_fault(error: BaseException, path, needed: int | None = None) -> str:
+    """One line for why a write failed. note: torch.save swallows the OSError of a short write and raises
+    RuntimeError("... unexpected pos ..."), so a full disk is recognised by the free space left, not only by errno."""
+    if isinstance(error, OSError):
+        if error.errno == errno.ENOSPC:
+            return space_problem(path, needed) or "no space left on device"
+        return (error.strerror or str(error)).lower()  # e.g. "input/output error", "permission denied"
+    return space_problem(path, needed) or f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:160]}"
+
+
+def open_for_write(path):
+    """The one `open` of a file being written (a seam: the fault-injection tests replace it)."""
+    return open(path, "wb")
+
+
+@contextlib.contextmanager
+def atomic_file(path, needed: int | None = None):
+    """`with atomic_file(path) as f: f.write(...)`: binary file `path`, all or nothing (see the banner above).
+
+    needed: the expected size in bytes, if known; the write is refused up front when it will not fit, and a
+    failure is then explained with the space needed and free. Failures raise WriteFault (exit code 1 in a CLI)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        problem = space_problem(path, needed)
+        if problem:
+            raise WriteFault(path, problem)
+        with open_for_write(tmp) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # an error, or a second Ctrl-C: leave no partial file behind
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, WriteFault):
+            raise WriteFault(path, describe_fault(e, path, needed)) from e
+        raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    """A small text file (JSON, merges), atomically, with atomic_file's cleanup and error."""
+    data = text.encode("utf-8")
+    with atomic_file(path, needed=len(data)) as f:
+        f.write(data)
