@@ -48,8 +48,9 @@ class EnvironmentFault(RuntimeError):
     """Not the input's fault: a full disk, a failed write, a failed download. The CLI prints one line, exit 1."""
 
 
-class WriteFault(EnvironmentFault):
-    """A file could not be written; the message names the file, the cause, and (where known) the space needed."""
+class WriteFault(EnvironmentFault, OSError):
+    """A file could not be written; the message names the file, the cause, and (where known) the space needed.
+    Also an OSError, so code that catches OSError around a write still catches it."""
 
     def __init__(self, path, cause: str):
         super().__init__(f"cannot write {path}: {cause}")
@@ -95,6 +96,11 @@ def open_for_write(path):
     return open(path, "wb")
 
 
+def open_for_append(path):
+    """The one `open` of a log being appended to (a seam like open_for_write); line-buffered text."""
+    return open(path, "a", buffering=1)
+
+
 @contextlib.contextmanager
 def atomic_file(path, needed: int | None = None):
     """`with atomic_file(path) as f: f.write(...)`: binary file `path`, all or nothing (see the banner above).
@@ -103,12 +109,14 @@ def atomic_file(path, needed: int | None = None):
     failure is then explained with the space needed and free. Failures raise WriteFault (exit code 1 in a CLI)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    recorder = None
     try:
         problem = space_problem(path, needed)
         if problem:
             raise WriteFault(path, problem)
         with open_for_write(tmp) as f:
-            yield f
+            recorder = _RecordingFile(f)
+            yield recorder
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -116,8 +124,27 @@ def atomic_file(path, needed: int | None = None):
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, WriteFault):
-            raise WriteFault(path, describe_fault(e, path, needed)) from e
+            cause = recorder.error if recorder is not None and recorder.error is not None else e
+            raise WriteFault(path, describe_fault(cause, path, needed)) from e
         raise
+
+
+class _RecordingFile:
+    """A file being written, remembering the OSError of a failed write: torch.save swallows it and raises a
+    RuntimeError ("unexpected pos") instead, and the errno says more (ENOSPC, EIO) than that does."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):  # flush, fileno, tell, seek, ...: the real file's
+        return getattr(self.file, name)
 
 
 def atomic_write_text(path, text: str) -> None:

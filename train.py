@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -34,7 +35,9 @@ import torch.distributed as dist
 
 import accounting
 import bpe
-from cli import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, BadInputError, OneLineParser
+import cli
+from cli import (EXIT_BAD_INPUT, EXIT_ENVIRONMENT, BadInputError, EnvironmentFault, OneLineParser, WriteFault,
+                 atomic_file, atomic_write_text, describe_fault, space_problem)
 from model import ATTN_IMPLS, FFNS, NORMS, POSITIONS, PRESETS, ModelConfig, TransformerLM
 from optim import AdamW, clip_grad_norm, cosine_lr, cross_entropy
 
@@ -187,29 +190,51 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def save_checkpoint(model, optimizer, iteration: int, out, *, tokenizer_dir: str | None = None, **extra) -> None:
     """Write model + optimizer state and `extra` values to `out` (a path or a binary file object).
 
-    A path is written atomically: to a temporary file in the same directory, flushed to disk, then os.replace()d
-    over the target, so a crash mid-write leaves the previous checkpoint intact, never a torn one; any failure
-    (an exception, or a second Ctrl-C) removes the temporary file before it propagates."""
+    A path is written with cli.atomic_file: to out.tmp, flushed to disk, then os.replace()d over `out`, so a crash
+    mid-write leaves the previous checkpoint intact, never a torn one. A checkpoint that will not fit on the disk is
+    refused before any byte is written; any failure (a full disk, an I/O error, a second Ctrl-C) removes out.tmp and
+    raises cli.WriteFault naming the file and the cause."""
+    ckpt = checkpoint_dict(model, optimizer, iteration, tokenizer_dir=tokenizer_dir, **extra)
+    if not isinstance(out, (str, os.PathLike)):
+        torch.save(ckpt, out)
+        return
+    with atomic_file(out, needed=checkpoint_bytes(ckpt)) as f:
+        torch.save(ckpt, f)
+
+
+def checkpoint_dict(model, optimizer, iteration: int, *, tokenizer_dir: str | None = None, **extra) -> dict:
+    """What a checkpoint holds (see the banner): state dicts, the iteration, model config, tokenizer and `extra`."""
     model = unwrap(model)
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "iteration": int(iteration), "tokenizer_dir": tokenizer_dir}
     if hasattr(model, "config"):
         ckpt["model_config"] = dataclasses.asdict(model.config)
     ckpt.update(extra)
-    if not isinstance(out, (str, os.PathLike)):
-        torch.save(ckpt, out)
-        return
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)  # atomic on POSIX and Windows: readers see the old file or the new one
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    return ckpt
+
+
+def checkpoint_bytes(ckpt) -> int:
+    """A slight overestimate of torch.save's file size: every tensor storage once (tied weights share one), plus
+    the zip format's per-tensor alignment and headers and the pickled structure (~0.3% measured on the demo model)."""
+    storages: dict[int, int] = {}
+
+    def visit(value):
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
+
+    visit(ckpt)
+    return sum(storages.values()) + CHECKPOINT_BYTES_PER_TENSOR * len(storages) + CHECKPOINT_BYTES_FIXED
+
+
+CHECKPOINT_BYTES_PER_TENSOR = 4096    # zip entry header + 64-byte alignment + pickle record, rounded well up
+CHECKPOINT_BYTES_FIXED = 1 << 16      # the pickled dict itself (train_args, rng states, ...)
 
 
 def read_checkpoint(src) -> dict:
@@ -528,7 +553,7 @@ class Trainer:
 @dataclasses.dataclass
 class Progress:
     """The bookkeeping that several steps of the loop change, in one place. The first six fields are checkpointed
-    as one entry ("progress", plain numbers); the last three belong to the running process."""
+    as one entry ("progress", plain numbers); the others belong to the running process."""
     step: int = 0                       # optimizer updates done
     best_val_loss: float = math.inf     # best.pt holds the model that had it
     elapsed: float = 0.0                # training seconds before this process started
@@ -539,6 +564,8 @@ class Progress:
     started: float = 0.0                # time.time() when this process started training
     last_log_time: float = 0.0          # ms/step and tokens/s are measured from here
     nonfinite: torch.Tensor | None = None  # device flag: a loss was nan/inf since the last check
+    checkpoint_size: int = 0            # bytes the next checkpoint needs (the last one's size, or an estimate)
+    space_warned: bool = False          # the "next checkpoint will not fit" warning is given once
 
     CHECKPOINTED = ("step", "best_val_loss", "elapsed", "last_log_step", "last_saved_step", "loss_sum")
 
@@ -635,36 +662,61 @@ def build_trainer(run: Run, ckpt: dict | None) -> tuple[Trainer, Progress]:
     return Trainer(model, forward, train_model, optimizer, batches), progress
 
 
-class RunLog:
-    """The run directory's log.jsonl (rank 0 only) and the console line of each logged step."""
+def open_run_dir(run: Run, progress: Progress, model: TransformerLM, resumed: bool) -> None:
+    """Rank 0: make the run directory, clear the debris of an interrupted write, write config.json, cut log.jsonl
+    back to the checkpoint's step when resuming, print the header line."""
+    if not run.master:
+        return
+    run.out.mkdir(parents=True, exist_ok=True)
+    for debris in sorted(run.out.glob("*.tmp")):  # a process killed mid-write (SIGKILL, power loss) leaves these
+        debris.unlink()
+        print(f"removed {debris}: a partial write left by an interrupted run (the file it was replacing is intact)")
+    # every resolved flag (model fields included): `--config RUN/config.json --out NEW` repeats this run
+    atomic_write_text(run.out / "config.json", json.dumps(run.args, indent=2, default=str) + "\n")
+    path = run.out / "log.jsonl"
+    kept = [row for row in read_log(path) if row["step"] <= progress.step] if resumed else []
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
+    n_params = sum(p.numel() for p in model.parameters())
+    a = run.args
+    print(f"{'resuming' if resumed else 'training'} {n_params / 1e6:.2f}M params on {run.device} ({a['dtype']}"
+          f"{', compiled' if a['compile'] else ''}, {run.world_size} rank(s)) from step {progress.step} to "
+          f"{a['max_iters']}; {run.tokens_per_step:,} tokens/step; run dir {run.out}")
 
-    def __init__(self, run: Run, progress: Progress, model: TransformerLM, resumed: bool):
-        """Write config.json, cut log.jsonl back to the checkpoint's step when resuming, print the header."""
-        self.file = None
-        if not run.master:
-            return
-        run.out.mkdir(parents=True, exist_ok=True)
-        # every resolved flag (model fields included): `--config RUN/config.json --out NEW` repeats this run
-        (run.out / "config.json").write_text(json.dumps(run.args, indent=2, default=str) + "\n")
-        path = run.out / "log.jsonl"
-        kept = [row for row in read_log(path) if row["step"] <= progress.step] if resumed else []
-        path.write_text("".join(json.dumps(row) + "\n" for row in kept))
-        self.file = open(path, "a")
-        n_params = sum(p.numel() for p in model.parameters())
-        a = run.args
-        print(f"{'resuming' if resumed else 'training'} {n_params / 1e6:.2f}M params on {run.device} ({a['dtype']}"
-              f"{', compiled' if a['compile'] else ''}, {run.world_size} rank(s)) from step {progress.step} to "
-              f"{a['max_iters']}; {run.tokens_per_step:,} tokens/step; run dir {run.out}")
+
+class RunLog:
+    """Rank 0's log.jsonl, one JSON row per logged step, and the console line of each row.
+
+    A row that cannot be written (a full disk, an I/O error) is reported once and training goes on: the log is a
+    record, the checkpoints are the work. The console line is still printed; log.jsonl lacks the rows from there on
+    (read_log tolerates a torn last line). Whether the checkpoints can still be written is checked by the caller."""
+
+    def __init__(self, run: Run, progress: Progress):
+        self.run, self.progress = run, progress
+        self.path = run.out / "log.jsonl"
+        self.file = cli.open_for_append(self.path) if run.master else None  # (cli.: a seam for fault tests)
+        self.failed = None  # the first write error, once there was one
 
     def write(self, row: dict, suffix: str = "") -> None:
-        if self.file is not None:
-            self.file.write(json.dumps(row) + "\n")
-            self.file.flush()
-            print(format_row(row) + suffix, flush=True)
+        if not self.run.master:
+            return
+        if self.failed is None:
+            try:
+                self.file.write(json.dumps(row) + "\n")
+                self.file.flush()
+            except OSError as e:
+                self.failed = describe_fault(e, self.path)
+                problem = space_problem(self.run.out / "last.pt", self.progress.checkpoint_size)
+                if problem:  # the checkpoints cannot be written either: stop now, as a failed checkpoint would
+                    raise EnvironmentFault(f"cannot write {self.path} ({self.failed}), and the next checkpoint will "
+                                           f"not fit either ({problem}); {resume_hint(self.run, self.progress)}")
+                print(f"train.py: warning: cannot write {self.path} ({self.failed}); training goes on, the log "
+                      f"stops at step {row['step'] - 1}", file=sys.stderr)
+        print(format_row(row) + suffix, flush=True)
 
     def close(self) -> None:
         if self.file is not None:
-            self.file.close()
+            with contextlib.suppress(OSError):  # a failed flush was reported already
+                self.file.close()
 
 
 def format_row(row: dict) -> str:
@@ -750,13 +802,72 @@ def perplexity(loss: float) -> float:
 MAX_LOG_PERPLEXITY = 50  # exp(50) ≈ 5e21: far above any real perplexity (ln of a 50K vocabulary is 10.8)
 
 
-def save(name: str, run: Run, trainer: Trainer, progress: Progress) -> None:
-    """Checkpoint everything exact resume needs to run.out/name (rank 0 writes; the state is the same on all)."""
-    if run.master:
-        plain_args = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in run.args.items()}
-        save_checkpoint(trainer.model, trainer.optimizer, progress.step, run.out / name,
-                        tokenizer_dir=run.args["tokenizer"], model_config=dataclasses.asdict(run.cfg),
-                        train_args=plain_args, rng=rng_state(trainer.batches), progress=progress.state_dict())
+def save_checkpoints(run: Run, trainer: Trainer, progress: Progress, *, last: bool, best: bool) -> None:
+    """last.pt first (it is what --resume needs), then best.pt: a hard link to last.pt when both hold this step's
+    state (one serialisation, no extra disk), else a write of its own. Rank 0 writes; the state is the same on all.
+    A write fault stops the run (EnvironmentFault, exit code 1) with the previous checkpoints intact, saying how to
+    continue; a checkpoint that will not fit next time is warned about now, once."""
+    if run.master and (last or best):
+        try:
+            if last:
+                write_checkpoint("last.pt", run, trainer, progress, last_saved_step=progress.step)
+            if best and last:
+                link_or_copy(run.out / "last.pt", run.out / "best.pt")
+            elif best:
+                write_checkpoint("best.pt", run, trainer, progress, last_saved_step=progress.last_saved_step)
+        except WriteFault as e:
+            raise EnvironmentFault(f"{e}; {resume_hint(run, progress)}") from None
+        warn_if_next_checkpoint_wont_fit(run, progress)
+    if last:
+        progress.last_saved_step = progress.step
+
+
+def write_checkpoint(name: str, run: Run, trainer: Trainer, progress: Progress, last_saved_step: int) -> None:
+    """Everything exact resume needs, to run.out/name."""
+    plain_args = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in run.args.items()}
+    save_checkpoint(trainer.model, trainer.optimizer, progress.step, run.out / name,
+                    tokenizer_dir=run.args["tokenizer"], model_config=dataclasses.asdict(run.cfg),
+                    train_args=plain_args, rng=rng_state(trainer.batches),
+                    progress=progress.state_dict() | {"last_saved_step": last_saved_step})
+    progress.checkpoint_size = (run.out / name).stat().st_size  # what the next one will need
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """dst becomes the file src is: a hard link (no bytes written), or a copy where the file system has none; both
+    through dst.tmp and os.replace, so dst is never half-written. note: the link stays correct when src is later
+    rewritten, because every checkpoint write replaces the directory entry (a new file), never the old file's bytes."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+        return
+    except OSError:  # no hard links here (FAT, some network file systems): copy instead
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    with open(src, "rb") as source, atomic_file(dst, needed=src.stat().st_size) as target:
+        shutil.copyfileobj(source, target)
+
+
+def resume_hint(run: Run, progress: Progress) -> str:
+    if progress.last_saved_step:
+        return (f"free space, then `python train.py --resume {run.out}` continues from step "
+                f"{progress.last_saved_step} ({run.out}/last.pt is intact)")
+    return "no checkpoint was written yet: free space (or pick another --out) and start again"
+
+
+def warn_if_next_checkpoint_wont_fit(run: Run, progress: Progress) -> None:
+    problem = space_problem(run.out / "last.pt", progress.checkpoint_size)
+    if problem and not progress.space_warned:
+        progress.space_warned = True
+        print(f"train.py: warning: the next checkpoint will not fit in {run.out} ({problem}): free space now, or "
+              f"the run stops when it writes it", file=sys.stderr)
+
+
+def expected_checkpoint_bytes(trainer: Trainer) -> int:
+    """Before the first checkpoint: the model's state dict plus AdamW's two moments per parameter."""
+    params = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    return checkpoint_bytes({"model": trainer.model.state_dict()}) + 2 * params
 
 
 class StopNow(KeyboardInterrupt):
@@ -854,7 +965,9 @@ def train(args: dict, ckpt: dict | None = None) -> Path:
     """Run (or resume) training as `args` say; returns the run directory. `args` itself is left unchanged."""
     run = setup_run(args, ckpt)
     trainer, progress = build_trainer(run, ckpt)
-    log = RunLog(run, progress, trainer.model, resumed=ckpt is not None)
+    open_run_dir(run, progress, trainer.model, resumed=ckpt is not None)
+    progress.checkpoint_size = expected_checkpoint_bytes(trainer)
+    log = RunLog(run, progress)
     progress.begin(run.device)
     stop = Stop(run.out)
     try:
@@ -873,19 +986,19 @@ def train(args: dict, ckpt: dict | None = None) -> Path:
             is_eval = step % run.args["eval_interval"] == 0 or step == run.args["max_iters"]
             is_log = step % run.args["log_interval"] == 0 or is_eval
             stopping = stop.agreed(run, is_log)
+            best = False
             if is_log:
-                row, best = log_row(run, progress, lr, grad_norm), ""
+                row = log_row(run, progress, lr, grad_norm)
                 if is_eval:
                     val = validation_loss(run, trainer)
                     row.update(val_loss=val, val_ppl=perplexity(val))
-                    if val < progress.best_val_loss:
-                        progress.best_val_loss, best = val, " | best"
-                        save("best.pt", run, trainer, progress)
-                log.write(row, best)
-            if step % run.args["ckpt_interval"] == 0 or step == run.args["max_iters"] or stopping:
-                check_finite(run, progress, lr)
-                progress.last_saved_step = step
-                save("last.pt", run, trainer, progress)
+                    best = val < progress.best_val_loss
+                    progress.best_val_loss = min(val, progress.best_val_loss)
+                log.write(row, " | best" if best else "")
+            last = step % run.args["ckpt_interval"] == 0 or step == run.args["max_iters"] or stopping
+            if last:
+                check_finite(run, progress, lr)  # never checkpoint a NaN: last.pt stays the last good state
+            save_checkpoints(run, trainer, progress, last=last, best=best)
             if is_log:
                 progress.last_log_time = time.time()  # ms/step and tokens/s exclude evaluation and checkpoint time
             if stopping:
@@ -937,7 +1050,8 @@ def plot(run_dirs, out_png) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
+    with atomic_file(out_png) as f:  # all or nothing, like every file the project writes
+        fig.savefig(f, dpi=120, format=Path(out_png).suffix.lstrip(".") or "png")
     print(f"wrote {out_png}")
 
 
@@ -1054,6 +1168,9 @@ def main(argv=None) -> int:
     except StopNow as e:
         print(f"train.py: stopped: {e}", file=sys.stderr)
         return e.exit_code
+    except EnvironmentFault as e:  # a full disk, a failed write: not the input's fault, and nothing was lost
+        print(f"train.py: stopped: {e}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
     return 0
 
 

@@ -1,0 +1,291 @@
+"""Faults while training: a full disk, a failing write or a crash never costs the last good checkpoint or leaves
+debris behind.
+
+- A checkpoint write that fails with ENOSPC or EIO part-way (cli.atomic_file's writer, made to fail by the
+  `fail_writes` fixture of conftest.py): one line naming the file, the cause and how to continue, exit code 1, no
+  temporary file, the previous last.pt untouched and resumable, and the resumed run ends on the uninterrupted curve.
+- last.pt is written before best.pt, and best.pt is a hard link of last.pt when they hold the same step (a copy
+  where links fail); config.json failures stop the run before it starts; a log.jsonl that cannot be written is
+  reported once and training goes on, unless the checkpoints cannot be written either.
+- A real 20 MiB tmpfs (root on Linux only, skipped elsewhere) with the demo-size model: the early warning, the
+  disk-full stop, and a resume once space is freed.
+- Slow: a run killed with SIGKILL at five random moments, some during a checkpoint write, resumed each time, ends
+  with a loss curve bitwise equal to an uninterrupted run.
+
+    python -m pytest tests/test_faults_train.py            # the fast fault tests
+    python -m pytest -m slow tests/test_faults_train.py    # the SIGKILL soak
+"""
+import errno
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cli
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--vocab-size", "32", "--context-length", "16", "--d-model", "32", "--num-layers", "2", "--num-heads", "2",
+        "--d-ff", "64", "--batch-size", "8", "--warmup-iters", "2", "--lr", "3e-3", "--min-lr", "3e-4",
+        "--peak-flops", "0", "--device", "cpu", "--eval-iters", "2", "--log-interval", "2"]
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """train.npy / valid.npy: ids counting up mod 32 with random jumps (learnable, so the curve moves)."""
+    rng = np.random.default_rng(0)
+    d = tmp_path / "data"
+    d.mkdir()
+    for name, n in (("train.npy", 20_000), ("valid.npy", 2_000)):
+        ids = np.cumsum(rng.integers(1, 3, size=n)) % 32
+        np.save(d / name, ids.astype(np.uint16))
+    return d
+
+
+def run_main(argv, capsys):
+    rc = train.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def losses(run_dir):
+    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in train.read_log(Path(run_dir) / "log.jsonl")]
+
+
+def debris(run_dir):
+    return sorted(p.name for p in Path(run_dir).glob("*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a checkpoint write fails part-way
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("err, cause", [(errno.ENOSPC, "no space left on device"), (errno.EIO, "input/output error")])
+def test_failed_checkpoint_write_stops_cleanly_and_resumes(data_dir, tmp_path, capsys, monkeypatch, fail_writes,
+                                                           err, cause):
+    common = ["--data", data_dir, "--max-iters", 12, "--ckpt-interval", 4, "--eval-interval", 6, *TINY]
+    assert run_main(["--out", tmp_path / "ref", *common], capsys)[0] == 0
+    out = tmp_path / "run"
+    real_save = train.save_checkpoints
+
+    def save_then_break(run, trainer, progress, *, last, best):  # the checkpoints of step 8 fail 1,000 bytes in
+        if progress.step == 8:
+            fail_writes(err, after_bytes=1000, name_contains=".pt")
+        real_save(run, trainer, progress, last=last, best=best)
+
+    monkeypatch.setattr(train, "save_checkpoints", save_then_break)
+    rc, _, stderr = run_main(["--out", out, *common], capsys)
+    assert rc == 1
+    assert stderr.splitlines() == [stderr.strip()]  # one line
+    assert stderr.startswith(f"train.py: stopped: cannot write {out}/last.pt: {cause}")
+    assert f"`python train.py --resume {out}` continues from step 4" in stderr
+    assert debris(out) == []
+    assert torch.load(out / "last.pt", weights_only=True)["iteration"] == 4  # the previous one, intact
+    monkeypatch.undo()  # the disk works again
+    assert run_main(["--resume", out], capsys)[0] == 0
+    assert losses(out) == losses(tmp_path / "ref")  # nothing lost: the same curve, bit for bit
+
+
+def test_last_is_written_before_best_and_best_is_a_link_of_the_same_step(data_dir, tmp_path, capsys, monkeypatch):
+    written = []
+    real_write = train.write_checkpoint
+    monkeypatch.setattr(train, "write_checkpoint", lambda name, *a, **k: (written.append(name), real_write(name, *a, **k)))
+    out = tmp_path / "run"
+    assert run_main(["--data", data_dir, "--out", out, "--max-iters", 9, "--ckpt-interval", 3, "--eval-interval", 2,
+                     *TINY], capsys)[0] == 0
+    # what must have been written, step by step: last.pt every 3 steps; best.pt at each evaluation that improved,
+    # as its own write, or (at steps that also write last.pt) after it, as a link: never serialised twice
+    vals = {r["step"]: r["val_loss"] for r in train.read_log(out / "log.jsonl") if "val_loss" in r and r["step"]}
+    expected, best = [], float("inf")
+    for step in range(1, 10):
+        is_best = step in vals and vals[step] < best
+        best = min(best, vals.get(step, best))
+        if step % 3 == 0 or step == 9:
+            expected.append("last.pt")
+        elif is_best:
+            expected.append("best.pt")
+    assert written == expected and written[0] == "best.pt"  # step 2, the first evaluation, is always a best
+    final_is_best = vals[9] == min(vals.values())
+    assert (os.stat(out / "best.pt").st_ino == os.stat(out / "last.pt").st_ino) == final_is_best
+    assert debris(out) == []
+
+
+def test_best_and_last_of_one_step_are_one_file(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_main(["--data", data_dir, "--out", out, "--max-iters", 4, "--eval-interval", 4, *TINY], capsys)[0] == 0
+    assert os.stat(out / "best.pt").st_ino == os.stat(out / "last.pt").st_ino  # a hard link: no second write
+    assert train.read_checkpoint(out / "best.pt")["iteration"] == 4
+
+
+def test_best_is_a_copy_where_hard_links_fail(data_dir, tmp_path, capsys, monkeypatch):
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    out = tmp_path / "run"
+    assert run_main(["--data", data_dir, "--out", out, "--max-iters", 4, "--eval-interval", 4, *TINY], capsys)[0] == 0
+    assert (out / "best.pt").read_bytes() == (out / "last.pt").read_bytes()
+    assert os.stat(out / "best.pt").st_ino != os.stat(out / "last.pt").st_ino and debris(out) == []
+
+
+def test_early_warning_when_the_next_checkpoint_will_not_fit(data_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    real_usage = shutil.disk_usage
+    state = {"free": None}
+
+    def usage(path):  # after the first checkpoint, only 1 kB is left
+        real = real_usage(path)
+        return real if state["free"] is None else shutil._ntuple_diskusage(real.total, real.total - 1000, 1000)
+
+    real_write = train.write_checkpoint
+
+    def write_then_fill(name, *a, **k):
+        real_write(name, *a, **k)
+        state["free"] = 1000
+
+    opened = []
+    real_open = cli.open_for_write
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+    monkeypatch.setattr(train, "write_checkpoint", write_then_fill)
+    monkeypatch.setattr(cli, "open_for_write", lambda path: (opened.append(Path(path).name), real_open(path))[1])
+    rc, _, stderr = run_main(["--data", data_dir, "--out", out, "--max-iters", 8, "--ckpt-interval", 4,
+                              "--eval-interval", 100, *TINY], capsys)
+    lines = stderr.strip().splitlines()
+    assert rc == 1 and len(lines) == 2, stderr
+    assert lines[0] == (f"train.py: warning: the next checkpoint will not fit in {out} (no space left on device: "
+                        f"{lines[0].split('device: ')[1].split(')')[0]}): free space now, or the run stops when it "
+                        f"writes it")
+    assert "1.0 kB free" in lines[0]
+    assert lines[1].startswith(f"train.py: stopped: cannot write {out}/last.pt: no space left on device")
+    assert "continues from step 4" in lines[1] and debris(out) == []
+    assert opened.count("last.pt.tmp") == 1  # step 8's checkpoint was refused before a byte was written
+
+
+def test_config_json_that_cannot_be_written_stops_before_training(data_dir, tmp_path, capsys, fail_writes):
+    fail_writes(errno.EIO, after_bytes=10, name_contains="config.json")
+    out = tmp_path / "run"
+    rc, stdout, stderr = run_main(["--data", data_dir, "--out", out, "--max-iters", 4, *TINY], capsys)
+    assert rc == 1 and stderr.strip() == f"train.py: stopped: cannot write {out}/config.json: input/output error"
+    assert not (out / "last.pt").exists() and debris(out) == [] and "step" not in stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# log.jsonl cannot be written
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_a_failing_log_is_reported_once_and_training_goes_on(data_dir, tmp_path, capsys, fail_writes):
+    fail_writes(errno.EIO, after_bytes=300, name_contains="log.jsonl")  # the first row or two, then EIO
+    out = tmp_path / "run"
+    rc, stdout, stderr = run_main(["--data", data_dir, "--out", out, "--max-iters", 10, "--eval-interval", 5, *TINY],
+                                  capsys)
+    assert rc == 0
+    assert stderr.count("train.py: warning: cannot write") == 1 and "input/output error" in stderr
+    assert "training goes on" in stderr
+    assert "step 10 |" in stdout  # the console still shows every row
+    assert torch.load(out / "last.pt", weights_only=True)["iteration"] == 10
+
+
+def test_a_failing_log_stops_the_run_when_checkpoints_cannot_be_written_either(data_dir, tmp_path, capsys,
+                                                                              fail_writes, monkeypatch):
+    fail_writes(errno.ENOSPC, after_bytes=0, name_contains="log.jsonl")
+    monkeypatch.setattr(train, "space_problem", lambda path, needed: "no space left on device: 1 MB needed, 0 B free")
+    out = tmp_path / "run"
+    rc, _, stderr = run_main(["--data", data_dir, "--out", out, "--max-iters", 10, *TINY], capsys)
+    assert rc == 1 and stderr.count("\n") == 1
+    assert stderr.startswith(f"train.py: stopped: cannot write {out}/log.jsonl (no space left on device), and the "
+                             f"next checkpoint will not fit either")
+    assert "no checkpoint was written yet" in stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a real small disk: a 20 MiB tmpfs and the demo-size model (~12.7 MB checkpoints)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 20 MiB tmpfs mounted at tmp_path/disk, or skip (needs root on Linux and the right to mount)."""
+    if sys.platform != "linux" or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root on Linux")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(disk)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_disk_full_on_a_real_tmpfs(data_dir, small_disk, capsys):
+    out = small_disk / "run"
+    demo_size = ["--vocab-size", "1024", "--context-length", "128", "--d-model", "128", "--num-layers", "4",
+                 "--num-heads", "4", "--d-ff", "344", "--batch-size", "2", "--peak-flops", "0", "--device", "cpu",
+                 "--eval-iters", "1", "--log-interval", "1", "--warmup-iters", "1"]
+    rc, _, stderr = run_main(["--data", data_dir, "--out", out, "--max-iters", 4, "--ckpt-interval", 2,
+                              "--eval-interval", 100, *demo_size], capsys)
+    lines = stderr.strip().splitlines()
+    assert rc == 1 and len(lines) == 2, stderr
+    needed = r"no space left on device: 1[0-9]\.[0-9] MB needed, [0-9]\.[0-9] MB free"  # ~13 MB of ~21 MB
+    assert re.match(rf"train.py: warning: the next checkpoint will not fit in {out} \({needed}\)", lines[0])
+    assert re.match(rf"train.py: stopped: cannot write {out}/last.pt: {needed}; ", lines[1])
+    assert "free; free space, then `python train.py --resume" in lines[1] and "continues from step 2" in lines[1]
+    assert debris(out) == [] and not (out / "best.pt").exists()
+    assert torch.load(out / "last.pt", weights_only=True)["iteration"] == 2
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)  # space freed
+    assert run_main(["--resume", out], capsys)[0] == 0
+    assert torch.load(out / "last.pt", weights_only=True)["iteration"] == 4 and debris(out) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SIGKILL at random moments
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def start(data_dir, out, resume=False):
+    flags = ["--resume", str(out)] if resume else [
+        "--data", str(data_dir), "--out", str(out), "--max-iters", "80", "--ckpt-interval", "3", "--eval-interval",
+        "20", *TINY]
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *flags], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def kill_during_a_checkpoint_write(proc, out, timeout=30.0) -> bool:
+    """SIGKILL proc the moment a checkpoint's temporary file exists; False if the run ended first."""
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        if any(out.glob("*.pt.tmp")):
+            proc.kill()
+            return True
+    return False
+
+
+@pytest.mark.slow  # seven training processes: ~1 minute on 2 idle cores
+def test_five_sigkills_and_resumes_end_on_the_uninterrupted_curve(data_dir, tmp_path):
+    ref = start(data_dir, tmp_path / "ref")
+    assert ref.wait() == 0, ref.stderr.read()
+    out, rng = tmp_path / "run", random.Random(0)
+    proc, during_writes = start(data_dir, out), 0
+    for kill in range(5):
+        if kill % 2 == 0 and kill_during_a_checkpoint_write(proc, out):
+            during_writes += 1
+        else:
+            time.sleep(rng.uniform(0.3, 2.0))  # somewhere in the loop: a step, an evaluation, start-up
+            proc.kill()
+        proc.wait()
+        proc = start(data_dir, out, resume=(out / "last.pt").exists())
+    assert proc.wait() == 0, proc.stderr.read()
+    assert during_writes >= 2  # some kills really landed inside a checkpoint write
+    assert losses(out) == losses(tmp_path / "ref") and debris(out) == []
