@@ -92,9 +92,14 @@ def count_params(cfg) -> int:
 # computed and then masked, which is what model.py (and the FLOP counter) do; a kernel that skips the masked upper
 # triangle would do T(T+1)/2 of the T² dot products in QKᵀ and A V, saving almost half of those two rows.
 
+def _seq_len(cfg, seq_len: int | None) -> int:
+    """T for every per-sequence figure in this file: seq_len when given, else the model's context_length."""
+    return cfg.context_length if seq_len is None else seq_len
+
+
 def forward_flop_rows(cfg, batch_size: int = 1, seq_len: int | None = None) -> list[tuple[str, str, int]]:
     """(name, formula, FLOPs) for one forward pass over batch_size sequences of seq_len tokens."""
-    B, T = batch_size, cfg.context_length if seq_len is None else seq_len
+    B, T = batch_size, _seq_len(cfg, seq_len)
     V, d, L, F = cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.d_ff
     n_ffn = 3 if cfg.ffn == "swiglu" else 2
     return [
@@ -125,7 +130,7 @@ def train_flops_per_token(config, seq_len: int | None = None) -> float:
 
     THE formula for MFU in this project (train.py, bench/): MFU = train_flops_per_token · tokens/s / peak FLOP/s.
     Equal to 6·matmul_params(config) + 12·L·T·d. Works on any object with ModelConfig's attribute names."""
-    T = config.context_length if seq_len is None else seq_len
+    T = _seq_len(config, seq_len)
     return 3 * forward_flops(config, 1, T) / T
 
 
@@ -147,7 +152,7 @@ ADAMW_FLOPS_PER_PARAM = sum(n for _, n in ADAMW_FLOP_ROWS)
 
 def activation_rows(cfg, batch_size: int = 1, seq_len: int | None = None) -> list[tuple[str, str, int]]:
     """(name, element formula, elements) of the activations kept for backward."""
-    B, T = batch_size, cfg.context_length if seq_len is None else seq_len
+    B, T = batch_size, _seq_len(cfg, seq_len)
     V, d, L, F, h = cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.d_ff, cfg.num_heads
     norm = cfg.norm != "none"
     rows = []
@@ -194,7 +199,7 @@ def saved_activation_rows(cfg, batch_size: int = 1, seq_len: int | None = None) 
         attention the heads are merged by a copy that the projection keeps (1 B·T·d, not 2), with sdpa by a free view;
       - optim.cross_entropy keeps the logits and each row's logsumexp (B·T), from which its hand-written backward
         rebuilds softmax - onehot; nothing else keeps a (B, T, V) tensor: one B·T·V tensor, not two."""
-    B, T = batch_size, cfg.context_length if seq_len is None else seq_len
+    B, T = batch_size, _seq_len(cfg, seq_len)
     V, d, L, F, h = cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.d_ff, cfg.num_heads
     rows = []
     if cfg.norm != "none":
@@ -256,7 +261,7 @@ def peak_flops(gpu: str, dtype: str = "fp32") -> float:
 
 def train_flops(cfg, steps: int, batch_size: int, seq_len: int | None = None) -> float:
     """All FLOPs of a run: steps · B · T tokens at train_flops_per_token each, plus AdamW's 14·N per step."""
-    T = cfg.context_length if seq_len is None else seq_len
+    T = _seq_len(cfg, seq_len)
     return steps * (batch_size * T * train_flops_per_token(cfg, T) + ADAMW_FLOPS_PER_PARAM * count_params(cfg))
 
 
@@ -311,7 +316,7 @@ def measure_saved_activations(cfg, batch_size: int = 1, seq_len: int | None = No
     them share memory (q, k, v as views of one matmul output; x saved by both w1 and w3), so we count each
     storage once. Parameters and buffers are excluded (they are counted as parameters, not activations).
     Returns bytes: "float" (activations proper) and "other" (int64 token ids/targets, bool masks)."""
-    B, T = batch_size, cfg.context_length if seq_len is None else seq_len
+    B, T = batch_size, _seq_len(cfg, seq_len)
     torch.manual_seed(seed)
     lm = model.TransformerLM(**dataclasses.asdict(cfg))
     persistent = {t.untyped_storage().data_ptr() for t in [*lm.parameters(), *lm.buffers()]}
@@ -410,7 +415,7 @@ def describe(cfg) -> str:
 def summary(cfg, batch_size: int = 1, seq_len: int | None = None, gpu_mem: float | None = None,
             steps: int | None = None, gpu: str | None = None, mfu: float | None = None, dtype: str = "fp32") -> dict:
     """All headline numbers for one config as plain JSON-ready values (what --json prints)."""
-    T = cfg.context_length if seq_len is None else seq_len
+    T = _seq_len(cfg, seq_len)
     mem = train_memory(cfg, batch_size, T)
     out = {
         "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg)),
@@ -438,7 +443,7 @@ def summary(cfg, batch_size: int = 1, seq_len: int | None = None, gpu_mem: float
 def report(cfg, name: str, batch_size: int = 1, seq_len: int | None = None, gpu_mem: float | None = None,
            steps: int | None = None, gpu: str | None = None, mfu: float | None = None, dtype: str = "fp32") -> str:
     """The text tables: parameters, forward FLOPs, training FLOPs, memory, time."""
-    B, T = batch_size, cfg.context_length if seq_len is None else seq_len
+    B, T = batch_size, _seq_len(cfg, seq_len)
     s = summary(cfg, B, T, gpu_mem, steps, gpu, mfu, dtype)
     N, fwd = s["params_total"], s["forward_flops_total"]
     out = [f"== {name} ==", describe(cfg), ""]
@@ -512,7 +517,7 @@ def compare(configs: dict, seq_len: int | None = None) -> str:
     """Presets side by side at B=1, T=context_length (or seq_len): how shares move with size and context."""
     rows = []
     for name, cfg in configs.items():
-        T = cfg.context_length if seq_len is None else seq_len
+        T = _seq_len(cfg, seq_len)
         f = {n: x for n, _, x in forward_flop_rows(cfg, 1, T)}
         tot = sum(f.values())
         attn = f["attention scores Q Kᵀ"] + f["attention-weighted values A V"]
@@ -624,7 +629,7 @@ def main(argv=None) -> None:
             peak_flops(args.gpu, args.dtype)
     except ValueError as e:
         parser.error(str(e))
-    T = cfg.context_length if args.seq_len is None else args.seq_len
+    T = _seq_len(cfg, args.seq_len)
 
     if args.measure:
         need = 4 * (4 * count_params(cfg) + activation_elements(cfg, args.batch_size, T))
