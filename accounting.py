@@ -55,11 +55,19 @@ PEAK_FLOPS = {
 # A row is (name, shape formula, elements per copy, copies). Weights are (out, in) as in model.py. Tied embeddings
 # share one (V, d) tensor between token_embeddings and lm_head, so it is counted once (as sum(p.numel()) does).
 
+ATTN_PROJECTIONS = ("q", "k", "v", "output")  # model.py's four (d, d) attention matrices per layer
+
+
+def ffn_matrices(cfg) -> int:
+    """Matrices in one FFN: 3 for SwiGLU (w1, w2, w3; Shazeer 2020), 2 for the SiLU ablation (w1, w2)."""
+    return 3 if cfg.ffn == "swiglu" else 2
+
+
 def param_rows(cfg) -> list[tuple[str, str, int, int]]:
     V, d, L, F = cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.d_ff
     norm = cfg.norm != "none"
     rows = [("token_embeddings", "(V, d)", V * d, 1)]
-    rows += [(f"layers.*.attn.{p}_proj", "(d, d)", d * d, L) for p in ("q", "k", "v", "output")]
+    rows += [(f"layers.*.attn.{p}_proj", "(d, d)", d * d, L) for p in ATTN_PROJECTIONS]
     if cfg.ffn == "swiglu":  # w2 · (SiLU(w1 x) ⊙ w3 x)  (Shazeer 2020)
         rows += [("layers.*.ffn.w1", "(F, d)", F * d, L), ("layers.*.ffn.w2", "(d, F)", d * F, L),
                  ("layers.*.ffn.w3", "(F, d)", F * d, L)]
@@ -101,7 +109,7 @@ def forward_flop_rows(cfg, batch_size: int = 1, seq_len: int | None = None) -> l
     """(name, formula, FLOPs) for one forward pass over batch_size sequences of seq_len tokens."""
     B, T = batch_size, _seq_len(cfg, seq_len)
     V, d, L, F = cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.d_ff
-    n_ffn = 3 if cfg.ffn == "swiglu" else 2
+    n_ffn = ffn_matrices(cfg)
     return [
         ("QKV projections", "L · 3 · 2·B·T·d·d", L * 3 * 2 * B * T * d * d),
         ("attention scores Q Kᵀ", "L · 2·B·T·T·d", L * 2 * B * T * T * d),
@@ -120,8 +128,8 @@ def forward_flops(cfg, batch_size: int = 1, seq_len: int | None = None) -> int:
 def matmul_params(cfg) -> int:
     """N_matmul: the parameters that take part in a matmul — all but the embedding (a gather) and the norm gains;
     a tied lm_head still counts (it is a matmul). Forward FLOPs per token = 2·N_matmul + 4·L·T·d (attention)."""
-    n_ffn = 3 if cfg.ffn == "swiglu" else 2
-    return cfg.num_layers * (4 * cfg.d_model**2 + n_ffn * cfg.d_model * cfg.d_ff) + cfg.vocab_size * cfg.d_model
+    attn, ffn = len(ATTN_PROJECTIONS) * cfg.d_model**2, ffn_matrices(cfg) * cfg.d_model * cfg.d_ff
+    return cfg.num_layers * (attn + ffn) + cfg.vocab_size * cfg.d_model
 
 
 def train_flops_per_token(config, seq_len: int | None = None) -> float:
@@ -147,6 +155,12 @@ ADAMW_FLOPS_PER_PARAM = sum(n for _, n in ADAMW_FLOP_ROWS)
 # ---------------------------------------------------------------------------------------------------------------
 # Memory for AdamW training: parameters, gradients, two moments, activations
 # ---------------------------------------------------------------------------------------------------------------
+FP32_BYTES = torch.finfo(torch.float32).bits // 8  # 4: memory is counted in fp32, as the handout's problem does
+BF16_BYTES = torch.finfo(torch.bfloat16).bits // 8  # 2: the Parameters table also gives the bf16 size
+# What AdamW training keeps per parameter besides activations, in copies of N: the weights, their gradients and
+# AdamW's two moments m and v (Loshchilov & Hutter 2019, Algorithm 2) — 4 copies, 16 bytes per parameter in fp32.
+TRAIN_STATE_COPIES = {"params": 1, "grads": 1, "adamw_state": 2}
+
 # Activations, enumerated as in the handout's adamwAccounting problem: one tensor per step of the forward pass that
 # backward needs, counted in elements for B sequences of T tokens (per layer unless marked "once").
 
@@ -230,18 +244,18 @@ def saved_activation_rows(cfg, batch_size: int = 1, seq_len: int | None = None) 
     return rows
 
 
-def train_memory(cfg, batch_size: int = 1, seq_len: int | None = None, bytes_per: int = 4) -> dict:
+def train_memory(cfg, batch_size: int = 1, seq_len: int | None = None, bytes_per: int = FP32_BYTES) -> dict:
     """Bytes to train with AdamW: parameters + gradients + (m, v) = 4 copies of N, plus the activations."""
     N = count_params(cfg)
-    mem = {"params": bytes_per * N, "grads": bytes_per * N, "adamw_state": 2 * bytes_per * N,
-           "activations": bytes_per * activation_elements(cfg, batch_size, seq_len)}
+    mem = {part: copies * bytes_per * N for part, copies in TRAIN_STATE_COPIES.items()}
+    mem["activations"] = bytes_per * activation_elements(cfg, batch_size, seq_len)
     mem["total"] = sum(mem.values())
     return mem
 
 
-def max_batch_size(cfg, mem_bytes: float, seq_len: int | None = None, bytes_per: int = 4) -> int:
+def max_batch_size(cfg, mem_bytes: float, seq_len: int | None = None, bytes_per: int = FP32_BYTES) -> int:
     """Largest B with train_memory(B) <= mem_bytes: activations are linear in B, the rest is fixed (0 if none)."""
-    fixed = 4 * bytes_per * count_params(cfg)
+    fixed = sum(TRAIN_STATE_COPIES.values()) * bytes_per * count_params(cfg)
     per_seq = bytes_per * activation_elements(cfg, 1, seq_len)
     return max(0, math.floor((mem_bytes - fixed) / per_seq))
 
@@ -249,6 +263,9 @@ def max_batch_size(cfg, mem_bytes: float, seq_len: int | None = None, bytes_per:
 # ---------------------------------------------------------------------------------------------------------------
 # Time: total training FLOPs over achieved throughput
 # ---------------------------------------------------------------------------------------------------------------
+
+SECONDS_PER_DAY = 24 * 60 * 60
+
 
 def peak_flops(gpu: str, dtype: str = "fp32") -> float:
     """Published dense peak FLOP/s; ValueError naming the valid choices otherwise."""
@@ -268,12 +285,15 @@ def train_flops(cfg, steps: int, batch_size: int, seq_len: int | None = None) ->
 def train_days(cfg, steps: int, batch_size: int, gpu: str, mfu: float, dtype: str = "fp32",
                seq_len: int | None = None) -> float:
     """Days on one GPU achieving mfu x its published dense peak for dtype."""
-    return train_flops(cfg, steps, batch_size, seq_len) / (mfu * peak_flops(gpu, dtype)) / 86_400
+    return train_flops(cfg, steps, batch_size, seq_len) / (mfu * peak_flops(gpu, dtype)) / SECONDS_PER_DAY
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Measured: a torch.mm peak (the MFU denominator where no datasheet applies, e.g. a CPU)
 # ---------------------------------------------------------------------------------------------------------------
+
+MIN_TIMED_S = 1e-3  # a timing shorter than this is mostly clock and loop overhead: time more calls at once
+
 
 def measure_matmul_flops(device="cpu", dtype=torch.float32, n: int | None = None, seconds: float = 1.0) -> float:
     """FLOP/s of an n x n torch.mm (2·n³ FLOPs each), the best of repeated timings over about `seconds`.
@@ -299,7 +319,7 @@ def measure_matmul_flops(device="cpu", dtype=torch.float32, n: int | None = None
         sync()  # subtle: CUDA launches are asynchronous; without this we would time the launches
         dt = (time.perf_counter() - t0) / reps
         best = min(best, dt)
-        if dt * reps < 1e-3:
+        if dt * reps < MIN_TIMED_S:
             reps *= 2
         if time.perf_counter() > deadline:
             return 2 * n**3 / best
@@ -428,7 +448,7 @@ def summary(cfg, batch_size: int = 1, seq_len: int | None = None, gpu_mem: float
         "adamw_flops_per_step": ADAMW_FLOPS_PER_PARAM * count_params(cfg),
         "train_memory_bytes": mem["total"],
         "train_memory": mem,
-        "activation_bytes_per_sequence": 4 * activation_elements(cfg, 1, T),
+        "activation_bytes_per_sequence": FP32_BYTES * activation_elements(cfg, 1, T),
     }
     if gpu_mem is not None:
         out["gpu_mem_bytes"] = gpu_mem
@@ -454,7 +474,7 @@ def report(cfg, name: str, batch_size: int = 1, seq_len: int | None = None, gpu_
     rows.append(["total", "", "", "", f"{N:,}", human(N), "100.0%"])
     out += ["Parameters (weights are (out, in), no biases)",
             table(["tensor", "shape", "per copy", "copies", "total", "", "share"], rows, right={2, 3, 4, 5, 6}),
-            f"bytes: {human_bytes(4 * N)} in fp32, {human_bytes(2 * N)} in bf16", ""]
+            f"bytes: {human_bytes(FP32_BYTES * N)} in fp32, {human_bytes(BF16_BYTES * N)} in bf16", ""]
 
     # Forward FLOPs
     rows = [[n, formula, f"{f:,}", human(f, "FLOP"), f"{100 * f / fwd:.1f}%"]
@@ -490,13 +510,14 @@ def report(cfg, name: str, batch_size: int = 1, seq_len: int | None = None, gpu_
     mem = s["train_memory"]
     per_seq = s["activation_bytes_per_sequence"]
     fixed = mem["params"] + mem["grads"] + mem["adamw_state"]
-    rows = [["parameters", "4·N", human_bytes(mem["params"])], ["gradients", "4·N", human_bytes(mem["grads"])],
-            ["AdamW m and v", "2 · 4·N", human_bytes(mem["adamw_state"])]]
-    rows += [[f"act: {n}", f"4 · {formula}", human_bytes(4 * e)] for n, formula, e in activation_rows(cfg, B, T)]
+    copies, nb = TRAIN_STATE_COPIES, FP32_BYTES
+    rows = [["parameters", f"{nb}·N", human_bytes(mem["params"])], ["gradients", f"{nb}·N", human_bytes(mem["grads"])],
+            ["AdamW m and v", f"{copies['adamw_state']} · {nb}·N", human_bytes(mem["adamw_state"])]]
+    rows += [[f"act: {n}", f"{nb} · {formula}", human_bytes(nb * e)] for n, formula, e in activation_rows(cfg, B, T)]
     rows.append(["total", "", human_bytes(mem["total"])])
-    out += [f"Memory for AdamW training in fp32 (4 bytes per number), B={B}, T={T:,}; activations as the handout "
+    out += [f"Memory for AdamW training in fp32 ({nb} bytes per number), B={B}, T={T:,}; activations as the handout "
             "enumerates them", table(["", "formula", f"B={B}"], rows),
-            f"total(B) = 16·N + B · {per_seq:,} bytes = {human_bytes(fixed)} + B · {human_bytes(per_seq)}"]
+            f"total(B) = {sum(copies.values()) * nb}·N + B · {per_seq:,} bytes = {human_bytes(fixed)} + B · {human_bytes(per_seq)}"]
     if gpu_mem is not None:
         out.append(f"largest batch in {human_bytes(gpu_mem)}: B = {s['max_batch_size']}"
                    + ("" if s["max_batch_size"] else " (parameters, gradients and AdamW state alone do not fit)"))
@@ -554,20 +575,24 @@ def positive_int(text: str) -> int:
     return value
 
 
+MEASURE_MAX_BYTES = 4e9  # --measure runs the model on this machine's CPU: refuse what a laptop could not hold
+
+
 def measure_report(cfg, batch_size: int, seq_len: int) -> str:
     """--measure: the handout's activation formula, this implementation's, and the bytes autograd really saved,
     for the from-scratch attention and the fused one."""
     B, T = batch_size, seq_len
-    analytic = 4 * activation_elements(cfg, B, T)
+    analytic = FP32_BYTES * activation_elements(cfg, B, T)
     manual_cfg, fused_cfg = (dataclasses.replace(cfg, attn_impl=a) for a in ("manual", "sdpa"))
-    rows = [[n, f"4 · ({formula})" if "+" in formula else f"4 · {formula}", f"{4 * e:,}"]
+    nb = FP32_BYTES
+    rows = [[n, f"{nb} · ({formula})" if "+" in formula else f"{nb} · {formula}", f"{nb * e:,}"]
             for n, formula, e in saved_activation_rows(manual_cfg, B, T)]
     out = [f"Activations autograd keeps for backward: B={B}, T={T:,}, fp32, model.py with attn_impl=manual",
            table(["tensor", "formula (bytes)", "bytes"], rows), ""]
     rows = [["handout's enumeration (activation_rows)", f"{analytic:,}", human_bytes(analytic), "", "1.00"]]
     other = 0
     for c in (manual_cfg, fused_cfg):
-        predicted = 4 * sum(e for *_, e in saved_activation_rows(c, B, T))
+        predicted = FP32_BYTES * sum(e for *_, e in saved_activation_rows(c, B, T))
         measured = measure_saved_activations(c, B, T)
         other = max(other, measured["other"])
         rows.append([f"model.py, attn_impl={c.attn_impl}: formula / measured", f"{predicted:,}",
@@ -632,8 +657,8 @@ def main(argv=None) -> None:
     T = _seq_len(cfg, args.seq_len)
 
     if args.measure:
-        need = 4 * (4 * count_params(cfg) + activation_elements(cfg, args.batch_size, T))
-        if need > 4e9:
+        need = train_memory(cfg, args.batch_size, T)["total"]  # an upper bound: forward and backward, no AdamW
+        if need > MEASURE_MAX_BYTES:
             parser.error(f"--measure runs the model on CPU and would need ~{human_bytes(need)}; "
                          "pick a small config (e.g. --preset tiny)")
         print(measure_report(cfg, args.batch_size, T))
