@@ -105,24 +105,32 @@ def _seq_len(cfg, seq_len: int | None) -> int:
     return cfg.context_length if seq_len is None else seq_len
 
 
-def forward_flop_rows(cfg, batch_size: int = 1, seq_len: int | None = None) -> list[tuple[str, str, int]]:
-    """(name, formula, FLOPs) for one forward pass over batch_size sequences of seq_len tokens."""
+def forward_flop_rows(cfg, batch_size: int = 1, seq_len: int | None = None) -> list[tuple[str, str, str, int]]:
+    """(id, label, formula, FLOPs) for one forward pass over batch_size sequences of seq_len tokens.
+
+    The id is what code looks a row up by (forward_flops_by_id); the label is only for printing (and --json's keys)."""
     B, T = batch_size, _seq_len(cfg, seq_len)
     V, d, L, F = cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.d_ff
     n_ffn = ffn_matrices(cfg)
     return [
-        ("QKV projections", "L · 3 · 2·B·T·d·d", L * 3 * 2 * B * T * d * d),
-        ("attention scores Q Kᵀ", "L · 2·B·T·T·d", L * 2 * B * T * T * d),
-        ("attention-weighted values A V", "L · 2·B·T·T·d", L * 2 * B * T * T * d),
-        ("output projection", "L · 2·B·T·d·d", L * 2 * B * T * d * d),
-        ("FFN", f"L · {n_ffn} · 2·B·T·d·F ({'w1, w3, w2' if n_ffn == 3 else 'w1, w2'})", L * n_ffn * 2 * B * T * d * F),
-        ("LM head", "2·B·T·d·V", 2 * B * T * d * V),
+        ("qkv", "QKV projections", "L · 3 · 2·B·T·d·d", L * 3 * 2 * B * T * d * d),
+        ("attn_scores", "attention scores Q Kᵀ", "L · 2·B·T·T·d", L * 2 * B * T * T * d),
+        ("attn_values", "attention-weighted values A V", "L · 2·B·T·T·d", L * 2 * B * T * T * d),
+        ("out_proj", "output projection", "L · 2·B·T·d·d", L * 2 * B * T * d * d),
+        ("ffn", "FFN", f"L · {n_ffn} · 2·B·T·d·F ({'w1, w3, w2' if n_ffn == 3 else 'w1, w2'})",
+         L * n_ffn * 2 * B * T * d * F),
+        ("lm_head", "LM head", "2·B·T·d·V", 2 * B * T * d * V),
     ]
 
 
 def forward_flops(cfg, batch_size: int = 1, seq_len: int | None = None) -> int:
     """Matmul FLOPs of one forward pass (== FlopCounterMode on model.TransformerLM with manual attention)."""
-    return sum(f for _, _, f in forward_flop_rows(cfg, batch_size, seq_len))
+    return sum(f for *_, f in forward_flop_rows(cfg, batch_size, seq_len))
+
+
+def forward_flops_by_id(cfg, batch_size: int = 1, seq_len: int | None = None) -> dict[str, int]:
+    """{row id: FLOPs} of forward_flop_rows, e.g. ["attn_scores"] + ["attn_values"] for attention's share."""
+    return {row_id: f for row_id, *_, f in forward_flop_rows(cfg, batch_size, seq_len)}
 
 
 def matmul_params(cfg) -> int:
@@ -443,7 +451,7 @@ def summary(cfg, batch_size: int = 1, seq_len: int | None = None, gpu_mem: float
         "params_total": count_params(cfg),
         "params": {name: n * k for name, _, n, k in param_rows(cfg)},
         "forward_flops_total": forward_flops(cfg, batch_size, T),
-        "forward_flops": {name: f for name, _, f in forward_flop_rows(cfg, batch_size, T)},
+        "forward_flops": {label: f for _, label, _, f in forward_flop_rows(cfg, batch_size, T)},
         "train_flops_per_token": train_flops_per_token(cfg, T),
         "adamw_flops_per_step": ADAMW_FLOPS_PER_PARAM * count_params(cfg),
         "train_memory_bytes": mem["total"],
@@ -478,7 +486,7 @@ def report(cfg, name: str, batch_size: int = 1, seq_len: int | None = None, gpu_
 
     # Forward FLOPs
     rows = [[n, formula, f"{f:,}", human(f, "FLOP"), f"{100 * f / fwd:.1f}%"]
-            for n, formula, f in forward_flop_rows(cfg, B, T)]
+            for _, n, formula, f in forward_flop_rows(cfg, B, T)]
     rows.append(["total", "", f"{fwd:,}", human(fwd, "FLOP"), "100.0%"])
     attn = 2 * cfg.num_layers * 2 * B * T * T * cfg.d_model
     saved = attn * (T * T - T * (T + 1) // 2) / (T * T)
@@ -539,12 +547,12 @@ def compare(configs: dict, seq_len: int | None = None) -> str:
     rows = []
     for name, cfg in configs.items():
         T = _seq_len(cfg, seq_len)
-        f = {n: x for n, _, x in forward_flop_rows(cfg, 1, T)}
+        f = forward_flops_by_id(cfg, 1, T)
         tot = sum(f.values())
-        attn = f["attention scores Q Kᵀ"] + f["attention-weighted values A V"]
-        proj = f["QKV projections"] + f["output projection"]
+        attn = f["attn_scores"] + f["attn_values"]
+        proj = f["qkv"] + f["out_proj"]
         rows.append([name, f"{T:,}", human(count_params(cfg)), human(tot, "FLOP"), f"{100 * proj / tot:.1f}%",
-                     f"{100 * attn / tot:.1f}%", f"{100 * f['FFN'] / tot:.1f}%", f"{100 * f['LM head'] / tot:.1f}%",
+                     f"{100 * attn / tot:.1f}%", f"{100 * f['ffn'] / tot:.1f}%", f"{100 * f['lm_head'] / tot:.1f}%",
                      human(train_flops_per_token(cfg, T), "FLOP"), human_bytes(train_memory(cfg, 1, T)["total"])])
     return ("Presets side by side: one sequence (B=1) of T tokens; shares of forward FLOPs\n"
             + table(["preset", "T", "params", "forward", "QKV+out", "QKᵀ+AV", "FFN", "LM head", "train/token",

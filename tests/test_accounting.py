@@ -126,8 +126,8 @@ def test_sdpa_attention_is_invisible_to_the_counter_on_cpu():
     lm = model.TransformerLM(**dataclasses.asdict(cfg))
     with FlopCounterMode(display=False) as counter:
         lm(torch.randint(0, cfg.vocab_size, (2, 64)))
-    rows = dict((n, f) for n, _, f in accounting.forward_flop_rows(cfg, 2, 64))
-    attention = rows["attention scores Q Kᵀ"] + rows["attention-weighted values A V"]
+    rows = accounting.forward_flops_by_id(cfg, 2, 64)
+    attention = rows["attn_scores"] + rows["attn_values"]
     assert counter.get_total_flops() == accounting.forward_flops(cfg, 2, 64) - attention
 
 
