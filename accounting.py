@@ -470,76 +470,90 @@ def summary(cfg, batch_size: int = 1, seq_len: int | None = None, gpu_mem: float
 
 def report(cfg, name: str, batch_size: int = 1, seq_len: int | None = None, gpu_mem: float | None = None,
            steps: int | None = None, gpu: str | None = None, mfu: float | None = None, dtype: str = "fp32") -> str:
-    """The text tables: parameters, forward FLOPs, training FLOPs, memory, time."""
-    B, T = batch_size, _seq_len(cfg, seq_len)
-    s = summary(cfg, B, T, gpu_mem, steps, gpu, mfu, dtype)
-    N, fwd = s["params_total"], s["forward_flops_total"]
-    out = [f"== {name} ==", describe(cfg), ""]
+    """The text tables: parameters, forward FLOPs, training FLOPs, memory, time (when steps, gpu and mfu are given).
+    Each table prints figures from summary(), so the text and --json views cannot disagree."""
+    s = summary(cfg, batch_size, seq_len, gpu_mem, steps, gpu, mfu, dtype)
+    tables = [f"== {name} ==\n{describe(cfg)}", params_table(cfg, s), forward_flops_table(cfg, s),
+              train_flops_table(cfg, s), memory_table(cfg, s)]
+    if "train_days" in s:
+        tables.append(time_table(s))
+    return "\n\n".join(tables) + "\n"
 
-    # Parameters
+
+def params_table(cfg, s: dict) -> str:
+    N = s["params_total"]
     rows = [[n, shape, f"{per:,}", k, f"{per * k:,}", human(per * k), f"{100 * per * k / N:.1f}%"]
             for n, shape, per, k in param_rows(cfg)]
     rows.append(["total", "", "", "", f"{N:,}", human(N), "100.0%"])
-    out += ["Parameters (weights are (out, in), no biases)",
-            table(["tensor", "shape", "per copy", "copies", "total", "", "share"], rows, right={2, 3, 4, 5, 6}),
-            f"bytes: {human_bytes(FP32_BYTES * N)} in fp32, {human_bytes(BF16_BYTES * N)} in bf16", ""]
+    return "\n".join(["Parameters (weights are (out, in), no biases)",
+                      table(["tensor", "shape", "per copy", "copies", "total", "", "share"], rows,
+                            right={2, 3, 4, 5, 6}),
+                      f"bytes: {human_bytes(FP32_BYTES * N)} in fp32, {human_bytes(BF16_BYTES * N)} in bf16"])
 
-    # Forward FLOPs
-    rows = [[n, formula, f"{f:,}", human(f, "FLOP"), f"{100 * f / fwd:.1f}%"]
-            for _, n, formula, f in forward_flop_rows(cfg, B, T)]
+
+def forward_flops_table(cfg, s: dict) -> str:
+    B, T, fwd = s["batch_size"], s["seq_len"], s["forward_flops_total"]
+    rows = [[label, formula, f"{f:,}", human(f, "FLOP"), f"{100 * f / fwd:.1f}%"]
+            for _, label, formula, f in forward_flop_rows(cfg, B, T)]
     rows.append(["total", "", f"{fwd:,}", human(fwd, "FLOP"), "100.0%"])
-    attn = 2 * cfg.num_layers * 2 * B * T * T * cfg.d_model
-    saved = attn * (T * T - T * (T + 1) // 2) / (T * T)
-    out += [f"Forward FLOPs for B={B} sequences of T={T:,} tokens (2·m·n·p per (m×n)@(n×p) matmul)",
-            table(["matmul", "formula", "FLOPs", "", "share"], rows),
-            "not counted: RMSNorm, RoPE, softmax, SiLU, residual adds, embedding lookup (element-wise, no matmul).",
-            f"causal mask: Q Kᵀ and A V are computed in full and then masked; skipping the masked triangle would save "
-            f"{human(saved, 'FLOP')} ({100 * saved / fwd:.1f}% of the total).", ""]
+    by_id = forward_flops_by_id(cfg, B, T)
+    # a causal kernel would compute T(T+1)/2 of the T² dot products in Q Kᵀ and A V
+    saved = (by_id["attn_scores"] + by_id["attn_values"]) * (T * T - T * (T + 1) // 2) / (T * T)
+    return "\n".join([
+        f"Forward FLOPs for B={B} sequences of T={T:,} tokens (2·m·n·p per (m×n)@(n×p) matmul)",
+        table(["matmul", "formula", "FLOPs", "", "share"], rows),
+        "not counted: RMSNorm, RoPE, softmax, SiLU, residual adds, embedding lookup (element-wise, no matmul).",
+        f"causal mask: Q Kᵀ and A V are computed in full and then masked; skipping the masked triangle would save "
+        f"{human(saved, 'FLOP')} ({100 * saved / fwd:.1f}% of the total)."])
 
-    # Training FLOPs
-    per_tok = s["train_flops_per_token"]
-    n_matmul = matmul_params(cfg)
-    attn_tok = 12 * cfg.num_layers * T * cfg.d_model
+
+def train_flops_table(cfg, s: dict) -> str:
+    """Training FLOPs per token split into 6·N_matmul + attention, then AdamW's own element-wise FLOPs per step."""
+    B, T, N, fwd = s["batch_size"], s["seq_len"], s["params_total"], s["forward_flops_total"]
+    per_tok, n_matmul = s["train_flops_per_token"], matmul_params(cfg)
+    by_id = forward_flops_by_id(cfg, B, T)
+    attn_tok = 3 * (by_id["attn_scores"] + by_id["attn_values"]) / (B * T)  # forward + backward = 3 x forward
     rows = [["forward", "(table above) / (B·T)", human(fwd / (B * T), "FLOP")],
             ["backward", "2 × forward", human(2 * fwd / (B * T), "FLOP")],
             ["training", "3 × forward", human(per_tok, "FLOP")],
             ["  = 6·N_matmul", f"N_matmul = {human(n_matmul)} params used in matmuls", human(6 * n_matmul, "FLOP")],
             ["  + attention", "12·L·T·d (QKᵀ and A V, fwd + bwd)", human(attn_tok, "FLOP")],
             ["6·N (Kaplan rule)", "N = all parameters", human(6 * N, "FLOP")]]
-    out += ["Training FLOPs per token (backward = 2 × forward: each matmul's backward is one matmul for the input's",
-            "gradient and one for the weight's, each as big as the forward one)",
-            table(["", "formula", "FLOPs"], rows)]
-    rows = [[f, n, human(n * N, "FLOP")] for f, n in ADAMW_FLOP_ROWS]
-    rows.append(["AdamW step", ADAMW_FLOPS_PER_PARAM, human(ADAMW_FLOPS_PER_PARAM * N, "FLOP")])
-    out += [f"AdamW's own FLOPs per step, per parameter (vs {human(B * T * per_tok, 'FLOP')} for the model's "
-            f"B·T={B * T:,} tokens)", table(["update", "per param", "× N"], rows), ""]
+    adamw = [[f, n, human(n * N, "FLOP")] for f, n in ADAMW_FLOP_ROWS]
+    adamw.append(["AdamW step", ADAMW_FLOPS_PER_PARAM, human(ADAMW_FLOPS_PER_PARAM * N, "FLOP")])
+    return "\n".join([
+        "Training FLOPs per token (backward = 2 × forward: each matmul's backward is one matmul for the input's",
+        "gradient and one for the weight's, each as big as the forward one)",
+        table(["", "formula", "FLOPs"], rows),
+        f"AdamW's own FLOPs per step, per parameter (vs {human(B * T * per_tok, 'FLOP')} for the model's "
+        f"B·T={B * T:,} tokens)", table(["update", "per param", "× N"], adamw)])
 
-    # Memory
-    mem = s["train_memory"]
-    per_seq = s["activation_bytes_per_sequence"]
-    fixed = mem["params"] + mem["grads"] + mem["adamw_state"]
+
+def memory_table(cfg, s: dict) -> str:
+    B, T, mem, per_seq = s["batch_size"], s["seq_len"], s["train_memory"], s["activation_bytes_per_sequence"]
     copies, nb = TRAIN_STATE_COPIES, FP32_BYTES
+    fixed = sum(mem[part] for part in copies)
     rows = [["parameters", f"{nb}·N", human_bytes(mem["params"])], ["gradients", f"{nb}·N", human_bytes(mem["grads"])],
             ["AdamW m and v", f"{copies['adamw_state']} · {nb}·N", human_bytes(mem["adamw_state"])]]
     rows += [[f"act: {n}", f"{nb} · {formula}", human_bytes(nb * e)] for n, formula, e in activation_rows(cfg, B, T)]
     rows.append(["total", "", human_bytes(mem["total"])])
-    out += [f"Memory for AdamW training in fp32 ({nb} bytes per number), B={B}, T={T:,}; activations as the handout "
-            "enumerates them", table(["", "formula", f"B={B}"], rows),
-            f"total(B) = {sum(copies.values()) * nb}·N + B · {per_seq:,} bytes = {human_bytes(fixed)} + B · {human_bytes(per_seq)}"]
-    if gpu_mem is not None:
-        out.append(f"largest batch in {human_bytes(gpu_mem)}: B = {s['max_batch_size']}"
+    out = [f"Memory for AdamW training in fp32 ({nb} bytes per number), B={B}, T={T:,}; activations as the handout "
+           "enumerates them", table(["", "formula", f"B={B}"], rows),
+           f"total(B) = {sum(copies.values()) * nb}·N + B · {per_seq:,} bytes = {human_bytes(fixed)} + B · "
+           f"{human_bytes(per_seq)}"]
+    if "max_batch_size" in s:
+        out.append(f"largest batch in {human_bytes(s['gpu_mem_bytes'])}: B = {s['max_batch_size']}"
                    + ("" if s["max_batch_size"] else " (parameters, gradients and AdamW state alone do not fit)"))
-    out.append("")
-
-    # Time
-    if "train_days" in s:
-        out += [f"Time: {steps:,} steps × B={B} × T={T:,} tokens on one {gpu} at {100 * mfu:g}% MFU, {dtype} "
-                f"(peak {human(s['peak_flops'], 'FLOP/s')})",
-                f"  FLOPs = steps · (B·T · {human(per_tok, 'FLOP')} + {ADAMW_FLOPS_PER_PARAM}·N) = "
-                f"{human(s['train_flops_total'], 'FLOP')}",
-                f"  time  = FLOPs / (MFU · peak) = {human_days(s['train_days'])}",
-                ""]
     return "\n".join(out)
+
+
+def time_table(s: dict) -> str:
+    return "\n".join([
+        f"Time: {s['steps']:,} steps × B={s['batch_size']} × T={s['seq_len']:,} tokens on one {s['gpu']} at "
+        f"{100 * s['mfu']:g}% MFU, {s['dtype']} (peak {human(s['peak_flops'], 'FLOP/s')})",
+        f"  FLOPs = steps · (B·T · {human(s['train_flops_per_token'], 'FLOP')} + {ADAMW_FLOPS_PER_PARAM}·N) = "
+        f"{human(s['train_flops_total'], 'FLOP')}",
+        f"  time  = FLOPs / (MFU · peak) = {human_days(s['train_days'])}"])
 
 
 def compare(configs: dict, seq_len: int | None = None) -> str:
