@@ -626,16 +626,19 @@ def measure_report(cfg, batch_size: int, seq_len: int) -> str:
     return "\n".join(out)
 
 
-def main(argv=None) -> None:
+MODEL_SIZE_FLAGS = ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff")
+
+
+def build_parser() -> OneLineParser:
     parser = OneLineParser(description="Parameters, FLOPs, memory and training time of a Transformer LM "
                                        "(CS336 assignment 1, transformer_accounting and adamwAccounting).")
     parser.add_argument("--preset", default="gpt2-xl", help="one of the presets (default gpt2-xl); see --compare")
-    for field in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff"):
+    for field in MODEL_SIZE_FLAGS:
         parser.add_argument("--" + field.replace("_", "-"), type=positive_int, help=f"override the preset's {field}")
     parser.add_argument("--rope-theta", type=float)
-    parser.add_argument("--norm", help="pre | post | none")
-    parser.add_argument("--position", help="rope | nope")
-    parser.add_argument("--ffn", help="swiglu | silu (silu without --d-ff uses 4*d_model)")
+    parser.add_argument("--norm", choices=model.NORMS, help="where the RMSNorms go (none: no RMSNorm at all)")
+    parser.add_argument("--position", choices=model.POSITIONS, help="RoPE or no position information (NoPE)")
+    parser.add_argument("--ffn", choices=model.FFNS, help="silu without --d-ff uses d_ff = 4*d_model")
     parser.add_argument("--tie-embeddings", action="store_true")
     parser.add_argument("--batch-size", type=positive_int, default=1, help="sequences per step B (default 1)")
     parser.add_argument("--seq-len", type=positive_int, help="tokens per sequence T (default: context_length)")
@@ -649,54 +652,63 @@ def main(argv=None) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--measure", action="store_true",
                         help="run the model on CPU and compare saved activations with the formula (small configs)")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def resolve_config(args) -> model.ModelConfig:
+    """The --preset with the model flags applied; ValueError (one line) for an unknown preset or a bad config.
+    ModelConfig.with_overrides skips absent (None) flags and owns the SiLU ablation's d_ff = 4·d_model rule."""
     all_presets = presets()
     if args.preset not in all_presets:
-        parser.error(f"unknown preset {args.preset!r}; choose one of {', '.join(all_presets)}")
-    cfg = all_presets[args.preset]
-    changes = {k: v for k, v in vars(args).items()
-               if k in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff", "rope_theta",
-                        "norm", "position", "ffn") and v is not None}
-    if args.tie_embeddings:
-        changes["tie_embeddings"] = True
-    if args.ffn == "silu" and args.d_ff is None:
-        changes["d_ff"] = 4 * changes.get("d_model", cfg.d_model)  # as model.py's CLI: SiLU FFNs are 4·d_model wide
-    cfg = dataclasses.replace(cfg, **changes)
-    try:
-        cfg.validate()
-        if args.seq_len is not None and args.seq_len > cfg.context_length:
-            raise ValueError(f"--seq-len {args.seq_len} exceeds context_length {cfg.context_length}")
-        if args.mfu is not None and not 0 < args.mfu <= 1:
-            raise ValueError(f"--mfu must be in (0, 1], got {args.mfu}")
-        timed = [args.steps is not None, args.gpu is not None, args.mfu is not None]
-        if any(timed) and not all(timed):
-            raise ValueError("the time estimate needs all of --steps, --gpu and --mfu")
-        if args.gpu is not None:
-            peak_flops(args.gpu, args.dtype)
-    except ValueError as e:
-        parser.error(str(e))
-    T = _seq_len(cfg, args.seq_len)
+        raise ValueError(f"unknown preset {args.preset!r}; choose one of {', '.join(all_presets)}")
+    return all_presets[args.preset].with_overrides(
+        **{field: getattr(args, field) for field in MODEL_SIZE_FLAGS}, rope_theta=args.rope_theta, norm=args.norm,
+        position=args.position, ffn=args.ffn, tie_embeddings=args.tie_embeddings or None)
 
+
+def check_args(args, cfg) -> None:
+    """ValueError (one line) for flags that do not fit together or with cfg."""
+    if args.seq_len is not None and args.seq_len > cfg.context_length:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds context_length {cfg.context_length}")
+    if args.mfu is not None and not 0 < args.mfu <= 1:
+        raise ValueError(f"--mfu must be in (0, 1], got {args.mfu}")
+    timed = [args.steps is not None, args.gpu is not None, args.mfu is not None]
+    if any(timed) and not all(timed):
+        raise ValueError("the time estimate needs all of --steps, --gpu and --mfu")
+    if args.gpu is not None:
+        peak_flops(args.gpu, args.dtype)
     if args.measure:
-        need = train_memory(cfg, args.batch_size, T)["total"]  # an upper bound: forward and backward, no AdamW
+        need = train_memory(cfg, args.batch_size, _seq_len(cfg, args.seq_len))["total"]  # bound: no AdamW runs
         if need > MEASURE_MAX_BYTES:
-            parser.error(f"--measure runs the model on CPU and would need ~{human_bytes(need)}; "
-                         "pick a small config (e.g. --preset tiny)")
-        print(measure_report(cfg, args.batch_size, T))
-        return
+            raise ValueError(f"--measure runs the model on CPU and would need ~{human_bytes(need)}; "
+                             "pick a small config (e.g. --preset tiny)")
+
+
+def output(args, cfg) -> str:
+    """What the command prints: --measure's comparison, --compare's table (or JSON), or cfg's tables (or JSON)."""
+    T = _seq_len(cfg, args.seq_len)
+    if args.measure:
+        return measure_report(cfg, args.batch_size, T)
     if args.compare:
         if args.json:
-            print(json.dumps({"presets": {n: summary(c, args.batch_size) for n, c in all_presets.items()}}, indent=1))
-        else:
-            print(compare(all_presets))
-        return
+            return json.dumps({"presets": {n: summary(c, args.batch_size) for n, c in presets().items()}}, indent=1)
+        return compare(presets())
     kwargs = dict(batch_size=args.batch_size, seq_len=T, gpu_mem=args.gpu_mem, steps=args.steps, gpu=args.gpu,
                   mfu=args.mfu, dtype=args.dtype)
     if args.json:
-        print(json.dumps({"preset": args.preset, **summary(cfg, **kwargs)}, indent=1))
-    else:
-        print(report(cfg, args.preset, **kwargs))
+        return json.dumps({"preset": args.preset, **summary(cfg, **kwargs)}, indent=1)
+    return report(cfg, args.preset, **kwargs)
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = resolve_config(args)
+        check_args(args, cfg)
+    except ValueError as e:
+        parser.error(str(e))  # one line, exit code 2
+    print(output(args, cfg))
 
 
 if __name__ == "__main__":

@@ -268,6 +268,17 @@ def test_cli_json_and_compare(capsys):
     assert all(name in out for name in PRESETS) and "55.2%" in out  # QKᵀ+AV share of gpt2-xl-16k
 
 
+def test_cli_model_flags_go_through_with_overrides(capsys):
+    # --ffn silu without --d-ff: model.ModelConfig.with_overrides' rule (4 x the new d_model), not a copy of it here
+    accounting.main(["--preset", "ts17m", "--json", "--ffn", "silu", "--d-model", "256", "--num-heads", "8"])
+    expected = model.PRESETS["ts17m"].with_overrides(ffn="silu", d_model=256, num_heads=8)
+    assert json.loads(capsys.readouterr().out)["config"] == dataclasses.asdict(expected)
+    assert expected.d_ff == 4 * 256
+    accounting.main(["--preset", "tiny", "--json", "--ffn", "silu", "--d-ff", "100", "--tie-embeddings"])
+    config = json.loads(capsys.readouterr().out)["config"]
+    assert (config["d_ff"], config["tie_embeddings"]) == (100, True)
+
+
 def test_cli_measure(capsys):
     accounting.main(["--preset", "tiny", "--measure", "--seq-len", "32", "--batch-size", "2", "--vocab-size", "256",
                      "--d-model", "64", "--num-layers", "2", "--num-heads", "4", "--d-ff", "160"])
@@ -280,6 +291,8 @@ def test_cli_measure(capsys):
     (["--preset", "gpt3"], "unknown preset 'gpt3'; choose one of gpt2-small"),
     (["--d-model", "1000", "--num-heads", "7"], "must be divisible by num_heads"),
     (["--num-layers", "0"], "must be a positive integer"),
+    (["--norm", "bad"], "argument --norm: invalid choice: 'bad'"),
+    (["--ffn", "gelu"], "argument --ffn: invalid choice: 'gelu'"),
     (["--gpu", "tpu", "--steps", "10", "--mfu", "0.5"], "unknown GPU 'tpu'"),
     (["--steps", "10"], "needs all of --steps, --gpu and --mfu"),
     (["--gpu-mem", "lots"], "bad memory size"),
