@@ -284,6 +284,21 @@ def peak_flops(gpu: str, dtype: str = "fp32") -> float:
     return PEAK_FLOPS[gpu][dtype]
 
 
+def gpu_peak_flops(device_name: str, dtype: str) -> float | None:
+    """The published peak for a CUDA device as torch.cuda.get_device_name() names it, or None when the GPU or dtype
+    is not in PEAK_FLOPS (an MFU left blank rather than a made-up one).
+
+    A key matches when each of its dash-separated parts is in the lowercased name: "NVIDIA H100 80GB HBM3" -> h100,
+    "NVIDIA H100 PCIe" -> h100-pcie (longer keys are tried first, so the PCIe card is not taken for the SXM one),
+    "NVIDIA A100-SXM4-80GB" -> a100. dtype "fp32" reads the tf32 figure: on CUDA train.py runs fp32 matmuls on
+    TF32 tensor cores (torch.set_float32_matmul_precision("high")), so that is the rate it can reach."""
+    name = device_name.lower()
+    for gpu in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if all(part in name for part in gpu.split("-")):
+            return PEAK_FLOPS[gpu].get("tf32" if dtype == "fp32" else dtype)
+    return None
+
+
 def train_flops(cfg, steps: int, batch_size: int, seq_len: int | None = None) -> float:
     """All FLOPs of a run: steps · B · T tokens at train_flops_per_token each, plus AdamW's 14·N per step."""
     T = _seq_len(cfg, seq_len)

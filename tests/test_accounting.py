@@ -237,6 +237,19 @@ def test_peak_flops_table_and_errors():
         accounting.peak_flops("v100", "bf16")
 
 
+@pytest.mark.parametrize("device_name,dtype,entry", [
+    ("NVIDIA H100 PCIe", "bf16", ("h100-pcie", "bf16")),   # not h100 (SXM): longer keys are tried first
+    ("NVIDIA H100 80GB HBM3", "bf16", ("h100", "bf16")),
+    ("NVIDIA A100-SXM4-80GB", "fp32", ("a100", "tf32")),   # fp32 matmuls run on TF32 tensor cores on CUDA
+    ("NVIDIA H200", "fp8", ("h200", "fp8")),
+    ("Tesla V100-SXM2-16GB", "bf16", None),                # a known GPU without a bf16 peak
+    ("NVIDIA GeForce RTX 4090", "bf16", None),             # not in the table
+])
+def test_gpu_peak_flops_matches_cuda_device_names(device_name, dtype, entry):
+    expected = None if entry is None else accounting.PEAK_FLOPS[entry[0]][entry[1]]
+    assert accounting.gpu_peak_flops(device_name, dtype) == expected
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # CLI
 
