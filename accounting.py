@@ -22,6 +22,8 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import platform
 import re
 import time
 
@@ -312,8 +314,21 @@ def train_days(cfg, steps: int, batch_size: int, gpu: str, mfu: float, dtype: st
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Measured: a torch.mm peak (the MFU denominator where no datasheet applies, e.g. a CPU)
+# Hardware: what this machine is, and its measured torch.mm peak (the MFU denominator where no datasheet applies)
 # ---------------------------------------------------------------------------------------------------------------
+
+def machine_line() -> str:
+    """One line naming what a measurement ran on, for benchmark and experiment reports, e.g.
+    'Intel(R) Xeon(R) CPU @ 2.20GHz, 2 cores, torch 2.5.1 (2 threads), Python 3.12.3'."""
+    cpu = platform.processor() or platform.machine()
+    try:  # Linux names the CPU model here; platform.processor() is often empty or just the architecture
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"Python {platform.python_version()}")
+
 
 MIN_TIMED_S = 1e-3  # a timing shorter than this is mostly clock and loop overhead: time more calls at once
 

@@ -302,15 +302,11 @@ def finish_study(study: str, scale: str, runs: Path, run: Runner, records: list[
 
 
 def machine_line(scale: str) -> str:
-    import torch
-    cpu = "?"
-    if Path("/proc/cpuinfo").is_file():
-        m = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        cpu = m.group(1).strip() if m else cpu
-    device = SCALES[scale]["device"]
-    where = (f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads"
-             if device == "cpu" else f"device {device}, torch {torch.__version__}")
-    return f"Machine: {where}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."
+    """A results file's machine line: accounting.machine_line() (CPU, cores, torch, threads, Python), the scale's
+    training device, and when the results were written."""
+    import accounting
+    return (f"Machine: {accounting.machine_line()}; device {SCALES[scale]['device']}; "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.")
 
 
 def save_result(study: str, scale: str, text: str) -> None:

@@ -13,6 +13,8 @@
 import dataclasses
 import json
 import math
+import os
+import platform
 import re
 import subprocess
 import sys
@@ -226,6 +228,14 @@ def test_measure_matmul_flops_is_a_peak():
     peak = accounting.measure_matmul_flops(n=n, seconds=0.2)
     assert math.isfinite(peak) and 1e8 < peak < 1e14
     assert peak >= 0.5 * one_call  # the best of many repeats is at least about as fast as one timed call
+
+
+def test_machine_line_names_cpu_torch_and_python():
+    line = accounting.machine_line()
+    for part in (f"{os.cpu_count()} cores", f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
+                 f"Python {platform.python_version()}"):
+        assert part in line, part
+    assert not line.startswith(",")  # some CPU name came first (/proc/cpuinfo's, or platform's fallback)
 
 
 def test_peak_flops_table_and_errors():

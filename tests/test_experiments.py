@@ -3,6 +3,7 @@ train.py command it would run at the handout's scale is accepted by train.py's o
 tiny real configuration runs end to end (train.py subprocess, sample.py --eval on the whole validation split, the
 result record, the table and the plot) in tmp_path."""
 import importlib.util
+import re
 import shlex
 import subprocess
 import sys
@@ -50,6 +51,13 @@ def test_full_dry_run_commands_are_valid_train_py_invocations(run_py, capsys, tm
     assert budgets == {327_680_000}
     assert ablations == {("pre", "rope", "swiglu"), ("none", "rope", "swiglu"), ("post", "rope", "swiglu"),
                          ("pre", "nope", "swiglu"), ("pre", "rope", "silu")}
+
+
+def test_machine_line_is_accountings_plus_device_and_time(run_py):
+    import accounting
+    line = run_py.machine_line("full")
+    assert line.startswith(f"Machine: {accounting.machine_line()}; device cuda; ")
+    assert re.search(r"; \d{4}-\d\d-\d\d \d\d:\d\d UTC\.$", line)
 
 
 def test_tiny_run_end_to_end(run_py, tmp_path, monkeypatch):
