@@ -47,6 +47,7 @@ def test_full_dry_run_commands_are_valid_train_py_invocations(run_py, capsys, tm
         cfg = train.resolve_model_config(args, ckpt, None)
         budgets.add(args["batch_size"] * cfg.context_length * args["max_iters"])
         ablations.add((cfg.norm, cfg.position, cfg.ffn))
+        assert cfg.d_ff == (4 * cfg.d_model if cfg.ffn == "silu" else run_py.SCALES["full"]["model"]["d_ff"])
         assert args["eval_iters"] * args["batch_size"] == run_py.SCALES["full"]["eval_windows"]
     assert budgets == {327_680_000}
     assert ablations == {("pre", "rope", "swiglu"), ("none", "rope", "swiglu"), ("post", "rope", "swiglu"),
