@@ -1,7 +1,12 @@
-"""Checks experiments/run.py, the driver of the studies in EXPERIMENTS.md: its command line (help, misuse), that every
-train.py command it would run at the handout's scale is accepted by train.py's own argument resolution, and that a
-tiny real configuration runs end to end (train.py subprocess, sample.py --eval on the whole validation split, the
-result record, the table and the plot) in tmp_path."""
+"""Checks experiments/run.py, the driver of the studies in EXPERIMENTS.md: its command line (help, misuse); that every
+train.py command it would run at the handout's scale is accepted by train.py's own argument resolution (token budget,
+ablations, the SiLU run's d_ff = 4 d_model); its machine line; and that a tiny real configuration runs end to end
+(train.py subprocess, the whole-split validation loss, the result record, reuse of a finished run, the table) in
+tmp_path.
+
+    python -m pytest tests/test_experiments.py     # all of this file's checks (CPU, a few seconds)
+    python -m pytest -m slow                       # the project's slow checks (this file has none)
+"""
 import importlib.util
 import re
 import shlex
