@@ -12,6 +12,8 @@ num_heads h, d_ff F) and the batch B and sequence length T, printed beside its n
   - memory = fp32 parameters, gradients, AdamW's two moments, and the activations the handout enumerates.
 tests/test_accounting.py checks the parameter count against sum(p.numel()) of model.TransformerLM, the FLOPs
 against torch.utils.flop_counter, and the activation formula against the bytes autograd really saves (--measure).
+The other half of MFU lives here too: PEAK_FLOPS and gpu_peak_flops (a CUDA device's published peak),
+measure_matmul_flops (a measured one, where no datasheet applies) and machine_line (what a report ran on).
 
     python accounting.py --preset gpt2-xl                                   # tables for GPT-2 XL
     python accounting.py --preset gpt2-xl --steps 400000 --batch-size 1024 --gpu a100 --mfu 0.5 --gpu-mem 80GB
