@@ -12,6 +12,8 @@ num_heads h, d_ff F) and the batch B and sequence length T, printed beside its n
   - memory = fp32 parameters, gradients, AdamW's two moments, and the activations the handout enumerates.
 tests/test_accounting.py checks the parameter count against sum(p.numel()) of model.TransformerLM, the FLOPs
 against torch.utils.flop_counter, and the activation formula against the bytes autograd really saves (--measure).
+The other half of MFU lives here too: PEAK_FLOPS and gpu_peak_flops (a CUDA device's published peak),
+measure_matmul_flops (a measured one, where no datasheet applies) and machine_line (what a report ran on).
 
     python accounting.py --preset gpt2-xl                                   # tables for GPT-2 XL
     python accounting.py --preset gpt2-xl --steps 400000 --batch-size 1024 --gpu a100 --mfu 0.5 --gpu-mem 80GB
@@ -22,6 +24,8 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import platform
 import re
 import time
 
@@ -55,11 +59,19 @@ PEAK_FLOPS = {
 # A row is (name, shape formula, elements per copy, copies). Weights are (out, in) as in model.py. Tied embeddings
 # share one (V, d) tensor between token_embeddings and lm_head, so it is counted once (as sum(p.numel()) does).
 
+ATTN_PROJECTIONS = ("q", "k", "v", "output")  # model.py's four (d, d) attention matrices per layer
+
+
+def ffn_matrices(cfg) -> int:
+    """Matrices in one FFN: 3 for SwiGLU (w1, w2, w3; Shazeer 2020), 2 for the SiLU ablation (w1, w2)."""
+    return 3 if cfg.ffn == "swiglu" else 2
+
+
 def param_rows(cfg) -> list[tuple[str, str, int, int]]:
     V, d, L, F = cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.d_ff
     norm = cfg.norm != "none"
     rows = [("token_embeddings", "(V, d)", V * d, 1)]
-    rows += [(f"layers.*.attn.{p}_proj", "(d, d)", d * d, L) for p in ("q", "k", "v", "output")]
+    rows += [(f"layers.*.attn.{p}_proj", "(d, d)", d * d, L) for p in ATTN_PROJECTIONS]
     if cfg.ffn == "swiglu":  # w2 · (SiLU(w1 x) ⊙ w3 x)  (Shazeer 2020)
         rows += [("layers.*.ffn.w1", "(F, d)", F * d, L), ("layers.*.ffn.w2", "(d, F)", d * F, L),
                  ("layers.*.ffn.w3", "(F, d)", F * d, L)]
@@ -92,31 +104,44 @@ def count_params(cfg) -> int:
 # computed and then masked, which is what model.py (and the FLOP counter) do; a kernel that skips the masked upper
 # triangle would do T(T+1)/2 of the T² dot products in QKᵀ and A V, saving almost half of those two rows.
 
-def forward_flop_rows(cfg, batch_size: int = 1, seq_len: int | None = None) -> list[tuple[str, str, int]]:
-    """(name, formula, FLOPs) for one forward pass over batch_size sequences of seq_len tokens."""
-    B, T = batch_size, cfg.context_length if seq_len is None else seq_len
+def _seq_len(cfg, seq_len: int | None) -> int:
+    """T for every per-sequence figure in this file: seq_len when given, else the model's context_length."""
+    return cfg.context_length if seq_len is None else seq_len
+
+
+def forward_flop_rows(cfg, batch_size: int = 1, seq_len: int | None = None) -> list[tuple[str, str, str, int]]:
+    """(id, label, formula, FLOPs) for one forward pass over batch_size sequences of seq_len tokens.
+
+    The id is what code looks a row up by (forward_flops_by_id); the label is only for printing (and --json's keys)."""
+    B, T = batch_size, _seq_len(cfg, seq_len)
     V, d, L, F = cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.d_ff
-    n_ffn = 3 if cfg.ffn == "swiglu" else 2
+    n_ffn = ffn_matrices(cfg)
     return [
-        ("QKV projections", "L · 3 · 2·B·T·d·d", L * 3 * 2 * B * T * d * d),
-        ("attention scores Q Kᵀ", "L · 2·B·T·T·d", L * 2 * B * T * T * d),
-        ("attention-weighted values A V", "L · 2·B·T·T·d", L * 2 * B * T * T * d),
-        ("output projection", "L · 2·B·T·d·d", L * 2 * B * T * d * d),
-        ("FFN", f"L · {n_ffn} · 2·B·T·d·F ({'w1, w3, w2' if n_ffn == 3 else 'w1, w2'})", L * n_ffn * 2 * B * T * d * F),
-        ("LM head", "2·B·T·d·V", 2 * B * T * d * V),
+        ("qkv", "QKV projections", "L · 3 · 2·B·T·d·d", L * 3 * 2 * B * T * d * d),
+        ("attn_scores", "attention scores Q Kᵀ", "L · 2·B·T·T·d", L * 2 * B * T * T * d),
+        ("attn_values", "attention-weighted values A V", "L · 2·B·T·T·d", L * 2 * B * T * T * d),
+        ("out_proj", "output projection", "L · 2·B·T·d·d", L * 2 * B * T * d * d),
+        ("ffn", "FFN", f"L · {n_ffn} · 2·B·T·d·F ({'w1, w3, w2' if n_ffn == 3 else 'w1, w2'})",
+         L * n_ffn * 2 * B * T * d * F),
+        ("lm_head", "LM head", "2·B·T·d·V", 2 * B * T * d * V),
     ]
 
 
 def forward_flops(cfg, batch_size: int = 1, seq_len: int | None = None) -> int:
     """Matmul FLOPs of one forward pass (== FlopCounterMode on model.TransformerLM with manual attention)."""
-    return sum(f for _, _, f in forward_flop_rows(cfg, batch_size, seq_len))
+    return sum(f for *_, f in forward_flop_rows(cfg, batch_size, seq_len))
+
+
+def forward_flops_by_id(cfg, batch_size: int = 1, seq_len: int | None = None) -> dict[str, int]:
+    """{row id: FLOPs} of forward_flop_rows, e.g. ["attn_scores"] + ["attn_values"] for attention's share."""
+    return {row_id: f for row_id, *_, f in forward_flop_rows(cfg, batch_size, seq_len)}
 
 
 def matmul_params(cfg) -> int:
     """N_matmul: the parameters that take part in a matmul — all but the embedding (a gather) and the norm gains;
     a tied lm_head still counts (it is a matmul). Forward FLOPs per token = 2·N_matmul + 4·L·T·d (attention)."""
-    n_ffn = 3 if cfg.ffn == "swiglu" else 2
-    return cfg.num_layers * (4 * cfg.d_model**2 + n_ffn * cfg.d_model * cfg.d_ff) + cfg.vocab_size * cfg.d_model
+    attn, ffn = len(ATTN_PROJECTIONS) * cfg.d_model**2, ffn_matrices(cfg) * cfg.d_model * cfg.d_ff
+    return cfg.num_layers * (attn + ffn) + cfg.vocab_size * cfg.d_model
 
 
 def train_flops_per_token(config, seq_len: int | None = None) -> float:
@@ -125,7 +150,7 @@ def train_flops_per_token(config, seq_len: int | None = None) -> float:
 
     THE formula for MFU in this project (train.py, bench/): MFU = train_flops_per_token · tokens/s / peak FLOP/s.
     Equal to 6·matmul_params(config) + 12·L·T·d. Works on any object with ModelConfig's attribute names."""
-    T = config.context_length if seq_len is None else seq_len
+    T = _seq_len(config, seq_len)
     return 3 * forward_flops(config, 1, T) / T
 
 
@@ -142,12 +167,18 @@ ADAMW_FLOPS_PER_PARAM = sum(n for _, n in ADAMW_FLOP_ROWS)
 # ---------------------------------------------------------------------------------------------------------------
 # Memory for AdamW training: parameters, gradients, two moments, activations
 # ---------------------------------------------------------------------------------------------------------------
+FP32_BYTES = torch.finfo(torch.float32).bits // 8  # 4: memory is counted in fp32, as the handout's problem does
+BF16_BYTES = torch.finfo(torch.bfloat16).bits // 8  # 2: the Parameters table also gives the bf16 size
+# What AdamW training keeps per parameter besides activations, in copies of N: the weights, their gradients and
+# AdamW's two moments m and v (Loshchilov & Hutter 2019, Algorithm 2) — 4 copies, 16 bytes per parameter in fp32.
+TRAIN_STATE_COPIES = {"params": 1, "grads": 1, "adamw_state": 2}
+
 # Activations, enumerated as in the handout's adamwAccounting problem: one tensor per step of the forward pass that
 # backward needs, counted in elements for B sequences of T tokens (per layer unless marked "once").
 
 def activation_rows(cfg, batch_size: int = 1, seq_len: int | None = None) -> list[tuple[str, str, int]]:
     """(name, element formula, elements) of the activations kept for backward."""
-    B, T = batch_size, cfg.context_length if seq_len is None else seq_len
+    B, T = batch_size, _seq_len(cfg, seq_len)
     V, d, L, F, h = cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.d_ff, cfg.num_heads
     norm = cfg.norm != "none"
     rows = []
@@ -194,7 +225,7 @@ def saved_activation_rows(cfg, batch_size: int = 1, seq_len: int | None = None) 
         attention the heads are merged by a copy that the projection keeps (1 B·T·d, not 2), with sdpa by a free view;
       - optim.cross_entropy keeps the logits and each row's logsumexp (B·T), from which its hand-written backward
         rebuilds softmax - onehot; nothing else keeps a (B, T, V) tensor: one B·T·V tensor, not two."""
-    B, T = batch_size, cfg.context_length if seq_len is None else seq_len
+    B, T = batch_size, _seq_len(cfg, seq_len)
     V, d, L, F, h = cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.d_ff, cfg.num_heads
     rows = []
     if cfg.norm != "none":
@@ -225,18 +256,18 @@ def saved_activation_rows(cfg, batch_size: int = 1, seq_len: int | None = None) 
     return rows
 
 
-def train_memory(cfg, batch_size: int = 1, seq_len: int | None = None, bytes_per: int = 4) -> dict:
+def train_memory(cfg, batch_size: int = 1, seq_len: int | None = None, bytes_per: int = FP32_BYTES) -> dict:
     """Bytes to train with AdamW: parameters + gradients + (m, v) = 4 copies of N, plus the activations."""
     N = count_params(cfg)
-    mem = {"params": bytes_per * N, "grads": bytes_per * N, "adamw_state": 2 * bytes_per * N,
-           "activations": bytes_per * activation_elements(cfg, batch_size, seq_len)}
+    mem = {part: copies * bytes_per * N for part, copies in TRAIN_STATE_COPIES.items()}
+    mem["activations"] = bytes_per * activation_elements(cfg, batch_size, seq_len)
     mem["total"] = sum(mem.values())
     return mem
 
 
-def max_batch_size(cfg, mem_bytes: float, seq_len: int | None = None, bytes_per: int = 4) -> int:
+def max_batch_size(cfg, mem_bytes: float, seq_len: int | None = None, bytes_per: int = FP32_BYTES) -> int:
     """Largest B with train_memory(B) <= mem_bytes: activations are linear in B, the rest is fixed (0 if none)."""
-    fixed = 4 * bytes_per * count_params(cfg)
+    fixed = sum(TRAIN_STATE_COPIES.values()) * bytes_per * count_params(cfg)
     per_seq = bytes_per * activation_elements(cfg, 1, seq_len)
     return max(0, math.floor((mem_bytes - fixed) / per_seq))
 
@@ -244,6 +275,9 @@ def max_batch_size(cfg, mem_bytes: float, seq_len: int | None = None, bytes_per:
 # ---------------------------------------------------------------------------------------------------------------
 # Time: total training FLOPs over achieved throughput
 # ---------------------------------------------------------------------------------------------------------------
+
+SECONDS_PER_DAY = 24 * 60 * 60
+
 
 def peak_flops(gpu: str, dtype: str = "fp32") -> float:
     """Published dense peak FLOP/s; ValueError naming the valid choices otherwise."""
@@ -254,21 +288,52 @@ def peak_flops(gpu: str, dtype: str = "fp32") -> float:
     return PEAK_FLOPS[gpu][dtype]
 
 
+def gpu_peak_flops(device_name: str, dtype: str) -> float | None:
+    """The published peak for a CUDA device as torch.cuda.get_device_name() names it, or None when the GPU or dtype
+    is not in PEAK_FLOPS (an MFU left blank rather than a made-up one).
+
+    A key matches when each of its dash-separated parts is in the lowercased name: "NVIDIA H100 80GB HBM3" -> h100,
+    "NVIDIA H100 PCIe" -> h100-pcie (longer keys are tried first, so the PCIe card is not taken for the SXM one),
+    "NVIDIA A100-SXM4-80GB" -> a100. dtype "fp32" reads the tf32 figure: on CUDA train.py runs fp32 matmuls on
+    TF32 tensor cores (torch.set_float32_matmul_precision("high")), so that is the rate it can reach."""
+    name = device_name.lower()
+    for gpu in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if all(part in name for part in gpu.split("-")):
+            return PEAK_FLOPS[gpu].get("tf32" if dtype == "fp32" else dtype)
+    return None
+
+
 def train_flops(cfg, steps: int, batch_size: int, seq_len: int | None = None) -> float:
     """All FLOPs of a run: steps · B · T tokens at train_flops_per_token each, plus AdamW's 14·N per step."""
-    T = cfg.context_length if seq_len is None else seq_len
+    T = _seq_len(cfg, seq_len)
     return steps * (batch_size * T * train_flops_per_token(cfg, T) + ADAMW_FLOPS_PER_PARAM * count_params(cfg))
 
 
 def train_days(cfg, steps: int, batch_size: int, gpu: str, mfu: float, dtype: str = "fp32",
                seq_len: int | None = None) -> float:
     """Days on one GPU achieving mfu x its published dense peak for dtype."""
-    return train_flops(cfg, steps, batch_size, seq_len) / (mfu * peak_flops(gpu, dtype)) / 86_400
+    return train_flops(cfg, steps, batch_size, seq_len) / (mfu * peak_flops(gpu, dtype)) / SECONDS_PER_DAY
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Measured: a torch.mm peak (the MFU denominator where no datasheet applies, e.g. a CPU)
+# Hardware: what this machine is, and its measured torch.mm peak (the MFU denominator where no datasheet applies)
 # ---------------------------------------------------------------------------------------------------------------
+
+def machine_line() -> str:
+    """One line naming what a measurement ran on, for benchmark and experiment reports, e.g.
+    'Intel(R) Xeon(R) CPU @ 2.20GHz, 2 cores, torch 2.5.1 (2 threads), Python 3.12.3'."""
+    cpu = platform.processor() or platform.machine()
+    try:  # Linux names the CPU model here; platform.processor() is often empty or just the architecture
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"Python {platform.python_version()}")
+
+
+MIN_TIMED_S = 1e-3  # a timing shorter than this is mostly clock and loop overhead: time more calls at once
+
 
 def measure_matmul_flops(device="cpu", dtype=torch.float32, n: int | None = None, seconds: float = 1.0) -> float:
     """FLOP/s of an n x n torch.mm (2·n³ FLOPs each), the best of repeated timings over about `seconds`.
@@ -294,7 +359,7 @@ def measure_matmul_flops(device="cpu", dtype=torch.float32, n: int | None = None
         sync()  # subtle: CUDA launches are asynchronous; without this we would time the launches
         dt = (time.perf_counter() - t0) / reps
         best = min(best, dt)
-        if dt * reps < 1e-3:
+        if dt * reps < MIN_TIMED_S:
             reps *= 2
         if time.perf_counter() > deadline:
             return 2 * n**3 / best
@@ -311,7 +376,7 @@ def measure_saved_activations(cfg, batch_size: int = 1, seq_len: int | None = No
     them share memory (q, k, v as views of one matmul output; x saved by both w1 and w3), so we count each
     storage once. Parameters and buffers are excluded (they are counted as parameters, not activations).
     Returns bytes: "float" (activations proper) and "other" (int64 token ids/targets, bool masks)."""
-    B, T = batch_size, cfg.context_length if seq_len is None else seq_len
+    B, T = batch_size, _seq_len(cfg, seq_len)
     torch.manual_seed(seed)
     lm = model.TransformerLM(**dataclasses.asdict(cfg))
     persistent = {t.untyped_storage().data_ptr() for t in [*lm.parameters(), *lm.buffers()]}
@@ -410,7 +475,7 @@ def describe(cfg) -> str:
 def summary(cfg, batch_size: int = 1, seq_len: int | None = None, gpu_mem: float | None = None,
             steps: int | None = None, gpu: str | None = None, mfu: float | None = None, dtype: str = "fp32") -> dict:
     """All headline numbers for one config as plain JSON-ready values (what --json prints)."""
-    T = cfg.context_length if seq_len is None else seq_len
+    T = _seq_len(cfg, seq_len)
     mem = train_memory(cfg, batch_size, T)
     out = {
         "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg)),
@@ -418,12 +483,12 @@ def summary(cfg, batch_size: int = 1, seq_len: int | None = None, gpu_mem: float
         "params_total": count_params(cfg),
         "params": {name: n * k for name, _, n, k in param_rows(cfg)},
         "forward_flops_total": forward_flops(cfg, batch_size, T),
-        "forward_flops": {name: f for name, _, f in forward_flop_rows(cfg, batch_size, T)},
+        "forward_flops": {label: f for _, label, _, f in forward_flop_rows(cfg, batch_size, T)},
         "train_flops_per_token": train_flops_per_token(cfg, T),
         "adamw_flops_per_step": ADAMW_FLOPS_PER_PARAM * count_params(cfg),
         "train_memory_bytes": mem["total"],
         "train_memory": mem,
-        "activation_bytes_per_sequence": 4 * activation_elements(cfg, 1, T),
+        "activation_bytes_per_sequence": FP32_BYTES * activation_elements(cfg, 1, T),
     }
     if gpu_mem is not None:
         out["gpu_mem_bytes"] = gpu_mem
@@ -437,88 +502,103 @@ def summary(cfg, batch_size: int = 1, seq_len: int | None = None, gpu_mem: float
 
 def report(cfg, name: str, batch_size: int = 1, seq_len: int | None = None, gpu_mem: float | None = None,
            steps: int | None = None, gpu: str | None = None, mfu: float | None = None, dtype: str = "fp32") -> str:
-    """The text tables: parameters, forward FLOPs, training FLOPs, memory, time."""
-    B, T = batch_size, cfg.context_length if seq_len is None else seq_len
-    s = summary(cfg, B, T, gpu_mem, steps, gpu, mfu, dtype)
-    N, fwd = s["params_total"], s["forward_flops_total"]
-    out = [f"== {name} ==", describe(cfg), ""]
+    """The text tables: parameters, forward FLOPs, training FLOPs, memory, time (when steps, gpu and mfu are given).
+    Each table prints figures from summary(), so the text and --json views cannot disagree."""
+    s = summary(cfg, batch_size, seq_len, gpu_mem, steps, gpu, mfu, dtype)
+    tables = [f"== {name} ==\n{describe(cfg)}", params_table(cfg, s), forward_flops_table(cfg, s),
+              train_flops_table(cfg, s), memory_table(cfg, s)]
+    if "train_days" in s:
+        tables.append(time_table(s))
+    return "\n\n".join(tables) + "\n"
 
-    # Parameters
+
+def params_table(cfg, s: dict) -> str:
+    N = s["params_total"]
     rows = [[n, shape, f"{per:,}", k, f"{per * k:,}", human(per * k), f"{100 * per * k / N:.1f}%"]
             for n, shape, per, k in param_rows(cfg)]
     rows.append(["total", "", "", "", f"{N:,}", human(N), "100.0%"])
-    out += ["Parameters (weights are (out, in), no biases)",
-            table(["tensor", "shape", "per copy", "copies", "total", "", "share"], rows, right={2, 3, 4, 5, 6}),
-            f"bytes: {human_bytes(4 * N)} in fp32, {human_bytes(2 * N)} in bf16", ""]
+    return "\n".join(["Parameters (weights are (out, in), no biases)",
+                      table(["tensor", "shape", "per copy", "copies", "total", "", "share"], rows,
+                            right={2, 3, 4, 5, 6}),
+                      f"bytes: {human_bytes(FP32_BYTES * N)} in fp32, {human_bytes(BF16_BYTES * N)} in bf16"])
 
-    # Forward FLOPs
-    rows = [[n, formula, f"{f:,}", human(f, "FLOP"), f"{100 * f / fwd:.1f}%"]
-            for n, formula, f in forward_flop_rows(cfg, B, T)]
+
+def forward_flops_table(cfg, s: dict) -> str:
+    B, T, fwd = s["batch_size"], s["seq_len"], s["forward_flops_total"]
+    rows = [[label, formula, f"{f:,}", human(f, "FLOP"), f"{100 * f / fwd:.1f}%"]
+            for _, label, formula, f in forward_flop_rows(cfg, B, T)]
     rows.append(["total", "", f"{fwd:,}", human(fwd, "FLOP"), "100.0%"])
-    attn = 2 * cfg.num_layers * 2 * B * T * T * cfg.d_model
-    saved = attn * (T * T - T * (T + 1) // 2) / (T * T)
-    out += [f"Forward FLOPs for B={B} sequences of T={T:,} tokens (2·m·n·p per (m×n)@(n×p) matmul)",
-            table(["matmul", "formula", "FLOPs", "", "share"], rows),
-            "not counted: RMSNorm, RoPE, softmax, SiLU, residual adds, embedding lookup (element-wise, no matmul).",
-            f"causal mask: Q Kᵀ and A V are computed in full and then masked; skipping the masked triangle would save "
-            f"{human(saved, 'FLOP')} ({100 * saved / fwd:.1f}% of the total).", ""]
+    by_id = forward_flops_by_id(cfg, B, T)
+    # a causal kernel would compute T(T+1)/2 of the T² dot products in Q Kᵀ and A V
+    saved = (by_id["attn_scores"] + by_id["attn_values"]) * (T * T - T * (T + 1) // 2) / (T * T)
+    return "\n".join([
+        f"Forward FLOPs for B={B} sequences of T={T:,} tokens (2·m·n·p per (m×n)@(n×p) matmul)",
+        table(["matmul", "formula", "FLOPs", "", "share"], rows),
+        "not counted: RMSNorm, RoPE, softmax, SiLU, residual adds, embedding lookup (element-wise, no matmul).",
+        f"causal mask: Q Kᵀ and A V are computed in full and then masked; skipping the masked triangle would save "
+        f"{human(saved, 'FLOP')} ({100 * saved / fwd:.1f}% of the total)."])
 
-    # Training FLOPs
-    per_tok = s["train_flops_per_token"]
-    n_matmul = matmul_params(cfg)
-    attn_tok = 12 * cfg.num_layers * T * cfg.d_model
+
+def train_flops_table(cfg, s: dict) -> str:
+    """Training FLOPs per token split into 6·N_matmul + attention, then AdamW's own element-wise FLOPs per step."""
+    B, T, N, fwd = s["batch_size"], s["seq_len"], s["params_total"], s["forward_flops_total"]
+    per_tok, n_matmul = s["train_flops_per_token"], matmul_params(cfg)
+    by_id = forward_flops_by_id(cfg, B, T)
+    attn_tok = 3 * (by_id["attn_scores"] + by_id["attn_values"]) / (B * T)  # forward + backward = 3 x forward
     rows = [["forward", "(table above) / (B·T)", human(fwd / (B * T), "FLOP")],
             ["backward", "2 × forward", human(2 * fwd / (B * T), "FLOP")],
             ["training", "3 × forward", human(per_tok, "FLOP")],
             ["  = 6·N_matmul", f"N_matmul = {human(n_matmul)} params used in matmuls", human(6 * n_matmul, "FLOP")],
             ["  + attention", "12·L·T·d (QKᵀ and A V, fwd + bwd)", human(attn_tok, "FLOP")],
             ["6·N (Kaplan rule)", "N = all parameters", human(6 * N, "FLOP")]]
-    out += ["Training FLOPs per token (backward = 2 × forward: each matmul's backward is one matmul for the input's",
-            "gradient and one for the weight's, each as big as the forward one)",
-            table(["", "formula", "FLOPs"], rows)]
-    rows = [[f, n, human(n * N, "FLOP")] for f, n in ADAMW_FLOP_ROWS]
-    rows.append(["AdamW step", ADAMW_FLOPS_PER_PARAM, human(ADAMW_FLOPS_PER_PARAM * N, "FLOP")])
-    out += [f"AdamW's own FLOPs per step, per parameter (vs {human(B * T * per_tok, 'FLOP')} for the model's "
-            f"B·T={B * T:,} tokens)", table(["update", "per param", "× N"], rows), ""]
+    adamw = [[f, n, human(n * N, "FLOP")] for f, n in ADAMW_FLOP_ROWS]
+    adamw.append(["AdamW step", ADAMW_FLOPS_PER_PARAM, human(ADAMW_FLOPS_PER_PARAM * N, "FLOP")])
+    return "\n".join([
+        "Training FLOPs per token (backward = 2 × forward: each matmul's backward is one matmul for the input's",
+        "gradient and one for the weight's, each as big as the forward one)",
+        table(["", "formula", "FLOPs"], rows),
+        f"AdamW's own FLOPs per step, per parameter (vs {human(B * T * per_tok, 'FLOP')} for the model's "
+        f"B·T={B * T:,} tokens)", table(["update", "per param", "× N"], adamw)])
 
-    # Memory
-    mem = s["train_memory"]
-    per_seq = s["activation_bytes_per_sequence"]
-    fixed = mem["params"] + mem["grads"] + mem["adamw_state"]
-    rows = [["parameters", "4·N", human_bytes(mem["params"])], ["gradients", "4·N", human_bytes(mem["grads"])],
-            ["AdamW m and v", "2 · 4·N", human_bytes(mem["adamw_state"])]]
-    rows += [[f"act: {n}", f"4 · {formula}", human_bytes(4 * e)] for n, formula, e in activation_rows(cfg, B, T)]
+
+def memory_table(cfg, s: dict) -> str:
+    B, T, mem, per_seq = s["batch_size"], s["seq_len"], s["train_memory"], s["activation_bytes_per_sequence"]
+    copies, nb = TRAIN_STATE_COPIES, FP32_BYTES
+    fixed = sum(mem[part] for part in copies)
+    rows = [["parameters", f"{nb}·N", human_bytes(mem["params"])], ["gradients", f"{nb}·N", human_bytes(mem["grads"])],
+            ["AdamW m and v", f"{copies['adamw_state']} · {nb}·N", human_bytes(mem["adamw_state"])]]
+    rows += [[f"act: {n}", f"{nb} · {formula}", human_bytes(nb * e)] for n, formula, e in activation_rows(cfg, B, T)]
     rows.append(["total", "", human_bytes(mem["total"])])
-    out += [f"Memory for AdamW training in fp32 (4 bytes per number), B={B}, T={T:,}; activations as the handout "
-            "enumerates them", table(["", "formula", f"B={B}"], rows),
-            f"total(B) = 16·N + B · {per_seq:,} bytes = {human_bytes(fixed)} + B · {human_bytes(per_seq)}"]
-    if gpu_mem is not None:
-        out.append(f"largest batch in {human_bytes(gpu_mem)}: B = {s['max_batch_size']}"
+    out = [f"Memory for AdamW training in fp32 ({nb} bytes per number), B={B}, T={T:,}; activations as the handout "
+           "enumerates them", table(["", "formula", f"B={B}"], rows),
+           f"total(B) = {sum(copies.values()) * nb}·N + B · {per_seq:,} bytes = {human_bytes(fixed)} + B · "
+           f"{human_bytes(per_seq)}"]
+    if "max_batch_size" in s:
+        out.append(f"largest batch in {human_bytes(s['gpu_mem_bytes'])}: B = {s['max_batch_size']}"
                    + ("" if s["max_batch_size"] else " (parameters, gradients and AdamW state alone do not fit)"))
-    out.append("")
-
-    # Time
-    if "train_days" in s:
-        out += [f"Time: {steps:,} steps × B={B} × T={T:,} tokens on one {gpu} at {100 * mfu:g}% MFU, {dtype} "
-                f"(peak {human(s['peak_flops'], 'FLOP/s')})",
-                f"  FLOPs = steps · (B·T · {human(per_tok, 'FLOP')} + {ADAMW_FLOPS_PER_PARAM}·N) = "
-                f"{human(s['train_flops_total'], 'FLOP')}",
-                f"  time  = FLOPs / (MFU · peak) = {human_days(s['train_days'])}",
-                ""]
     return "\n".join(out)
+
+
+def time_table(s: dict) -> str:
+    return "\n".join([
+        f"Time: {s['steps']:,} steps × B={s['batch_size']} × T={s['seq_len']:,} tokens on one {s['gpu']} at "
+        f"{100 * s['mfu']:g}% MFU, {s['dtype']} (peak {human(s['peak_flops'], 'FLOP/s')})",
+        f"  FLOPs = steps · (B·T · {human(s['train_flops_per_token'], 'FLOP')} + {ADAMW_FLOPS_PER_PARAM}·N) = "
+        f"{human(s['train_flops_total'], 'FLOP')}",
+        f"  time  = FLOPs / (MFU · peak) = {human_days(s['train_days'])}"])
 
 
 def compare(configs: dict, seq_len: int | None = None) -> str:
     """Presets side by side at B=1, T=context_length (or seq_len): how shares move with size and context."""
     rows = []
     for name, cfg in configs.items():
-        T = cfg.context_length if seq_len is None else seq_len
-        f = {n: x for n, _, x in forward_flop_rows(cfg, 1, T)}
+        T = _seq_len(cfg, seq_len)
+        f = forward_flops_by_id(cfg, 1, T)
         tot = sum(f.values())
-        attn = f["attention scores Q Kᵀ"] + f["attention-weighted values A V"]
-        proj = f["QKV projections"] + f["output projection"]
+        attn = f["attn_scores"] + f["attn_values"]
+        proj = f["qkv"] + f["out_proj"]
         rows.append([name, f"{T:,}", human(count_params(cfg)), human(tot, "FLOP"), f"{100 * proj / tot:.1f}%",
-                     f"{100 * attn / tot:.1f}%", f"{100 * f['FFN'] / tot:.1f}%", f"{100 * f['LM head'] / tot:.1f}%",
+                     f"{100 * attn / tot:.1f}%", f"{100 * f['ffn'] / tot:.1f}%", f"{100 * f['lm_head'] / tot:.1f}%",
                      human(train_flops_per_token(cfg, T), "FLOP"), human_bytes(train_memory(cfg, 1, T)["total"])])
     return ("Presets side by side: one sequence (B=1) of T tokens; shares of forward FLOPs\n"
             + table(["preset", "T", "params", "forward", "QKV+out", "QKᵀ+AV", "FFN", "LM head", "train/token",
@@ -549,20 +629,24 @@ def positive_int(text: str) -> int:
     return value
 
 
+MEASURE_MAX_BYTES = 4e9  # --measure runs the model on this machine's CPU: refuse what a laptop could not hold
+
+
 def measure_report(cfg, batch_size: int, seq_len: int) -> str:
     """--measure: the handout's activation formula, this implementation's, and the bytes autograd really saved,
     for the from-scratch attention and the fused one."""
     B, T = batch_size, seq_len
-    analytic = 4 * activation_elements(cfg, B, T)
+    analytic = FP32_BYTES * activation_elements(cfg, B, T)
     manual_cfg, fused_cfg = (dataclasses.replace(cfg, attn_impl=a) for a in ("manual", "sdpa"))
-    rows = [[n, f"4 · ({formula})" if "+" in formula else f"4 · {formula}", f"{4 * e:,}"]
+    nb = FP32_BYTES
+    rows = [[n, f"{nb} · ({formula})" if "+" in formula else f"{nb} · {formula}", f"{nb * e:,}"]
             for n, formula, e in saved_activation_rows(manual_cfg, B, T)]
     out = [f"Activations autograd keeps for backward: B={B}, T={T:,}, fp32, model.py with attn_impl=manual",
            table(["tensor", "formula (bytes)", "bytes"], rows), ""]
     rows = [["handout's enumeration (activation_rows)", f"{analytic:,}", human_bytes(analytic), "", "1.00"]]
     other = 0
     for c in (manual_cfg, fused_cfg):
-        predicted = 4 * sum(e for *_, e in saved_activation_rows(c, B, T))
+        predicted = FP32_BYTES * sum(e for *_, e in saved_activation_rows(c, B, T))
         measured = measure_saved_activations(c, B, T)
         other = max(other, measured["other"])
         rows.append([f"model.py, attn_impl={c.attn_impl}: formula / measured", f"{predicted:,}",
@@ -574,16 +658,19 @@ def measure_report(cfg, batch_size: int, seq_len: int) -> str:
     return "\n".join(out)
 
 
-def main(argv=None) -> None:
+MODEL_SIZE_FLAGS = ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff")
+
+
+def build_parser() -> OneLineParser:
     parser = OneLineParser(description="Parameters, FLOPs, memory and training time of a Transformer LM "
                                        "(CS336 assignment 1, transformer_accounting and adamwAccounting).")
     parser.add_argument("--preset", default="gpt2-xl", help="one of the presets (default gpt2-xl); see --compare")
-    for field in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff"):
+    for field in MODEL_SIZE_FLAGS:
         parser.add_argument("--" + field.replace("_", "-"), type=positive_int, help=f"override the preset's {field}")
     parser.add_argument("--rope-theta", type=float)
-    parser.add_argument("--norm", help="pre | post | none")
-    parser.add_argument("--position", help="rope | nope")
-    parser.add_argument("--ffn", help="swiglu | silu (silu without --d-ff uses 4*d_model)")
+    parser.add_argument("--norm", choices=model.NORMS, help="where the RMSNorms go (none: no RMSNorm at all)")
+    parser.add_argument("--position", choices=model.POSITIONS, help="RoPE or no position information (NoPE)")
+    parser.add_argument("--ffn", choices=model.FFNS, help="silu without --d-ff uses d_ff = 4*d_model")
     parser.add_argument("--tie-embeddings", action="store_true")
     parser.add_argument("--batch-size", type=positive_int, default=1, help="sequences per step B (default 1)")
     parser.add_argument("--seq-len", type=positive_int, help="tokens per sequence T (default: context_length)")
@@ -597,54 +684,63 @@ def main(argv=None) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--measure", action="store_true",
                         help="run the model on CPU and compare saved activations with the formula (small configs)")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def resolve_config(args) -> model.ModelConfig:
+    """The --preset with the model flags applied; ValueError (one line) for an unknown preset or a bad config.
+    ModelConfig.with_overrides skips absent (None) flags and owns the SiLU ablation's d_ff = 4·d_model rule."""
     all_presets = presets()
     if args.preset not in all_presets:
-        parser.error(f"unknown preset {args.preset!r}; choose one of {', '.join(all_presets)}")
-    cfg = all_presets[args.preset]
-    changes = {k: v for k, v in vars(args).items()
-               if k in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff", "rope_theta",
-                        "norm", "position", "ffn") and v is not None}
-    if args.tie_embeddings:
-        changes["tie_embeddings"] = True
-    if args.ffn == "silu" and args.d_ff is None:
-        changes["d_ff"] = 4 * changes.get("d_model", cfg.d_model)  # as model.py's CLI: SiLU FFNs are 4·d_model wide
-    cfg = dataclasses.replace(cfg, **changes)
-    try:
-        cfg.validate()
-        if args.seq_len is not None and args.seq_len > cfg.context_length:
-            raise ValueError(f"--seq-len {args.seq_len} exceeds context_length {cfg.context_length}")
-        if args.mfu is not None and not 0 < args.mfu <= 1:
-            raise ValueError(f"--mfu must be in (0, 1], got {args.mfu}")
-        timed = [args.steps is not None, args.gpu is not None, args.mfu is not None]
-        if any(timed) and not all(timed):
-            raise ValueError("the time estimate needs all of --steps, --gpu and --mfu")
-        if args.gpu is not None:
-            peak_flops(args.gpu, args.dtype)
-    except ValueError as e:
-        parser.error(str(e))
-    T = cfg.context_length if args.seq_len is None else args.seq_len
+        raise ValueError(f"unknown preset {args.preset!r}; choose one of {', '.join(all_presets)}")
+    return all_presets[args.preset].with_overrides(
+        **{field: getattr(args, field) for field in MODEL_SIZE_FLAGS}, rope_theta=args.rope_theta, norm=args.norm,
+        position=args.position, ffn=args.ffn, tie_embeddings=args.tie_embeddings or None)
 
+
+def check_args(args, cfg) -> None:
+    """ValueError (one line) for flags that do not fit together or with cfg."""
+    if args.seq_len is not None and args.seq_len > cfg.context_length:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds context_length {cfg.context_length}")
+    if args.mfu is not None and not 0 < args.mfu <= 1:
+        raise ValueError(f"--mfu must be in (0, 1], got {args.mfu}")
+    timed = [args.steps is not None, args.gpu is not None, args.mfu is not None]
+    if any(timed) and not all(timed):
+        raise ValueError("the time estimate needs all of --steps, --gpu and --mfu")
+    if args.gpu is not None:
+        peak_flops(args.gpu, args.dtype)
     if args.measure:
-        need = 4 * (4 * count_params(cfg) + activation_elements(cfg, args.batch_size, T))
-        if need > 4e9:
-            parser.error(f"--measure runs the model on CPU and would need ~{human_bytes(need)}; "
-                         "pick a small config (e.g. --preset tiny)")
-        print(measure_report(cfg, args.batch_size, T))
-        return
+        need = train_memory(cfg, args.batch_size, _seq_len(cfg, args.seq_len))["total"]  # bound: no AdamW runs
+        if need > MEASURE_MAX_BYTES:
+            raise ValueError(f"--measure runs the model on CPU and would need ~{human_bytes(need)}; "
+                             "pick a small config (e.g. --preset tiny)")
+
+
+def output(args, cfg) -> str:
+    """What the command prints: --measure's comparison, --compare's table (or JSON), or cfg's tables (or JSON)."""
+    T = _seq_len(cfg, args.seq_len)
+    if args.measure:
+        return measure_report(cfg, args.batch_size, T)
     if args.compare:
         if args.json:
-            print(json.dumps({"presets": {n: summary(c, args.batch_size) for n, c in all_presets.items()}}, indent=1))
-        else:
-            print(compare(all_presets))
-        return
+            return json.dumps({"presets": {n: summary(c, args.batch_size) for n, c in presets().items()}}, indent=1)
+        return compare(presets())
     kwargs = dict(batch_size=args.batch_size, seq_len=T, gpu_mem=args.gpu_mem, steps=args.steps, gpu=args.gpu,
                   mfu=args.mfu, dtype=args.dtype)
     if args.json:
-        print(json.dumps({"preset": args.preset, **summary(cfg, **kwargs)}, indent=1))
-    else:
-        print(report(cfg, args.preset, **kwargs))
+        return json.dumps({"preset": args.preset, **summary(cfg, **kwargs)}, indent=1)
+    return report(cfg, args.preset, **kwargs)
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = resolve_config(args)
+        check_args(args, cfg)
+    except ValueError as e:
+        parser.error(str(e))  # one line, exit code 2
+    print(output(args, cfg))
 
 
 if __name__ == "__main__":

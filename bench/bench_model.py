@@ -12,10 +12,8 @@ transformers is a benchmark-only dependency (requirements-dev.txt).
     python bench/bench_model.py --quick      # smoke run: 2 timed steps each
     python bench/bench_model.py --configs ts17m --profile    # + torch.profiler op tables for one step of each
 """
-import argparse
 import dataclasses
 import os
-import platform
 import statistics
 import sys
 import time
@@ -26,11 +24,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: model.py, optim.py, accounting.py
 
-from accounting import measure_matmul_flops, train_flops_per_token  # noqa: E402
+from accounting import machine_line, measure_matmul_flops, train_flops_per_token  # noqa: E402
+from cli import OneLineParser  # noqa: E402
 from model import PRESETS, TransformerLM  # noqa: E402
 from optim import AdamW, cross_entropy  # noqa: E402
 
-# The batch sizes the issue names for each preset.
+# The batch size of each preset (BENCHMARKS.md's tables): 16 x 256 and 8 x 256 tokens per step.
 BATCH = {"tiny": 16, "ts17m": 8}
 
 
@@ -125,23 +124,12 @@ def bench_config(name: str, rounds: int, warmup: int, precisions: list[str], pro
     return rows
 
 
-def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}")
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # CLI
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Training-step throughput: TransformerLM vs HF LlamaForCausalLM.")
+    parser = OneLineParser(description="Training-step throughput: TransformerLM vs HF LlamaForCausalLM.")
     parser.add_argument("--configs", nargs="+", choices=sorted(BATCH), default=["tiny", "ts17m"])
     parser.add_argument("--rounds", type=int, default=8, help="timed steps per contestant and precision")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per contestant and precision first")

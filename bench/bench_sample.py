@@ -14,7 +14,6 @@ reference alternate within one process, and medians over --repeats are reported.
     python bench/bench_sample.py --quick         # smoke run: tiny only, 128 new tokens
     python bench/bench_sample.py --ref-every 1   # time every reference step too
 """
-import argparse
 import dataclasses
 import statistics
 import sys
@@ -24,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]  # the repo root (model.py, sample.py) and bench/ (bench_model.py)
-from bench_model import machine_line  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: model.py, sample.py, accounting.py
+from accounting import machine_line  # noqa: E402
+from cli import OneLineParser  # noqa: E402
 from model import PRESETS, TransformerLM  # noqa: E402
 from sample import generate_stream, next_logits, sample_next  # noqa: E402
 
@@ -68,7 +67,7 @@ def time_reference(model, seq, new_tokens, ref_every, seed):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny only, 128 new tokens")
     parser.add_argument("--configs", nargs="+", default=None, choices=sorted(PRESETS))
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])

@@ -11,7 +11,6 @@ reports the median per-step time after warm-up steps (train.py's from its own lo
     python bench/bench_train.py --quick      # smoke run
     time python train.py                     # the offline demo end to end (reported beside this table)
 """
-import argparse
 import contextlib
 import io
 import os
@@ -28,8 +27,9 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]  # the repo root (train.py, model.py, ...) and bench/ (bench_model.py)
 
 import train  # noqa: E402
-from accounting import measure_matmul_flops, train_flops_per_token  # noqa: E402
-from bench_model import BATCH, build_ours, machine_line, make_step  # noqa: E402
+from accounting import machine_line, measure_matmul_flops, train_flops_per_token  # noqa: E402
+from bench_model import BATCH, build_ours, make_step  # noqa: E402
+from cli import OneLineParser  # noqa: E402
 from model import PRESETS  # noqa: E402
 
 
@@ -78,7 +78,7 @@ def eval_batch_seconds(cfg, B, precision, data) -> float:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="train.py loop throughput vs the bare model step (CPU)")
+    p = OneLineParser(description="train.py loop throughput vs the bare model step (CPU)")
     p.add_argument("--configs", nargs="+", choices=sorted(BATCH), default=["tiny", "ts17m"])
     p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     p.add_argument("--rounds", type=int, default=3, help="alternations of bare steps and a train.py run")

@@ -166,10 +166,13 @@ def train_command(scale: str, runs: Path, name: str, **changes) -> tuple[Path, l
 
     changes: lr, batch_size, max_iters, seed, or any model field (norm="none", position="nope", ffn="silu", ...).
     The token budget stays batch_size x context_length x max_iters; a batch-size study passes max_iters too."""
+    from model import ModelConfig
     s = SCALES[scale]
-    model = {**s["model"], **{k: v for k, v in changes.items() if k not in ("lr", "batch_size", "max_iters", "seed")}}
-    if model.get("ffn") == "silu":
-        model["d_ff"] = 4 * model["d_model"]  # the handout's SiLU FFN: d_ff = 4 d_model, about SwiGLU's parameters
+    model_changes = {k: v for k, v in changes.items() if k not in ("lr", "batch_size", "max_iters", "seed")}
+    # The study's change on top of the scale's baseline, through with_overrides: it validates the ablation and owns
+    # the handout's SiLU rule (ffn="silu" -> d_ff = 4 d_model); the command spells out only the fields set here.
+    cfg = ModelConfig().with_overrides(**s["model"]).with_overrides(**model_changes)
+    model = {k: getattr(cfg, k) for k in {**s["model"], **model_changes}}
     lr, batch = changes.get("lr", s["lr"]), changes.get("batch_size", s["batch_size"])
     steps, seed = changes.get("max_iters", s["max_iters"]), changes.get("seed", 0)
     out = runs / scale / name
@@ -302,15 +305,11 @@ def finish_study(study: str, scale: str, runs: Path, run: Runner, records: list[
 
 
 def machine_line(scale: str) -> str:
-    import torch
-    cpu = "?"
-    if Path("/proc/cpuinfo").is_file():
-        m = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        cpu = m.group(1).strip() if m else cpu
-    device = SCALES[scale]["device"]
-    where = (f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads"
-             if device == "cpu" else f"device {device}, torch {torch.__version__}")
-    return f"Machine: {where}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."
+    """A results file's machine line: accounting.machine_line() (CPU, cores, torch, threads, Python), the scale's
+    training device, and when the results were written."""
+    import accounting
+    return (f"Machine: {accounting.machine_line()}; device {SCALES[scale]['device']}; "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.")
 
 
 def save_result(study: str, scale: str, text: str) -> None:

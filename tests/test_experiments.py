@@ -1,8 +1,14 @@
-"""Checks experiments/run.py, the driver of the studies in EXPERIMENTS.md: its command line (help, misuse), that every
-train.py command it would run at the handout's scale is accepted by train.py's own argument resolution, and that a
-tiny real configuration runs end to end (train.py subprocess, sample.py --eval on the whole validation split, the
-result record, the table and the plot) in tmp_path."""
+"""Checks experiments/run.py, the driver of the studies in EXPERIMENTS.md: its command line (help, misuse); that every
+train.py command it would run at the handout's scale is accepted by train.py's own argument resolution (token budget,
+ablations, the SiLU run's d_ff = 4 d_model); its machine line; and that a tiny real configuration runs end to end
+(train.py subprocess, the whole-split validation loss, the result record, reuse of a finished run, the table) in
+tmp_path.
+
+    python -m pytest tests/test_experiments.py     # all of this file's checks (CPU, a few seconds)
+    python -m pytest -m slow                       # the project's slow checks (this file has none)
+"""
 import importlib.util
+import re
 import shlex
 import subprocess
 import sys
@@ -46,10 +52,18 @@ def test_full_dry_run_commands_are_valid_train_py_invocations(run_py, capsys, tm
         cfg = train.resolve_model_config(args, ckpt, None)
         budgets.add(args["batch_size"] * cfg.context_length * args["max_iters"])
         ablations.add((cfg.norm, cfg.position, cfg.ffn))
+        assert cfg.d_ff == (4 * cfg.d_model if cfg.ffn == "silu" else run_py.SCALES["full"]["model"]["d_ff"])
         assert args["eval_iters"] * args["batch_size"] == run_py.SCALES["full"]["eval_windows"]
     assert budgets == {327_680_000}
     assert ablations == {("pre", "rope", "swiglu"), ("none", "rope", "swiglu"), ("post", "rope", "swiglu"),
                          ("pre", "nope", "swiglu"), ("pre", "rope", "silu")}
+
+
+def test_machine_line_is_accountings_plus_device_and_time(run_py):
+    import accounting
+    line = run_py.machine_line("full")
+    assert line.startswith(f"Machine: {accounting.machine_line()}; device cuda; ")
+    assert re.search(r"; \d{4}-\d\d-\d\d \d\d:\d\d UTC\.$", line)
 
 
 def test_tiny_run_end_to_end(run_py, tmp_path, monkeypatch):
