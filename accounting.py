@@ -33,7 +33,7 @@ import torch
 
 import model
 import optim
-from cli import OneLineParser
+from cli import OneLineParser, human_bytes  # (decimal units, as memory is sold: 1 GB = 1e9 bytes)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Published dense peak throughput, FLOP/s per GPU (the MFU denominator on a GPU)
@@ -434,14 +434,6 @@ def human(x: float, unit: str = "") -> str:
         if abs(x) >= scale:
             return f"{x / scale:.4g}{p}{unit}"
     return f"{x:.4g}{prefixes[-1][1]}{unit}"
-
-
-def human_bytes(n: float) -> str:
-    """Decimal units, as GPU memory is sold: 1 GB = 1e9 bytes."""
-    for scale, p in [(1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")]:
-        if n >= scale:
-            return f"{n / scale:.2f} {p}"
-    return f"{n:.0f} B"
 
 
 def human_days(days: float) -> str:

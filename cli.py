@@ -6,7 +6,7 @@ with one of two codes:
   2  bad input: a flag, a file or its contents, something the user can fix (argparse's own code for usage errors);
   1  the environment: a full disk, a failed download, a run that diverged; not the input's fault.
 Every file is written through `atomic_file` (below): all or nothing, no debris, a WriteFault (exit 1) naming the
-file and the cause, such as "no space left on device: 12.7 MB needed, 3.1 MB free".
+file and the cause, such as "no space left on device: 13.21 MB needed, 8.29 MB free".
 This file sits below bpe.py, the lowest layer of the stack, so every layer can use it without importing the
 tokenizer (or anything else: it needs only the standard library).
 """
@@ -58,10 +58,10 @@ class WriteFault(EnvironmentFault, OSError):
 
 
 def human_bytes(n: float) -> str:
-    """12_700_000 -> '12.7 MB' (decimal units, as disks are sold)."""
+    """12_681_877 -> '12.68 MB': decimal units, as disks and GPU memory are sold (1 GB = 1e9 bytes)."""
     for scale, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
         if n >= scale:
-            return f"{n / scale:.1f} {unit}"
+            return f"{n / scale:.2f} {unit}"
     return f"{n:.0f} B"
 
 
@@ -74,7 +74,7 @@ def free_bytes(path) -> int:
 
 
 def space_problem(path, needed: int | None) -> str | None:
-    """'no space left on device: 12.7 MB needed, 3.1 MB free' when `needed` bytes will not fit beside `path`."""
+    """'no space left on device: 13.21 MB needed, 8.29 MB free' when `needed` bytes will not fit beside `path`."""
     if needed is None:
         return None
     free = free_bytes(path)

@@ -148,13 +148,16 @@ def find_data(data_arg, val_arg):
     return data_path, val_arg, (tokenizer_dir if (tokenizer_dir / "vocab.json").is_file() else None)
 
 
+HELD_OUT_FRACTION = 0.1  # of the training file, when no validation data is given
+
+
 def open_data(train_path, val_path, context_length):
     """Memory-map the splits; without validation data the last 10% of the training file is held out (a view)."""
     train = load_tokens(train_path)
     if val_path is not None:
         val = load_tokens(val_path)
     else:
-        cut = int(len(train) * 0.9)
+        cut = int(len(train) * (1 - HELD_OUT_FRACTION))
         train, val = train[:cut], train[cut:]
     for name, split in (("training", train), ("validation", val)):
         if len(split) <= context_length:

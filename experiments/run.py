@@ -3,8 +3,8 @@ accounting), one command per study, at two sizes.
 
 Every training run is one `train.py` command line, printed before it runs (as a subprocess), so each run in
 EXPERIMENTS.md is a command a reader can repeat by hand; the final model is then scored on the whole validation
-split here, with train.py's own `evaluate` (`sample.py RUN/last.pt --eval valid.npy` gives the same number, but its
-per-window loop took 3.7 minutes for kernel-docs-valid on 2 CPU cores against ~20 s here). `--quick` fits a 2-core
+split here, with train.py's own `evaluate` (`sample.py RUN/last.pt --eval valid.npy` runs the same evaluator,
+train.loss_over_windows, and gives the same number). `--quick` fits a 2-core
 CPU (kernel-docs from ../shared/data, a 10K BPE tokenizer, a model with 0.8M non-embedding parameters, 1-2 minutes
 per run); `--full` is the handout's scale on one GPU (TinyStories,
 the 17M model, 327,680,000 tokens per run) and is meant to be printed with `--dry-run` unless a GPU is at hand.

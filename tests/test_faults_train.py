@@ -165,7 +165,7 @@ def test_early_warning_when_the_next_checkpoint_will_not_fit(data_dir, tmp_path,
     assert lines[0] == (f"train.py: warning: the next checkpoint will not fit in {out} (no space left on device: "
                         f"{lines[0].split('device: ')[1].split(')')[0]}): free space now, or the run stops when it "
                         f"writes it")
-    assert "1.0 kB free" in lines[0]
+    assert "1.00 kB free" in lines[0]
     assert lines[1].startswith(f"train.py: stopped: cannot write {out}/last.pt: no space left on device")
     assert "continues from step 4" in lines[1] and debris(out) == []
     assert opened.count("last.pt.tmp") == 1  # step 8's checkpoint was refused before a byte was written
@@ -238,7 +238,7 @@ def test_disk_full_on_a_real_tmpfs(data_dir, small_disk, capsys):
                               "--eval-interval", 100, *demo_size], capsys)
     lines = stderr.strip().splitlines()
     assert rc == 1 and len(lines) == 2, stderr
-    needed = r"no space left on device: 1[0-9]\.[0-9] MB needed, [0-9]\.[0-9] MB free"  # ~13 MB of ~21 MB
+    needed = r"no space left on device: 1[0-9]\.[0-9][0-9] MB needed, [0-9]\.[0-9][0-9] MB free"  # ~13 MB of ~21 MB
     assert re.match(rf"train.py: warning: the next checkpoint will not fit in {out} \({needed}\)", lines[0])
     assert re.match(rf"train.py: stopped: cannot write {out}/last.pt: {needed}; ", lines[1])
     assert "free; free space, then `python train.py --resume" in lines[1] and "continues from step 2" in lines[1]
