@@ -1100,7 +1100,7 @@ def demo(out: Path, quick: bool = False) -> None:
     docs = [topics[k].strip() for k in sorted(topics)][:setting["docs"]]
     n_valid = max(1, len(docs) // 10)
     for name, split in (("train.txt", docs[:-n_valid]), ("valid.txt", docs[-n_valid:])):
-        (data_dir / name).write_text("".join(doc + bpe.END_OF_TEXT for doc in split))
+        atomic_write_text(data_dir / name, "".join(doc + bpe.END_OF_TEXT for doc in split))
     print(f"[1/5] corpus: {len(docs)} pydoc topics, {sum(map(len, docs)):,} characters -> {data_dir}/train.txt, "
           f"valid.txt")
 
@@ -1171,7 +1171,7 @@ def main(argv=None) -> int:
     except StopNow as e:
         print(f"train.py: stopped: {e}", file=sys.stderr)
         return e.exit_code
-    except EnvironmentFault as e:  # a full disk, a failed write: not the input's fault, and nothing was lost
+    except (EnvironmentFault, OSError) as e:  # a full disk, a failed write, a read-only or vanished directory
         print(f"train.py: stopped: {e}", file=sys.stderr)
         return EXIT_ENVIRONMENT
     return 0

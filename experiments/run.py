@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # so `import bpe, accounting` works when run as `python experiments/run.py`
 from bpe import END_OF_TEXT as EOT  # noqa: E402 (needs the path above)
-from cli import OneLineParser  # noqa: E402
+from cli import OneLineParser, atomic_write_text  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------
 # Scales: what --quick and --full train on
@@ -123,8 +123,8 @@ def split_lines(src: Path, train: Path, valid: Path, frac: float = 0.9) -> None:
     """The first `frac` of src's lines -> train, the rest -> valid (a held-out tail for a corpus with no split)."""
     lines = src.read_text(encoding="utf-8").splitlines(keepends=True)
     cut = int(len(lines) * frac)
-    train.write_text("".join(lines[:cut]), encoding="utf-8")
-    valid.write_text("".join(lines[cut:]), encoding="utf-8")
+    atomic_write_text(train, "".join(lines[:cut]))
+    atomic_write_text(valid, "".join(lines[cut:]))
 
 
 def prep(scale: str, runs: Path, shared: Path, run: Runner) -> None:
@@ -267,7 +267,7 @@ def train_run(scale: str, runs: Path, run: Runner, name: str, force: bool = Fals
                                                    SCALES[scale]["device"])
         print(f"# whole-split validation loss of {rel(out / 'last.pt')}: {record['val_loss_full']:.4f}")
     record["outcome"] = outcome(record)
-    record_path.write_text(json.dumps(record, indent=1) + "\n")
+    atomic_write_text(record_path, json.dumps(record, indent=1) + "\n")  # a killed study never leaves half of it
     return record
 
 
@@ -315,7 +315,7 @@ def machine_line(scale: str) -> str:
 def save_result(study: str, scale: str, text: str) -> None:
     path = REPO / "experiments" / "results" / f"{study}-{scale}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    atomic_write_text(path, text)
     print(f"\n{text}\n# saved {rel(path)}")
 
 
