@@ -289,3 +289,10 @@ def test_five_sigkills_and_resumes_end_on_the_uninterrupted_curve(data_dir, tmp_
     assert proc.wait() == 0, proc.stderr.read()
     assert during_writes >= 2  # some kills really landed inside a checkpoint write
     assert losses(out) == losses(tmp_path / "ref") and debris(out) == []
+
+
+def test_a_run_directory_that_cannot_be_made_is_one_line_exit_1(data_dir, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    rc, _, stderr = run_main(["--data", data_dir, "--out", blocker / "run", "--max-iters", 2, *TINY], capsys)
+    assert rc == 1 and stderr.count("\n") == 1 and stderr.startswith("train.py: stopped: ") and "a-file" in stderr
