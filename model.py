@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from cli import OneLineParser
@@ -444,6 +445,9 @@ class TransformerLM(nn.Module):
             # note: the shared matrix keeps lm_head's init N(0, 2/(V+C)) (std ≈ 0.014 here, like GPT-2's 0.02):
             # the embedding's N(0, 1) would make the initial logits' std ≈ sqrt(C) and the first loss huge.
             self.token_embeddings.weight = self.lm_head.weight
+        # Activation checkpointing (Chen et al. 2016), a training-time switch, not part of the architecture (so not
+        # in ModelConfig or checkpoints): train.py sets it for --activation-checkpointing.
+        self.checkpoint_blocks = False
 
     def forward(self, token_ids: Tensor, kv_cache: KVCache | None = None) -> Tensor:
         """token_ids (B, T) int64 -> logits (B, T, V).
@@ -457,7 +461,12 @@ class TransformerLM(nn.Module):
         token_positions = torch.arange(offset, offset + T, device=token_ids.device)  # (T,)
         x = self.token_embeddings(token_ids)  # (B, T) -> (B, T, C)
         for i, layer in enumerate(self.layers):
-            x = layer(x, token_positions, kv_cache, i)  # (B, T, C)
+            if self.checkpoint_blocks and torch.is_grad_enabled() and kv_cache is None:
+                # Keep only the block's input x; backward runs the block's forward again to get back what its
+                # backward needs. Non-reentrant (the current torch API): works with hooks, FSDP and compile.
+                x = torch.utils.checkpoint.checkpoint(layer, x, token_positions, None, i, use_reentrant=False)
+            else:
+                x = layer(x, token_positions, kv_cache, i)  # (B, T, C)
         if kv_cache is not None:
             kv_cache.seq_len += T
         return self.lm_head(self.ln_final(x))  # (B, T, C) -> (B, T, V)

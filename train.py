@@ -320,7 +320,8 @@ DEFAULTS = dict(
     data=None, val_data=None, tokenizer=None, preset=None, **{name: None for name in MODEL_FLAGS},
     batch_size=32, grad_accum=1, max_iters=5000, lr=1e-3, min_lr=1e-4, warmup_iters=100, cosine_cycle_iters=None,
     weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, eval_interval=500, eval_iters=20, log_interval=10,
-    ckpt_interval=500, seed=0, device=None, dtype=None, compile=False, peak_flops=None, out=None, overwrite=False,
+    ckpt_interval=500, seed=0, device=None, dtype=None, compile=False, activation_checkpointing=False, fsdp=False,
+    peak_flops=None, out=None, overwrite=False,
 )
 
 
@@ -370,8 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--config", metavar="FILE.json", help="defaults for any flag (keys are flag names); command line wins")
     a = p.add_argument_group("hardware").add_argument
     a("--device", help="cuda, cuda:1, mps or cpu (default: the best available)")
-    a("--dtype", choices=["fp32", "bf16"], help="bf16 autocast or fp32 (default bf16 on CUDA with bf16 support)")
+    a("--dtype", choices=list(AUTOCAST_DTYPES) + ["fp32"],
+      help="autocast precision (default: bf16 on a GPU with native bf16, fp16 on one without, fp32 on CPU)")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
+    a("--activation-checkpointing", action=argparse.BooleanOptionalAction,
+      help="recompute each block's activations in backward instead of keeping them (less memory, ~1/3 more compute)")
     a("--peak-flops", type=float, help="MFU denominator in FLOP/s per device (default: published GPU peak, or a "
                                        "measured matmul on CPU; 0 = no MFU)")
     for action in p._actions:  # show DEFAULTS in --help (the parser itself has none: see argument_default)
@@ -496,11 +500,29 @@ def pick_device(name: str | None, local_rank: int = 0) -> torch.device:
     return device
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype -> the autocast dtype (fp32: none)
+
+
+def pick_dtype(name: str | None, device: torch.device) -> tuple[str, str]:
+    """(--dtype, why): the flag if given, else bf16 where the GPU has it natively, fp16 on a GPU without it (T4,
+    V100: their bf16 is emulated, several times slower), fp32 on CPU and MPS (a CPU gains little from autocast)."""
+    native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    if name == "bf16" and device.type == "cuda" and not native_bf16:
+        raise BadInputError(f"--dtype bf16: {torch.cuda.get_device_name(device)} has no native bf16 (torch would "
+                            f"emulate it, several times slower): use --dtype fp16")
+    if name is not None:
+        return name, "--dtype"
+    if device.type == "cuda":
+        return ("bf16", "automatic: this GPU has native bf16") if native_bf16 else (
+            "fp16", "automatic: this GPU has no native bf16, so fp16 autocast with a GradScaler")
+    return "fp32", f"automatic: on {device.type} 16-bit autocast gains little; --dtype bf16 or fp16 to try it"
+
+
 def peak_flops(args, device, world_size) -> float | None:
     """MFU denominator (FLOP/s, all ranks): --peak-flops, a published GPU peak, else a measured CPU matmul peak."""
     if args["peak_flops"] is not None:
         return args["peak_flops"] * world_size or None
-    dtype = torch.bfloat16 if args["dtype"] == "bf16" else torch.float32
+    dtype = AUTOCAST_DTYPES.get(args["dtype"], torch.float32)
     if device.type == "cuda":  # the datasheet figure for this GPU's name (fp32 matmuls run as TF32 here)
         peak = accounting.gpu_peak_flops(torch.cuda.get_device_name(device), args["dtype"])
         return peak * world_size if peak else None
@@ -551,11 +573,12 @@ class Trainer:
     train: torch.nn.Module      # forward, wrapped in DDP under torchrun: training runs this
     optimizer: AdamW
     batches: torch.Generator    # the get_batch stream (same seed on every rank: see get_batch)
+    scaler: torch.amp.GradScaler  # fp16 loss scaling (a no-op unless --dtype fp16)
 
 
 @dataclasses.dataclass
 class Progress:
-    """The bookkeeping that several steps of the loop change, in one place. The first six fields are checkpointed
+    """The bookkeeping that several steps of the loop change, in one place. The fields in CHECKPOINTED are saved
     as one entry ("progress", plain numbers); the others belong to the running process."""
     step: int = 0                       # optimizer updates done
     best_val_loss: float = math.inf     # best.pt holds the model that had it
@@ -564,17 +587,20 @@ class Progress:
     last_saved_step: int = 0            # of last.pt; 0 = none yet
     loss_sum: float | torch.Tensor = 0.0  # train loss summed over the steps since last_log_step (a device tensor
     #                                       while training: adding to it never waits for the GPU)
+    skipped_steps: int | torch.Tensor = 0  # fp16: updates the GradScaler skipped (inf/nan gradients), a device count
     started: float = 0.0                # time.time() when this process started training
     last_log_time: float = 0.0          # ms/step and tokens/s are measured from here
     nonfinite: torch.Tensor | None = None  # device flag: a loss was nan/inf since the last check
     checkpoint_size: int = 0            # bytes the next checkpoint needs (the last one's size, or an estimate)
     space_warned: bool = False          # the "next checkpoint will not fit" warning is given once
 
-    CHECKPOINTED = ("step", "best_val_loss", "elapsed", "last_log_step", "last_saved_step", "loss_sum")
+    CHECKPOINTED = ("step", "best_val_loss", "elapsed", "last_log_step", "last_saved_step", "loss_sum",
+                    "skipped_steps")
 
     def begin(self, device: torch.device) -> "Progress":
         """Start the clocks and put the loss accumulators on the device."""
         self.loss_sum = torch.full((), float(self.loss_sum), device=device)
+        self.skipped_steps = torch.full((), int(self.skipped_steps), device=device)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self.started = self.last_log_time = time.time()
         return self
@@ -591,12 +617,12 @@ class Progress:
         # note: float(loss_sum) reads the tensor back (a sync); only at checkpoints
         return {"step": self.step, "best_val_loss": self.best_val_loss, "elapsed": self.seconds(),
                 "last_log_step": self.last_log_step, "last_saved_step": self.last_saved_step,
-                "loss_sum": float(self.loss_sum)}
+                "loss_sum": float(self.loss_sum), "skipped_steps": int(self.skipped_steps)}
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> "Progress":
         if "progress" in ckpt:
-            return cls(**{k: ckpt["progress"][k] for k in cls.CHECKPOINTED})
+            return cls(**{k: ckpt["progress"][k] for k in cls.CHECKPOINTED if k in ckpt["progress"]})
         # checkpoints written before the "progress" entry kept these three entries instead
         loss_sum, last_log_step = ckpt["pending_loss"]
         return cls(step=int(ckpt["iteration"]), best_val_loss=ckpt["best_val_loss"], elapsed=ckpt["elapsed"],
@@ -620,7 +646,7 @@ def setup_run(given: dict, ckpt: dict | None) -> Run:
     rank, local_rank, world_size = process_ranks()
     check_args(args, world_size)
     device = pick_device(args["device"], local_rank)
-    args["dtype"] = args["dtype"] or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
+    args["dtype"], dtype_reason = pick_dtype(args["dtype"], device)
     train_path, val_path, found_tokenizer = find_data(args["data"], args["val_data"])
     args["tokenizer"] = args["tokenizer"] or (str(found_tokenizer.resolve()) if found_tokenizer else None)
     cfg = resolve_model_config(args, ckpt, args["tokenizer"])
@@ -638,31 +664,45 @@ def setup_run(given: dict, ckpt: dict | None) -> Run:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")  # CUDA extra: TF32 tensor cores for the fp32 matmuls
-    # CUDA extra (and CPU with --dtype bf16): matmuls in bfloat16, reductions and weights stay fp32.
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args["dtype"] == "bf16")
+    # CUDA extra (and CPU with --dtype bf16/fp16): matmuls in 16 bits, reductions and weights stay fp32.
+    autocast = torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(args["dtype"]),
+                              enabled=args["dtype"] in AUTOCAST_DTYPES)
     peak = peak_flops(args, device, world_size) if rank == 0 else None
+    if rank == 0:
+        print(f"precision: {args['dtype']} ({dtype_reason})")
     return Run(args, cfg, device, rank, world_size, out, train_data, val_data, val_starts, micro, autocast, peak)
 
 
 def build_trainer(run: Run, ckpt: dict | None) -> tuple[Trainer, Progress]:
-    """Model, optimizer and batch stream; the checkpoint's state over them when resuming; then the wrappers."""
+    """Model, optimizer, batch stream and loss scaler; the checkpoint's state over them when resuming; then the
+    wrappers (activation checkpointing, torch.compile, DDP)."""
     args = run.args
     torch.manual_seed(args["seed"])
     model = TransformerLM(**dataclasses.asdict(run.cfg), device=run.device)
+    model.checkpoint_blocks = args["activation_checkpointing"]  # recompute block activations in backward
     optimizer = AdamW(model.parameters(), lr=args["lr"], betas=(args["beta1"], args["beta2"]),
                       weight_decay=args["weight_decay"], foreach=True)  # the fused path
     batches = torch.Generator().manual_seed(args["seed"])  # same on every rank: see get_batch
+    # fp16 has 5 exponent bits (max 65,504, smallest normal 6e-5): small gradients underflow to 0. The scaler
+    # multiplies the loss by a large factor before backward and divides the gradients by it before the step; a
+    # step whose gradients overflowed (inf/nan) is skipped and the factor halved (Micikevicius et al. 2018).
+    scaler = torch.amp.GradScaler(run.device.type, init_scale=FP16_INITIAL_SCALE, enabled=args["dtype"] == "fp16")
     progress = Progress()
     if ckpt is not None:
         load_checkpoint(ckpt, model, optimizer)
         set_rng_state(ckpt["rng"], batches)
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         progress = Progress.from_checkpoint(ckpt)
     forward = torch.compile(model) if args["compile"] else model  # CUDA extra: fused kernels, fewer launches
     train_model = forward
     if run.world_size > 1:  # gradients all-reduced (averaged) across ranks during backward
         train_model = torch.nn.parallel.DistributedDataParallel(
             forward, device_ids=[run.device.index] if run.device.type == "cuda" else None, broadcast_buffers=False)
-    return Trainer(model, forward, train_model, optimizer, batches), progress
+    return Trainer(model, forward, train_model, optimizer, batches, scaler), progress
+
+
+FP16_INITIAL_SCALE = 2.0**16  # torch's default; the scaler halves it at each overflow and doubles it every 2,000 steps
 
 
 def open_run_dir(run: Run, progress: Progress, model: TransformerLM, resumed: bool) -> None:
@@ -730,6 +770,8 @@ def format_row(row: dict) -> str:
                   f"{row['ms_per_step']:.1f} ms/step", f"{row['tokens_per_s']:,.0f} tok/s"]
     if "mfu" in row:
         parts.append(f"MFU {100 * row['mfu']:.1f}%")
+    if row.get("skipped_steps"):
+        parts.append(f"{row['skipped_steps']} fp16 steps skipped")
     if "val_loss" in row:
         parts += [f"val loss {row['val_loss']:.4f}", f"val ppl {row['val_ppl']:.1f}"]
     return " | ".join(parts)
@@ -753,10 +795,15 @@ def train_step(run: Run, trainer: Trainer, progress: Progress) -> torch.Tensor:
         with sync:
             with run.autocast:
                 loss = cross_entropy(trainer.train(x), y)
-            (loss / accum).backward()  # / accum: the sum of micro-gradients is the mean over the batch
+            # / accum: the sum of micro-gradients is the mean over the batch; scale(): x the fp16 loss scale
+            trainer.scaler.scale(loss / accum).backward()
         progress.add_loss(loss.detach() / accum)
+    trainer.scaler.unscale_(trainer.optimizer)  # true gradients before clipping, so --grad-clip sees real norms
     grad_norm = clip_grad_norm(trainer.model.parameters(), run.args["grad_clip"] or math.inf)
-    trainer.optimizer.step()
+    if trainer.scaler.is_enabled():
+        progress.skipped_steps += ~torch.isfinite(grad_norm)  # exactly the steps the scaler will skip (no sync)
+    trainer.scaler.step(trainer.optimizer)  # the optimizer's step, unless a gradient was inf/nan
+    trainer.scaler.update()
     trainer.optimizer.zero_grad(set_to_none=True)
     return grad_norm
 
@@ -786,6 +833,8 @@ def log_row(run: Run, progress: Progress, lr: float, grad_norm: torch.Tensor) ->
            "time": round(progress.seconds(), 3), "ms_per_step": 1000 * dt / steps, "tokens_per_s": tokens_per_s}
     if run.peak:
         row["mfu"] = tokens_per_s * accounting.train_flops_per_token(run.cfg) / run.peak
+    if run.args["dtype"] == "fp16":
+        row["skipped_steps"] = int(progress.skipped_steps)  # since the run began
     progress.loss_sum.zero_()
     progress.last_log_step = progress.step
     return row
@@ -830,7 +879,7 @@ def write_checkpoint(name: str, run: Run, trainer: Trainer, progress: Progress, 
     plain_args = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in run.args.items()}
     save_checkpoint(trainer.model, trainer.optimizer, progress.step, run.out / name,
                     tokenizer_dir=run.args["tokenizer"], model_config=dataclasses.asdict(run.cfg),
-                    train_args=plain_args, rng=rng_state(trainer.batches),
+                    train_args=plain_args, rng=rng_state(trainer.batches), scaler=trainer.scaler.state_dict(),
                     progress=progress.state_dict() | {"last_saved_step": last_saved_step})
     progress.checkpoint_size = (run.out / name).stat().st_size  # what the next one will need
 

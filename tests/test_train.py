@@ -580,8 +580,8 @@ def test_bad_config_file(tmp_path, capsys):
     one_line_error(*run_main(["--config", str(cfg)], capsys)[::2], "not valid JSON")
     cfg.write_text(json.dumps({"max_iters": "ten"}))
     one_line_error(*run_main(["--config", str(cfg)], capsys)[::2], "max_iters must be an integer")
-    cfg.write_text(json.dumps({"dtype": "fp16"}))
-    one_line_error(*run_main(["--config", str(cfg)], capsys)[::2], "dtype must be one of fp32, bf16")
+    cfg.write_text(json.dumps({"dtype": "fp8"}))
+    one_line_error(*run_main(["--config", str(cfg)], capsys)[::2], "dtype must be one of bf16, fp16, fp32")
 
 
 def test_missing_data_from_the_command_line_exits_2_without_traceback(tmp_path):

@@ -1,0 +1,166 @@
+"""Scale and hardware on CPU: fp16 autocast with a GradScaler (the path for GPUs without native bf16), activation
+checkpointing, the automatic dtype choice, and FSDP2 sharding with 2 gloo ranks (checkpoints interchangeable with a
+single process, per-rank bytes halved, losses equal to one process).
+
+    python -m pytest tests/test_scale.py            # the fast tests
+    python -m pytest -m slow tests/test_scale.py    # the slow ones (more torchrun processes)
+"""
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from model import PRESETS, TransformerLM
+from optim import cross_entropy
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--vocab-size", "32", "--context-length", "16", "--d-model", "32", "--num-layers", "2", "--num-heads", "2",
+        "--d-ff", "64", "--batch-size", "8", "--warmup-iters", "2", "--lr", "3e-3", "--min-lr", "3e-4",
+        "--peak-flops", "0", "--device", "cpu", "--eval-iters", "2", "--log-interval", "2"]
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """train.npy / valid.npy: ids counting up mod 32 with random jumps (learnable, so the curve moves)."""
+    rng = np.random.default_rng(0)
+    d = tmp_path / "data"
+    d.mkdir()
+    for name, n in (("train.npy", 20_000), ("valid.npy", 2_000)):
+        ids = np.cumsum(rng.integers(1, 3, size=n)) % 32
+        np.save(d / name, ids.astype(np.uint16))
+    return d
+
+
+def run_main(argv, capsys):
+    rc = train.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    return out.out
+
+
+def log(run_dir):
+    return train.read_log(Path(run_dir) / "log.jsonl")
+
+
+def losses(run_dir):
+    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in log(run_dir)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fp16 + GradScaler
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_fp16_loss_follows_fp32(data_dir, tmp_path, capsys):
+    common = ["--data", data_dir, "--max-iters", 30, "--eval-interval", 10, *TINY]
+    run_main(["--out", tmp_path / "fp32", "--dtype", "fp32", *common], capsys)
+    out = run_main(["--out", tmp_path / "fp16", "--dtype", "fp16", *common], capsys)
+    assert "precision: fp16 (--dtype)" in out
+    fp32, fp16 = losses(tmp_path / "fp32"), losses(tmp_path / "fp16")
+    assert [s for s, *_ in fp32] == [s for s, *_ in fp16]
+    for (_, l32, v32), (_, l16, v16) in zip(fp32, fp16):
+        for a, b in ((l32, l16), (v32, v16)):
+            if a is not None:
+                assert abs(a - b) < 0.05, (fp32, fp16)  # 16-bit matmuls, same algorithm: close, not equal
+    assert fp16[-1][2] < fp16[0][2] - 0.5  # and it learns
+    assert all(r.get("skipped_steps") == 0 for r in log(tmp_path / "fp16") if "loss" in r)  # none needed here
+    ckpt = torch.load(tmp_path / "fp16" / "last.pt", weights_only=True)
+    assert ckpt["scaler"]["scale"] == train.FP16_INITIAL_SCALE  # no overflow, and fewer than 2,000 steps to grow
+
+
+def test_fp16_overflow_skips_the_step_and_lowers_the_scale(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "FP16_INITIAL_SCALE", 2.0**40)  # x 1e12: the fp16 backward overflows at once
+    out = run_main(["--data", data_dir, "--out", tmp_path / "run", "--dtype", "fp16", "--max-iters", 30,
+                    "--eval-interval", 10, *TINY], capsys)
+    rows = [r for r in log(tmp_path / "run") if "loss" in r]
+    skipped = rows[-1]["skipped_steps"]
+    scale = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["scaler"]["scale"]
+    # each skipped step halved the scale (backoff 0.5); growth needs 2,000 clean steps, so none happened
+    assert skipped >= 1 and scale == 2.0**40 / 2**skipped, (skipped, scale)
+    assert f"{rows[0]['skipped_steps']} fp16 steps skipped" in out
+    assert all(np.isfinite(r["loss"]) for r in rows) and rows[-1]["loss"] < rows[0]["loss"]  # training went on
+
+
+def test_fp16_resume_is_exact(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "FP16_INITIAL_SCALE", 2.0**40)  # so the scaler's state (skips, scale) matters
+    common = ["--data", data_dir, "--dtype", "fp16", "--max-iters", 20, "--ckpt-interval", 5, "--eval-interval", 8,
+              *TINY]
+    run_main(["--out", tmp_path / "ref", *common], capsys)
+    real_clip, calls = train.clip_grad_norm, {"n": 0}
+
+    def clip_then_sigterm(params, max_norm):
+        calls["n"] += 1
+        if calls["n"] == 11:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_clip(params, max_norm)
+
+    monkeypatch.setattr(train, "clip_grad_norm", clip_then_sigterm)
+    assert "SIGTERM: saved" in run_main(["--out", tmp_path / "run", *common], capsys)
+    monkeypatch.setattr(train, "clip_grad_norm", real_clip)
+    run_main(["--resume", tmp_path / "run"], capsys)
+    assert losses(tmp_path / "run") == losses(tmp_path / "ref")
+    skips = [r["skipped_steps"] for r in log(tmp_path / "run") if "loss" in r]
+    assert skips == [r["skipped_steps"] for r in log(tmp_path / "ref") if "loss" in r] and skips[-1] >= 1
+
+
+def test_automatic_dtype_choice():
+    assert train.pick_dtype(None, torch.device("cpu")) == ("fp32", train.pick_dtype(None, torch.device("cpu"))[1])
+    assert train.pick_dtype("fp16", torch.device("cpu")) == ("fp16", "--dtype")
+    if torch.cuda.is_available():
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        assert train.pick_dtype(None, torch.device("cuda"))[0] == ("bf16" if native else "fp16")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# activation checkpointing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "manual"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(attn_impl):
+    cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=64, context_length=32, d_model=64, num_heads=4, d_ff=96,
+                              attn_impl=attn_impl)
+    ids = torch.randint(0, 64, (3, 33), generator=torch.Generator().manual_seed(0))
+    results = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        lm = TransformerLM(**dataclasses.asdict(cfg))
+        lm.checkpoint_blocks = checkpointed
+        loss = cross_entropy(lm(ids[:, :-1]), ids[:, 1:])
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in lm.named_parameters()}))
+    (loss0, grads0), (loss1, grads1) = results
+    torch.testing.assert_close(loss1, loss0, rtol=0, atol=1e-6)
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-5, atol=1e-7)
+
+
+def test_activation_checkpointing_keeps_only_block_inputs():
+    cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=64, context_length=32, d_model=64, num_heads=4, d_ff=96)
+    ids = torch.randint(0, 64, (2, 32))
+    saved = []
+    for checkpointed in (False, True):
+        lm = TransformerLM(**dataclasses.asdict(cfg))
+        lm.checkpoint_blocks = checkpointed
+        count = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: count.append(t.numel()) or t, lambda t: t):
+            lm(ids).sum().backward()
+        saved.append(sum(count))
+    assert saved[1] < saved[0] / 2  # the blocks' insides are recomputed, not kept
+
+
+def test_activation_checkpointing_run_matches_the_plain_run(data_dir, tmp_path, capsys):
+    common = ["--data", data_dir, "--max-iters", 12, "--eval-interval", 6, *TINY]
+    run_main(["--out", tmp_path / "plain", *common], capsys)
+    run_main(["--out", tmp_path / "ac", "--activation-checkpointing", *common], capsys)
+    for (s1, l1, v1), (s2, l2, v2) in zip(losses(tmp_path / "plain"), losses(tmp_path / "ac")):
+        assert s1 == s2
+        for a, b in ((l1, l2), (v1, v2)):
+            assert (a is None and b is None) or abs(a - b) < 1e-5
