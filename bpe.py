@@ -17,6 +17,7 @@ import gc
 import gzip
 import heapq
 import http.client
+import io
 import json
 import multiprocessing
 import os
@@ -36,7 +37,8 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 import regex
 
-from cli import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, OneLineParser
+from cli import (EXIT_BAD_INPUT, EXIT_ENVIRONMENT, BadInputError, EnvironmentFault, OneLineParser, atomic_file,
+                 describe_fault)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Pre-tokenisation
@@ -187,15 +189,20 @@ def _covers(window: bytes, special: bytes, p: int) -> bool:
 
 
 def read_piece(path, start: int, end: int) -> str:
-    """The text of bytes [start, end) of the file; invalid UTF-8 is an error that says where."""
-    with open(path, "rb") as f:
-        f.seek(start)
-        data = f.read(end - start)
+    """The text of bytes [start, end) of the file; a file that cannot be read, or invalid UTF-8, is a BadInputError
+    that says where. note: never an OSError, which encode_file (reading pieces while its output is open) would report
+    as a fault of the output file."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read(end - start)
+    except OSError as e:
+        raise BadInputError(f"cannot read {path}: {describe_fault(e, path)}") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not valid UTF-8 at byte {start + e.start} ({e.reason}); "
-                         f"re-save it as UTF-8") from None
+        raise BadInputError(f"{path} is not valid UTF-8 at byte {start + e.start} ({e.reason}); "
+                            f"re-save it as UTF-8") from None
 
 
 def _count_pieces(args) -> Counter:
@@ -839,14 +846,29 @@ class Tokenizer:
 # ---------------------------------------------------------------------------------------------------------------------
 # Encoding whole files to .npy
 # ---------------------------------------------------------------------------------------------------------------------
+# The output is np.save's format, so np.load(mmap_mode="r") maps it: a header giving the dtype and the length, then
+# the ids. It is written in one pass, piece by piece as the workers hand the ids back: the header first, for a
+# placeholder length, then the ids, then the header again, in place, with the real length. note: that works because
+# the header is as long for any length: numpy pads it to a multiple of 64 bytes and leaves room for a length of up
+# to 21 digits (numpy PR #20321, numpy >= 1.24), so the ids start at the same byte either way. The file goes through
+# cli.atomic_file: a failed write (a full disk, say) leaves the previous file at the output path, and no temporary.
 
 UINT16_VOCAB = 1 << 16  # a vocab of up to 65,536 tokens has ids that fit in uint16: half the disk and memory of uint32
-COPY_BUFFER = 1 << 24  # bytes per read when copying a big file (16 MiB: few system calls, little memory)
+MAX_TOKENS = 2**63 - 1  # the placeholder length: the longest numpy allows (its shapes are signed 64-bit)
 
 
 def _token_dtype(vocab_size: int) -> type:
     """The .npy dtype for a vocab: _token_dtype(50_257) is np.uint16, _token_dtype(70_000) is np.uint32."""
     return np.uint16 if vocab_size <= UINT16_VOCAB else np.uint32
+
+
+def _npy_header(dtype, n_tokens: int) -> bytes:
+    """np.save's header (format 1.0) for a 1-D array of n_tokens ids; its length does not depend on n_tokens:
+    len(_npy_header(np.uint16, 5)) == len(_npy_header(np.uint16, MAX_TOKENS)) == 128"""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                               "fortran_order": False, "shape": (n_tokens,)})
+    return buf.getvalue()
 
 
 _worker_tokenizer = None  # the tokenizer of an encode worker (Pool gives fn no state, so _init_encode_worker sets it)
@@ -866,19 +888,18 @@ def _encode_piece(args) -> tuple[int, np.ndarray]:
 
 def encode_file(tokenizer: Tokenizer, input_path, output_path, num_workers=None, progress=False) -> int:
     """Encode a text file to an np.save-format .npy of ids (uint16, or uint32 for vocabs over 65,536 tokens).
-    Pieces split at safe cut points are encoded in parallel and streamed to a raw temporary file in order, then the
-    .npy is assembled from it and moved into place: the output never sits in memory whole, and is never half-written.
-    Returns the number of tokens."""
+    Pieces split at safe cut points are encoded in parallel and streamed to the file in order (see the banner above):
+    the ids never sit in memory whole, and the file at output_path is the new one, complete, or (after a failed
+    write, a cli.WriteFault) whatever was there before. Returns the number of tokens."""
     input_path, output_path = Path(input_path), Path(output_path)
     _check_encode_paths(input_path, output_path)
-    dtype = _token_dtype(tokenizer.vocab_size)
-    raw = output_path.with_name(output_path.name + ".raw.tmp")
-    try:
-        with contextlib.closing(_encoded_pieces(tokenizer, input_path, dtype, num_workers)) as pieces:
-            n_tokens = _write_raw_ids(pieces, raw, input_path.stat().st_size, progress)
-        _write_npy_from_raw(raw, output_path, dtype, n_tokens)
-    finally:
-        raw.unlink(missing_ok=True)
+    dtype, total_bytes = _token_dtype(tokenizer.vocab_size), input_path.stat().st_size
+    pieces = _encoded_pieces(tokenizer, input_path, dtype, num_workers)
+    with contextlib.closing(pieces), atomic_file(output_path) as out:
+        out.write(_npy_header(dtype, MAX_TOKENS))
+        n_tokens = _write_ids(pieces, out, total_bytes, progress)
+        out.seek(0)
+        out.write(_npy_header(dtype, n_tokens))  # as long as the placeholder: the ids stay where they are
     return n_tokens
 
 
@@ -901,11 +922,12 @@ def _encoded_pieces(tokenizer: Tokenizer, input_path: Path, dtype, num_workers) 
     return _map_pieces(_encode_piece, jobs, num_workers, _init_encode_worker, (tokenizer,), warm_first=True)
 
 
-def _write_raw_ids(pieces: Iterable[tuple[int, np.ndarray]], raw: Path, total_bytes: int, progress: bool) -> int:
-    """Write the ids of the pieces, in order, to `raw` as bare array bytes (what follows a .npy header); returns the
-    number of tokens. progress: one updating line on stderr with bytes done, speed and tokens."""
-    n_tokens, t0 = 0, time.perf_counter()
-    with open(raw, "wb") as out:
+def _write_ids(pieces: Iterable[tuple[int, np.ndarray]], out, total_bytes: int, progress: bool) -> int:
+    """Write the ids of the pieces, in order, to the open file `out` (bare array bytes, as after a .npy header);
+    returns the number of tokens. progress: one updating line on stderr with bytes done, speed and tokens, ended
+    however the writing ends (so that an error message starts a line of its own)."""
+    n_tokens, t0, shown = 0, time.perf_counter(), False
+    try:
         for end, ids in pieces:
             out.write(ids.tobytes())
             n_tokens += len(ids)
@@ -913,23 +935,11 @@ def _write_raw_ids(pieces: Iterable[tuple[int, np.ndarray]], raw: Path, total_by
                 dt = time.perf_counter() - t0
                 print(f"\rencoded {end / 1e6:.1f}/{total_bytes / 1e6:.1f} MB  {end / 1e6 / dt:.1f} MB/s  "
                       f"{n_tokens:,} tokens", end="", file=sys.stderr)
-    if progress:
-        print(file=sys.stderr)
-    return n_tokens
-
-
-def _write_npy_from_raw(raw: Path, output_path: Path, dtype, n_tokens: int) -> None:
-    """output_path = a .npy header (format 1.0, a 1-D array of n_tokens of dtype) + the bytes of `raw`, written to a
-    temporary file and moved into place with os.replace, so output_path is complete or absent."""
-    tmp = output_path.with_name(output_path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as out, open(raw, "rb") as src:
-            np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                                       "fortran_order": False, "shape": (n_tokens,)})
-            shutil.copyfileobj(src, out, COPY_BUFFER)
-        os.replace(tmp, output_path)
+                shown = True
     finally:
-        tmp.unlink(missing_ok=True)
+        if shown:
+            print(file=sys.stderr)
+    return n_tokens
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -947,9 +957,10 @@ DATASETS = {
 BASE_URL_ENV = "CS336_DATA_URL"  # overrides the base URL (a mirror, or a local test server)
 DOWNLOAD_TIMEOUT_S = 60  # seconds a connect or a read may wait before the download counts as failed
 DOWNLOAD_BLOCK = 1 << 20  # bytes per read (1 MiB), and one progress update each
+COPY_BUFFER = 1 << 24  # bytes per read when copying a big file (16 MiB: few system calls, little memory)
 
 
-class DownloadError(RuntimeError):
+class DownloadError(EnvironmentFault):
     """A download failed or stopped: the network's or the server's fault, not the input's (cli.EXIT_ENVIRONMENT)."""
 
 
@@ -1103,7 +1114,7 @@ def main(argv=None) -> int:
         parser.error("--workers must be at least 1")
     try:
         args.command_fn(args)
-    except DownloadError as e:  # not the user's input
+    except EnvironmentFault as e:  # not the user's input: a failed write (a full disk), a failed download
         print(f"bpe.py: error: {e}", file=sys.stderr)
         return EXIT_ENVIRONMENT
     except (ValueError, OSError) as e:  # bad input: missing/unreadable files, bad arguments, bad file contents
