@@ -608,22 +608,40 @@ def check_output_dir(path) -> None:
         raise FileNotFoundError(f"output directory {parent} does not exist; create it first")
 
 
-def _write_atomic(path, text: str) -> None:
-    """Write via a temporary file + os.replace, so a crash never leaves a half-written file."""
-    path = Path(path)
-    check_output_dir(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def write_text_files(files: dict) -> None:
+    """Write {path: text} (UTF-8) all or nothing: each file through cli.atomic_file, and every one complete on disk
+    before any of them replaces its old version, so that a failed write (a cli.WriteFault) leaves all the old files in
+    place: a tokenizer directory is never half old, half new. The directories must exist (check_output_dir).
+    note: the os.replace()s still come one after another; they need no space, so only a crash between them can leave
+    a mix."""
+    for path in files:
+        check_output_dir(path)
+    with contextlib.ExitStack() as stack:  # leaving it, each atomic_file (last first) replaces its file
+        for path, text in files.items():
+            data = text.encode("utf-8")
+            f = stack.enter_context(atomic_file(path, needed=len(data)))
+            f.write(data)
+            # subtle: flush and fsync here, not only in atomic_file's exit, so that a full disk or an I/O error shows
+            # while no file has been replaced yet (a failure in the first exit would come after the last's replace).
+            f.flush()
+            os.fsync(f.fileno())
 
 
-def save_tokenizer(vocab: dict[int, bytes], merges: list, vocab_path, merges_path) -> None:
-    """Write vocab.json ({token string: id}) and merges.txt (a version line, then one "a b" line per merge)."""
+def tokenizer_file_texts(vocab: dict[int, bytes], merges: list) -> tuple[str, str]:
+    """The text of vocab.json ({token string: id}) and of merges.txt (a version line, then one "a b" line per merge).
+    tokenizer_file_texts({0: b"a", 1: b"b", 2: b"ab"}, [(b"a", b"b")]) == ('{\\n"a": 0,\\n"b": 1,\\n"ab": 2\\n}\\n',
+                                                                       '#version: 0.2\\na b\\n')"""
     strings = {token_to_str(t): i for i, t in sorted(vocab.items())}
     if len(strings) != len(vocab):
         raise ValueError("vocab has two ids for the same byte string; vocab.json cannot represent that")
-    _write_atomic(vocab_path, json.dumps(strings, ensure_ascii=False, indent=0) + "\n")
-    _write_atomic(merges_path, "#version: 0.2\n" + "".join(f"{token_to_str(a)} {token_to_str(b)}\n" for a, b in merges))
+    return (json.dumps(strings, ensure_ascii=False, indent=0) + "\n",
+            "#version: 0.2\n" + "".join(f"{token_to_str(a)} {token_to_str(b)}\n" for a, b in merges))
+
+
+def save_tokenizer(vocab: dict[int, bytes], merges: list, vocab_path, merges_path) -> None:
+    """Write vocab.json and merges.txt (both or, on a failed write, neither: write_text_files)."""
+    vocab_text, merges_text = tokenizer_file_texts(vocab, merges)
+    write_text_files({vocab_path: vocab_text, merges_path: merges_text})
 
 
 def load_tokenizer_files(vocab_path, merges_path) -> tuple[dict[int, bytes], list]:
@@ -730,9 +748,11 @@ class Tokenizer:
         return cls.from_files(d / "vocab.json", d / "merges.txt", specials)
 
     def save_dir(self, directory) -> None:
+        """What from_dir reads: vocab.json, merges.txt and special_tokens.json, all three or (write_text_files) none."""
         d = Path(directory)
-        save_tokenizer(self.vocab, self.merges, d / "vocab.json", d / "merges.txt")
-        _write_atomic(d / "special_tokens.json", json.dumps(self.special_tokens, ensure_ascii=False) + "\n")
+        vocab_text, merges_text = tokenizer_file_texts(self.vocab, self.merges)
+        write_text_files({d / "vocab.json": vocab_text, d / "merges.txt": merges_text,
+                          d / "special_tokens.json": json.dumps(self.special_tokens, ensure_ascii=False) + "\n"})
 
     @property
     def vocab_size(self) -> int:

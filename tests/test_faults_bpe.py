@@ -6,6 +6,8 @@ never leaves a torn file or a temporary behind, and never costs the file that wa
 - encode_file and `bpe.py encode` with a write failing after N bytes (cli.open_for_write replaced by the fail_writes
   fixture below): one line `bpe.py: error: cannot write OUT.npy: CAUSE`, exit code 1 (cli.EXIT_ENVIRONMENT), no *.tmp,
   the previous .npy untouched and loadable; a bad or vanished input still says so and exits with 2.
+- The tokenizer files (save_tokenizer, Tokenizer.save_dir, `bpe.py train`): all three are replaced or none,
+  whichever of them fails.
 - A real tmpfs (root on Linux only, skipped elsewhere): a .npy that does not fit in 2 MiB.
 
 Run: python -m pytest tests/test_faults_bpe.py (~3 s on 2 cores). This file has no slow tests; `python -m pytest -m
@@ -251,6 +253,68 @@ def test_input_faults_are_still_bad_input(tok, tok_dir, src, old_npy, capsys, mo
     with pytest.raises(cli.BadInputError, match=f"cannot read {re.escape(str(src))}: no such file or directory"):
         bpe.encode_file(tok, src, old_npy, num_workers=1)
     assert_old_npy_intact(old_npy)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a write of the tokenizer files fails part-way
+# ---------------------------------------------------------------------------------------------------------------------
+
+def snapshot(directory) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(Path(directory).iterdir())}
+
+
+@pytest.mark.parametrize("name", ["vocab.json", "merges.txt", "special_tokens.json"])
+@pytest.mark.parametrize("err, cause", FAULTS)
+def test_save_dir_write_fault_keeps_the_old_tokenizer(tmp_path, tok, fail_writes, name, err, cause):
+    # an older tokenizer: the first 10 merges, no special tokens, so each of the three files differs from tok's
+    old = bpe.Tokenizer({i: tok.vocab[i] for i in range(266)}, tok.merges[:10])
+    old.save_dir(tmp_path)
+    before = snapshot(tmp_path)
+    fail_writes(err, after_bytes=10, name_contains=name)
+    with pytest.raises(cli.WriteFault, match=f"^cannot write {re.escape(str(tmp_path / name))}: {cause}$"):
+        tok.save_dir(tmp_path)
+    assert snapshot(tmp_path) == before  # none of the three replaced, not even the ones written before the fault
+    again = bpe.Tokenizer.from_dir(tmp_path)
+    assert (again.vocab, again.merges, again.special_tokens) == (old.vocab, old.merges, [])
+
+
+def test_save_dir_fault_at_fsync_keeps_the_old_tokenizer(tmp_path, tok, monkeypatch):
+    """A fault that shows only when the data goes to disk (an I/O error at fsync; a full disk at the flush of a small
+    buffered file): the third file's, after the first two are complete. Still none of the three is replaced."""
+    bpe.Tokenizer({i: tok.vocab[i] for i in range(266)}, tok.merges[:10]).save_dir(tmp_path)
+    before = snapshot(tmp_path)
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 3:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(cli.WriteFault, match="special_tokens.json: input/output error"):
+        tok.save_dir(tmp_path)
+    assert snapshot(tmp_path) == before
+
+
+def test_save_tokenizer_write_fault(tmp_path, tok, fail_writes):
+    v, m = tmp_path / "vocab.json", tmp_path / "merges.txt"
+    bpe.save_tokenizer(tok.vocab, tok.merges[:5], v, m)
+    before = snapshot(tmp_path)
+    fail_writes(errno.ENOSPC, after_bytes=100, name_contains="merges")
+    with pytest.raises(cli.WriteFault, match="merges.txt: no space left on device"):
+        bpe.save_tokenizer(tok.vocab, tok.merges, v, m)
+    assert snapshot(tmp_path) == before
+    assert bpe.load_tokenizer_files(v, m) == (tok.vocab, tok.merges[:5])
+
+
+def test_train_cli_write_fault(tmp_path, src, fail_writes, capsys):
+    out = tmp_path / "tok"
+    fail_writes(errno.ENOSPC, after_bytes=0, name_contains="merges")
+    rc, stderr = run_main(["train", "--input", src, "--vocab-size", 280, "--out", out, "--workers", 1], capsys)
+    assert rc == 1
+    assert_one_error_line(stderr, f"cannot write {out / 'merges.txt'}: no space left on device")
+    assert list(out.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------------------------------
