@@ -23,11 +23,11 @@ import multiprocessing
 import os
 import re
 import resource
-import shutil
 import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections import Counter, defaultdict
 from itertools import chain, filterfalse, repeat
 from http import HTTPStatus
@@ -37,8 +37,8 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 import regex
 
-from cli import (EXIT_BAD_INPUT, EXIT_ENVIRONMENT, BadInputError, EnvironmentFault, OneLineParser, atomic_file,
-                 describe_fault)
+from cli import (EXIT_BAD_INPUT, EXIT_ENVIRONMENT, BadInputError, EnvironmentFault, OneLineParser, WriteFault,
+                 atomic_file, describe_fault)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Pre-tokenisation
@@ -977,7 +977,7 @@ DATASETS = {
 BASE_URL_ENV = "CS336_DATA_URL"  # overrides the base URL (a mirror, or a local test server)
 DOWNLOAD_TIMEOUT_S = 60  # seconds a connect or a read may wait before the download counts as failed
 DOWNLOAD_BLOCK = 1 << 20  # bytes per read (1 MiB), and one progress update each
-COPY_BUFFER = 1 << 24  # bytes per read when copying a big file (16 MiB: few system calls, little memory)
+COPY_BUFFER = 1 << 24  # bytes per read when decompressing a big file (16 MiB: few system calls, little memory)
 
 
 class DownloadError(EnvironmentFault):
@@ -985,54 +985,95 @@ class DownloadError(EnvironmentFault):
 
 
 def download(url: str, dest: Path, progress=True) -> Path:
-    """Download url to dest, resuming dest.part with an HTTP Range request if an earlier attempt was cut off."""
+    """Download url to dest, resuming dest.part with an HTTP Range request if an earlier attempt was cut off.
+    note: dest.part is kept when a download fails, whatever the cause (a dropped connection, a full disk): it is not
+    debris but the bytes fetched so far, and the next run asks the server only for the rest."""
     if dest.is_file():
         return dest
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.is_file() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    printed = False  # a progress line is open on stderr (end it before an error message)
     try:
-        with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            if have and response.status != HTTPStatus.PARTIAL_CONTENT:  # the server ignored the Range: start over
-                have = 0
-            total = have + int(response.headers.get("Content-Length") or 0)
-            with open(part, "ab" if have else "wb") as f:
-                done, t0 = have, time.perf_counter()
-                while block := response.read(DOWNLOAD_BLOCK):
-                    f.write(block)
-                    done += len(block)
-                    if progress:
-                        rate = (done - have) / 1e6 / max(time.perf_counter() - t0, 1e-9)
-                        print(f"\rdownloading {dest.name}: {done / 1e6:.1f}/{total / 1e6:.1f} MB  {rate:.1f} MB/s",
-                              end="", file=sys.stderr)
-                        printed = True
-            if printed:
-                print(file=sys.stderr)
-                printed = False
-            if total and done != total:
-                raise DownloadError(f"download of {url} stopped at {done} of {total} bytes; re-run to resume")
+        response = urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S)
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-        range_refused = isinstance(e, urllib.error.HTTPError) and e.code == HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE
-        if range_refused and have:  # nothing after byte `have`: the .part file is taken as complete
-            os.replace(part, dest)
+        if have and isinstance(e, urllib.error.HTTPError) and e.code == HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE:
+            os.replace(part, dest)  # nothing after byte `have`: the .part file is taken as complete
             return dest
-        if printed:
-            print(file=sys.stderr)
-        kept = f"; partial data kept in {part}, re-run to resume" if part.is_file() and part.stat().st_size else ""
-        raise DownloadError(f"download of {url} failed: {getattr(e, 'reason', e)}{kept}") from None
+        raise _download_failed(url, part, e) from None
+    with response:
+        if have and response.status != HTTPStatus.PARTIAL_CONTENT:  # the server ignored the Range: start over
+            have = 0
+        total = have + int(response.headers.get("Content-Length") or 0)
+        done = _save_body(response, url, part, have, total, progress)
+    if total and done != total:
+        raise DownloadError(f"download of {url} stopped at {done} of {total} bytes; re-run to resume")
     os.replace(part, dest)
     return dest
 
 
+def _save_body(response, url: str, part: Path, have: int, total: int, progress: bool) -> int:
+    """Write the body of `response` to `part`, after the `have` bytes already there; returns the bytes it then holds.
+    A failed read is a DownloadError, a failed write a cli.WriteFault, and `part` keeps what it got either way.
+    progress: one updating line on stderr, ended however the download ends."""
+    done, t0, shown = have, time.perf_counter(), False
+    try:
+        with _open_part(part, append=bool(have)) as f:
+            while block := _read_block(response, url, part):
+                f.write(block)
+                done += len(block)
+                if progress:
+                    rate = (done - have) / 1e6 / max(time.perf_counter() - t0, 1e-9)
+                    print(f"\rdownloading {part.name.removesuffix('.part')}: {done / 1e6:.1f}/{total / 1e6:.1f} MB  "
+                          f"{rate:.1f} MB/s", end="", file=sys.stderr)
+                    shown = True
+    except OSError as e:  # the disk's fault: _read_block turns the network's into a DownloadError
+        kept = part.stat().st_size if part.is_file() else done  # note: more than `done` after a short write
+        cause = describe_fault(e, part, needed=total - kept if total else None)
+        raise WriteFault(part, f"{cause}; the download so far is kept there, and a re-run resumes it") from None
+    finally:
+        if shown:
+            print(file=sys.stderr)
+    return done
+
+
+def _open_part(part: Path, append: bool):
+    """The one `open` of a download's .part file: a seam the fault-injection tests replace, as cli.open_for_write is
+    for every other file (which cannot serve here: it truncates, and a resumed download appends)."""
+    return open(part, "ab" if append else "wb")
+
+
+def _read_block(response, url: str, part: Path) -> bytes:
+    """The next block of a response's body, b"" at its end; the network's errors (a dropped connection, a timeout)
+    are a DownloadError."""
+    try:
+        return response.read(DOWNLOAD_BLOCK)
+    except (http.client.HTTPException, OSError) as e:
+        raise _download_failed(url, part, e) from None
+
+
+def _download_failed(url: str, part: Path, error: BaseException) -> DownloadError:
+    """The one line for a download that the network or the server broke off, saying whether it can resume."""
+    kept = f"; partial data kept in {part}, re-run to resume" if part.is_file() and part.stat().st_size else ""
+    return DownloadError(f"download of {url} failed: {getattr(error, 'reason', error)}{kept}")
+
+
 def gunzip(src: Path, dest: Path) -> Path:
-    """Decompress src into dest (via dest.tmp, so dest is complete or absent), then delete src."""
-    tmp = dest.with_name(dest.name + ".tmp")
-    with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
-        shutil.copyfileobj(fin, fout, COPY_BUFFER)
-    os.replace(tmp, dest)
+    """Decompress src into dest (through cli.atomic_file, so dest is complete or absent), then delete src."""
+    with gzip.open(src, "rb") as fin, atomic_file(dest) as fout:
+        while block := _read_gzip_block(fin, src):
+            fout.write(block)
     src.unlink()
     return dest
+
+
+def _read_gzip_block(fin, src: Path) -> bytes:
+    """The next block of decompressed data; a corrupt or cut-off src is a BadInputError naming it (not an OSError,
+    which atomic_file would report as a fault of the file being written)."""
+    try:
+        return fin.read(COPY_BUFFER)
+    except (OSError, EOFError, zlib.error) as e:
+        raise BadInputError(f"{src} is not a complete gzip file ({e}); delete it and re-run to download it "
+                            f"again") from None
 
 
 def prepare(name: str, out_dir, base_url=None, vocab_size=None, num_workers=None, progress=True) -> dict:

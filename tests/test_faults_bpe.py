@@ -9,6 +9,8 @@ never leaves a torn file or a temporary behind, and never costs the file that wa
 - The tokenizer files (save_tokenizer, Tokenizer.save_dir, `bpe.py train`): all three are replaced or none,
   whichever of them fails.
 - A real tmpfs (root on Linux only, skipped elsewhere): a .npy that does not fit in 2 MiB.
+The download's .part (kept on a write fault, resumed after) is tested in test_bpe_cli.py, beside its HTTP server,
+with the helpers of this file.
 
 Run: python -m pytest tests/test_faults_bpe.py (~3 s on 2 cores). This file has no slow tests; `python -m pytest -m
 slow` runs the project's slow end-to-end checks, which the default run skips.
@@ -253,6 +255,13 @@ def test_input_faults_are_still_bad_input(tok, tok_dir, src, old_npy, capsys, mo
     with pytest.raises(cli.BadInputError, match=f"cannot read {re.escape(str(src))}: no such file or directory"):
         bpe.encode_file(tok, src, old_npy, num_workers=1)
     assert_old_npy_intact(old_npy)
+
+
+def test_corrupt_gzip_is_bad_input_not_a_write_fault(tmp_path):
+    (tmp_path / "x.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(cli.BadInputError, match="x.gz is not a complete gzip file"):
+        bpe.gunzip(tmp_path / "x.gz", tmp_path / "x.txt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.gz"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
