@@ -17,16 +17,17 @@ import gc
 import gzip
 import heapq
 import http.client
+import io
 import json
 import multiprocessing
 import os
 import re
 import resource
-import shutil
 import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections import Counter, defaultdict
 from itertools import chain, filterfalse, repeat
 from http import HTTPStatus
@@ -36,7 +37,8 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 import regex
 
-from cli import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, OneLineParser
+from cli import (EXIT_BAD_INPUT, EXIT_ENVIRONMENT, BadInputError, EnvironmentFault, OneLineParser, WriteFault,
+                 atomic_file, describe_fault)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Pre-tokenisation
@@ -187,15 +189,20 @@ def _covers(window: bytes, special: bytes, p: int) -> bool:
 
 
 def read_piece(path, start: int, end: int) -> str:
-    """The text of bytes [start, end) of the file; invalid UTF-8 is an error that says where."""
-    with open(path, "rb") as f:
-        f.seek(start)
-        data = f.read(end - start)
+    """The text of bytes [start, end) of the file; a file that cannot be read, or invalid UTF-8, is a BadInputError
+    that says where. note: never an OSError, which encode_file (reading pieces while its output is open) would report
+    as a fault of the output file."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read(end - start)
+    except OSError as e:
+        raise BadInputError(f"cannot read {path}: {describe_fault(e, path)}") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not valid UTF-8 at byte {start + e.start} ({e.reason}); "
-                         f"re-save it as UTF-8") from None
+        raise BadInputError(f"{path} is not valid UTF-8 at byte {start + e.start} ({e.reason}); "
+                            f"re-save it as UTF-8") from None
 
 
 def _count_pieces(args) -> Counter:
@@ -601,22 +608,40 @@ def check_output_dir(path) -> None:
         raise FileNotFoundError(f"output directory {parent} does not exist; create it first")
 
 
-def _write_atomic(path, text: str) -> None:
-    """Write via a temporary file + os.replace, so a crash never leaves a half-written file."""
-    path = Path(path)
-    check_output_dir(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def write_text_files(files: dict) -> None:
+    """Write {path: text} (UTF-8) all or nothing: each file through cli.atomic_file, and every one complete on disk
+    before any of them replaces its old version, so that a failed write (a cli.WriteFault) leaves all the old files in
+    place: a tokenizer directory is never half old, half new. The directories must exist (check_output_dir).
+    note: the os.replace()s still come one after another; they need no space, so only a crash between them can leave
+    a mix."""
+    for path in files:
+        check_output_dir(path)
+    with contextlib.ExitStack() as stack:  # leaving it, each atomic_file (last first) replaces its file
+        for path, text in files.items():
+            data = text.encode("utf-8")
+            f = stack.enter_context(atomic_file(path, needed=len(data)))
+            f.write(data)
+            # subtle: flush and fsync here, not only in atomic_file's exit, so that a full disk or an I/O error shows
+            # while no file has been replaced yet (a failure in the first exit would come after the last's replace).
+            f.flush()
+            os.fsync(f.fileno())
 
 
-def save_tokenizer(vocab: dict[int, bytes], merges: list, vocab_path, merges_path) -> None:
-    """Write vocab.json ({token string: id}) and merges.txt (a version line, then one "a b" line per merge)."""
+def tokenizer_file_texts(vocab: dict[int, bytes], merges: list) -> tuple[str, str]:
+    """The text of vocab.json ({token string: id}) and of merges.txt (a version line, then one "a b" line per merge).
+    tokenizer_file_texts({0: b"a", 1: b"b", 2: b"ab"}, [(b"a", b"b")]) == ('{\\n"a": 0,\\n"b": 1,\\n"ab": 2\\n}\\n',
+                                                                       '#version: 0.2\\na b\\n')"""
     strings = {token_to_str(t): i for i, t in sorted(vocab.items())}
     if len(strings) != len(vocab):
         raise ValueError("vocab has two ids for the same byte string; vocab.json cannot represent that")
-    _write_atomic(vocab_path, json.dumps(strings, ensure_ascii=False, indent=0) + "\n")
-    _write_atomic(merges_path, "#version: 0.2\n" + "".join(f"{token_to_str(a)} {token_to_str(b)}\n" for a, b in merges))
+    return (json.dumps(strings, ensure_ascii=False, indent=0) + "\n",
+            "#version: 0.2\n" + "".join(f"{token_to_str(a)} {token_to_str(b)}\n" for a, b in merges))
+
+
+def save_tokenizer(vocab: dict[int, bytes], merges: list, vocab_path, merges_path) -> None:
+    """Write vocab.json and merges.txt (both or, on a failed write, neither: write_text_files)."""
+    vocab_text, merges_text = tokenizer_file_texts(vocab, merges)
+    write_text_files({vocab_path: vocab_text, merges_path: merges_text})
 
 
 def load_tokenizer_files(vocab_path, merges_path) -> tuple[dict[int, bytes], list]:
@@ -723,9 +748,11 @@ class Tokenizer:
         return cls.from_files(d / "vocab.json", d / "merges.txt", specials)
 
     def save_dir(self, directory) -> None:
+        """What from_dir reads: vocab.json, merges.txt and special_tokens.json, all three or (write_text_files) none."""
         d = Path(directory)
-        save_tokenizer(self.vocab, self.merges, d / "vocab.json", d / "merges.txt")
-        _write_atomic(d / "special_tokens.json", json.dumps(self.special_tokens, ensure_ascii=False) + "\n")
+        vocab_text, merges_text = tokenizer_file_texts(self.vocab, self.merges)
+        write_text_files({d / "vocab.json": vocab_text, d / "merges.txt": merges_text,
+                          d / "special_tokens.json": json.dumps(self.special_tokens, ensure_ascii=False) + "\n"})
 
     @property
     def vocab_size(self) -> int:
@@ -839,14 +866,29 @@ class Tokenizer:
 # ---------------------------------------------------------------------------------------------------------------------
 # Encoding whole files to .npy
 # ---------------------------------------------------------------------------------------------------------------------
+# The output is np.save's format, so np.load(mmap_mode="r") maps it: a header giving the dtype and the length, then
+# the ids. It is written in one pass, piece by piece as the workers hand the ids back: the header first, for a
+# placeholder length, then the ids, then the header again, in place, with the real length. note: that works because
+# the header is as long for any length: numpy pads it to a multiple of 64 bytes and leaves room for a length of up
+# to 21 digits (numpy PR #20321, numpy >= 1.24), so the ids start at the same byte either way. The file goes through
+# cli.atomic_file: a failed write (a full disk, say) leaves the previous file at the output path, and no temporary.
 
 UINT16_VOCAB = 1 << 16  # a vocab of up to 65,536 tokens has ids that fit in uint16: half the disk and memory of uint32
-COPY_BUFFER = 1 << 24  # bytes per read when copying a big file (16 MiB: few system calls, little memory)
+MAX_TOKENS = 2**63 - 1  # the placeholder length: the longest numpy allows (its shapes are signed 64-bit)
 
 
 def _token_dtype(vocab_size: int) -> type:
     """The .npy dtype for a vocab: _token_dtype(50_257) is np.uint16, _token_dtype(70_000) is np.uint32."""
     return np.uint16 if vocab_size <= UINT16_VOCAB else np.uint32
+
+
+def _npy_header(dtype, n_tokens: int) -> bytes:
+    """np.save's header (format 1.0) for a 1-D array of n_tokens ids; its length does not depend on n_tokens:
+    len(_npy_header(np.uint16, 5)) == len(_npy_header(np.uint16, MAX_TOKENS)) == 128"""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                               "fortran_order": False, "shape": (n_tokens,)})
+    return buf.getvalue()
 
 
 _worker_tokenizer = None  # the tokenizer of an encode worker (Pool gives fn no state, so _init_encode_worker sets it)
@@ -866,19 +908,18 @@ def _encode_piece(args) -> tuple[int, np.ndarray]:
 
 def encode_file(tokenizer: Tokenizer, input_path, output_path, num_workers=None, progress=False) -> int:
     """Encode a text file to an np.save-format .npy of ids (uint16, or uint32 for vocabs over 65,536 tokens).
-    Pieces split at safe cut points are encoded in parallel and streamed to a raw temporary file in order, then the
-    .npy is assembled from it and moved into place: the output never sits in memory whole, and is never half-written.
-    Returns the number of tokens."""
+    Pieces split at safe cut points are encoded in parallel and streamed to the file in order (see the banner above):
+    the ids never sit in memory whole, and the file at output_path is the new one, complete, or (after a failed
+    write, a cli.WriteFault) whatever was there before. Returns the number of tokens."""
     input_path, output_path = Path(input_path), Path(output_path)
     _check_encode_paths(input_path, output_path)
-    dtype = _token_dtype(tokenizer.vocab_size)
-    raw = output_path.with_name(output_path.name + ".raw.tmp")
-    try:
-        with contextlib.closing(_encoded_pieces(tokenizer, input_path, dtype, num_workers)) as pieces:
-            n_tokens = _write_raw_ids(pieces, raw, input_path.stat().st_size, progress)
-        _write_npy_from_raw(raw, output_path, dtype, n_tokens)
-    finally:
-        raw.unlink(missing_ok=True)
+    dtype, total_bytes = _token_dtype(tokenizer.vocab_size), input_path.stat().st_size
+    pieces = _encoded_pieces(tokenizer, input_path, dtype, num_workers)
+    with contextlib.closing(pieces), atomic_file(output_path) as out:
+        out.write(_npy_header(dtype, MAX_TOKENS))
+        n_tokens = _write_ids(pieces, out, total_bytes, progress)
+        out.seek(0)
+        out.write(_npy_header(dtype, n_tokens))  # as long as the placeholder: the ids stay where they are
     return n_tokens
 
 
@@ -901,11 +942,12 @@ def _encoded_pieces(tokenizer: Tokenizer, input_path: Path, dtype, num_workers) 
     return _map_pieces(_encode_piece, jobs, num_workers, _init_encode_worker, (tokenizer,), warm_first=True)
 
 
-def _write_raw_ids(pieces: Iterable[tuple[int, np.ndarray]], raw: Path, total_bytes: int, progress: bool) -> int:
-    """Write the ids of the pieces, in order, to `raw` as bare array bytes (what follows a .npy header); returns the
-    number of tokens. progress: one updating line on stderr with bytes done, speed and tokens."""
-    n_tokens, t0 = 0, time.perf_counter()
-    with open(raw, "wb") as out:
+def _write_ids(pieces: Iterable[tuple[int, np.ndarray]], out, total_bytes: int, progress: bool) -> int:
+    """Write the ids of the pieces, in order, to the open file `out` (bare array bytes, as after a .npy header);
+    returns the number of tokens. progress: one updating line on stderr with bytes done, speed and tokens, ended
+    however the writing ends (so that an error message starts a line of its own)."""
+    n_tokens, t0, shown = 0, time.perf_counter(), False
+    try:
         for end, ids in pieces:
             out.write(ids.tobytes())
             n_tokens += len(ids)
@@ -913,23 +955,11 @@ def _write_raw_ids(pieces: Iterable[tuple[int, np.ndarray]], raw: Path, total_by
                 dt = time.perf_counter() - t0
                 print(f"\rencoded {end / 1e6:.1f}/{total_bytes / 1e6:.1f} MB  {end / 1e6 / dt:.1f} MB/s  "
                       f"{n_tokens:,} tokens", end="", file=sys.stderr)
-    if progress:
-        print(file=sys.stderr)
-    return n_tokens
-
-
-def _write_npy_from_raw(raw: Path, output_path: Path, dtype, n_tokens: int) -> None:
-    """output_path = a .npy header (format 1.0, a 1-D array of n_tokens of dtype) + the bytes of `raw`, written to a
-    temporary file and moved into place with os.replace, so output_path is complete or absent."""
-    tmp = output_path.with_name(output_path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as out, open(raw, "rb") as src:
-            np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                                       "fortran_order": False, "shape": (n_tokens,)})
-            shutil.copyfileobj(src, out, COPY_BUFFER)
-        os.replace(tmp, output_path)
+                shown = True
     finally:
-        tmp.unlink(missing_ok=True)
+        if shown:
+            print(file=sys.stderr)
+    return n_tokens
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -947,61 +977,103 @@ DATASETS = {
 BASE_URL_ENV = "CS336_DATA_URL"  # overrides the base URL (a mirror, or a local test server)
 DOWNLOAD_TIMEOUT_S = 60  # seconds a connect or a read may wait before the download counts as failed
 DOWNLOAD_BLOCK = 1 << 20  # bytes per read (1 MiB), and one progress update each
+COPY_BUFFER = 1 << 24  # bytes per read when decompressing a big file (16 MiB: few system calls, little memory)
 
 
-class DownloadError(RuntimeError):
+class DownloadError(EnvironmentFault):
     """A download failed or stopped: the network's or the server's fault, not the input's (cli.EXIT_ENVIRONMENT)."""
 
 
 def download(url: str, dest: Path, progress=True) -> Path:
-    """Download url to dest, resuming dest.part with an HTTP Range request if an earlier attempt was cut off."""
+    """Download url to dest, resuming dest.part with an HTTP Range request if an earlier attempt was cut off.
+    note: dest.part is kept when a download fails, whatever the cause (a dropped connection, a full disk): it is not
+    debris but the bytes fetched so far, and the next run asks the server only for the rest."""
     if dest.is_file():
         return dest
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.is_file() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    printed = False  # a progress line is open on stderr (end it before an error message)
     try:
-        with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            if have and response.status != HTTPStatus.PARTIAL_CONTENT:  # the server ignored the Range: start over
-                have = 0
-            total = have + int(response.headers.get("Content-Length") or 0)
-            with open(part, "ab" if have else "wb") as f:
-                done, t0 = have, time.perf_counter()
-                while block := response.read(DOWNLOAD_BLOCK):
-                    f.write(block)
-                    done += len(block)
-                    if progress:
-                        rate = (done - have) / 1e6 / max(time.perf_counter() - t0, 1e-9)
-                        print(f"\rdownloading {dest.name}: {done / 1e6:.1f}/{total / 1e6:.1f} MB  {rate:.1f} MB/s",
-                              end="", file=sys.stderr)
-                        printed = True
-            if printed:
-                print(file=sys.stderr)
-                printed = False
-            if total and done != total:
-                raise DownloadError(f"download of {url} stopped at {done} of {total} bytes; re-run to resume")
+        response = urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S)
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-        range_refused = isinstance(e, urllib.error.HTTPError) and e.code == HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE
-        if range_refused and have:  # nothing after byte `have`: the .part file is taken as complete
-            os.replace(part, dest)
+        if have and isinstance(e, urllib.error.HTTPError) and e.code == HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE:
+            os.replace(part, dest)  # nothing after byte `have`: the .part file is taken as complete
             return dest
-        if printed:
-            print(file=sys.stderr)
-        kept = f"; partial data kept in {part}, re-run to resume" if part.is_file() and part.stat().st_size else ""
-        raise DownloadError(f"download of {url} failed: {getattr(e, 'reason', e)}{kept}") from None
+        raise _download_failed(url, part, e) from None
+    with response:
+        if have and response.status != HTTPStatus.PARTIAL_CONTENT:  # the server ignored the Range: start over
+            have = 0
+        total = have + int(response.headers.get("Content-Length") or 0)
+        done = _save_body(response, url, part, have, total, progress)
+    if total and done != total:
+        raise DownloadError(f"download of {url} stopped at {done} of {total} bytes; re-run to resume")
     os.replace(part, dest)
     return dest
 
 
+def _save_body(response, url: str, part: Path, have: int, total: int, progress: bool) -> int:
+    """Write the body of `response` to `part`, after the `have` bytes already there; returns the bytes it then holds.
+    A failed read is a DownloadError, a failed write a cli.WriteFault, and `part` keeps what it got either way.
+    progress: one updating line on stderr, ended however the download ends."""
+    done, t0, shown = have, time.perf_counter(), False
+    try:
+        with _open_part(part, append=bool(have)) as f:
+            while block := _read_block(response, url, part):
+                f.write(block)
+                done += len(block)
+                if progress:
+                    rate = (done - have) / 1e6 / max(time.perf_counter() - t0, 1e-9)
+                    print(f"\rdownloading {part.name.removesuffix('.part')}: {done / 1e6:.1f}/{total / 1e6:.1f} MB  "
+                          f"{rate:.1f} MB/s", end="", file=sys.stderr)
+                    shown = True
+    except OSError as e:  # the disk's fault: _read_block turns the network's into a DownloadError
+        kept = part.stat().st_size if part.is_file() else done  # note: more than `done` after a short write
+        cause = describe_fault(e, part, needed=total - kept if total else None)
+        raise WriteFault(part, f"{cause}; the download so far is kept there, and a re-run resumes it") from None
+    finally:
+        if shown:
+            print(file=sys.stderr)
+    return done
+
+
+def _open_part(part: Path, append: bool):
+    """The one `open` of a download's .part file: a seam the fault-injection tests replace, as cli.open_for_write is
+    for every other file (which cannot serve here: it truncates, and a resumed download appends)."""
+    return open(part, "ab" if append else "wb")
+
+
+def _read_block(response, url: str, part: Path) -> bytes:
+    """The next block of a response's body, b"" at its end; the network's errors (a dropped connection, a timeout)
+    are a DownloadError."""
+    try:
+        return response.read(DOWNLOAD_BLOCK)
+    except (http.client.HTTPException, OSError) as e:
+        raise _download_failed(url, part, e) from None
+
+
+def _download_failed(url: str, part: Path, error: BaseException) -> DownloadError:
+    """The one line for a download that the network or the server broke off, saying whether it can resume."""
+    kept = f"; partial data kept in {part}, re-run to resume" if part.is_file() and part.stat().st_size else ""
+    return DownloadError(f"download of {url} failed: {getattr(error, 'reason', error)}{kept}")
+
+
 def gunzip(src: Path, dest: Path) -> Path:
-    """Decompress src into dest (via dest.tmp, so dest is complete or absent), then delete src."""
-    tmp = dest.with_name(dest.name + ".tmp")
-    with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
-        shutil.copyfileobj(fin, fout, COPY_BUFFER)
-    os.replace(tmp, dest)
+    """Decompress src into dest (through cli.atomic_file, so dest is complete or absent), then delete src."""
+    with gzip.open(src, "rb") as fin, atomic_file(dest) as fout:
+        while block := _read_gzip_block(fin, src):
+            fout.write(block)
     src.unlink()
     return dest
+
+
+def _read_gzip_block(fin, src: Path) -> bytes:
+    """The next block of decompressed data; a corrupt or cut-off src is a BadInputError naming it (not an OSError,
+    which atomic_file would report as a fault of the file being written)."""
+    try:
+        return fin.read(COPY_BUFFER)
+    except (OSError, EOFError, zlib.error) as e:
+        raise BadInputError(f"{src} is not a complete gzip file ({e}); delete it and re-run to download it "
+                            f"again") from None
 
 
 def prepare(name: str, out_dir, base_url=None, vocab_size=None, num_workers=None, progress=True) -> dict:
@@ -1103,7 +1175,7 @@ def main(argv=None) -> int:
         parser.error("--workers must be at least 1")
     try:
         args.command_fn(args)
-    except DownloadError as e:  # not the user's input
+    except EnvironmentFault as e:  # not the user's input: a failed write (a full disk), a failed download
         print(f"bpe.py: error: {e}", file=sys.stderr)
         return EXIT_ENVIRONMENT
     except (ValueError, OSError) as e:  # bad input: missing/unreadable files, bad arguments, bad file contents

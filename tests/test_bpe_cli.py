@@ -2,7 +2,9 @@
 produce, with any number of workers; every bad input exits with code 2 (cli.EXIT_BAD_INPUT) and one `bpe.py: error:`
 line, no traceback, nothing half-written; `prepare` downloads from an HTTP server on 127.0.0.1 started here (plain
 and gzipped files, a cut-off download resumed with an HTTP Range request, a failed download reported with exit code 1,
-cli.EXIT_ENVIRONMENT), trains, and encodes both splits.
+cli.EXIT_ENVIRONMENT), trains, and encodes both splits. In process (bpe.main): a write of the download's .part that
+fails part-way (a fake writer from test_faults_bpe.py, and a real 16 KiB tmpfs where root may mount one) is one line
+naming the .part and the cause, exit code 1, the .part kept; a re-run resumes it with a Range request.
 
 Run: python -m pytest tests/test_bpe_cli.py (~10 s on 2 cores). This file has no slow tests; `python -m pytest -m slow`
 runs the project's slow end-to-end checks, which the default run skips.
@@ -20,6 +22,7 @@ import numpy as np
 import pytest
 
 import bpe
+from test_faults_bpe import FAULTS, FailingFile, tmpfs  # noqa: F401 (tmpfs is a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 EOT = "<|endoftext|>"
@@ -187,3 +190,55 @@ def test_prepare_failed_download(tmp_path, server):
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     r = run("prepare", "tinystories", "--out", tmp_path / "ts", "--base-url", "http://127.0.0.1:9/")
     assert r.returncode == 1 and "download of" in r.stderr and "failed" in r.stderr
+
+
+def prepare_in_process(out: Path, url: str, capsys):
+    rc = bpe.main(["prepare", "tinystories", "--out", str(out), "--base-url", url, "--vocab-size", "300",
+                   "--workers", "1"])
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("err, cause", FAULTS)
+def test_prepare_resumes_a_download_stopped_by_a_write_fault(tmp_path, server, monkeypatch, capsys, err, cause):
+    """The .part write fails 10,000 bytes in: one line naming the .part and the cause, exit code 1, the .part kept
+    (it is how the download resumes); the next run asks only for the rest and ends with the whole file."""
+    srv, url = server
+    name = "TinyStoriesV2-GPT4-train.txt"
+    monkeypatch.setattr(bpe, "DOWNLOAD_BLOCK", 4096)  # several writes, so some bytes are in before the fault
+    real_open_part = bpe._open_part
+    monkeypatch.setattr(bpe, "_open_part", lambda part, append: FailingFile(real_open_part(part, append), 10_000, err))
+    out = tmp_path / "ts"
+    rc, stderr = prepare_in_process(out, url, capsys)
+    part = out / (name + ".part")
+    assert rc == 1
+    assert stderr.splitlines()[-1] == (f"bpe.py: error: cannot write {part}: {cause}; the download so far is kept "
+                                       f"there, and a re-run resumes it"), stderr
+    assert len(stderr.strip().split("\n")) == 2 and "Traceback" not in stderr  # the progress line (ended), the error
+    have = part.stat().st_size
+    assert 0 < have < len(srv.files[name]) and part.read_bytes() == srv.files[name][:have]
+
+    monkeypatch.setattr(bpe, "_open_part", real_open_part)  # the disk has room again
+    rc, stderr = prepare_in_process(out, url, capsys)
+    assert rc == 0, stderr
+    assert srv.ranges == [f"bytes={have}-"]  # resumed where it stopped
+    assert (out / name).read_bytes() == srv.files[name]
+    check_prepared(out, corpus(1, 200), corpus(2))
+
+
+def test_prepare_download_fills_a_real_tmpfs_then_resumes(server, tmpfs, capsys):
+    """A real full disk: a 16 KiB tmpfs cannot hold the ~25 kB train split; grown to 2 MiB, the same prepare resumes
+    from the .part and finishes."""
+    srv, url = server
+    out = tmpfs("16k")
+    rc, stderr = prepare_in_process(out, url, capsys)
+    part = out / "TinyStoriesV2-GPT4-train.txt.part"
+    assert rc == 1
+    assert stderr.splitlines()[-1].startswith(f"bpe.py: error: cannot write {part}: no space left on device: "), stderr
+    assert "needed" in stderr and "the download so far is kept there" in stderr
+    have = part.stat().st_size
+    assert 0 < have < len(srv.files["TinyStoriesV2-GPT4-train.txt"])
+    subprocess.run(["mount", "-o", "remount,size=2m", str(out)], check=True)
+    rc, stderr = prepare_in_process(out, url, capsys)
+    assert rc == 0, stderr
+    assert srv.ranges == [f"bytes={have}-"]
+    check_prepared(out, corpus(1, 200), corpus(2))
