@@ -623,8 +623,7 @@ def write_text_files(files: dict) -> None:
             f.write(data)
             # subtle: flush and fsync here, not only in atomic_file's exit, so that a full disk or an I/O error shows
             # while no file has been replaced yet (a failure in the first exit would come after the last's replace).
-            f.flush()
-            os.fsync(f.fileno())
+            f.sync()
 
 
 def tokenizer_file_texts(vocab: dict[int, bytes], merges: list) -> tuple[str, str]:

@@ -106,44 +106,58 @@ def atomic_file(path, needed: int | None = None):
     """`with atomic_file(path) as f: f.write(...)`: binary file `path`, all or nothing (see the banner above).
 
     needed: the expected size in bytes, if known; the write is refused up front when it will not fit, and a
-    failure is then explained with the space needed and free. Failures raise WriteFault (exit code 1 in a CLI)."""
+    failure is then explained with the space needed and free. A failure of the file itself (open, a write, flush,
+    fsync, the rename) raises WriteFault (exit code 1 in a CLI); any other error of the `with` body (say, the
+    producer of the bytes failing) propagates unchanged. Either way the temporary file is removed."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    recorder = None
+    recorder, in_body = None, False
     try:
         problem = space_problem(path, needed)
         if problem:
             raise WriteFault(path, problem)
         with open_for_write(tmp) as f:
-            recorder = _RecordingFile(f)
+            recorder, in_body = _RecordingFile(f), True
             yield recorder
-            f.flush()
-            os.fsync(f.fileno())
+            in_body = False
+            recorder.sync()
         os.replace(tmp, path)
     except BaseException as e:  # an error, or a second Ctrl-C: leave no partial file behind
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, WriteFault):
-            cause = recorder.error if recorder is not None and recorder.error is not None else e
-            raise WriteFault(path, describe_fault(cause, path, needed)) from e
-        raise
+        file_failed = recorder is not None and recorder.error is not None
+        if isinstance(e, WriteFault) or not isinstance(e, (OSError, RuntimeError)) or (in_body and not file_failed):
+            raise
+        raise WriteFault(path, describe_fault(recorder.error if file_failed else e, path, needed)) from e
 
 
 class _RecordingFile:
-    """A file being written, remembering the OSError of a failed write: torch.save swallows it and raises a
-    RuntimeError ("unexpected pos") instead, and the errno says more (ENOSPC, EIO) than that does."""
+    """A file being written, remembering the OSError of a failed write, flush or fsync: torch.save swallows the
+    error of a short write and raises a RuntimeError ("unexpected pos") instead, and the errno (ENOSPC, EIO) says
+    more; it also tells a failure of the file apart from a failure of whatever produces the bytes."""
 
     def __init__(self, file):
         self.file, self.error = file, None
 
-    def write(self, data):
+    def _recorded(self, operation, *args):
         try:
-            return self.file.write(data)
+            return operation(*args)
         except OSError as e:
             self.error = e
             raise
 
-    def __getattr__(self, name):  # flush, fileno, tell, seek, ...: the real file's
+    def write(self, data):
+        return self._recorded(self.file.write, data)
+
+    def flush(self):
+        return self._recorded(self.file.flush)
+
+    def sync(self):
+        """Flush and fsync now: the data is on disk (or the fault shows) before anything is replaced."""
+        self.flush()
+        self._recorded(os.fsync, self.file.fileno())
+
+    def __getattr__(self, name):  # fileno, tell, seek, ...: the real file's
         return getattr(self.file, name)
 
 

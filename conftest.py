@@ -1,6 +1,9 @@
-"""Root conftest: makes the top-level scripts importable as modules (`import bpe`, `from model import ...`)
-and offers fixtures for the optional data beside the project (../shared), which a fresh clone does not have."""
+"""Root conftest: makes the top-level scripts importable as modules (`import bpe`, `from model import ...`),
+offers fixtures for the optional data beside the project (../shared), which a fresh clone does not have, and the
+fault-injection tools: FailingFile, `fail_writes` (writes that fail with ENOSPC/EIO part-way) and `tmpfs` (a real
+small disk, root on Linux only)."""
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,19 +33,22 @@ def gpt2_files(shared_dir) -> tuple[Path, Path]:
 
 
 class FailingFile:
-    """A file being written whose writes fail with OSError(errno) once `limit` bytes have gone through: a disk that
-    fills up (ENOSPC) or fails (EIO) in the middle of a write."""
+    """A file being written whose writes fail with OSError(err) once `limit` bytes have gone through; the bytes up to
+    the limit still reach the file, as on a disk that fills up in the middle of a write."""
 
     def __init__(self, file, limit: int, err: int):
         self.file, self.limit, self.err, self.written = file, limit, err, 0
 
     def write(self, data):
-        if self.written + len(data) > self.limit:
+        room = max(self.limit - self.written, 0)
+        if len(data) > room:
+            self.file.write(data[:room])
+            self.written = self.limit
             raise OSError(self.err, os.strerror(self.err))
         self.written += len(data)
         return self.file.write(data)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # seek, flush, fileno, ...: the real file's
         return getattr(self.file, name)
 
     def __enter__(self):
@@ -63,20 +69,39 @@ def fail_writes(monkeypatch):
     def install(err: int, after_bytes: int = 0, name_contains: str = ""):
         real_write, real_append = cli.open_for_write, cli.open_for_append
 
-        def open_for_write(path):
-            if name_contains not in Path(path).name:
-                return real_write(path)
-            broken.append(Path(path))
-            return FailingFile(open(path, "wb"), after_bytes, err)
+        def failing(real_open):
+            def open_file(path):
+                if name_contains not in Path(path).name:
+                    return real_open(path)
+                broken.append(Path(path))
+                return FailingFile(real_open(path), after_bytes, err)
+            return open_file
 
-        def open_for_append(path):
-            if name_contains not in Path(path).name:
-                return real_append(path)
-            broken.append(Path(path))
-            return FailingFile(open(path, "a"), after_bytes, err)
-
-        monkeypatch.setattr(cli, "open_for_write", open_for_write)
-        monkeypatch.setattr(cli, "open_for_append", open_for_append)
+        monkeypatch.setattr(cli, "open_for_write", failing(real_write))
+        monkeypatch.setattr(cli, "open_for_append", failing(real_append))
         return broken
 
     return install
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size) -> a directory on a fresh tmpfs of that size ("2m"); unmounted afterwards. Root on Linux only:
+    skips where mounting is not allowed (most containers, every other OS)."""
+    mounted = []
+
+    def mount(size: str) -> Path:
+        if sys.platform != "linux" or os.geteuid() != 0:
+            pytest.skip("a real tmpfs needs root on Linux")
+        d = tmp_path / f"tmpfs{len(mounted)}"
+        d.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True,
+                           text=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        mounted.append(d)
+        return d
+
+    yield mount
+    for d in mounted:
+        subprocess.run(["umount", str(d)], check=True)

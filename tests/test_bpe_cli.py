@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 import bpe
-from test_faults_bpe import FAULTS, FailingFile, tmpfs  # noqa: F401 (tmpfs is a fixture)
+from conftest import FailingFile
+from test_faults_bpe import FAULTS
 
 ROOT = Path(__file__).resolve().parent.parent
 EOT = "<|endoftext|>"

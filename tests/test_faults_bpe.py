@@ -20,8 +20,6 @@ import io
 import os
 import random
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,76 +30,6 @@ import cli
 
 EOT = "<|endoftext|>"
 FAULTS = [(errno.ENOSPC, "no space left on device"), (errno.EIO, "input/output error")]
-
-
-class FailingFile:
-    """A file being written whose writes fail with OSError(err) once `limit` bytes have gone through; the bytes up to
-    the limit still reach the file, as on a disk that fills up in the middle of a write."""
-
-    def __init__(self, file, limit: int, err: int):
-        self.file, self.limit, self.err, self.written = file, limit, err, 0
-
-    def write(self, data):
-        room = max(self.limit - self.written, 0)
-        if len(data) > room:
-            self.file.write(data[:room])
-            self.written = self.limit
-            raise OSError(self.err, os.strerror(self.err))
-        self.written += len(data)
-        return self.file.write(data)
-
-    def __getattr__(self, name):  # seek, flush, fileno, ...: the real file's
-        return getattr(self.file, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.file.close()
-
-
-@pytest.fixture
-def fail_writes(monkeypatch):
-    """fail_writes(err, after_bytes, name_contains=""): from now on, files written through cli.atomic_file whose name
-    contains `name_contains` fail with OSError(err) after `after_bytes` bytes. Returns the list of paths it broke."""
-    broken = []
-
-    def install(err: int, after_bytes: int = 0, name_contains: str = ""):
-        real_open = cli.open_for_write
-
-        def open_for_write(path):
-            if name_contains not in Path(path).name:
-                return real_open(path)
-            broken.append(Path(path))
-            return FailingFile(real_open(path), after_bytes, err)
-
-        monkeypatch.setattr(cli, "open_for_write", open_for_write)
-        return broken
-
-    return install
-
-
-@pytest.fixture
-def tmpfs(tmp_path):
-    """mount(size) -> a directory on a fresh tmpfs of that size ("2m"); unmounted afterwards. Root on Linux only:
-    skips where mounting is not allowed (most containers, every other OS)."""
-    mounted = []
-
-    def mount(size: str) -> Path:
-        if sys.platform != "linux" or os.geteuid() != 0:
-            pytest.skip("a real tmpfs needs root on Linux")
-        d = tmp_path / f"tmpfs{len(mounted)}"
-        d.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True,
-                           text=True)
-        if r.returncode:
-            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-        mounted.append(d)
-        return d
-
-    yield mount
-    for d in mounted:
-        subprocess.run(["umount", str(d)], check=True)
 
 
 def debris(directory) -> list[str]:

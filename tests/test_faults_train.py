@@ -20,7 +20,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -213,24 +212,9 @@ def test_a_failing_log_stops_the_run_when_checkpoints_cannot_be_written_either(d
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 20 MiB tmpfs mounted at tmp_path/disk, or skip (needs root on Linux and the right to mount)."""
-    if sys.platform != "linux" or os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root on Linux")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(disk)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
-
-
-def test_disk_full_on_a_real_tmpfs(data_dir, small_disk, capsys):
-    out = small_disk / "run"
+def test_disk_full_on_a_real_tmpfs(data_dir, tmpfs, capsys):
+    disk = tmpfs("20m")
+    out = disk / "run"
     demo_size = ["--vocab-size", "1024", "--context-length", "128", "--d-model", "128", "--num-layers", "4",
                  "--num-heads", "4", "--d-ff", "344", "--batch-size", "2", "--peak-flops", "0", "--device", "cpu",
                  "--eval-iters", "1", "--log-interval", "1", "--warmup-iters", "1"]
@@ -244,7 +228,7 @@ def test_disk_full_on_a_real_tmpfs(data_dir, small_disk, capsys):
     assert "free; free space, then `python train.py --resume" in lines[1] and "continues from step 2" in lines[1]
     assert debris(out) == [] and not (out / "best.pt").exists()
     assert torch.load(out / "last.pt", weights_only=True)["iteration"] == 2
-    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)  # space freed
+    subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)  # space freed
     assert run_main(["--resume", out], capsys)[0] == 0
     assert torch.load(out / "last.pt", weights_only=True)["iteration"] == 4 and debris(out) == []
 

@@ -8,8 +8,6 @@ single process, per-rank bytes halved, losses equal to one process).
 import dataclasses
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np

@@ -182,7 +182,7 @@ def test_atomic_save_survives_a_crash_mid_write(tmp_path, monkeypatch):
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(torch, "save", torn_save)
-    with pytest.raises(OSError, match=r"cannot write .*last\.pt: disk full \(simulated\)"):
+    with pytest.raises(OSError, match="simulated"):  # an error of the producer, not the file: unchanged
         train.save_checkpoint(model, opt, 2, path)
     assert path.read_bytes() == before  # the old checkpoint is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # and the torn temporary file is gone
