@@ -218,7 +218,9 @@ def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float, eps: f
     # min(1, max_norm / (‖g‖ + eps)) as a tensor: always multiplying avoids a data-dependent branch (and a sync).
     scale = (max_norm / (total_norm + eps)).clamp(max=1.0)
     torch._foreach_mul_(grads, scale.to(grads[0].dtype))
-    return total_norm
+    # FSDP-sharded gradients are DTensors, and so is everything computed from them above, the norm included (summed
+    # over the ranks' shards by DTensor itself); hand back a plain tensor, the same on every rank.
+    return total_norm.full_tensor() if hasattr(total_norm, "full_tensor") else total_norm
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -197,23 +197,27 @@ def save_checkpoint(model, optimizer, iteration: int, out, *, tokenizer_dir: str
     mid-write leaves the previous checkpoint intact, never a torn one. A checkpoint that will not fit on the disk is
     refused before any byte is written; any failure (a full disk, an I/O error, a second Ctrl-C) removes out.tmp and
     raises cli.WriteFault naming the file and the cause."""
-    ckpt = checkpoint_dict(model, optimizer, iteration, tokenizer_dir=tokenizer_dir, **extra)
+    model = unwrap(model)
+    write_checkpoint_file(checkpoint_dict(model.state_dict(), optimizer.state_dict() if optimizer is not None else None,
+                                          iteration, getattr(model, "config", None), tokenizer_dir, **extra), out)
+
+
+def checkpoint_dict(model_state: dict, optimizer_state: dict | None, iteration: int, model_config=None,
+                    tokenizer_dir: str | None = None, **extra) -> dict:
+    """What a checkpoint holds (see the banner): state dicts, the iteration, model config, tokenizer and `extra`."""
+    ckpt = {"model": model_state, "optimizer": optimizer_state, "iteration": int(iteration),
+            "tokenizer_dir": tokenizer_dir}
+    if model_config is not None:
+        ckpt["model_config"] = dataclasses.asdict(model_config)
+    return ckpt | extra
+
+
+def write_checkpoint_file(ckpt: dict, out) -> None:
     if not isinstance(out, (str, os.PathLike)):
         torch.save(ckpt, out)
         return
     with atomic_file(out, needed=checkpoint_bytes(ckpt)) as f:
         torch.save(ckpt, f)
-
-
-def checkpoint_dict(model, optimizer, iteration: int, *, tokenizer_dir: str | None = None, **extra) -> dict:
-    """What a checkpoint holds (see the banner): state dicts, the iteration, model config, tokenizer and `extra`."""
-    model = unwrap(model)
-    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "iteration": int(iteration), "tokenizer_dir": tokenizer_dir}
-    if hasattr(model, "config"):
-        ckpt["model_config"] = dataclasses.asdict(model.config)
-    ckpt.update(extra)
-    return ckpt
 
 
 def checkpoint_bytes(ckpt) -> int:
@@ -376,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     a("--activation-checkpointing", action=argparse.BooleanOptionalAction,
       help="recompute each block's activations in backward instead of keeping them (less memory, ~1/3 more compute)")
+    a("--fsdp", action=argparse.BooleanOptionalAction,
+      help="under torchrun: shard parameters, gradients and AdamW state over the ranks (FSDP2) instead of DDP")
     a("--peak-flops", type=float, help="MFU denominator in FLOP/s per device (default: published GPU peak, or a "
                                        "measured matmul on CPU; 0 = no MFU)")
     for action in p._actions:  # show DEFAULTS in --help (the parser itself has none: see argument_default)
@@ -473,6 +479,9 @@ def check_args(args: dict, world_size: int) -> None:
         raise BadInputError(f"--grad-clip must be >= 0 (0 = no clipping), got {args['grad_clip']}")
     if not args["lr"] > 0 or args["min_lr"] < 0 or args["min_lr"] > args["lr"]:
         raise BadInputError(f"need 0 <= --min-lr ({args['min_lr']}) <= --lr ({args['lr']}) and --lr > 0")
+    if args["fsdp"] and "LOCAL_RANK" not in os.environ:
+        raise BadInputError("--fsdp shards over the processes torchrun starts: run it as `torchrun --nproc_per_node N "
+                            "train.py ... --fsdp` (or pass --no-fsdp, e.g. to resume an FSDP run in one process)")
     if args["data"] is None:
         raise BadInputError("--data is required: a .npy of token ids or a `bpe.py prepare` directory "
                             "(or run `python train.py` with no arguments for the offline demo)")
@@ -659,14 +668,15 @@ def setup_run(given: dict, ckpt: dict | None) -> Run:
                             f"--overwrite / a new --out")
     micro = args["batch_size"] // (args["grad_accum"] * world_size)
     val_starts = eval_starts(len(val_data), cfg.context_length, args["eval_iters"] * micro * world_size)
-    if world_size > 1:
+    if world_size > 1 or args["fsdp"]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")  # CUDA extra: TF32 tensor cores for the fp32 matmuls
     # CUDA extra (and CPU with --dtype bf16/fp16): matmuls in 16 bits, reductions and weights stay fp32.
+    # (Under FSDP the MixedPrecisionPolicy casts instead: see shard_model.)
     autocast = torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(args["dtype"]),
-                              enabled=args["dtype"] in AUTOCAST_DTYPES)
+                              enabled=args["dtype"] in AUTOCAST_DTYPES and not args["fsdp"])
     peak = peak_flops(args, device, world_size) if rank == 0 else None
     if rank == 0:
         print(f"precision: {args['dtype']} ({dtype_reason})")
@@ -674,12 +684,16 @@ def setup_run(given: dict, ckpt: dict | None) -> Run:
 
 
 def build_trainer(run: Run, ckpt: dict | None) -> tuple[Trainer, Progress]:
-    """Model, optimizer, batch stream and loss scaler; the checkpoint's state over them when resuming; then the
-    wrappers (activation checkpointing, torch.compile, DDP)."""
+    """Model, optimizer, batch stream and loss scaler, with the checkpoint's state over them when resuming."""
     args = run.args
     torch.manual_seed(args["seed"])
     model = TransformerLM(**dataclasses.asdict(run.cfg), device=run.device)
     model.checkpoint_blocks = args["activation_checkpointing"]  # recompute block activations in backward
+    if ckpt is not None:
+        load_checkpoint(ckpt, model)  # before sharding: fully_shard keeps (and splits) the loaded values
+    if args["fsdp"]:
+        shard_model(model, run)
+    # over the shards under FSDP, so AdamW's m and v (zeros_like each parameter) are sharded the same way
     optimizer = AdamW(model.parameters(), lr=args["lr"], betas=(args["beta1"], args["beta2"]),
                       weight_decay=args["weight_decay"], foreach=True)  # the fused path
     batches = torch.Generator().manual_seed(args["seed"])  # same on every rank: see get_batch
@@ -689,17 +703,24 @@ def build_trainer(run: Run, ckpt: dict | None) -> tuple[Trainer, Progress]:
     scaler = torch.amp.GradScaler(run.device.type, init_scale=FP16_INITIAL_SCALE, enabled=args["dtype"] == "fp16")
     progress = Progress()
     if ckpt is not None:
-        load_checkpoint(ckpt, model, optimizer)
+        load_optimizer_state(run, model, optimizer, ckpt["optimizer"])
         set_rng_state(ckpt["rng"], batches)
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         progress = Progress.from_checkpoint(ckpt)
-    forward = torch.compile(model) if args["compile"] else model  # CUDA extra: fused kernels, fewer launches
-    train_model = forward
-    if run.world_size > 1:  # gradients all-reduced (averaged) across ranks during backward
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            forward, device_ids=[run.device.index] if run.device.type == "cuda" else None, broadcast_buffers=False)
+    forward, train_model = wrap_model(model, run)
     return Trainer(model, forward, train_model, optimizer, batches, scaler), progress
+
+
+def wrap_model(model: TransformerLM, run: Run) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(what evaluation runs, what training runs): torch.compile, then DDP under torchrun (FSDP is already in the
+    model's own modules, so it needs no wrapper)."""
+    forward = torch.compile(model) if run.args["compile"] else model  # CUDA extra: fused kernels, fewer launches
+    if run.world_size == 1 or run.args["fsdp"]:
+        return forward, forward
+    # DDP: gradients all-reduced (averaged) across ranks during backward
+    return forward, torch.nn.parallel.DistributedDataParallel(
+        forward, device_ids=[run.device.index] if run.device.type == "cuda" else None, broadcast_buffers=False)
 
 
 FP16_INITIAL_SCALE = 2.0**16  # torch's default; the scaler halves it at each overflow and doubles it every 2,000 steps
@@ -722,7 +743,8 @@ def open_run_dir(run: Run, progress: Progress, model: TransformerLM, resumed: bo
     n_params = sum(p.numel() for p in model.parameters())
     a = run.args
     print(f"{'resuming' if resumed else 'training'} {n_params / 1e6:.2f}M params on {run.device} ({a['dtype']}"
-          f"{', compiled' if a['compile'] else ''}, {run.world_size} rank(s)) from step {progress.step} to "
+          f"{', compiled' if a['compile'] else ''}{', FSDP' if a['fsdp'] else ''}, {run.world_size} rank(s)) from step "
+          f"{progress.step} to "
           f"{a['max_iters']}; {run.tokens_per_step:,} tokens/step; run dir {run.out}")
 
 
@@ -778,6 +800,70 @@ def format_row(row: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# FSDP2 (--fsdp): parameters, gradients and AdamW state sharded over the ranks
+# ---------------------------------------------------------------------------------------------------------------
+# DDP keeps a full copy of the model, its gradients and AdamW's two moments on every GPU: 16 bytes per parameter in
+# fp32 (34 GB for GPT-2 XL) before any activation. FSDP2 (torch.distributed.fsdp.fully_shard) splits every parameter
+# along dim 0 over the N ranks, so each keeps 1/N of all of that. Before a unit's forward (and again for its
+# backward) its full parameters are all-gathered, and its gradients are reduce-scattered (averaged) after. Each
+# TransformerBlock is one unit, so only one block's full parameters exist at a time; the root unit holds the
+# embedding, the final norm and lm_head. Mixed precision comes from a MixedPrecisionPolicy (parameters cast to
+# bf16/fp16 for the compute, gradients reduced in fp32) instead of autocast. Checkpoints gather the full state to
+# rank 0, in the single-process layout, so last.pt is the same file either way: it resumes with or without FSDP and
+# on any number of ranks.
+
+
+def shard_model(model: TransformerLM, run: Run) -> None:
+    """fully_shard each block, then the root, over a 1-D mesh of all ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    # subtle: name the device type. The default mesh takes the accelerator's type even for gloo, and gloo on a GPU
+    # machine then crashes (pytorch/pytorch#132471).
+    mesh = init_device_mesh(run.device.type, (run.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=AUTOCAST_DTYPES.get(run.args["dtype"]), reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def full_state(run: Run, trainer: Trainer) -> tuple[dict, dict]:
+    """(model state dict, optimizer state dict) in the single-process layout. Under FSDP every rank must call this
+    (it all-gathers the shards); rank 0 gets the full tensors on the CPU, the others empty dicts."""
+    if not run.args["fsdp"]:
+        return trainer.model.state_dict(), trainer.optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(trainer.model, options=options)
+    optim_state = get_optimizer_state_dict(trainer.model, trainer.optimizer, options=options)
+    return model_state, (indexed_optimizer_state(optim_state) if run.master else {})
+
+
+def indexed_optimizer_state(state: dict) -> dict:
+    """torch.distributed's optimizer state keyed by parameter name -> torch.optim's, keyed by the parameter's index
+    in the optimizer (what optimizer.state_dict() gives in one process). named_optimizer_state is the inverse."""
+    index = {name: i for i, name in enumerate(name for g in state["param_groups"] for name in g["params"])}
+    return {"state": {index[name]: s for name, s in state["state"].items()},
+            "param_groups": [dict(g, params=[index[name] for name in g["params"]]) for g in state["param_groups"]]}
+
+
+def named_optimizer_state(state: dict, model: torch.nn.Module) -> dict:
+    names = [name for name, _ in model.named_parameters()]  # the optimizer's order: it was built from parameters()
+    return {"state": {names[i]: s for i, s in state["state"].items()},
+            "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in state["param_groups"]]}
+
+
+def load_optimizer_state(run: Run, model: torch.nn.Module, optimizer: AdamW, state: dict) -> None:
+    """A checkpoint's (single-process layout) optimizer state into the optimizer, sharding it under FSDP."""
+    if not run.args["fsdp"]:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, named_optimizer_state(state, model) if run.master else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The steps of the loop: train, log, evaluate, checkpoint, stop
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -789,10 +875,7 @@ def train_step(run: Run, trainer: Trainer, progress: Progress) -> torch.Tensor:
     for i in range(accum):
         x, y = get_batch(run.train_data, run.micro_batch, run.cfg.context_length, run.device, trainer.batches,
                          vocab_size=run.cfg.vocab_size, rank=run.rank, world_size=run.world_size)
-        # DDP: all-reduce gradients only on the last micro-batch of the step
-        last = i == accum - 1
-        sync = trainer.train.no_sync() if run.world_size > 1 and not last else contextlib.nullcontext()
-        with sync:
+        with gradient_sync(run, trainer, last=i == accum - 1):
             with run.autocast:
                 loss = cross_entropy(trainer.train(x), y)
             # / accum: the sum of micro-gradients is the mean over the batch; scale(): x the fp16 loss scale
@@ -806,6 +889,16 @@ def train_step(run: Run, trainer: Trainer, progress: Progress) -> torch.Tensor:
     trainer.scaler.update()
     trainer.optimizer.zero_grad(set_to_none=True)
     return grad_norm
+
+
+def gradient_sync(run: Run, trainer: Trainer, last: bool):
+    """Reduce gradients across ranks only in the backward of a step's last micro-batch: the earlier ones just add
+    to the local gradients (DDP's no_sync; FSDP's set_requires_gradient_sync)."""
+    if run.args["fsdp"]:
+        trainer.model.set_requires_gradient_sync(last)
+    elif run.world_size > 1 and not last:
+        return trainer.train.no_sync()
+    return contextlib.nullcontext()
 
 
 def check_finite(run: Run, progress: Progress, lr: float) -> None:
@@ -856,17 +949,21 @@ MAX_LOG_PERPLEXITY = 50  # exp(50) ≈ 5e21: far above any real perplexity (ln o
 
 def save_checkpoints(run: Run, trainer: Trainer, progress: Progress, *, last: bool, best: bool) -> None:
     """last.pt first (it is what --resume needs), then best.pt: a hard link to last.pt when both hold this step's
-    state (one serialisation, no extra disk), else a write of its own. Rank 0 writes; the state is the same on all.
-    A write fault stops the run (EnvironmentFault, exit code 1) with the previous checkpoints intact, saying how to
-    continue; a checkpoint that will not fit next time is warned about now, once."""
-    if run.master and (last or best):
+    state (one serialisation, no extra disk), else a write of its own. Rank 0 writes; the state is the same on all
+    (under FSDP every rank takes part in gathering it). A write fault stops the run (EnvironmentFault, exit code 1)
+    with the previous checkpoints intact, saying how to continue; a checkpoint that will not fit next time is
+    warned about now, once."""
+    if not (last or best):
+        return
+    state = full_state(run, trainer)
+    if run.master:
         try:
             if last:
-                write_checkpoint("last.pt", run, trainer, progress, last_saved_step=progress.step)
+                write_checkpoint("last.pt", run, trainer, state, progress, last_saved_step=progress.step)
             if best and last:
                 link_or_copy(run.out / "last.pt", run.out / "best.pt")
             elif best:
-                write_checkpoint("best.pt", run, trainer, progress, last_saved_step=progress.last_saved_step)
+                write_checkpoint("best.pt", run, trainer, state, progress, last_saved_step=progress.last_saved_step)
         except WriteFault as e:
             raise EnvironmentFault(f"{e}; {resume_hint(run, progress)}") from None
         warn_if_next_checkpoint_wont_fit(run, progress)
@@ -874,13 +971,15 @@ def save_checkpoints(run: Run, trainer: Trainer, progress: Progress, *, last: bo
         progress.last_saved_step = progress.step
 
 
-def write_checkpoint(name: str, run: Run, trainer: Trainer, progress: Progress, last_saved_step: int) -> None:
-    """Everything exact resume needs, to run.out/name."""
+def write_checkpoint(name: str, run: Run, trainer: Trainer, state: tuple[dict, dict], progress: Progress,
+                     last_saved_step: int) -> None:
+    """Everything exact resume needs, to run.out/name: model and optimizer state (full, unsharded), the flags, the
+    random streams, the fp16 scaler and the loop's bookkeeping."""
     plain_args = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in run.args.items()}
-    save_checkpoint(trainer.model, trainer.optimizer, progress.step, run.out / name,
-                    tokenizer_dir=run.args["tokenizer"], model_config=dataclasses.asdict(run.cfg),
-                    train_args=plain_args, rng=rng_state(trainer.batches), scaler=trainer.scaler.state_dict(),
-                    progress=progress.state_dict() | {"last_saved_step": last_saved_step})
+    ckpt = checkpoint_dict(*state, progress.step, run.cfg, run.args["tokenizer"], train_args=plain_args,
+                           rng=rng_state(trainer.batches), scaler=trainer.scaler.state_dict(),
+                           progress=progress.state_dict() | {"last_saved_step": last_saved_step})
+    write_checkpoint_file(ckpt, run.out / name)
     progress.checkpoint_size = (run.out / name).stat().st_size  # what the next one will need
 
 
@@ -917,9 +1016,11 @@ def warn_if_next_checkpoint_wont_fit(run: Run, progress: Progress) -> None:
 
 
 def expected_checkpoint_bytes(trainer: Trainer) -> int:
-    """Before the first checkpoint: the model's state dict plus AdamW's two moments per parameter."""
-    params = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
-    return checkpoint_bytes({"model": trainer.model.state_dict()}) + 2 * params
+    """Before the first checkpoint: every parameter three times (weights, AdamW's m and v), plus the buffers.
+    (numel() of an FSDP-sharded parameter is its full size: the checkpoint holds the full tensors.)"""
+    params, buffers = list(trainer.model.parameters()), list(trainer.model.buffers())
+    nbytes = 3 * sum(p.numel() * p.element_size() for p in params) + sum(b.numel() * b.element_size() for b in buffers)
+    return nbytes + CHECKPOINT_BYTES_PER_TENSOR * (3 * len(params) + len(buffers)) + CHECKPOINT_BYTES_FIXED
 
 
 class StopNow(KeyboardInterrupt):
@@ -967,8 +1068,12 @@ def loss_over_windows(model, data, starts, window: int, batch_size: int, device,
     sliding window with stride < window scores only the targets no earlier window scored (sample.py --eval).
     Ranks take every world_size-th batch and all-reduce the sums. The one evaluator: validation and --eval."""
     loss_sum, count = torch.zeros((), device=device), 0  # the sum stays on the device: no sync per batch
-    for i in range(rank * batch_size, len(starts), batch_size * world_size):
-        x, y = batch_at(data, starts[i:i + batch_size], window, device, vocab_size)   # (b, T), (b, T)
+    # Every rank runs the same number of forwards (FSDP's all-gathers need all of them): a rank past the end scores
+    # a repeat of the first window with weight 0.
+    rounds = -(-len(starts) // (batch_size * world_size))
+    for i in range(rank * batch_size, rounds * batch_size * world_size, batch_size * world_size):
+        chunk, weight = (starts[i:i + batch_size], 1) if i < len(starts) else (starts[:1], 0)
+        x, y = batch_at(data, chunk, window, device, vocab_size)                 # (b, T), (b, T)
         with autocast:
             logits = model(x)                                                       # (b, T, V)
             if scored is None or (scored[i:i + batch_size] == window).all():
@@ -977,8 +1082,8 @@ def loss_over_windows(model, data, starts, window: int, batch_size: int, device,
                 first = torch.as_tensor(window - scored[i:i + batch_size], device=device)[:, None]  # (b, 1)
                 keep = torch.arange(window, device=device)[None, :] >= first                    # (b, T)
                 n, loss = int(scored[i:i + batch_size].sum()), cross_entropy(logits[keep], y[keep])  # (n, V), (n,)
-        loss_sum += loss.float() * n  # a mean over n targets back to their sum
-        count += n
+        loss_sum += loss.float() * n * weight  # a mean over n targets back to their sum
+        count += n * weight
     if world_size > 1:
         both = torch.stack([loss_sum, torch.tensor(float(count), device=device)])
         dist.all_reduce(both)
@@ -1061,7 +1166,7 @@ def train(args: dict, ckpt: dict | None = None) -> Path:
     finally:
         stop.restore()
         log.close()
-        if run.world_size > 1:
+        if dist.is_initialized():
             dist.destroy_process_group()
     return run.out
 

@@ -6,8 +6,12 @@ single process, per-rank bytes halved, losses equal to one process).
     python -m pytest -m slow tests/test_scale.py    # the slow ones (more torchrun processes)
 """
 import dataclasses
+import json
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -162,3 +166,100 @@ def test_activation_checkpointing_run_matches_the_plain_run(data_dir, tmp_path, 
         assert s1 == s2
         for a, b in ((l1, l2), (v1, v2)):
             assert (a is None and b is None) or abs(a - b) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FSDP2 with 2 gloo ranks on CPU
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def torchrun(nproc: int, *args, timeout=300):
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                           "--master_port", str(29500 + (os.getpid() + nproc) % 1000), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def python(*args):
+    done = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def assert_close_curves(a, b, tol=1e-5):
+    assert [s for s, *_ in a] == [s for s, *_ in b]
+    for (_, l1, v1), (_, l2, v2) in zip(a, b):
+        for x, y in ((l1, l2), (v1, v2)):
+            assert (x is None) == (y is None) and (x is None or abs(x - y) < tol), (a, b)
+
+
+TRAIN_PY = ROOT / "train.py"
+FSDP_COMMON = ["--max-iters", "12", "--cosine-cycle-iters", "12", "--eval-interval", "6", "--ckpt-interval", "6",
+               "--log-interval", "1", *TINY[:-4], "--eval-iters", "2", "--grad-accum", "2"]
+
+
+def test_fsdp_two_ranks_match_one_process_and_write_the_same_checkpoint(data_dir, tmp_path):
+    python(TRAIN_PY, "--data", data_dir, "--out", tmp_path / "one", *FSDP_COMMON)
+    out = torchrun(2, TRAIN_PY, "--data", data_dir, "--out", tmp_path / "fsdp", "--fsdp", *FSDP_COMMON).stdout
+    assert "FSDP, 2 rank(s)" in out
+    # same global batch, same update: only the order of float sums differs (as in the DDP test)
+    assert_close_curves(losses(tmp_path / "one"), losses(tmp_path / "fsdp"))
+    # last.pt is the file one process writes: same entries, keys, shapes and optimizer layout
+    one, sharded = (torch.load(tmp_path / r / "last.pt", weights_only=True) for r in ("one", "fsdp"))
+    assert sharded.keys() == one.keys() and sharded["model"].keys() == one["model"].keys()
+    for k in one["model"]:
+        torch.testing.assert_close(sharded["model"][k], one["model"][k], rtol=1e-4, atol=1e-6)
+    assert sharded["optimizer"]["param_groups"] == one["optimizer"]["param_groups"]
+    assert sharded["optimizer"]["state"].keys() == one["optimizer"]["state"].keys()
+    for i, s in one["optimizer"]["state"].items():
+        assert sharded["optimizer"]["state"][i]["step"] == s["step"]
+        torch.testing.assert_close(sharded["optimizer"]["state"][i]["v"], s["v"], rtol=1e-3, atol=1e-9)
+
+
+@pytest.mark.slow  # six more training processes
+def test_fsdp_and_single_process_checkpoints_resume_each_other(data_dir, tmp_path):
+    python(TRAIN_PY, "--data", data_dir, "--out", tmp_path / "ref", *FSDP_COMMON)
+    # 6 steps one way, then the other 6 the other way (the cosine is fixed at 12 steps, so the curve is one curve)
+    python(TRAIN_PY, "--data", data_dir, "--out", tmp_path / "a", *FSDP_COMMON, "--max-iters", 6)
+    torchrun(2, TRAIN_PY, "--resume", tmp_path / "a", "--fsdp", "--max-iters", 12)
+    torchrun(2, TRAIN_PY, "--data", data_dir, "--out", tmp_path / "b", "--fsdp", *FSDP_COMMON, "--max-iters", 6)
+    python(TRAIN_PY, "--resume", tmp_path / "b", "--no-fsdp", "--max-iters", 12)
+    for run in ("a", "b"):
+        assert_close_curves(losses(tmp_path / run), losses(tmp_path / "ref"))
+        assert max(s for s, *_ in losses(tmp_path / run)) == 12
+
+
+@pytest.mark.slow
+def test_fsdp_sigterm_then_resume_continues_the_curve(data_dir, tmp_path):
+    python(TRAIN_PY, "--data", data_dir, "--out", tmp_path / "ref", *FSDP_COMMON, "--max-iters", 40,
+           "--cosine-cycle-iters", 40)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29700 + os.getpid() % 200), str(TRAIN_PY), "--data", str(data_dir), "--out", str(tmp_path / "run"),
+           "--fsdp", *FSDP_COMMON, "--max-iters", "40", "--cosine-cycle-iters", "40"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    while not any(r["step"] >= 8 for r in log(tmp_path / "run")) and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks; they agree to stop at a log step
+    stdout, stderr = proc.communicate(timeout=120)
+    stopped = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["iteration"]
+    assert "SIGTERM: saved" in stdout and 8 <= stopped < 40, stderr[-2000:]
+    torchrun(2, TRAIN_PY, "--resume", tmp_path / "run")
+    assert_close_curves(losses(tmp_path / "run"), losses(tmp_path / "ref"))
+
+
+def test_fsdp_rank_holds_half_of_the_parameters_and_adamw_state(tmp_path):
+    config = dict(vocab_size=64, context_length=16, d_model=32, num_layers=2, num_heads=2, d_ff=64)
+    torchrun(2, ROOT / "tests" / "fsdp_bytes_worker.py", tmp_path, json.dumps(config))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    full = sum(p.numel() * 4 for p in TransformerLM(**config).parameters())  # fp32
+    for held in ranks:
+        assert held["params"] == held["grads"] == full // 2 and held["adamw_state"] == 2 * (full // 2)
+    # (every dim 0 here is even, so the halves are exact; in general a rank holds ceil(dim0 / N) rows)
+
+
+def test_fsdp_without_torchrun_is_one_line(data_dir, tmp_path, capsys):
+    rc = train.main(["--data", str(data_dir), "--out", str(tmp_path / "r"), "--fsdp", *TINY])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "torchrun --nproc_per_node N train.py ... --fsdp" in err
