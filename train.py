@@ -928,6 +928,8 @@ def log_row(run: Run, progress: Progress, lr: float, grad_norm: torch.Tensor) ->
         row["mfu"] = tokens_per_s * accounting.train_flops_per_token(run.cfg) / run.peak
     if run.args["dtype"] == "fp16":
         row["skipped_steps"] = int(progress.skipped_steps)  # since the run began
+    if run.device.type == "cuda":  # the most this process's tensors have held at once (accounting.py predicts it)
+        row["max_memory_gb"] = torch.cuda.max_memory_allocated(run.device) / 1e9
     progress.loss_sum.zero_()
     progress.last_log_step = progress.step
     return row

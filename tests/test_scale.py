@@ -263,3 +263,11 @@ def test_fsdp_without_torchrun_is_one_line(data_dir, tmp_path, capsys):
     rc = train.main(["--data", str(data_dir), "--out", str(tmp_path / "r"), "--fsdp", *TINY])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "torchrun --nproc_per_node N train.py ... --fsdp" in err
+
+
+@pytest.mark.slow  # torch.compile on CPU: ~30 s of compiling
+def test_fsdp_with_activation_checkpointing_and_compile_matches_one_process(data_dir, tmp_path):
+    python(TRAIN_PY, "--data", data_dir, "--out", tmp_path / "one", *FSDP_COMMON)
+    torchrun(2, TRAIN_PY, "--data", data_dir, "--out", tmp_path / "fsdp", "--fsdp", "--activation-checkpointing",
+             "--compile", *FSDP_COMMON, timeout=600)
+    assert_close_curves(losses(tmp_path / "one"), losses(tmp_path / "fsdp"), tol=1e-4)
