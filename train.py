@@ -2,16 +2,20 @@
 
 Random windows from a memory-mapped array of token ids (`get_batch`), the model from model.py, AdamW, the cosine
 schedule and gradient clipping from optim.py, evaluation on a fixed set of validation windows, a JSONL log,
-atomic checkpoints with exact resume, the CUDA extras (bf16 autocast, TF32, pinned memory, torch.compile), and
-DistributedDataParallel under torchrun. With no arguments it runs an offline demo of the whole stack.
+atomic checkpoints with exact resume (and a clean stop, never a torn file, when the disk fills), the CUDA extras
+(bf16 or fp16 autocast with a loss scaler, TF32, pinned memory, torch.compile), activation checkpointing, and
+DistributedDataParallel or FSDP2 sharding under torchrun. With no arguments it runs an offline demo of the whole
+stack.
 
-Layers (each imports only from those before it): bpe -> model, optim -> accounting -> train -> sample. This file
+Layers (each imports only from those before it): cli -> bpe -> model, optim -> accounting -> train -> sample. This file
 uses bpe (tokenizer directories), model, optim and accounting (the MFU formula and peaks); sample.py builds on its
 checkpoint reader, device picker and evaluator. The demo's last step, sampling, is the one import of sample.py here.
 
     python train.py                                        # offline demo: BPE -> encode -> train -> sample (~1 min, CPU)
     python train.py --data data/tinystories --preset ts17m --device cuda --out runs/ts17m
     torchrun --nproc_per_node 8 train.py --data data/owt --preset ts17m --batch-size 256 --compile
+    torchrun --nproc_per_node 8 train.py --data data/owt --d-model 1024 --num-layers 24 --num-heads 16 --d-ff 4096 \
+        --context-length 1024 --batch-size 256 --fsdp --activation-checkpointing   # a GPT-2 medium-size model, sharded
     python train.py --resume runs/ts17m                    # continue exactly where it stopped (Ctrl-C saves first)
     python train.py plot runs/a runs/b -o curves.png       # loss vs step and vs wall time
 """
