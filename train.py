@@ -270,6 +270,24 @@ def checkpoint_config(ckpt: dict, src) -> ModelConfig:
     return ModelConfig(**ckpt["model_config"])
 
 
+def checkpoint_tokenizer(ckpt: dict, tokenizer_dir, vocab_size: int) -> bpe.Tokenizer | None:
+    """--tokenizer DIR, else the directory the checkpoint names, else None (the model then works on ids only).
+    sample.py and train.py export read a checkpoint's tokenizer through here."""
+    source = "the tokenizer_dir argument (--tokenizer)" if tokenizer_dir is not None else "the checkpoint"
+    tokenizer_dir = tokenizer_dir if tokenizer_dir is not None else ckpt.get("tokenizer_dir")
+    if tokenizer_dir is None:
+        return None
+    tok_path = Path(tokenizer_dir)
+    if not ((tok_path / "vocab.json").is_file() and (tok_path / "merges.txt").is_file()):
+        raise BadInputError(f"tokenizer directory {tok_path} (named by {source}) has no vocab.json and "
+                            "merges.txt: pass --tokenizer DIR (a directory bpe.py train/prepare wrote)")
+    tokenizer = bpe.Tokenizer.from_dir(tok_path)
+    if tokenizer.vocab_size > vocab_size:
+        raise BadInputError(f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens but the model only "
+                            f"{vocab_size}: wrong --tokenizer for this checkpoint?")
+    return tokenizer
+
+
 def load_checkpoint(src, model, optimizer=None, *, name=None) -> int:
     """Restore model (and optimizer) state from `src` (path, file object or an already-loaded dict, whose file
     `name` gives); returns the iteration it was saved at. Weights that do not fit the model are a BadInputError
