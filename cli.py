@@ -13,6 +13,7 @@ tokenizer (or anything else: it needs only the standard library).
 import argparse
 import contextlib
 import errno
+import importlib
 import os
 import shutil
 from pathlib import Path
@@ -152,3 +153,17 @@ def atomic_write_text(path, text: str) -> None:
     data = text.encode("utf-8")
     with atomic_file(path, needed=len(data)) as f:
         f.write(data)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optional dependencies: imported only by the command that needs them
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def optional_import(module: str, package: str, needed_for: str):
+    """importlib.import_module(module), or a BadInputError (one line, exit 2) saying how to install `package`:
+    optional_import("safetensors.torch", "safetensors", "writing model.safetensors")."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise BadInputError(f"{needed_for} needs the {package} package: pip install {package}") from None

@@ -1,20 +1,33 @@
-"""Tests of the ecosystem formats, against the real libraries (dev dependencies; each test skips when its library is
-missing): tokenizers exported as Hugging Face tokenizer.json (read by `tokenizers.Tokenizer.from_file` and
-transformers' AutoTokenizer) and as a .tiktoken file (read by `tiktoken.Encoding`) give the ids of
-`bpe.Tokenizer.encode` and decode back, on texts with special tokens, 10,000 seeded random Unicode strings and, when
-../shared is present, kernel-docs-valid and tinyshakespeare; a tokenizer.json reads back into the same Tokenizer; and
-every tokenizer.json or merge order that cannot be reproduced is refused with a message that names it.
+"""Tests of sharing with the ecosystem, against the real libraries (dev dependencies; a test skips when its library
+is missing).
 
-    python -m pytest tests/test_hf.py      # ~1 min on 2 cores, most of it importing transformers
+Tokenizers: exported as Hugging Face tokenizer.json (read by `tokenizers.Tokenizer.from_file` and transformers'
+AutoTokenizer) and as a .tiktoken file (read by `tiktoken.Encoding`, also through the printed one-liner) they give the
+ids of `bpe.Tokenizer.encode` and decode back, on texts with special tokens, 10,000 seeded random Unicode strings and,
+when ../shared is present, kernel-docs-valid and tinyshakespeare; a tokenizer.json (ours, or as HF writes GPT-2's)
+reads back into the same Tokenizer.
+Models: `train.py export` gives transformers' AutoModelForCausalLM our logits (fp32, 1e-4; untied and tied heads, two
+rope thetas) and its greedy `generate` the ids of `sample.generate` at temperature 0; `train.py import` of a random
+LlamaForCausalLM (safetensors, .bin, shards, tied, bf16) gives its logits, and sample.py samples and evaluates it;
+export -> import -> export is bit for bit.
+Every refusal (ablations, GQA, biases, rope scaling, other activations/eps, non-byte-level tokenizers, missing
+packages and files) is tested by its one-line message.
+
+    python -m pytest tests/test_hf.py      # ~1 min on 2 cores, much of it importing transformers
 """
+import dataclasses
 import json
 import random
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import bpe
+import sample
+import train
+from model import ModelConfig, TransformerLM
 from test_bpe import PARITY_TEXTS, random_text, random_unicode
 
 EOT = bpe.END_OF_TEXT
@@ -210,3 +223,219 @@ def test_bpe_export_bad_input_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         bpe.main(["export", "--tokenizer", str(tmp_path), "--format", "sentencepiece", "--out", out])
     assert e.value.code == 2 and "invalid choice: 'sentencepiece'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models: train.py export -> transformers, transformers -> train.py import, and back
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    """A tokenizer directory (the small trained tokenizer), as bpe.py train writes it."""
+    d = tmp_path_factory.mktemp("tok")
+    trained_tokenizer(d).save_dir(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def hf():
+    pytest.importorskip("safetensors")
+    return pytest.importorskip("transformers")
+
+
+SMALL = dict(context_length=32, d_model=32, num_layers=2, num_heads=4, d_ff=48)
+
+
+def our_checkpoint(path, tok_dir, seed=0, **overrides) -> TransformerLM:
+    """A randomly initialised TransformerLM over tok_dir's vocab, saved as a train.py checkpoint at `path`."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=bpe.Tokenizer.from_dir(tok_dir).vocab_size, **{**SMALL, **overrides})
+    model = TransformerLM(**dataclasses.asdict(cfg)).eval()
+    train.save_checkpoint(model, None, 0, path, tokenizer_dir=str(tok_dir))
+    return model
+
+
+def random_ids(vocab_size, shape=(3, 32), seed=0):
+    return torch.randint(0, vocab_size, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("tie_embeddings", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("rope_theta", [10_000.0, 500_000.0])
+def test_exported_model_gives_our_logits_in_transformers(hf, tok_dir, tmp_path, tie_embeddings, rope_theta):
+    ours = our_checkpoint(tmp_path / "ckpt.pt", tok_dir, tie_embeddings=tie_embeddings, rope_theta=rope_theta)
+    assert train.main(["export", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "hf")]) == 0
+    theirs = hf.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert type(theirs).__name__ == "LlamaForCausalLM"
+    assert theirs.config.tie_word_embeddings == tie_embeddings and theirs.config.num_key_value_heads == 4
+    ids = random_ids(ours.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids), atol=1e-4, rtol=0)
+
+
+def test_hf_greedy_generate_yields_the_ids_of_sample_generate(hf, tok_dir, tmp_path):
+    ours = our_checkpoint(tmp_path / "ckpt.pt", tok_dir, seed=1)
+    train.main(["export", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "hf")])
+    theirs = hf.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    tok = hf.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    prompt = tok("Hello, world", return_tensors="pt").input_ids  # (1, T)
+    assert prompt[0].tolist() == bpe.Tokenizer.from_dir(tok_dir).encode("Hello, world")
+    eos = tok.eos_token_id
+    expected = sample.generate(ours, prompt[0].tolist(), 24, temperature=0, eos_id=eos).tolist()
+    got = theirs.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=eos)[0, prompt.shape[1]:]
+    assert got.tolist() == expected and len(expected) == 24, (got, expected)
+
+
+def hf_llama(hf, vocab_size, seed=0, **overrides):
+    """A randomly initialised transformers LlamaForCausalLM that model.py can represent (eps 1e-5, no GQA)."""
+    torch.manual_seed(seed)
+    config = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32, rms_norm_eps=1e-5,
+                  rope_theta=10_000.0, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None)
+    return hf.LlamaForCausalLM(hf.LlamaConfig(**{**config, **overrides})).eval()
+
+
+def save_hf_dir(model, tok_dir, path, weights="safetensors"):
+    """model.save_pretrained(path) plus our tokenizer as tokenizer.json; weights "bin" replaces model.safetensors
+    by pytorch_model.bin, "shards" saves several safetensors files and their index."""
+    model.save_pretrained(path, max_shard_size="20KB" if weights == "shards" else "50GB")
+    if weights == "bin":
+        (path / "model.safetensors").unlink()
+        torch.save(model.state_dict(), path / "pytorch_model.bin")
+    bpe.save_hf_tokenizer(bpe.Tokenizer.from_dir(tok_dir), path)
+    return path
+
+
+@pytest.mark.parametrize("weights, overrides", [("safetensors", {}), ("bin", {}), ("shards", {}),
+                                                ("safetensors", {"tie_word_embeddings": True}),
+                                                ("safetensors", {"rope_theta": 500_000.0}),
+                                                ("bfloat16", {})])
+def test_imported_hf_llama_gives_its_logits(hf, tok_dir, tmp_path, weights, overrides):
+    theirs = hf_llama(hf, 700, **overrides)
+    if weights == "bfloat16":  # the Hub's usual dtype; it converts to fp32 exactly
+        theirs = theirs.to(torch.bfloat16)
+    save_hf_dir(theirs, tok_dir, tmp_path / "hf", weights)
+    if weights == "shards":
+        assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 1
+    assert train.main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    ours, tok, _ = sample.load_model(tmp_path / "run" / "last.pt")
+    assert tok.vocab == bpe.Tokenizer.from_dir(tok_dir).vocab
+    ids = random_ids(700)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs.float()(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_export_import_export_round_trips_bit_for_bit(hf, tok_dir, tmp_path):
+    ours = our_checkpoint(tmp_path / "ckpt.pt", tok_dir, tie_embeddings=True)
+    assert train.main(["export", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "hf1")]) == 0
+    assert train.main(["import", str(tmp_path / "hf1"), "--out", str(tmp_path / "run")]) == 0
+    assert train.main(["export", str(tmp_path / "run" / "last.pt"), "--out", str(tmp_path / "hf2")]) == 0
+    files = sorted(p.name for p in (tmp_path / "hf1").iterdir())
+    assert files == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                     "tokenizer_config.json"]
+    assert files == sorted(p.name for p in (tmp_path / "hf2").iterdir())
+    for name in files:
+        assert (tmp_path / "hf1" / name).read_bytes() == (tmp_path / "hf2" / name).read_bytes(), name
+    imported = train.read_checkpoint(tmp_path / "run" / "last.pt")
+    assert imported["model_config"] == dataclasses.asdict(ours.config)
+    for key, value in ours.state_dict().items():
+        assert torch.equal(imported["model"][key], value), key
+
+
+def test_an_imported_run_samples_and_evaluates_with_sample_py(hf, tok_dir, tmp_path, capsys):
+    save_hf_dir(hf_llama(hf, 700), tok_dir, tmp_path / "hf")
+    train.main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")])
+    capsys.readouterr()
+    ckpt = str(tmp_path / "run" / "last.pt")
+    sample.main([ckpt, "--prompt", "Hello", "--max-new-tokens", "5", "--temperature", "0", "--device", "cpu"])
+    assert "5 new tokens" in capsys.readouterr().out
+    (tmp_path / "valid.txt").write_text(" ".join(PARITY_TEXTS) * 3, encoding="utf-8")
+    sample.main([ckpt, "--eval", str(tmp_path / "valid.txt"), "--device", "cpu"])
+    assert "perplexity" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What cannot be converted: one line each, exit code 2
+# ---------------------------------------------------------------------------------------------------------------------
+
+def one_line_error(capsys, argv) -> str:
+    """Run train.py with argv; it must exit 2 with one line on stderr, which is returned."""
+    capsys.readouterr()
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("train.py: error: "), err
+    return err
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"norm": "post"}, "cannot export norm='post': Hugging Face Llama always has pre-norm RMSNorm"),
+    ({"norm": "none"}, "cannot export norm='none'"),
+    ({"position": "nope"}, "cannot export position='nope': Hugging Face Llama always has RoPE"),
+    ({"ffn": "silu", "d_ff": 128}, "cannot export ffn='silu': Hugging Face Llama always has the gated SwiGLU FFN"),
+])
+def test_export_refuses_ablations_hf_llama_cannot_express(tok_dir, tmp_path, capsys, overrides, message):
+    our_checkpoint(tmp_path / "ckpt.pt", tok_dir, **overrides)
+    assert message in one_line_error(capsys, ["export", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "hf")])
+    assert not (tmp_path / "hf").exists()
+
+
+def test_export_without_a_tokenizer_or_safetensors_says_what_to_do(tok_dir, tmp_path, capsys, monkeypatch):
+    model = our_checkpoint(tmp_path / "ckpt.pt", tok_dir)
+    train.save_checkpoint(model, None, 0, tmp_path / "bare.pt")
+    argv = ["export", str(tmp_path / "bare.pt"), "--out", str(tmp_path / "hf")]
+    assert "names no tokenizer_dir: pass --tokenizer DIR" in one_line_error(capsys, argv)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # as if the package were not installed
+    argv = ["export", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "hf")]
+    assert "writing model.safetensors needs the safetensors package: pip install safetensors" in one_line_error(
+        capsys, argv)
+
+
+def set_json(path, **changes):
+    obj = json.loads(path.read_text())
+    obj.update(changes)
+    path.write_text(json.dumps(obj))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"num_key_value_heads": 2}, "grouped-query attention (num_key_value_heads 2 < num_attention_heads 4): model.py's "
+                                 "attention has one key/value head per query head"),
+    ({"attention_bias": True}, "attention_bias is true: model.py's Linear layers have no biases"),
+    ({"mlp_bias": True}, "mlp_bias is true: model.py's Linear layers have no biases"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope scaling 'linear'"),
+    ({"rope_scaling": None, "rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}},
+     "rope scaling 'llama3'"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not silu"),
+    ({"head_dim": 16}, "head_dim 16 is not hidden_size / num_attention_heads = 8"),
+    ({"rms_norm_eps": 1e-6}, "rms_norm_eps 1e-06 differs from model.py's RMSNorm eps 1e-05"),
+    ({"model_type": "mistral"}, "model_type 'mistral' is not 'llama'"),
+])
+def test_import_refuses_configs_model_py_cannot_represent(hf, tok_dir, tmp_path, capsys, changes, message):
+    src = save_hf_dir(hf_llama(hf, 700), tok_dir, tmp_path / "hf")
+    set_json(src / "config.json", **changes)
+    assert f"{src / 'config.json'}: {message}" in one_line_error(capsys, ["import", str(src), "--out",
+                                                                          str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_import_refuses_non_byte_level_tokenizers_and_biases(hf, tok_dir, tmp_path, capsys):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    src = save_hf_dir(hf_llama(hf, 700), tok_dir, tmp_path / "hf")
+    argv = ["import", str(src), "--out", str(tmp_path / "run")]
+    tokenizer_json = (src / "tokenizer.json").read_text()
+    set_json(src / "tokenizer.json", pre_tokenizer={"type": "Metaspace", "replacement": "▁"})
+    assert "tokenizer.json: not a byte-level tokenizer (pre-tokenizer Metaspace" in one_line_error(capsys, argv)
+    (src / "tokenizer.json").unlink()
+    (src / "tokenizer.model").write_bytes(b"sentencepiece")
+    assert "has a SentencePiece tokenizer.model: only a byte-level BPE tokenizer.json can be imported" in (
+        one_line_error(capsys, argv))
+    (src / "tokenizer.json").write_text(tokenizer_json)
+    tensors = safetensors_torch.load_file(src / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(32)
+    safetensors_torch.save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    assert "model.layers.0.self_attn.q_proj.bias is a bias (1 bias tensors)" in one_line_error(capsys, argv)
+    del tensors["model.layers.0.self_attn.q_proj.bias"], tensors["model.norm.weight"]
+    safetensors_torch.save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    assert "tensor 'model.norm.weight' is missing" in one_line_error(capsys, argv)
+    (src / "model.safetensors").unlink()
+    assert "has no model.safetensors or pytorch_model.bin" in one_line_error(capsys, argv)
+    assert "config.json does not exist" in one_line_error(capsys, ["import", str(tmp_path), "--out", str(tmp_path)])
+    assert not (tmp_path / "run").exists()
