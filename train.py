@@ -341,6 +341,7 @@ DEFAULTS = dict(
     batch_size=32, grad_accum=1, max_iters=5000, lr=1e-3, min_lr=1e-4, warmup_iters=100, cosine_cycle_iters=None,
     weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, eval_interval=500, eval_iters=20, log_interval=10,
     ckpt_interval=500, seed=0, device=None, dtype=None, compile=False, peak_flops=None, out=None, overwrite=False,
+    init_from=None,
 )
 
 
@@ -386,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ckpt-interval", type=int)
     a("--out", help="run directory (default runs/<date-time>)")
     a("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    a("--init-from", metavar="CKPT", help="a new run that starts from CKPT's weights (fresh optimizer, schedule and "
+                                          "step; the model config is CKPT's), e.g. to fine-tune an imported model")
     a("--overwrite", action=argparse.BooleanOptionalAction, help="start afresh in an --out that has a checkpoint")
     a("--config", metavar="FILE.json", help="defaults for any flag (keys are flag names); command line wins")
     a = p.add_argument_group("hardware").add_argument
@@ -437,9 +440,14 @@ def resolve_args(argv) -> tuple[dict, dict | None]:
     ckpt = None
     if given.get("resume"):
         run_dir = Path(given["resume"])
+        if given.get("init_from"):
+            raise BadInputError("--init-from starts a new run and --resume continues one: give only one of them")
         if not (run_dir / "last.pt").is_file():
             raise BadInputError(f"--resume {run_dir}: no checkpoint {run_dir / 'last.pt'} to resume from")
         ckpt = read_checkpoint(run_dir / "last.pt")
+        if "rng" not in ckpt:  # e.g. one that train.py import wrote
+            raise BadInputError(f"--resume {run_dir}: {run_dir / 'last.pt'} holds weights but no training state; "
+                                f"start a new run from it with --init-from {run_dir / 'last.pt'}")
         base = {k: v for k, v in ckpt.get("train_args", {}).items() if k in DEFAULTS and k not in MODEL_FLAGS}
         base["preset"] = None
         args = {**DEFAULTS, **base, **given, "out": str(run_dir)}
@@ -449,12 +457,15 @@ def resolve_args(argv) -> tuple[dict, dict | None]:
     return args, ckpt
 
 
-def resolve_model_config(args: dict, ckpt: dict | None, tokenizer_dir) -> ModelConfig:
-    """Preset (or ModelConfig()) + model flags; a resumed run must match its checkpoint's config."""
+def resolve_model_config(args: dict, ckpt: dict | None, tokenizer_dir, init: dict | None = None) -> ModelConfig:
+    """Preset (or ModelConfig()) + model flags; a resumed run must match its checkpoint's config, and an
+    --init-from run (`init`, the checkpoint it starts from) that checkpoint's."""
     if args["preset"] is not None and args["preset"] not in PRESETS:
         raise BadInputError(f"unknown preset {args['preset']!r}: choose one of {', '.join(PRESETS)}")
-    if ckpt is not None:
-        base = checkpoint_config(ckpt, f"{args['out']}/last.pt")
+    source = ckpt if ckpt is not None else init  # the checkpoint whose model this run continues, if any
+    where = f"{args['out']}/last.pt" if ckpt is not None else args["init_from"]
+    if source is not None:
+        base = checkpoint_config(source, where)
         if args["preset"] is not None:  # an explicit preset must agree with the checkpoint (vocab aside)
             base = dataclasses.replace(PRESETS[args["preset"]], vocab_size=base.vocab_size)
     else:
@@ -465,11 +476,12 @@ def resolve_model_config(args: dict, ckpt: dict | None, tokenizer_dir) -> ModelC
         cfg = base.with_overrides(**{name: args[name] for name in MODEL_FLAGS})
     except ValueError as e:
         raise BadInputError(str(e)) from None
-    if ckpt is not None and dataclasses.asdict(cfg) != ckpt["model_config"]:
-        diff = ", ".join(f"{k} {v} vs {getattr(cfg, k)}" for k, v in ckpt["model_config"].items()
+    if source is not None and dataclasses.asdict(cfg) != source["model_config"]:
+        diff = ", ".join(f"{k} {v} vs {getattr(cfg, k)}" for k, v in source["model_config"].items()
                          if getattr(cfg, k) != v)
-        raise BadInputError(f"checkpoint {args['out']}/last.pt has a different model config ({diff}): resume without "
-                            f"model flags, or start a new --out")
+        hint = ("resume without model flags, or start a new --out" if ckpt is not None else
+                "a run from --init-from has that checkpoint's model: drop the model flags")
+        raise BadInputError(f"checkpoint {where} has a different model config ({diff}): {hint}")
     return cfg
 
 
@@ -642,8 +654,10 @@ def setup_run(given: dict, ckpt: dict | None) -> Run:
     device = pick_device(args["device"], local_rank)
     args["dtype"] = args["dtype"] or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
     train_path, val_path, found_tokenizer = find_data(args["data"], args["val_data"])
-    args["tokenizer"] = args["tokenizer"] or (str(found_tokenizer.resolve()) if found_tokenizer else None)
-    cfg = resolve_model_config(args, ckpt, args["tokenizer"])
+    init = read_checkpoint(args["init_from"]) if ckpt is None and args["init_from"] else None
+    args["tokenizer"] = args["tokenizer"] or (init_tokenizer(init, found_tokenizer, args["init_from"]) if init else
+                                              str(found_tokenizer.resolve()) if found_tokenizer else None)
+    cfg = resolve_model_config(args, ckpt, args["tokenizer"], init)
     args.update({name: getattr(cfg, name) for name in MODEL_FLAGS})
     train_data, val_data = open_data(train_path, val_path, cfg.context_length)
     out = Path(args["out"] or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
@@ -664,8 +678,23 @@ def setup_run(given: dict, ckpt: dict | None) -> Run:
     return Run(args, cfg, device, rank, world_size, out, train_data, val_data, val_starts, micro, autocast, peak)
 
 
+def init_tokenizer(init: dict, found: Path | None, src) -> str | None:
+    """An --init-from run's tokenizer: the checkpoint's (its model's ids), which a tokenizer found beside the data
+    must equal, or the data's ids would mean other tokens to the model."""
+    theirs = init.get("tokenizer_dir")
+    if theirs is None or not Path(theirs).is_dir():
+        return str(found.resolve()) if found else None
+    if found is not None:
+        a, b = bpe.Tokenizer.from_dir(theirs), bpe.Tokenizer.from_dir(found)
+        if (a.vocab, a.merges, a.special_tokens) != (b.vocab, b.merges, b.special_tokens):
+            raise BadInputError(f"--init-from {src}: its tokenizer {theirs} is not the one beside the data ({found}); "
+                                f"encode the data with it: python bpe.py encode --tokenizer {theirs} ...")
+    return theirs
+
+
 def build_trainer(run: Run, ckpt: dict | None) -> tuple[Trainer, Progress]:
-    """Model, optimizer and batch stream; the checkpoint's state over them when resuming; then the wrappers."""
+    """Model, optimizer and batch stream; the checkpoint's state over them when resuming (--init-from's weights
+    alone for a new run from a checkpoint); then the wrappers."""
     args = run.args
     torch.manual_seed(args["seed"])
     model = TransformerLM(**dataclasses.asdict(run.cfg), device=run.device)
@@ -677,6 +706,10 @@ def build_trainer(run: Run, ckpt: dict | None) -> tuple[Trainer, Progress]:
         load_checkpoint(ckpt, model, optimizer)
         set_rng_state(ckpt["rng"], batches)
         progress = Progress.from_checkpoint(ckpt)
+    elif args["init_from"]:
+        # Only the weights: optimizer, schedule, step and random streams start afresh. note: the file is read again
+        # (setup_run read it for the model config) rather than holding a second copy of the weights for the run.
+        load_checkpoint(args["init_from"], model)
     forward = torch.compile(model) if args["compile"] else model  # CUDA extra: fused kernels, fewer launches
     train_model = forward
     if run.world_size > 1:  # gradients all-reduced (averaged) across ranks during backward

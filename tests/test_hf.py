@@ -439,3 +439,88 @@ def test_import_refuses_non_byte_level_tokenizers_and_biases(hf, tok_dir, tmp_pa
     assert "has no model.safetensors or pytorch_model.bin" in one_line_error(capsys, argv)
     assert "config.json does not exist" in one_line_error(capsys, ["import", str(tmp_path), "--out", str(tmp_path)])
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --init-from: a new run from a checkpoint's weights (fine-tuning an imported model)
+# ---------------------------------------------------------------------------------------------------------------------
+
+RUN = ["--batch-size", "4", "--max-iters", "10", "--eval-interval", "5", "--eval-iters", "2", "--log-interval", "5",
+       "--warmup-iters", "2", "--peak-flops", "0", "--device", "cpu"]
+SHAPE = ["--context-length", "32", "--d-model", "32", "--num-layers", "2", "--num-heads", "4", "--d-ff", "48"]
+
+
+def encoded_data(tmp_path, tok_dir, name="data", tokenizer_beside=True):
+    """train.npy / valid.npy of random text encoded with tok_dir's tokenizer (and that tokenizer beside them)."""
+    d = tmp_path / name
+    d.mkdir()
+    tok = bpe.Tokenizer.from_dir(tok_dir)
+    rng = random.Random(5)
+    for split, words in (("train", 3000), ("valid", 600)):
+        (d / f"{split}.txt").write_text(random_text(rng, words, alphabet="abcdefghij", specials=[EOT]))
+        bpe.encode_file(tok, d / f"{split}.txt", d / f"{split}.npy", num_workers=1)
+    if tokenizer_beside:
+        tok.save_dir(d)
+    return d
+
+
+def log_rows(run_dir):
+    return train.read_log(run_dir / "log.jsonl")
+
+
+def test_init_from_starts_a_new_run_from_the_weights(tok_dir, tmp_path, capsys):
+    data = encoded_data(tmp_path, tok_dir)
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert train.main(["--data", str(data), "--out", str(first), *SHAPE, *RUN]) == 0
+    assert train.main(["--data", str(data), "--out", str(second), "--init-from", str(first / "last.pt"), *RUN]) == 0
+    # Step 0 of the new run evaluates exactly the weights the first run ended with, on the same fixed windows.
+    assert log_rows(second)[0]["step"] == 0
+    assert log_rows(second)[0]["val_loss"] == log_rows(first)[-1]["val_loss"]
+    # A fresh optimizer, schedule and step counter: 10 steps, not 20, and AdamW's own step count 10.
+    ckpt = train.read_checkpoint(second / "last.pt")
+    assert ckpt["iteration"] == 10 and [r["step"] for r in log_rows(second)] == [0, 5, 10]
+    assert all(state["step"] == 10 for state in ckpt["optimizer"]["state"].values())
+    assert ckpt["train_args"]["init_from"] == str(first / "last.pt")
+    assert ckpt["tokenizer_dir"] == str(data.resolve())
+
+
+def test_an_imported_model_fine_tunes_with_init_from(hf, tok_dir, tmp_path, capsys):
+    save_hf_dir(hf_llama(hf, 700), tok_dir, tmp_path / "hf")
+    train.main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "imported")])
+    data = encoded_data(tmp_path, tmp_path / "imported", tokenizer_beside=False)
+    argv = ["--data", str(data / "train.npy"), "--val-data", str(data / "valid.npy"), "--out", str(tmp_path / "tuned"),
+            "--init-from", str(tmp_path / "imported" / "last.pt"), *RUN]
+    assert train.main(argv) == 0
+    rows = log_rows(tmp_path / "tuned")
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+    ckpt = train.read_checkpoint(tmp_path / "tuned" / "last.pt")
+    assert ckpt["tokenizer_dir"] == str((tmp_path / "imported").resolve())  # the model's tokenizer, for sample.py
+
+
+def test_init_from_refusals_are_one_line(tok_dir, tmp_path, capsys):
+    data = encoded_data(tmp_path, tok_dir)
+    first = tmp_path / "first"
+    train.main(["--data", str(data), "--out", str(first), *SHAPE, *RUN])
+    init = ["--data", str(data), "--out", str(tmp_path / "new"), "--init-from", str(first / "last.pt"), *RUN]
+    err = one_line_error(capsys, [*init, "--d-model", "64"])
+    assert f"checkpoint {first / 'last.pt'} has a different model config (d_model 32 vs 64)" in err
+    assert "a run from --init-from has that checkpoint's model: drop the model flags" in err
+    assert "--init-from starts a new run and --resume continues one" in one_line_error(
+        capsys, ["--resume", str(first), "--init-from", str(first / "last.pt")])
+    other = tmp_path / "other-tok"
+    other.mkdir()
+    bpe.Tokenizer(*bpe.train_bpe(data / "train.txt", 700, [EOT], num_workers=1), [EOT]).save_dir(other)
+    elsewhere = encoded_data(tmp_path, other, name="elsewhere")
+    err = one_line_error(capsys, ["--data", str(elsewhere), "--out", str(tmp_path / "new"), "--init-from",
+                                  str(first / "last.pt"), *RUN])
+    assert f"its tokenizer {data.resolve()} is not the one beside the data ({elsewhere})" in err
+    missing = ["--data", str(data), "--out", str(tmp_path / "new"), "--init-from", str(tmp_path / "none.pt"), *RUN]
+    assert f"checkpoint {tmp_path / 'none.pt'} does not exist" in one_line_error(capsys, missing)
+    assert not (tmp_path / "new").exists()
+
+
+def test_resuming_an_imported_checkpoint_points_to_init_from(hf, tok_dir, tmp_path, capsys):
+    save_hf_dir(hf_llama(hf, 700), tok_dir, tmp_path / "hf")
+    train.main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "imported")])
+    err = one_line_error(capsys, ["--resume", str(tmp_path / "imported")])
+    assert f"holds weights but no training state; start a new run from it with --init-from " in err
