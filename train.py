@@ -341,7 +341,7 @@ DEFAULTS = dict(
     batch_size=32, grad_accum=1, max_iters=5000, lr=1e-3, min_lr=1e-4, warmup_iters=100, cosine_cycle_iters=None,
     weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, eval_interval=500, eval_iters=20, log_interval=10,
     ckpt_interval=500, seed=0, device=None, dtype=None, compile=False, peak_flops=None, out=None, overwrite=False,
-    init_from=None,
+    init_from=None, wandb=None, wandb_run=None,
 )
 
 
@@ -386,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--log-interval", type=int)
     a("--ckpt-interval", type=int)
     a("--out", help="run directory (default runs/<date-time>)")
+    a("--wandb", metavar="PROJECT", help="also log to Weights & Biases (pip install wandb; WANDB_MODE=offline works)")
+    a("--wandb-run", metavar="NAME", help="the W&B run's name (default: W&B picks one)")
     a("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
     a("--init-from", metavar="CKPT", help="a new run that starts from CKPT's weights (fresh optimizer, schedule and "
                                           "step; the model config is CKPT's), e.g. to fine-tune an imported model")
@@ -501,6 +503,10 @@ def check_args(args: dict, world_size: int) -> None:
         raise BadInputError(f"--grad-clip must be >= 0 (0 = no clipping), got {args['grad_clip']}")
     if not args["lr"] > 0 or args["min_lr"] < 0 or args["min_lr"] > args["lr"]:
         raise BadInputError(f"need 0 <= --min-lr ({args['min_lr']}) <= --lr ({args['lr']}) and --lr > 0")
+    if args["wandb_run"] is not None and args["wandb"] is None:
+        raise BadInputError("--wandb-run names a run of --wandb PROJECT: give --wandb too")
+    if args["wandb"] is not None:
+        cli.optional_import("wandb", "wandb", "--wandb")  # a missing package fails now, before any work
     if args["data"] is None:
         raise BadInputError("--data is required: a .npy of token ids or a `bpe.py prepare` directory "
                             "(or run `python train.py` with no arguments for the offline demo)")
@@ -744,11 +750,13 @@ class RunLog:
 
     A row that cannot be written (a full disk, an I/O error) is reported once and training goes on: the log is a
     record, the checkpoints are the work. The console line is still printed; log.jsonl lacks the rows from there on
-    (read_log tolerates a torn last line). Whether the checkpoints can still be written is checked by the caller."""
+    (read_log tolerates a torn last line). Whether the checkpoints can still be written is checked by the caller.
+    With --wandb every row also goes to a Weights & Biases run, which gets the resolved flags as its config."""
 
     def __init__(self, run: Run, progress: Progress):
         self.run, self.progress = run, progress
         self.path = run.out / "log.jsonl"
+        self.wandb = start_wandb(run) if run.master and run.args["wandb"] else None
         self.file = cli.open_for_append(self.path) if run.master else None  # (cli.: a seam for fault tests)
         self.failed = None  # the first write error, once there was one
 
@@ -767,12 +775,24 @@ class RunLog:
                                            f"not fit either ({problem}); {resume_hint(self.run, self.progress)}")
                 print(f"train.py: warning: cannot write {self.path} ({self.failed}); training goes on, the log "
                       f"stops at step {row['step'] - 1}", file=sys.stderr)
+        if self.wandb is not None:
+            self.wandb.log(row, step=row["step"])
         print(format_row(row) + suffix, flush=True)
 
     def close(self) -> None:
         if self.file is not None:
             with contextlib.suppress(OSError):  # a failed flush was reported already
                 self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def start_wandb(run: Run):
+    """--wandb PROJECT: a W&B run in RUN/wandb/ whose config is the run's resolved flags (config.json's contents).
+    wandb is an optional package, imported only here."""
+    wandb = cli.optional_import("wandb", "wandb", "--wandb")
+    return wandb.init(project=run.args["wandb"], name=run.args["wandb_run"], dir=str(run.out),
+                      config=json.loads(json.dumps(run.args, default=str)))
 
 
 def format_row(row: dict) -> str:

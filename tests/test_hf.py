@@ -10,8 +10,11 @@ Models: `train.py export` gives transformers' AutoModelForCausalLM our logits (f
 rope thetas) and its greedy `generate` the ids of `sample.generate` at temperature 0; `train.py import` of a random
 LlamaForCausalLM (safetensors, .bin, shards, tied, bf16) gives its logits, and sample.py samples and evaluates it;
 export -> import -> export is bit for bit.
-Every refusal (ablations, GQA, biases, rope scaling, other activations/eps, non-byte-level tokenizers, missing
-packages and files) is tested by its one-line message.
+Runs: `--init-from` starts a new run from a checkpoint's weights (step 0 evaluates exactly those weights; fresh
+optimizer, schedule and step), also to fine-tune an imported model; `--wandb` (offline) gets every log.jsonl row and
+config.json as its config.
+Every refusal (ablations, GQA, biases, rope scaling, other activations/eps, non-byte-level tokenizers, disagreeing
+model flags or tokenizers, missing packages and files) is tested by its one-line message.
 
     python -m pytest tests/test_hf.py      # ~1 min on 2 cores, much of it importing transformers
 """
@@ -524,3 +527,47 @@ def test_resuming_an_imported_checkpoint_points_to_init_from(hf, tok_dir, tmp_pa
     train.main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "imported")])
     err = one_line_error(capsys, ["--resume", str(tmp_path / "imported")])
     assert f"holds weights but no training state; start a new run from it with --init-from " in err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --wandb: the log's rows and the config, to Weights & Biases (offline here)
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_wandb_gets_the_rows_of_log_jsonl_and_the_config(tok_dir, tmp_path, monkeypatch, capsys):
+    wandb = pytest.importorskip("wandb")
+    for name, value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"), ("WANDB_CONSOLE", "off")):
+        monkeypatch.setenv(name, value)
+    runs, logged = [], []
+    real_init = wandb.init
+
+    def init(**kwargs):  # the real wandb.init (offline); its run's log calls are recorded on the way through
+        run = real_init(**kwargs)
+        real_log = run.log
+
+        def log(row, step):
+            logged.append((step, dict(row)))
+            real_log(row, step=step)
+
+        monkeypatch.setattr(run, "log", log)
+        runs.append(run)
+        return run
+
+    monkeypatch.setattr(wandb, "init", init)
+    data, out = encoded_data(tmp_path, tok_dir), tmp_path / "run"
+    argv = ["--data", str(data), "--out", str(out), *SHAPE, *RUN, "--wandb", "cs336", "--wandb-run", "tiny"]
+    assert train.main(argv) == 0
+    (run,) = runs
+    assert (run.project, run.name) == ("cs336", "tiny")
+    assert dict(run.config) == json.loads((out / "config.json").read_text())
+    assert logged == [(row["step"], row) for row in log_rows(out)]
+    assert list(out.glob("wandb/offline-run-*/run-*.wandb"))  # the offline run `wandb sync` would upload
+
+
+def test_wandb_flags_without_the_package_or_project_are_one_line(tok_dir, tmp_path, capsys, monkeypatch):
+    data = encoded_data(tmp_path, tok_dir)
+    argv = ["--data", str(data), "--out", str(tmp_path / "run"), *SHAPE, *RUN]
+    assert "--wandb-run names a run of --wandb PROJECT: give --wandb too" in one_line_error(
+        capsys, [*argv, "--wandb-run", "x"])
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if the package were not installed
+    assert "--wandb needs the wandb package: pip install wandb" in one_line_error(capsys, [*argv, "--wandb", "p"])
+    assert not (tmp_path / "run").exists()
