@@ -6,7 +6,8 @@ with one of two codes:
   2  bad input: a flag, a file or its contents, something the user can fix (argparse's own code for usage errors);
   1  the environment: a full disk, a failed download, a run that diverged; not the input's fault.
 Every file is written through `atomic_file` (below): all or nothing, no debris, a WriteFault (exit 1) naming the
-file and the cause, such as "no space left on device: 13.21 MB needed, 8.29 MB free".
+file and the cause, such as "no space left on device: 13.21 MB needed, 8.29 MB free". An optional package (safetensors,
+wandb) is imported through `optional_import`, so a missing one is the same kind of line, saying how to install it.
 This file sits below bpe.py, the lowest layer of the stack, so every layer can use it without importing the
 tokenizer (or anything else: it needs only the standard library).
 """
