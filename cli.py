@@ -6,13 +6,15 @@ with one of two codes:
   2  bad input: a flag, a file or its contents, something the user can fix (argparse's own code for usage errors);
   1  the environment: a full disk, a failed download, a run that diverged; not the input's fault.
 Every file is written through `atomic_file` (below): all or nothing, no debris, a WriteFault (exit 1) naming the
-file and the cause, such as "no space left on device: 13.21 MB needed, 8.29 MB free".
+file and the cause, such as "no space left on device: 13.21 MB needed, 8.29 MB free". An optional package (safetensors,
+wandb) is imported through `optional_import`, so a missing one is the same kind of line, saying how to install it.
 This file sits below bpe.py, the lowest layer of the stack, so every layer can use it without importing the
 tokenizer (or anything else: it needs only the standard library).
 """
 import argparse
 import contextlib
 import errno
+import importlib
 import os
 import shutil
 from pathlib import Path
@@ -166,3 +168,17 @@ def atomic_write_text(path, text: str) -> None:
     data = text.encode("utf-8")
     with atomic_file(path, needed=len(data)) as f:
         f.write(data)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optional dependencies: imported only by the command that needs them
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def optional_import(module: str, package: str, needed_for: str):
+    """importlib.import_module(module), or a BadInputError (one line, exit 2) saying how to install `package`:
+    optional_import("safetensors.torch", "safetensors", "writing model.safetensors")."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise BadInputError(f"{needed_for} needs the {package} package: pip install {package}") from None

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 import train  # the layer below: its checkpoint reader, device picker and loss-over-windows evaluator
-from bpe import END_OF_TEXT, Tokenizer
+from bpe import END_OF_TEXT
 from cli import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, OneLineParser
 from model import KVCache, TransformerLM
 
@@ -221,7 +221,8 @@ def load_model(ckpt_path, device="cpu", tokenizer_dir=None):
     """(model in eval mode, Tokenizer or None, the checkpoint dict) from a train.py checkpoint.
 
     The checkpoint carries everything: "model_config" rebuilds the architecture, "model" holds the weights,
-    "tokenizer_dir" says where the tokenizer lives (tokenizer_dir overrides it; None in both = no tokenizer).
+    "tokenizer_dir" says where the tokenizer lives (tokenizer_dir overrides it; None in both = no tokenizer; see
+    train.checkpoint_tokenizer).
     train.read_checkpoint loads it with weights_only=True: tensors and plain values, so loading cannot run code.
     Every problem is a train.BadInputError (a ValueError) with one line saying what to do.
     """
@@ -230,24 +231,7 @@ def load_model(ckpt_path, device="cpu", tokenizer_dir=None):
     model = TransformerLM(**dataclasses.asdict(config), device=device)
     train.load_checkpoint(ckpt, model, name=ckpt_path)
     model.eval()
-    return model, load_tokenizer(ckpt, tokenizer_dir, config.vocab_size), ckpt
-
-
-def load_tokenizer(ckpt: dict, tokenizer_dir, vocab_size: int) -> Tokenizer | None:
-    """--tokenizer DIR, else the directory the checkpoint names, else None (the model then works on ids only)."""
-    source = "the tokenizer_dir argument (--tokenizer)" if tokenizer_dir is not None else "the checkpoint"
-    tokenizer_dir = tokenizer_dir if tokenizer_dir is not None else ckpt.get("tokenizer_dir")
-    if tokenizer_dir is None:
-        return None
-    tok_path = Path(tokenizer_dir)
-    if not ((tok_path / "vocab.json").is_file() and (tok_path / "merges.txt").is_file()):
-        raise train.BadInputError(f"tokenizer directory {tok_path} (named by {source}) has no vocab.json and "
-                                  "merges.txt: pass --tokenizer DIR (a directory bpe.py train/prepare wrote)")
-    tokenizer = Tokenizer.from_dir(tok_path)
-    if tokenizer.vocab_size > vocab_size:
-        raise train.BadInputError(f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens but the model only "
-                                  f"{vocab_size}: wrong --tokenizer for this checkpoint?")
-    return tokenizer
+    return model, train.checkpoint_tokenizer(ckpt, tokenizer_dir, config.vocab_size), ckpt
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ checkpoint reader, device picker and evaluator. The demo's last step, sampling, 
         --context-length 1024 --batch-size 256 --fsdp --activation-checkpointing   # a GPT-2 medium-size model, sharded
     python train.py --resume runs/ts17m                    # continue exactly where it stopped (Ctrl-C saves first)
     python train.py plot runs/a runs/b -o curves.png       # loss vs step and vs wall time
+    python train.py export runs/ts17m/best.pt --out hf/ts17m   # a Hugging Face Llama directory (and `import` back)
 """
 import argparse
 import contextlib
@@ -43,6 +44,7 @@ import cli
 from cli import (EXIT_BAD_INPUT, EXIT_ENVIRONMENT, BadInputError, EnvironmentFault, OneLineParser, WriteFault,
                  atomic_file, atomic_write_text, describe_fault, space_problem)
 from model import ATTN_IMPLS, FFNS, NORMS, POSITIONS, PRESETS, ModelConfig, TransformerLM
+from model import from_hf_llama_config, from_hf_llama_state_dict, to_hf_llama_config, to_hf_llama_state_dict
 from optim import AdamW, clip_grad_norm, cosine_lr, cross_entropy
 
 
@@ -278,6 +280,24 @@ def checkpoint_config(ckpt: dict, src) -> ModelConfig:
     return ModelConfig(**ckpt["model_config"])
 
 
+def checkpoint_tokenizer(ckpt: dict, tokenizer_dir, vocab_size: int) -> bpe.Tokenizer | None:
+    """--tokenizer DIR, else the directory the checkpoint names, else None (the model then works on ids only).
+    sample.py and train.py export read a checkpoint's tokenizer through here."""
+    source = "the tokenizer_dir argument (--tokenizer)" if tokenizer_dir is not None else "the checkpoint"
+    tokenizer_dir = tokenizer_dir if tokenizer_dir is not None else ckpt.get("tokenizer_dir")
+    if tokenizer_dir is None:
+        return None
+    tok_path = Path(tokenizer_dir)
+    if not ((tok_path / "vocab.json").is_file() and (tok_path / "merges.txt").is_file()):
+        raise BadInputError(f"tokenizer directory {tok_path} (named by {source}) has no vocab.json and "
+                            "merges.txt: pass --tokenizer DIR (a directory bpe.py train/prepare wrote)")
+    tokenizer = bpe.Tokenizer.from_dir(tok_path)
+    if tokenizer.vocab_size > vocab_size:
+        raise BadInputError(f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens but the model only "
+                            f"{vocab_size}: wrong --tokenizer for this checkpoint?")
+    return tokenizer
+
+
 def load_checkpoint(src, model, optimizer=None, *, name=None) -> int:
     """Restore model (and optimizer) state from `src` (path, file object or an already-loaded dict, whose file
     `name` gives); returns the iteration it was saved at. Weights that do not fit the model are a BadInputError
@@ -329,7 +349,7 @@ DEFAULTS = dict(
     batch_size=32, grad_accum=1, max_iters=5000, lr=1e-3, min_lr=1e-4, warmup_iters=100, cosine_cycle_iters=None,
     weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, eval_interval=500, eval_iters=20, log_interval=10,
     ckpt_interval=500, seed=0, device=None, dtype=None, compile=False, activation_checkpointing=False, fsdp=False,
-    peak_flops=None, out=None, overwrite=False,
+    peak_flops=None, out=None, overwrite=False, init_from=None, wandb=None, wandb_run=None,
 )
 
 
@@ -374,7 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--log-interval", type=int)
     a("--ckpt-interval", type=int)
     a("--out", help="run directory (default runs/<date-time>)")
+    a("--wandb", metavar="PROJECT", help="also log to Weights & Biases (pip install wandb; WANDB_MODE=offline works)")
+    a("--wandb-run", metavar="NAME", help="the W&B run's name (default: W&B picks one)")
     a("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    a("--init-from", metavar="CKPT", help="a new run that starts from CKPT's weights (fresh optimizer, schedule and "
+                                          "step; the model config is CKPT's), e.g. to fine-tune an imported model")
     a("--overwrite", action=argparse.BooleanOptionalAction, help="start afresh in an --out that has a checkpoint")
     a("--config", metavar="FILE.json", help="defaults for any flag (keys are flag names); command line wins")
     a = p.add_argument_group("hardware").add_argument
@@ -431,9 +455,14 @@ def resolve_args(argv) -> tuple[dict, dict | None]:
     ckpt = None
     if given.get("resume"):
         run_dir = Path(given["resume"])
+        if given.get("init_from"):
+            raise BadInputError("--init-from starts a new run and --resume continues one: give only one of them")
         if not (run_dir / "last.pt").is_file():
             raise BadInputError(f"--resume {run_dir}: no checkpoint {run_dir / 'last.pt'} to resume from")
         ckpt = read_checkpoint(run_dir / "last.pt")
+        if "rng" not in ckpt:  # e.g. one that train.py import wrote
+            raise BadInputError(f"--resume {run_dir}: {run_dir / 'last.pt'} holds weights but no training state; "
+                                f"start a new run from it with --init-from {run_dir / 'last.pt'}")
         base = {k: v for k, v in ckpt.get("train_args", {}).items() if k in DEFAULTS and k not in MODEL_FLAGS}
         base["preset"] = None
         args = {**DEFAULTS, **base, **given, "out": str(run_dir)}
@@ -443,12 +472,15 @@ def resolve_args(argv) -> tuple[dict, dict | None]:
     return args, ckpt
 
 
-def resolve_model_config(args: dict, ckpt: dict | None, tokenizer_dir) -> ModelConfig:
-    """Preset (or ModelConfig()) + model flags; a resumed run must match its checkpoint's config."""
+def resolve_model_config(args: dict, ckpt: dict | None, tokenizer_dir, init: dict | None = None) -> ModelConfig:
+    """Preset (or ModelConfig()) + model flags; a resumed run must match its checkpoint's config, and an
+    --init-from run (`init`, the checkpoint it starts from) that checkpoint's."""
     if args["preset"] is not None and args["preset"] not in PRESETS:
         raise BadInputError(f"unknown preset {args['preset']!r}: choose one of {', '.join(PRESETS)}")
-    if ckpt is not None:
-        base = checkpoint_config(ckpt, f"{args['out']}/last.pt")
+    source = ckpt if ckpt is not None else init  # the checkpoint whose model this run continues, if any
+    where = f"{args['out']}/last.pt" if ckpt is not None else args["init_from"]
+    if source is not None:
+        base = checkpoint_config(source, where)
         if args["preset"] is not None:  # an explicit preset must agree with the checkpoint (vocab aside)
             base = dataclasses.replace(PRESETS[args["preset"]], vocab_size=base.vocab_size)
     else:
@@ -459,11 +491,12 @@ def resolve_model_config(args: dict, ckpt: dict | None, tokenizer_dir) -> ModelC
         cfg = base.with_overrides(**{name: args[name] for name in MODEL_FLAGS})
     except ValueError as e:
         raise BadInputError(str(e)) from None
-    if ckpt is not None and dataclasses.asdict(cfg) != ckpt["model_config"]:
-        diff = ", ".join(f"{k} {v} vs {getattr(cfg, k)}" for k, v in ckpt["model_config"].items()
+    if source is not None and dataclasses.asdict(cfg) != source["model_config"]:
+        diff = ", ".join(f"{k} {v} vs {getattr(cfg, k)}" for k, v in source["model_config"].items()
                          if getattr(cfg, k) != v)
-        raise BadInputError(f"checkpoint {args['out']}/last.pt has a different model config ({diff}): resume without "
-                            f"model flags, or start a new --out")
+        hint = ("resume without model flags, or start a new --out" if ckpt is not None else
+                "a run from --init-from has that checkpoint's model: drop the model flags")
+        raise BadInputError(f"checkpoint {where} has a different model config ({diff}): {hint}")
     return cfg
 
 
@@ -486,6 +519,10 @@ def check_args(args: dict, world_size: int) -> None:
     if args["fsdp"] and "LOCAL_RANK" not in os.environ:
         raise BadInputError("--fsdp shards over the processes torchrun starts: run it as `torchrun --nproc_per_node N "
                             "train.py ... --fsdp` (or pass --no-fsdp, e.g. to resume an FSDP run in one process)")
+    if args["wandb_run"] is not None and args["wandb"] is None:
+        raise BadInputError("--wandb-run names a run of --wandb PROJECT: give --wandb too")
+    if args["wandb"] is not None:
+        cli.optional_import("wandb", "wandb", "--wandb")  # a missing package fails now, before any work
     if args["data"] is None:
         raise BadInputError("--data is required: a .npy of token ids or a `bpe.py prepare` directory "
                             "(or run `python train.py` with no arguments for the offline demo)")
@@ -661,8 +698,10 @@ def setup_run(given: dict, ckpt: dict | None) -> Run:
     device = pick_device(args["device"], local_rank)
     args["dtype"], dtype_reason = pick_dtype(args["dtype"], device)
     train_path, val_path, found_tokenizer = find_data(args["data"], args["val_data"])
-    args["tokenizer"] = args["tokenizer"] or (str(found_tokenizer.resolve()) if found_tokenizer else None)
-    cfg = resolve_model_config(args, ckpt, args["tokenizer"])
+    init = read_checkpoint(args["init_from"]) if ckpt is None and args["init_from"] else None
+    args["tokenizer"] = args["tokenizer"] or (init_tokenizer(init, found_tokenizer, args["init_from"]) if init else
+                                              str(found_tokenizer.resolve()) if found_tokenizer else None)
+    cfg = resolve_model_config(args, ckpt, args["tokenizer"], init)
     args.update({name: getattr(cfg, name) for name in MODEL_FLAGS})
     train_data, val_data = open_data(train_path, val_path, cfg.context_length)
     out = Path(args["out"] or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
@@ -687,14 +726,33 @@ def setup_run(given: dict, ckpt: dict | None) -> Run:
     return Run(args, cfg, device, rank, world_size, out, train_data, val_data, val_starts, micro, autocast, peak)
 
 
+def init_tokenizer(init: dict, found: Path | None, src) -> str | None:
+    """An --init-from run's tokenizer: the checkpoint's (its model's ids), which a tokenizer found beside the data
+    must equal, or the data's ids would mean other tokens to the model."""
+    theirs = init.get("tokenizer_dir")
+    if theirs is None or not Path(theirs).is_dir():
+        return str(found.resolve()) if found else None
+    if found is not None:
+        a, b = bpe.Tokenizer.from_dir(theirs), bpe.Tokenizer.from_dir(found)
+        if (a.vocab, a.merges, a.special_tokens) != (b.vocab, b.merges, b.special_tokens):
+            raise BadInputError(f"--init-from {src}: its tokenizer {theirs} is not the one beside the data ({found}); "
+                                f"encode the data with it: python bpe.py encode --tokenizer {theirs} ...")
+    return theirs
+
+
 def build_trainer(run: Run, ckpt: dict | None) -> tuple[Trainer, Progress]:
-    """Model, optimizer, batch stream and loss scaler, with the checkpoint's state over them when resuming."""
+    """Model, optimizer, batch stream and loss scaler, with the checkpoint's state over them when resuming
+    (--init-from: that checkpoint's weights alone, for a new run that starts from them)."""
     args = run.args
     torch.manual_seed(args["seed"])
     model = TransformerLM(**dataclasses.asdict(run.cfg), device=run.device)
     model.checkpoint_blocks = args["activation_checkpointing"]  # recompute block activations in backward
     if ckpt is not None:
         load_checkpoint(ckpt, model)  # before sharding: fully_shard keeps (and splits) the loaded values
+    elif args["init_from"]:
+        # Only the weights: optimizer, schedule, step and random streams start afresh. note: the file is read again
+        # (setup_run read it for the model config) rather than holding a second copy of the weights for the run.
+        load_checkpoint(args["init_from"], model)
     if args["fsdp"]:
         shard_model(model, run)
     # over the shards under FSDP, so AdamW's m and v (zeros_like each parameter) are sharded the same way
@@ -757,11 +815,13 @@ class RunLog:
 
     A row that cannot be written (a full disk, an I/O error) is reported once and training goes on: the log is a
     record, the checkpoints are the work. The console line is still printed; log.jsonl lacks the rows from there on
-    (read_log tolerates a torn last line). Whether the checkpoints can still be written is checked by the caller."""
+    (read_log tolerates a torn last line). Whether the checkpoints can still be written is checked by the caller.
+    With --wandb every row also goes to a Weights & Biases run, which gets the resolved flags as its config."""
 
     def __init__(self, run: Run, progress: Progress):
         self.run, self.progress = run, progress
         self.path = run.out / "log.jsonl"
+        self.wandb = start_wandb(run) if run.master and run.args["wandb"] else None
         self.file = cli.open_for_append(self.path) if run.master else None  # (cli.: a seam for fault tests)
         self.failed = None  # the first write error, once there was one
 
@@ -780,12 +840,24 @@ class RunLog:
                                            f"not fit either ({problem}); {resume_hint(self.run, self.progress)}")
                 print(f"train.py: warning: cannot write {self.path} ({self.failed}); training goes on, the log "
                       f"stops at step {row['step'] - 1}", file=sys.stderr)
+        if self.wandb is not None:
+            self.wandb.log(row, step=row["step"])
         print(format_row(row) + suffix, flush=True)
 
     def close(self) -> None:
         if self.file is not None:
             with contextlib.suppress(OSError):  # a failed flush was reported already
                 self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def start_wandb(run: Run):
+    """--wandb PROJECT: a W&B run in RUN/wandb/ whose config is the run's resolved flags (config.json's contents).
+    wandb is an optional package, imported only here."""
+    wandb = cli.optional_import("wandb", "wandb", "--wandb")
+    return wandb.init(project=run.args["wandb"], name=run.args["wandb_run"], dir=str(run.out),
+                      config=json.loads(json.dumps(run.args, default=str)))
 
 
 def format_row(row: dict) -> str:
@@ -1227,6 +1299,139 @@ def plot_main(argv) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Sharing a model: python train.py export CKPT --out DIR, python train.py import DIR --out RUN
+# ---------------------------------------------------------------------------------------------------------------
+# A Hugging Face Llama directory (config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
+# generation_config.json) is what transformers' AutoModelForCausalLM / AutoTokenizer, the Hub, lm-evaluation-harness
+# and the vLLM and llama.cpp converters read. The conversions live with what they convert (tensor names, the RoPE
+# permutation and the config in model.py; tokenizer.json in bpe.py); here are only the files. The safetensors
+# package is optional: these commands import it, nothing else does.
+
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # one file, or shards listed in NAME.index.json
+
+
+def export_hf(ckpt_path, out_dir, tokenizer_dir=None) -> Path:
+    """A train.py checkpoint -> a Hugging Face Llama directory that from_pretrained loads with no custom code."""
+    ckpt = read_checkpoint(ckpt_path)
+    cfg = checkpoint_config(ckpt, ckpt_path)
+    tensors = to_hf_llama_state_dict(cfg, ckpt["model"])  # refuses the ablations HF Llama cannot express
+    tok = checkpoint_tokenizer(ckpt, tokenizer_dir, cfg.vocab_size)
+    if tok is None:
+        raise BadInputError(f"checkpoint {ckpt_path} names no tokenizer_dir: pass --tokenizer DIR")
+    safetensors_torch = cli.optional_import("safetensors.torch", "safetensors", "writing model.safetensors")
+    eot = tok.special_token_ids.get(bpe.END_OF_TEXT)  # BOS and EOS, as GPT-2's <|endoftext|> is both
+    try:
+        bpe.hf_tokenizer_json(tok)  # a tokenizer that tokenizer.json cannot hold is refused before anything is written
+    except ValueError as e:
+        raise BadInputError(f"tokenizer of {ckpt_path}: {e}") from None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # note: safetensors.torch.save returns the file as bytes (the weights once more in memory) for atomic_file to
+    # write all or nothing; transformers checks for the "format": "pt" metadata.
+    data = safetensors_torch.save(tensors, metadata={"format": "pt"})
+    with atomic_file(out / HF_WEIGHTS[0], needed=len(data)) as f:
+        f.write(data)
+    for name, obj in (("config.json", to_hf_llama_config(cfg, eot, eot)),
+                      ("generation_config.json", {"bos_token_id": eot, "eos_token_id": eot})):
+        atomic_write_text(out / name, json.dumps(obj, indent=2) + "\n")
+    bpe.save_hf_tokenizer(tok, out, model_max_length=cfg.context_length)
+    return out
+
+
+def import_hf(hf_dir, run_dir, overwrite: bool = False) -> Path:
+    """A Hugging Face Llama directory -> RUN/last.pt (weights and model config, no training state) and the tokenizer
+    files beside it, so sample.py, --eval and --init-from work on it as on any run of train.py."""
+    src, run = Path(hf_dir), Path(run_dir)
+    if (run / "last.pt").exists() and not overwrite:
+        raise BadInputError(f"{run} already holds a checkpoint: pass --overwrite or a new --out")
+    cfg = from_hf_llama_config(read_json(src / "config.json"), str(src / "config.json"))
+    tok = hf_dir_tokenizer(src)
+    if tok.vocab_size > cfg.vocab_size:
+        raise BadInputError(f"{src}: tokenizer.json has {tok.vocab_size} tokens but config.json's vocab_size is "
+                            f"{cfg.vocab_size}")
+    state = from_hf_llama_state_dict(cfg, read_hf_weights(src), str(src))
+    # The model is built on the meta device (no memory, no random init) and takes the imported tensors as its own.
+    model = TransformerLM(**dataclasses.asdict(cfg), device="meta")
+    model.load_state_dict(state, assign=True)
+    run.mkdir(parents=True, exist_ok=True)
+    tok.save_dir(run)
+    save_checkpoint(model, None, 0, run / "last.pt", tokenizer_dir=str(run.resolve()),
+                    imported_from=str(src.resolve()))
+    return run
+
+
+def read_json(path: Path):
+    """A JSON file of a model directory, or a one-line BadInputError saying what is wrong with it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadInputError(f"{path} does not exist: is {path.parent} a Hugging Face model directory?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInputError(f"{path} is not valid JSON ({e})") from None
+
+
+def hf_dir_tokenizer(src: Path) -> bpe.Tokenizer:
+    """The Tokenizer of an HF directory's tokenizer.json; anything but byte-level BPE is refused with one line."""
+    path = src / "tokenizer.json"
+    if not path.is_file():
+        found = "a SentencePiece tokenizer.model" if (src / "tokenizer.model").is_file() else "no tokenizer.json"
+        raise BadInputError(f"{src} has {found}: only a byte-level BPE tokenizer.json can be imported")
+    try:
+        return bpe.tokenizer_from_hf_json(read_json(path), str(path))
+    except ValueError as e:
+        raise BadInputError(str(e)) from None
+
+
+def read_hf_weights(src: Path) -> dict:
+    """Every tensor of an HF directory: model.safetensors or pytorch_model.bin, or the shards their .index.json
+    names. note: a .bin is a pickle; weights_only=True loads its tensors without running any of its code."""
+    for name in HF_WEIGHTS:
+        index = src / f"{name}.index.json"
+        if (src / name).is_file():
+            files = [src / name]
+        elif index.is_file():
+            files = sorted({src / shard for shard in read_json(index)["weight_map"].values()})
+        else:
+            continue
+        if name.endswith(".safetensors"):
+            load = cli.optional_import("safetensors.torch", "safetensors", f"reading {name}").load_file
+        else:
+            def load(path):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        tensors = {}
+        for path in files:
+            try:
+                tensors.update(load(path))
+            except Exception as e:  # truncated, not a weights file, or a pickle of more than tensors
+                raise BadInputError(f"{path} is corrupt or not a weights file ({type(e).__name__}: "
+                                    f"{(str(e).strip().splitlines() or [''])[0][:ERROR_CHARS]})") from None
+        return tensors
+    raise BadInputError(f"{src} has no {' or '.join(HF_WEIGHTS)} (nor a sharded .index.json)")
+
+
+def export_main(argv) -> None:
+    p = OneLineParser(prog="train.py export", description="a checkpoint as a Hugging Face Llama directory")
+    p.add_argument("ckpt", help="a .pt that train.py wrote (e.g. RUN/best.pt)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's)")
+    a = p.parse_args(argv)
+    out = export_hf(a.ckpt, a.out, a.tokenizer)
+    print(f"wrote {out}/ (config.json, model.safetensors, tokenizer.json, ...): "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}) and AutoTokenizer load it")
+
+
+def import_main(argv) -> None:
+    p = OneLineParser(prog="train.py import", description="a Hugging Face Llama directory as a run directory")
+    p.add_argument("hf_dir", metavar="DIR", help="config.json, model.safetensors or pytorch_model.bin, tokenizer.json")
+    p.add_argument("--out", required=True, metavar="RUN")
+    p.add_argument("--overwrite", action="store_true", help="replace RUN/last.pt")
+    a = p.parse_args(argv)
+    run = import_hf(a.hf_dir, a.out, a.overwrite)
+    print(f"wrote {run}/last.pt and its tokenizer; next: python sample.py {run}/last.pt, or fine-tune with "
+          f"python train.py --init-from {run}/last.pt --data DIR")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The offline demo: python train.py
 # ---------------------------------------------------------------------------------------------------------------
 # The whole stack on a corpus every Python installation carries: the documentation topics of the `help()`
@@ -1314,10 +1519,14 @@ def demo_main(argv) -> None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = argv[0] if argv and argv[0] in ("plot", "demo") else "train"
+    command = argv[0] if argv and argv[0] in ("plot", "demo", "export", "import") else "train"
     try:
         if command == "plot":
             plot_main(argv[1:])
+        elif command == "export":
+            export_main(argv[1:])
+        elif command == "import":
+            import_main(argv[1:])
         elif command == "demo" or not argv:
             demo_main(argv[1:])
         else:
