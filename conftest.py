@@ -105,3 +105,29 @@ def tmpfs(tmp_path):
     yield mount
     for d in mounted:
         subprocess.run(["umount", str(d)], check=True)
+
+
+
+# A model small enough that a training step takes milliseconds, for train.py tests (--peak-flops 0: no MFU probe).
+TINY_RUN = ["--vocab-size", "32", "--context-length", "16", "--d-model", "32", "--num-layers", "2", "--num-heads", "2",
+            "--d-ff", "64", "--batch-size", "8", "--warmup-iters", "2", "--lr", "3e-3", "--min-lr", "3e-4",
+            "--peak-flops", "0", "--eval-iters", "2", "--log-interval", "2"]
+
+
+@pytest.fixture
+def counting_data(tmp_path):
+    """A train.py data directory, train.npy / valid.npy: ids counting up mod 32 in steps of 1 or 2 (learnable, so
+    the loss curve moves)."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    d = tmp_path / "data"
+    d.mkdir()
+    for name, n in (("train.npy", 20_000), ("valid.npy", 2_000)):
+        np.save(d / name, (np.cumsum(rng.integers(1, 3, size=n)) % 32).astype(np.uint16))
+    return d
+
+
+def run_losses(run_dir) -> list[tuple]:
+    """(step, train loss or None, val loss or None) of every row of a run's log.jsonl."""
+    import train
+    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in train.read_log(Path(run_dir) / "log.jsonl")]

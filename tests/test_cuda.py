@@ -18,6 +18,7 @@ import torch
 
 import sample
 import train
+from conftest import TINY_RUN, run_losses
 from model import PRESETS, TransformerLM
 from optim import cross_entropy
 
@@ -26,23 +27,10 @@ pytestmark = [pytest.mark.cuda,
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = dataclasses.replace(PRESETS["tiny"], vocab_size=256, context_length=64, d_model=128, num_heads=4, d_ff=344)
-TINY = ["--vocab-size", "32", "--context-length", "16", "--d-model", "32", "--num-layers", "2", "--num-heads", "2",
-        "--d-ff", "64", "--batch-size", "8", "--warmup-iters", "2", "--lr", "3e-3", "--min-lr", "3e-4",
-        "--peak-flops", "0", "--eval-iters", "2", "--log-interval", "2", "--device", "cuda"]
+TINY = [*TINY_RUN, "--device", "cuda"]
 
 
-@pytest.fixture
-def data_dir(tmp_path):
-    rng = np.random.default_rng(0)
-    d = tmp_path / "data"
-    d.mkdir()
-    for name, n in (("train.npy", 20_000), ("valid.npy", 2_000)):
-        np.save(d / name, (np.cumsum(rng.integers(1, 3, size=n)) % 32).astype(np.uint16))
-    return d
-
-
-def losses(run_dir):
-    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in train.read_log(Path(run_dir) / "log.jsonl")]
+losses = run_losses
 
 
 def run(*args, nproc=None, timeout=600):
@@ -55,24 +43,24 @@ def run(*args, nproc=None, timeout=600):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
-def test_training_runs_and_learns_in_each_precision(data_dir, tmp_path, dtype):
+def test_training_runs_and_learns_in_each_precision(counting_data, tmp_path, dtype):
     if dtype == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
         pytest.skip("this GPU has no native bf16")
-    out = run("--data", data_dir, "--out", tmp_path / dtype, "--dtype", dtype, "--max-iters", 40, "--eval-interval",
+    out = run("--data", counting_data, "--out", tmp_path / dtype, "--dtype", dtype, "--max-iters", 40, "--eval-interval",
               20, *TINY)
     assert f"precision: {dtype} (--dtype)" in out
     vals = [v for _, _, v in losses(tmp_path / dtype) if v is not None]
     assert vals[-1] < vals[0] - 0.5 and all(np.isfinite(vals))
 
 
-def test_automatic_dtype_is_native_bf16_or_fp16(data_dir, tmp_path):
-    out = run("--data", data_dir, "--out", tmp_path / "auto", "--max-iters", 2, *TINY)
+def test_automatic_dtype_is_native_bf16_or_fp16(counting_data, tmp_path):
+    out = run("--data", counting_data, "--out", tmp_path / "auto", "--max-iters", 2, *TINY)
     expected = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     assert f"precision: {expected} (automatic" in out
 
 
-def test_compile_matches_eager(data_dir, tmp_path):
-    common = ["--data", data_dir, "--dtype", "fp32", "--max-iters", 10, "--eval-interval", 5, *TINY]
+def test_compile_matches_eager(counting_data, tmp_path):
+    common = ["--data", counting_data, "--dtype", "fp32", "--max-iters", 10, "--eval-interval", 5, *TINY]
     run("--out", tmp_path / "eager", *common)
     run("--out", tmp_path / "compiled", "--compile", *common)
     for (s1, l1, v1), (s2, l2, v2) in zip(losses(tmp_path / "eager"), losses(tmp_path / "compiled")):
@@ -121,12 +109,12 @@ def test_kv_cache_sampling_on_gpu_equals_the_reference():
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_torchrun_one_nccl_rank(data_dir, tmp_path, mode):
+def test_torchrun_one_nccl_rank(counting_data, tmp_path, mode):
     flags = ["--fsdp"] if mode == "fsdp" else []
-    out = run("--data", data_dir, "--out", tmp_path / mode, *flags, "--dtype", "fp32", "--max-iters", 10,
+    out = run("--data", counting_data, "--out", tmp_path / mode, *flags, "--dtype", "fp32", "--max-iters", 10,
               "--eval-interval", 5, *TINY, nproc=1)
     assert "1 rank(s)" in out and ("FSDP" in out) == (mode == "fsdp")
-    run("--data", data_dir, "--out", tmp_path / "plain", "--dtype", "fp32", "--max-iters", 10, "--eval-interval", 5,
+    run("--data", counting_data, "--out", tmp_path / "plain", "--dtype", "fp32", "--max-iters", 10, "--eval-interval", 5,
         *TINY)
     for (s1, l1, v1), (s2, l2, v2) in zip(losses(tmp_path / "plain"), losses(tmp_path / mode)):
         for a, b in ((l1, l2), (v1, v2)):

@@ -25,29 +25,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import cli
 import train
+from conftest import TINY_RUN, run_losses
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--vocab-size", "32", "--context-length", "16", "--d-model", "32", "--num-layers", "2", "--num-heads", "2",
-        "--d-ff", "64", "--batch-size", "8", "--warmup-iters", "2", "--lr", "3e-3", "--min-lr", "3e-4",
-        "--peak-flops", "0", "--device", "cpu", "--eval-iters", "2", "--log-interval", "2"]
-
-
-@pytest.fixture
-def data_dir(tmp_path):
-    """train.npy / valid.npy: ids counting up mod 32 with random jumps (learnable, so the curve moves)."""
-    rng = np.random.default_rng(0)
-    d = tmp_path / "data"
-    d.mkdir()
-    for name, n in (("train.npy", 20_000), ("valid.npy", 2_000)):
-        ids = np.cumsum(rng.integers(1, 3, size=n)) % 32
-        np.save(d / name, ids.astype(np.uint16))
-    return d
+TINY = [*TINY_RUN, "--device", "cpu"]
 
 
 def run_main(argv, capsys):
@@ -56,8 +42,7 @@ def run_main(argv, capsys):
     return rc, out.out, out.err
 
 
-def losses(run_dir):
-    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in train.read_log(Path(run_dir) / "log.jsonl")]
+losses = run_losses
 
 
 def debris(run_dir):
@@ -70,9 +55,9 @@ def debris(run_dir):
 
 
 @pytest.mark.parametrize("err, cause", [(errno.ENOSPC, "no space left on device"), (errno.EIO, "input/output error")])
-def test_failed_checkpoint_write_stops_cleanly_and_resumes(data_dir, tmp_path, capsys, monkeypatch, fail_writes,
+def test_failed_checkpoint_write_stops_cleanly_and_resumes(counting_data, tmp_path, capsys, monkeypatch, fail_writes,
                                                            err, cause):
-    common = ["--data", data_dir, "--max-iters", 12, "--ckpt-interval", 4, "--eval-interval", 6, *TINY]
+    common = ["--data", counting_data, "--max-iters", 12, "--ckpt-interval", 4, "--eval-interval", 6, *TINY]
     assert run_main(["--out", tmp_path / "ref", *common], capsys)[0] == 0
     out = tmp_path / "run"
     real_save = train.save_checkpoints
@@ -95,12 +80,12 @@ def test_failed_checkpoint_write_stops_cleanly_and_resumes(data_dir, tmp_path, c
     assert losses(out) == losses(tmp_path / "ref")  # nothing lost: the same curve, bit for bit
 
 
-def test_last_is_written_before_best_and_best_is_a_link_of_the_same_step(data_dir, tmp_path, capsys, monkeypatch):
+def test_last_is_written_before_best_and_best_is_a_link_of_the_same_step(counting_data, tmp_path, capsys, monkeypatch):
     written = []
     real_write = train.write_checkpoint
     monkeypatch.setattr(train, "write_checkpoint", lambda name, *a, **k: (written.append(name), real_write(name, *a, **k)))
     out = tmp_path / "run"
-    assert run_main(["--data", data_dir, "--out", out, "--max-iters", 9, "--ckpt-interval", 3, "--eval-interval", 2,
+    assert run_main(["--data", counting_data, "--out", out, "--max-iters", 9, "--ckpt-interval", 3, "--eval-interval", 2,
                      *TINY], capsys)[0] == 0
     # what must have been written, step by step: last.pt every 3 steps; best.pt at each evaluation that improved,
     # as its own write, or (at steps that also write last.pt) after it, as a link: never serialised twice
@@ -119,25 +104,25 @@ def test_last_is_written_before_best_and_best_is_a_link_of_the_same_step(data_di
     assert debris(out) == []
 
 
-def test_best_and_last_of_one_step_are_one_file(data_dir, tmp_path, capsys):
+def test_best_and_last_of_one_step_are_one_file(counting_data, tmp_path, capsys):
     out = tmp_path / "run"
-    assert run_main(["--data", data_dir, "--out", out, "--max-iters", 4, "--eval-interval", 4, *TINY], capsys)[0] == 0
+    assert run_main(["--data", counting_data, "--out", out, "--max-iters", 4, "--eval-interval", 4, *TINY], capsys)[0] == 0
     assert os.stat(out / "best.pt").st_ino == os.stat(out / "last.pt").st_ino  # a hard link: no second write
     assert train.read_checkpoint(out / "best.pt")["iteration"] == 4
 
 
-def test_best_is_a_copy_where_hard_links_fail(data_dir, tmp_path, capsys, monkeypatch):
+def test_best_is_a_copy_where_hard_links_fail(counting_data, tmp_path, capsys, monkeypatch):
     def no_links(src, dst):
         raise OSError(errno.EPERM, "Operation not permitted")
 
     monkeypatch.setattr(os, "link", no_links)
     out = tmp_path / "run"
-    assert run_main(["--data", data_dir, "--out", out, "--max-iters", 4, "--eval-interval", 4, *TINY], capsys)[0] == 0
+    assert run_main(["--data", counting_data, "--out", out, "--max-iters", 4, "--eval-interval", 4, *TINY], capsys)[0] == 0
     assert (out / "best.pt").read_bytes() == (out / "last.pt").read_bytes()
     assert os.stat(out / "best.pt").st_ino != os.stat(out / "last.pt").st_ino and debris(out) == []
 
 
-def test_early_warning_when_the_next_checkpoint_will_not_fit(data_dir, tmp_path, capsys, monkeypatch):
+def test_early_warning_when_the_next_checkpoint_will_not_fit(counting_data, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     real_usage = shutil.disk_usage
     state = {"free": None}
@@ -157,7 +142,7 @@ def test_early_warning_when_the_next_checkpoint_will_not_fit(data_dir, tmp_path,
     monkeypatch.setattr(shutil, "disk_usage", usage)
     monkeypatch.setattr(train, "write_checkpoint", write_then_fill)
     monkeypatch.setattr(cli, "open_for_write", lambda path: (opened.append(Path(path).name), real_open(path))[1])
-    rc, _, stderr = run_main(["--data", data_dir, "--out", out, "--max-iters", 8, "--ckpt-interval", 4,
+    rc, _, stderr = run_main(["--data", counting_data, "--out", out, "--max-iters", 8, "--ckpt-interval", 4,
                               "--eval-interval", 100, *TINY], capsys)
     lines = stderr.strip().splitlines()
     assert rc == 1 and len(lines) == 2, stderr
@@ -170,10 +155,10 @@ def test_early_warning_when_the_next_checkpoint_will_not_fit(data_dir, tmp_path,
     assert opened.count("last.pt.tmp") == 1  # step 8's checkpoint was refused before a byte was written
 
 
-def test_config_json_that_cannot_be_written_stops_before_training(data_dir, tmp_path, capsys, fail_writes):
+def test_config_json_that_cannot_be_written_stops_before_training(counting_data, tmp_path, capsys, fail_writes):
     fail_writes(errno.EIO, after_bytes=10, name_contains="config.json")
     out = tmp_path / "run"
-    rc, stdout, stderr = run_main(["--data", data_dir, "--out", out, "--max-iters", 4, *TINY], capsys)
+    rc, stdout, stderr = run_main(["--data", counting_data, "--out", out, "--max-iters", 4, *TINY], capsys)
     assert rc == 1 and stderr.strip() == f"train.py: stopped: cannot write {out}/config.json: input/output error"
     assert not (out / "last.pt").exists() and debris(out) == [] and "step" not in stdout
 
@@ -183,10 +168,10 @@ def test_config_json_that_cannot_be_written_stops_before_training(data_dir, tmp_
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_a_failing_log_is_reported_once_and_training_goes_on(data_dir, tmp_path, capsys, fail_writes):
+def test_a_failing_log_is_reported_once_and_training_goes_on(counting_data, tmp_path, capsys, fail_writes):
     fail_writes(errno.EIO, after_bytes=300, name_contains="log.jsonl")  # the first row or two, then EIO
     out = tmp_path / "run"
-    rc, stdout, stderr = run_main(["--data", data_dir, "--out", out, "--max-iters", 10, "--eval-interval", 5, *TINY],
+    rc, stdout, stderr = run_main(["--data", counting_data, "--out", out, "--max-iters", 10, "--eval-interval", 5, *TINY],
                                   capsys)
     assert rc == 0
     assert stderr.count("train.py: warning: cannot write") == 1 and "input/output error" in stderr
@@ -195,12 +180,12 @@ def test_a_failing_log_is_reported_once_and_training_goes_on(data_dir, tmp_path,
     assert torch.load(out / "last.pt", weights_only=True)["iteration"] == 10
 
 
-def test_a_failing_log_stops_the_run_when_checkpoints_cannot_be_written_either(data_dir, tmp_path, capsys,
+def test_a_failing_log_stops_the_run_when_checkpoints_cannot_be_written_either(counting_data, tmp_path, capsys,
                                                                               fail_writes, monkeypatch):
     fail_writes(errno.ENOSPC, after_bytes=0, name_contains="log.jsonl")
     monkeypatch.setattr(train, "space_problem", lambda path, needed: "no space left on device: 1 MB needed, 0 B free")
     out = tmp_path / "run"
-    rc, _, stderr = run_main(["--data", data_dir, "--out", out, "--max-iters", 10, *TINY], capsys)
+    rc, _, stderr = run_main(["--data", counting_data, "--out", out, "--max-iters", 10, *TINY], capsys)
     assert rc == 1 and stderr.count("\n") == 1
     assert stderr.startswith(f"train.py: stopped: cannot write {out}/log.jsonl (no space left on device), and the "
                              f"next checkpoint will not fit either")
@@ -212,13 +197,13 @@ def test_a_failing_log_stops_the_run_when_checkpoints_cannot_be_written_either(d
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_disk_full_on_a_real_tmpfs(data_dir, tmpfs, capsys):
+def test_disk_full_on_a_real_tmpfs(counting_data, tmpfs, capsys):
     disk = tmpfs("20m")
     out = disk / "run"
     demo_size = ["--vocab-size", "1024", "--context-length", "128", "--d-model", "128", "--num-layers", "4",
                  "--num-heads", "4", "--d-ff", "344", "--batch-size", "2", "--peak-flops", "0", "--device", "cpu",
                  "--eval-iters", "1", "--log-interval", "1", "--warmup-iters", "1"]
-    rc, _, stderr = run_main(["--data", data_dir, "--out", out, "--max-iters", 4, "--ckpt-interval", 2,
+    rc, _, stderr = run_main(["--data", counting_data, "--out", out, "--max-iters", 4, "--ckpt-interval", 2,
                               "--eval-interval", 100, *demo_size], capsys)
     lines = stderr.strip().splitlines()
     assert rc == 1 and len(lines) == 2, stderr
@@ -238,9 +223,9 @@ def test_disk_full_on_a_real_tmpfs(data_dir, tmpfs, capsys):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def start(data_dir, out, resume=False):
+def start(counting_data, out, resume=False):
     flags = ["--resume", str(out)] if resume else [
-        "--data", str(data_dir), "--out", str(out), "--max-iters", "80", "--ckpt-interval", "3", "--eval-interval",
+        "--data", str(counting_data), "--out", str(out), "--max-iters", "80", "--ckpt-interval", "3", "--eval-interval",
         "20", *TINY]
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *flags], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -257,11 +242,11 @@ def kill_during_a_checkpoint_write(proc, out, timeout=30.0) -> bool:
 
 
 @pytest.mark.slow  # seven training processes: ~1 minute on 2 idle cores
-def test_five_sigkills_and_resumes_end_on_the_uninterrupted_curve(data_dir, tmp_path):
-    ref = start(data_dir, tmp_path / "ref")
+def test_five_sigkills_and_resumes_end_on_the_uninterrupted_curve(counting_data, tmp_path):
+    ref = start(counting_data, tmp_path / "ref")
     assert ref.wait() == 0, ref.stderr.read()
     out, rng = tmp_path / "run", random.Random(0)
-    proc, during_writes = start(data_dir, out), 0
+    proc, during_writes = start(counting_data, out), 0
     for kill in range(5):
         if kill % 2 == 0 and kill_during_a_checkpoint_write(proc, out):
             during_writes += 1
@@ -269,14 +254,14 @@ def test_five_sigkills_and_resumes_end_on_the_uninterrupted_curve(data_dir, tmp_
             time.sleep(rng.uniform(0.3, 2.0))  # somewhere in the loop: a step, an evaluation, start-up
             proc.kill()
         proc.wait()
-        proc = start(data_dir, out, resume=(out / "last.pt").exists())
+        proc = start(counting_data, out, resume=(out / "last.pt").exists())
     assert proc.wait() == 0, proc.stderr.read()
     assert during_writes >= 2  # some kills really landed inside a checkpoint write
     assert losses(out) == losses(tmp_path / "ref") and debris(out) == []
 
 
-def test_a_run_directory_that_cannot_be_made_is_one_line_exit_1(data_dir, tmp_path, capsys):
+def test_a_run_directory_that_cannot_be_made_is_one_line_exit_1(counting_data, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    rc, _, stderr = run_main(["--data", data_dir, "--out", blocker / "run", "--max-iters", 2, *TINY], capsys)
+    rc, _, stderr = run_main(["--data", counting_data, "--out", blocker / "run", "--max-iters", 2, *TINY], capsys)
     assert rc == 1 and stderr.count("\n") == 1 and stderr.startswith("train.py: stopped: ") and "a-file" in stderr

@@ -526,7 +526,7 @@ def test_resuming_an_imported_checkpoint_points_to_init_from(hf, tok_dir, tmp_pa
     save_hf_dir(hf_llama(hf, 700), tok_dir, tmp_path / "hf")
     train.main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "imported")])
     err = one_line_error(capsys, ["--resume", str(tmp_path / "imported")])
-    assert f"holds weights but no training state; start a new run from it with --init-from " in err
+    assert "holds weights but no training state; start a new run from it with --init-from " in err
 
 
 # ---------------------------------------------------------------------------------------------------------------------

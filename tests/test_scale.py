@@ -19,25 +19,12 @@ import pytest
 import torch
 
 import train
+from conftest import TINY_RUN, run_losses
 from model import PRESETS, TransformerLM
 from optim import cross_entropy
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--vocab-size", "32", "--context-length", "16", "--d-model", "32", "--num-layers", "2", "--num-heads", "2",
-        "--d-ff", "64", "--batch-size", "8", "--warmup-iters", "2", "--lr", "3e-3", "--min-lr", "3e-4",
-        "--peak-flops", "0", "--device", "cpu", "--eval-iters", "2", "--log-interval", "2"]
-
-
-@pytest.fixture
-def data_dir(tmp_path):
-    """train.npy / valid.npy: ids counting up mod 32 with random jumps (learnable, so the curve moves)."""
-    rng = np.random.default_rng(0)
-    d = tmp_path / "data"
-    d.mkdir()
-    for name, n in (("train.npy", 20_000), ("valid.npy", 2_000)):
-        ids = np.cumsum(rng.integers(1, 3, size=n)) % 32
-        np.save(d / name, ids.astype(np.uint16))
-    return d
+TINY = [*TINY_RUN, "--device", "cpu"]
 
 
 def run_main(argv, capsys):
@@ -51,8 +38,7 @@ def log(run_dir):
     return train.read_log(Path(run_dir) / "log.jsonl")
 
 
-def losses(run_dir):
-    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in log(run_dir)]
+losses = run_losses
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -60,8 +46,8 @@ def losses(run_dir):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_fp16_loss_follows_fp32(data_dir, tmp_path, capsys):
-    common = ["--data", data_dir, "--max-iters", 30, "--eval-interval", 10, *TINY]
+def test_fp16_loss_follows_fp32(counting_data, tmp_path, capsys):
+    common = ["--data", counting_data, "--max-iters", 30, "--eval-interval", 10, *TINY]
     run_main(["--out", tmp_path / "fp32", "--dtype", "fp32", *common], capsys)
     out = run_main(["--out", tmp_path / "fp16", "--dtype", "fp16", *common], capsys)
     assert "precision: fp16 (--dtype)" in out
@@ -77,9 +63,9 @@ def test_fp16_loss_follows_fp32(data_dir, tmp_path, capsys):
     assert ckpt["scaler"]["scale"] == train.FP16_INITIAL_SCALE  # no overflow, and fewer than 2,000 steps to grow
 
 
-def test_fp16_overflow_skips_the_step_and_lowers_the_scale(data_dir, tmp_path, capsys, monkeypatch):
+def test_fp16_overflow_skips_the_step_and_lowers_the_scale(counting_data, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train, "FP16_INITIAL_SCALE", 2.0**40)  # x 1e12: the fp16 backward overflows at once
-    out = run_main(["--data", data_dir, "--out", tmp_path / "run", "--dtype", "fp16", "--max-iters", 30,
+    out = run_main(["--data", counting_data, "--out", tmp_path / "run", "--dtype", "fp16", "--max-iters", 30,
                     "--eval-interval", 10, *TINY], capsys)
     rows = [r for r in log(tmp_path / "run") if "loss" in r]
     skipped = rows[-1]["skipped_steps"]
@@ -90,9 +76,9 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale(data_dir, tmp_path, c
     assert all(np.isfinite(r["loss"]) for r in rows) and rows[-1]["loss"] < rows[0]["loss"]  # training went on
 
 
-def test_fp16_resume_is_exact(data_dir, tmp_path, capsys, monkeypatch):
+def test_fp16_resume_is_exact(counting_data, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train, "FP16_INITIAL_SCALE", 2.0**40)  # so the scaler's state (skips, scale) matters
-    common = ["--data", data_dir, "--dtype", "fp16", "--max-iters", 20, "--ckpt-interval", 5, "--eval-interval", 8,
+    common = ["--data", counting_data, "--dtype", "fp16", "--max-iters", 20, "--ckpt-interval", 5, "--eval-interval", 8,
               *TINY]
     run_main(["--out", tmp_path / "ref", *common], capsys)
     real_clip, calls = train.clip_grad_norm, {"n": 0}
@@ -158,8 +144,8 @@ def test_activation_checkpointing_keeps_only_block_inputs():
     assert saved[1] < saved[0] / 2  # the blocks' insides are recomputed, not kept
 
 
-def test_activation_checkpointing_run_matches_the_plain_run(data_dir, tmp_path, capsys):
-    common = ["--data", data_dir, "--max-iters", 12, "--eval-interval", 6, *TINY]
+def test_activation_checkpointing_run_matches_the_plain_run(counting_data, tmp_path, capsys):
+    common = ["--data", counting_data, "--max-iters", 12, "--eval-interval", 6, *TINY]
     run_main(["--out", tmp_path / "plain", *common], capsys)
     run_main(["--out", tmp_path / "ac", "--activation-checkpointing", *common], capsys)
     for (s1, l1, v1), (s2, l2, v2) in zip(losses(tmp_path / "plain"), losses(tmp_path / "ac")):
@@ -196,12 +182,12 @@ def assert_close_curves(a, b, tol=1e-5):
 
 TRAIN_PY = ROOT / "train.py"
 FSDP_COMMON = ["--max-iters", "12", "--cosine-cycle-iters", "12", "--eval-interval", "6", "--ckpt-interval", "6",
-               "--log-interval", "1", *TINY[:-4], "--eval-iters", "2", "--grad-accum", "2"]
+               *TINY, "--log-interval", "1", "--grad-accum", "2"]
 
 
-def test_fsdp_two_ranks_match_one_process_and_write_the_same_checkpoint(data_dir, tmp_path):
-    python(TRAIN_PY, "--data", data_dir, "--out", tmp_path / "one", *FSDP_COMMON)
-    out = torchrun(2, TRAIN_PY, "--data", data_dir, "--out", tmp_path / "fsdp", "--fsdp", *FSDP_COMMON).stdout
+def test_fsdp_two_ranks_match_one_process_and_write_the_same_checkpoint(counting_data, tmp_path):
+    python(TRAIN_PY, "--data", counting_data, "--out", tmp_path / "one", *FSDP_COMMON)
+    out = torchrun(2, TRAIN_PY, "--data", counting_data, "--out", tmp_path / "fsdp", "--fsdp", *FSDP_COMMON).stdout
     assert "FSDP, 2 rank(s)" in out
     # same global batch, same update: only the order of float sums differs (as in the DDP test)
     assert_close_curves(losses(tmp_path / "one"), losses(tmp_path / "fsdp"))
@@ -218,12 +204,12 @@ def test_fsdp_two_ranks_match_one_process_and_write_the_same_checkpoint(data_dir
 
 
 @pytest.mark.slow  # six more training processes
-def test_fsdp_and_single_process_checkpoints_resume_each_other(data_dir, tmp_path):
-    python(TRAIN_PY, "--data", data_dir, "--out", tmp_path / "ref", *FSDP_COMMON)
+def test_fsdp_and_single_process_checkpoints_resume_each_other(counting_data, tmp_path):
+    python(TRAIN_PY, "--data", counting_data, "--out", tmp_path / "ref", *FSDP_COMMON)
     # 6 steps one way, then the other 6 the other way (the cosine is fixed at 12 steps, so the curve is one curve)
-    python(TRAIN_PY, "--data", data_dir, "--out", tmp_path / "a", *FSDP_COMMON, "--max-iters", 6)
+    python(TRAIN_PY, "--data", counting_data, "--out", tmp_path / "a", *FSDP_COMMON, "--max-iters", 6)
     torchrun(2, TRAIN_PY, "--resume", tmp_path / "a", "--fsdp", "--max-iters", 12)
-    torchrun(2, TRAIN_PY, "--data", data_dir, "--out", tmp_path / "b", "--fsdp", *FSDP_COMMON, "--max-iters", 6)
+    torchrun(2, TRAIN_PY, "--data", counting_data, "--out", tmp_path / "b", "--fsdp", *FSDP_COMMON, "--max-iters", 6)
     python(TRAIN_PY, "--resume", tmp_path / "b", "--no-fsdp", "--max-iters", 12)
     for run in ("a", "b"):
         assert_close_curves(losses(tmp_path / run), losses(tmp_path / "ref"))
@@ -231,11 +217,11 @@ def test_fsdp_and_single_process_checkpoints_resume_each_other(data_dir, tmp_pat
 
 
 @pytest.mark.slow
-def test_fsdp_sigterm_then_resume_continues_the_curve(data_dir, tmp_path):
-    python(TRAIN_PY, "--data", data_dir, "--out", tmp_path / "ref", *FSDP_COMMON, "--max-iters", 40,
+def test_fsdp_sigterm_then_resume_continues_the_curve(counting_data, tmp_path):
+    python(TRAIN_PY, "--data", counting_data, "--out", tmp_path / "ref", *FSDP_COMMON, "--max-iters", 40,
            "--cosine-cycle-iters", 40)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29700 + os.getpid() % 200), str(TRAIN_PY), "--data", str(data_dir), "--out", str(tmp_path / "run"),
+           str(29700 + os.getpid() % 200), str(TRAIN_PY), "--data", str(counting_data), "--out", str(tmp_path / "run"),
            "--fsdp", *FSDP_COMMON, "--max-iters", "40", "--cosine-cycle-iters", "40"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -259,15 +245,15 @@ def test_fsdp_rank_holds_half_of_the_parameters_and_adamw_state(tmp_path):
     # (every dim 0 here is even, so the halves are exact; in general a rank holds ceil(dim0 / N) rows)
 
 
-def test_fsdp_without_torchrun_is_one_line(data_dir, tmp_path, capsys):
-    rc = train.main(["--data", str(data_dir), "--out", str(tmp_path / "r"), "--fsdp", *TINY])
+def test_fsdp_without_torchrun_is_one_line(counting_data, tmp_path, capsys):
+    rc = train.main(["--data", str(counting_data), "--out", str(tmp_path / "r"), "--fsdp", *TINY])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "torchrun --nproc_per_node N train.py ... --fsdp" in err
 
 
 @pytest.mark.slow  # torch.compile on CPU: ~30 s of compiling
-def test_fsdp_with_activation_checkpointing_and_compile_matches_one_process(data_dir, tmp_path):
-    python(TRAIN_PY, "--data", data_dir, "--out", tmp_path / "one", *FSDP_COMMON)
-    torchrun(2, TRAIN_PY, "--data", data_dir, "--out", tmp_path / "fsdp", "--fsdp", "--activation-checkpointing",
+def test_fsdp_with_activation_checkpointing_and_compile_matches_one_process(counting_data, tmp_path):
+    python(TRAIN_PY, "--data", counting_data, "--out", tmp_path / "one", *FSDP_COMMON)
+    torchrun(2, TRAIN_PY, "--data", counting_data, "--out", tmp_path / "fsdp", "--fsdp", "--activation-checkpointing",
              "--compile", *FSDP_COMMON, timeout=600)
     assert_close_curves(losses(tmp_path / "one"), losses(tmp_path / "fsdp"), tol=1e-4)
