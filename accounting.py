@@ -9,7 +9,9 @@ num_heads h, d_ff F) and the batch B and sequence length T, printed beside its n
     published write-up of this very assignment made (tests/test_accounting.py pins the corrected GPT-2 XL figure);
   - training = forward + backward, backward = 2x forward (each matmul needs one product for the input's gradient
     and one for the weight's), plus AdamW's own element-wise FLOPs;
-  - memory = fp32 parameters, gradients, AdamW's two moments, and the activations the handout enumerates.
+  - memory = fp32 parameters, gradients, AdamW's two moments, and the activations kept for backward: by default
+    the ones model.py keeps with the fused attention train.py runs (--activations sdpa: no T x T matrices), or
+    those of the from-scratch attention (manual), or the handout's enumeration (handout).
 tests/test_accounting.py checks the parameter count against sum(p.numel()) of model.TransformerLM, the FLOPs
 against torch.utils.flop_counter, and the activation formula against the bytes autograd really saves (--measure).
 The other half of MFU lives here too: PEAK_FLOPS and gpu_peak_flops (a CUDA device's published peak),
@@ -173,47 +175,54 @@ BF16_BYTES = torch.finfo(torch.bfloat16).bits // 8  # 2: the Parameters table al
 # AdamW's two moments m and v (Loshchilov & Hutter 2019, Algorithm 2) — 4 copies, 16 bytes per parameter in fp32.
 TRAIN_STATE_COPIES = {"params": 1, "grads": 1, "adamw_state": 2}
 
-# Activations, enumerated as in the handout's adamwAccounting problem: one tensor per step of the forward pass that
-# backward needs, counted in elements for B sequences of T tokens (per layer unless marked "once").
+# Activations: what the forward pass keeps for backward, counted in elements for B sequences of T tokens. A row is
+# (id, label, formula, elements); each enumeration gives one block's rows and the rows outside the blocks, and
+# activation_rows multiplies the block's by L. Three enumerations (--activations):
+#   sdpa     model.py as train.py runs it (attn_impl="sdpa", the default): the fused attention kernel keeps its output
+#            and a logsumexp per row, never the T x T scores (flash attention's memory saving; Dao et al. 2022);
+#   manual   model.py with the from-scratch attention (attn_impl="manual"), which keeps the T x T matrices;
+#   handout  the handout's adamwAccounting enumeration: one tensor per step of the forward pass, including the
+#            T x T scores and probabilities, as if attention were computed unfused.
+# sdpa and manual are exact (== the bytes saved_tensors_hooks see in fp32, tests/test_accounting.py); handout is the
+# problem's model, within ~25% of what autograd really keeps at the project's sizes but far off for long contexts or
+# large batches with sdpa (it counts B·h·T² elements per layer twice that a flash kernel never stores).
+ACTIVATIONS = ("sdpa", "manual", "handout")
+DEFAULT_ACTIVATIONS = "sdpa"  # model.ModelConfig's default attn_impl: what train.py runs
 
-def activation_rows(cfg, batch_size: int = 1, seq_len: int | None = None) -> list[tuple[str, str, int]]:
-    """(name, element formula, elements) of the activations kept for backward."""
+
+def handout_activations(cfg, batch_size: int = 1, seq_len: int | None = None) -> tuple[list, list]:
+    """(one block's rows, rows outside the blocks) of the handout's adamwAccounting enumeration."""
     B, T = batch_size, _seq_len(cfg, seq_len)
-    V, d, L, F, h = cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.d_ff, cfg.num_heads
+    V, d, F, h = cfg.vocab_size, cfg.d_model, cfg.d_ff, cfg.num_heads
     norm = cfg.norm != "none"
-    rows = []
-    if norm:
-        rows.append(("RMSNorms ln1, ln2 (inputs)", "L · 2·B·T·d", L * 2 * B * T * d))
-    rows += [
-        ("QKV projections (Q, K, V)", "L · 3·B·T·d", L * 3 * B * T * d),
-        ("Q Kᵀ scores", "L · B·h·T²", L * B * h * T * T),
-        ("softmax probabilities", "L · B·h·T²", L * B * h * T * T),
-        ("weighted sum of values", "L · B·T·d", L * B * T * d),
-        ("output projection", "L · B·T·d", L * B * T * d),
-        ("W1 x", "L · B·T·F", L * B * T * F),
+    block = [("ln_inputs", "RMSNorms ln1, ln2 (inputs)", "2·B·T·d", 2 * B * T * d)] if norm else []
+    block += [
+        ("qkv", "QKV projections (Q, K, V)", "3·B·T·d", 3 * B * T * d),
+        ("scores", "Q Kᵀ scores", "B·h·T²", B * h * T * T),
+        ("probs", "softmax probabilities", "B·h·T²", B * h * T * T),
+        ("attn_values", "weighted sum of values", "B·T·d", B * T * d),
+        ("out_proj", "output projection", "B·T·d", B * T * d),
+        ("w1", "W1 x", "B·T·F", B * T * F),
     ]
     if cfg.ffn == "swiglu":
-        rows.append(("W3 x", "L · B·T·F", L * B * T * F))
-    rows.append(("SiLU(W1 x)", "L · B·T·F", L * B * T * F))
+        block.append(("w3", "W3 x", "B·T·F", B * T * F))
+    block.append(("silu", "SiLU(W1 x)", "B·T·F", B * T * F))
     if cfg.ffn == "swiglu":  # W2's input is SiLU(W1 x) ⊙ W3 x, a fourth (B, T, F) tensor
-        rows.append(("W2 input SiLU(W1 x) ⊙ W3 x", "L · B·T·F", L * B * T * F))
-    if norm:
-        rows.append(("final RMSNorm (once)", "B·T·d", B * T * d))
-    rows += [("logits (once)", "B·T·V", B * T * V), ("cross-entropy softmax (once)", "B·T·V", B * T * V)]
-    return rows
+        block.append(("w2_input", "W2 input SiLU(W1 x) ⊙ W3 x", "B·T·F", B * T * F))
+    outside = [("ln_final", "final RMSNorm (once)", "B·T·d", B * T * d)] if norm else []
+    outside += [("logits", "logits (once)", "B·T·V", B * T * V),
+                ("ce_softmax", "cross-entropy softmax (once)", "B·T·V", B * T * V)]
+    return block, outside
 
 
-def activation_elements(cfg, batch_size: int = 1, seq_len: int | None = None) -> int:
-    return sum(n for _, _, n in activation_rows(cfg, batch_size, seq_len))
-
-
-def saved_activation_rows(cfg, batch_size: int = 1, seq_len: int | None = None) -> list[tuple[str, str, int]]:
-    """(name, element formula, elements) of the floating-point tensors autograd really keeps for backward when
-    model.py's TransformerLM + optim.cross_entropy run in fp32 — measured exactly by --measure.
+def saved_activations(cfg, batch_size: int = 1, seq_len: int | None = None) -> tuple[list, list]:
+    """(one block's rows, rows outside the blocks) of the floating-point tensors autograd really keeps for backward
+    when model.py's TransformerLM (with cfg.attn_impl) + optim.cross_entropy run in fp32 — measured exactly by
+    --measure.
 
     The handout's enumeration is a model of that; this is the ground truth for this implementation, derived op by op
     (an op keeps what its derivative needs: x² keeps x, exp keeps its output, a @ b keeps a and b, a · w keeps a).
-    Where it differs from activation_rows, and why:
+    Where it differs from the handout's, and why:
       - RMSNorm keeps its input x, x/rms and 1/rms (B·T); its output is kept by the next matmul: 3 B·T·d, not 1;
       - the from-scratch softmax keeps the masked scores (for the max), exp and the probabilities: 3 B·h·T², not 2,
         plus the row max and row sum (B·h·T each); the fused sdpa kernel keeps none of these, only its output and a
@@ -226,49 +235,86 @@ def saved_activation_rows(cfg, batch_size: int = 1, seq_len: int | None = None) 
       - optim.cross_entropy keeps the logits and each row's logsumexp (B·T), from which its hand-written backward
         rebuilds softmax - onehot; nothing else keeps a (B, T, V) tensor: one B·T·V tensor, not two."""
     B, T = batch_size, _seq_len(cfg, seq_len)
-    V, d, L, F, h = cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.d_ff, cfg.num_heads
-    rows = []
+    V, d, F, h = cfg.vocab_size, cfg.d_model, cfg.d_ff, cfg.num_heads
+    block = []
     if cfg.norm != "none":
-        rows.append(("RMSNorm ln1, ln2: x, x/rms, 1/rms", "L · 2·(2·B·T·d + B·T)", L * 2 * (2 * B * T * d + B * T)))
-    rows += [("inputs of q/k/v_proj and w1/w3", "L · 2·B·T·d", L * 2 * B * T * d),
-             ("Q, K after RoPE, V", "L · 3·B·T·d", L * 3 * B * T * d)]
+        block.append(("rmsnorm", "RMSNorm ln1, ln2: x, x/rms, 1/rms", "2·(2·B·T·d + B·T)", 2 * (2 * B * T * d + B * T)))
+    block += [("proj_inputs", "inputs of q/k/v_proj and w1/w3", "2·B·T·d", 2 * B * T * d),
+              ("qkv", "Q, K after RoPE, V", "3·B·T·d", 3 * B * T * d)]
     if cfg.position == "rope":
-        rows.append(("RoPE cos, sin (for Q and for K)", "L · 4·T·d/h", L * 4 * T * (d // h)))
+        block.append(("rope", "RoPE cos, sin (for Q and for K)", "4·T·d/h", 4 * T * (d // h)))
     if cfg.attn_impl == "manual":
-        rows.append(("masked scores, exp, probabilities", "L · 3·B·h·T²", L * 3 * B * h * T * T))
-        rows.append(("softmax row max and row sum", "L · 2·B·h·T", L * 2 * B * h * T))
+        block.append(("softmax", "masked scores, exp, probabilities", "3·B·h·T²", 3 * B * h * T * T))
+        block.append(("softmax_stats", "softmax row max and row sum", "2·B·h·T", 2 * B * h * T))
     else:
-        rows.append(("sdpa output and logsumexp", "L · (B·T·d + B·h·T)", L * (B * T * d + B * h * T)))
+        block.append(("sdpa", "sdpa output and logsumexp", "B·T·d + B·h·T", B * T * d + B * h * T))
     # subtle: the fused CPU kernel returns its output in the query's memory layout. model.py computes Q as a
     # transposed view of q_proj's (B, T, H, D) output (RoPE runs before the head transpose), so the (B, H, T, D)
     # result already sits in memory as (B, T, C) and the head merge is a free view of the sdpa output kept above.
     # The from-scratch path's `probs @ V` is contiguous as (B, H, T, D), so its merge is a copy that output_proj keeps.
     if cfg.attn_impl == "manual":
-        rows.append(("merged heads (output_proj input)", "L · B·T·d", L * B * T * d))
+        block.append(("merged_heads", "merged heads (output_proj input)", "B·T·d", B * T * d))
     if cfg.ffn == "swiglu":
-        rows.append(("W1 x, σ(W1 x), SiLU, W3 x, product", "L · 5·B·T·F", L * 5 * B * T * F))
+        block.append(("ffn", "W1 x, σ(W1 x), SiLU, W3 x, product", "5·B·T·F", 5 * B * T * F))
     else:
-        rows.append(("W1 x, σ(W1 x), SiLU(W1 x)", "L · 3·B·T·F", L * 3 * B * T * F))
+        block.append(("ffn", "W1 x, σ(W1 x), SiLU(W1 x)", "3·B·T·F", 3 * B * T * F))
+    outside = []
     if cfg.norm != "none":
-        rows.append(("ln_final: x, x/rms, 1/rms (once)", "2·B·T·d + B·T", 2 * B * T * d + B * T))
-    rows += [("lm_head input (once)", "B·T·d", B * T * d),
-             ("loss: logits, row logsumexp (once)", "B·T·V + B·T", B * T * V + B * T)]
-    return rows
+        outside.append(("ln_final", "ln_final: x, x/rms, 1/rms (once)", "2·B·T·d + B·T", 2 * B * T * d + B * T))
+    outside += [("lm_head_input", "lm_head input (once)", "B·T·d", B * T * d),
+                ("loss", "loss: logits, row logsumexp (once)", "B·T·V + B·T", B * T * V + B * T)]
+    return block, outside
 
 
-def train_memory(cfg, batch_size: int = 1, seq_len: int | None = None, bytes_per: int = FP32_BYTES) -> dict:
+def activation_parts(cfg, batch_size: int = 1, seq_len: int | None = None,
+                     activations: str = DEFAULT_ACTIVATIONS) -> tuple[list, list]:
+    """(one block's rows, rows outside the blocks) of the enumeration `activations` (one of ACTIVATIONS).
+    note: sdpa and manual are model.py's rows for that attention, whatever cfg.attn_impl says."""
+    if activations == "handout":
+        return handout_activations(cfg, batch_size, seq_len)
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"unknown activations {activations!r}; choose one of {', '.join(ACTIVATIONS)}")
+    return saved_activations(dataclasses.replace(cfg, attn_impl=activations), batch_size, seq_len)
+
+
+def _times_layers(formula: str) -> str:
+    """'2·B·T·d' -> 'L · 2·B·T·d'; a sum gets parentheses: 'B·T·d + B·h·T' -> 'L · (B·T·d + B·h·T)'."""
+    depth, top_level_sum = 0, False
+    for ch in formula:
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        top_level_sum |= ch == "+" and depth == 0
+    return f"L · ({formula})" if top_level_sum else f"L · {formula}"
+
+
+def activation_rows(cfg, batch_size: int = 1, seq_len: int | None = None,
+                    activations: str = DEFAULT_ACTIVATIONS) -> list[tuple[str, str, str, int]]:
+    """(id, label, formula, elements) of the activations kept for backward: L x one block's rows, then the rest."""
+    block, outside = activation_parts(cfg, batch_size, seq_len, activations)
+    L = cfg.num_layers
+    return [(row_id, label, _times_layers(formula), L * n) for row_id, label, formula, n in block] + outside
+
+
+def activation_elements(cfg, batch_size: int = 1, seq_len: int | None = None,
+                        activations: str = DEFAULT_ACTIVATIONS) -> int:
+    return sum(n for *_, n in activation_rows(cfg, batch_size, seq_len, activations))
+
+
+def train_memory(cfg, batch_size: int = 1, seq_len: int | None = None,
+                 activations: str = DEFAULT_ACTIVATIONS) -> dict:
     """Bytes to train with AdamW: parameters + gradients + (m, v) = 4 copies of N, plus the activations."""
     N = count_params(cfg)
-    mem = {part: copies * bytes_per * N for part, copies in TRAIN_STATE_COPIES.items()}
-    mem["activations"] = bytes_per * activation_elements(cfg, batch_size, seq_len)
+    mem = {part: copies * FP32_BYTES * N for part, copies in TRAIN_STATE_COPIES.items()}
+    mem["activations"] = FP32_BYTES * activation_elements(cfg, batch_size, seq_len, activations)
     mem["total"] = sum(mem.values())
     return mem
 
 
-def max_batch_size(cfg, mem_bytes: float, seq_len: int | None = None, bytes_per: int = FP32_BYTES) -> int:
-    """Largest B with train_memory(B) <= mem_bytes: activations are linear in B, the rest is fixed (0 if none)."""
-    fixed = sum(TRAIN_STATE_COPIES.values()) * bytes_per * count_params(cfg)
-    per_seq = bytes_per * activation_elements(cfg, 1, seq_len)
+def max_batch_size(cfg, mem_bytes: float, seq_len: int | None = None,
+                   activations: str = DEFAULT_ACTIVATIONS) -> int:
+    """Largest B with train_memory(B) <= mem_bytes (0 if none). Activations are a + b·B: most rows grow with B,
+    RoPE's cos/sin rows do not, so the fixed part is train_memory at B = 0."""
+    fixed = train_memory(cfg, 0, seq_len, activations)["total"]
+    per_seq = train_memory(cfg, 1, seq_len, activations)["total"] - fixed
     return max(0, math.floor((mem_bytes - fixed) / per_seq))
 
 
@@ -465,10 +511,11 @@ def describe(cfg) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 def summary(cfg, batch_size: int = 1, seq_len: int | None = None, gpu_mem: float | None = None,
-            steps: int | None = None, gpu: str | None = None, mfu: float | None = None, dtype: str = "fp32") -> dict:
+            steps: int | None = None, gpu: str | None = None, mfu: float | None = None, dtype: str = "fp32",
+            activations: str = DEFAULT_ACTIVATIONS) -> dict:
     """All headline numbers for one config as plain JSON-ready values (what --json prints)."""
     T = _seq_len(cfg, seq_len)
-    mem = train_memory(cfg, batch_size, T)
+    mem = train_memory(cfg, batch_size, T, activations)
     out = {
         "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg)),
         "batch_size": batch_size, "seq_len": T,
@@ -480,11 +527,13 @@ def summary(cfg, batch_size: int = 1, seq_len: int | None = None, gpu_mem: float
         "adamw_flops_per_step": ADAMW_FLOPS_PER_PARAM * count_params(cfg),
         "train_memory_bytes": mem["total"],
         "train_memory": mem,
-        "activation_bytes_per_sequence": FP32_BYTES * activation_elements(cfg, 1, T),
+        "activations": activations,
+        "activation_bytes_per_sequence": (train_memory(cfg, 1, T, activations)["activations"]
+                                          - train_memory(cfg, 0, T, activations)["activations"]),
     }
     if gpu_mem is not None:
         out["gpu_mem_bytes"] = gpu_mem
-        out["max_batch_size"] = max_batch_size(cfg, gpu_mem, T)
+        out["max_batch_size"] = max_batch_size(cfg, gpu_mem, T, activations)
     if steps is not None and gpu is not None and mfu is not None:
         out.update(steps=steps, gpu=gpu, mfu=mfu, dtype=dtype, peak_flops=peak_flops(gpu, dtype),
                    train_flops_total=train_flops(cfg, steps, batch_size, T),
@@ -492,11 +541,10 @@ def summary(cfg, batch_size: int = 1, seq_len: int | None = None, gpu_mem: float
     return out
 
 
-def report(cfg, name: str, batch_size: int = 1, seq_len: int | None = None, gpu_mem: float | None = None,
-           steps: int | None = None, gpu: str | None = None, mfu: float | None = None, dtype: str = "fp32") -> str:
+def report(cfg, name: str, **options) -> str:
     """The text tables: parameters, forward FLOPs, training FLOPs, memory, time (when steps, gpu and mfu are given).
-    Each table prints figures from summary(), so the text and --json views cannot disagree."""
-    s = summary(cfg, batch_size, seq_len, gpu_mem, steps, gpu, mfu, dtype)
+    options are summary()'s; each table prints figures from summary(), so the text and --json views cannot disagree."""
+    s = summary(cfg, **options)
     tables = [f"== {name} ==\n{describe(cfg)}", params_table(cfg, s), forward_flops_table(cfg, s),
               train_flops_table(cfg, s), memory_table(cfg, s)]
     if "train_days" in s:
@@ -553,18 +601,25 @@ def train_flops_table(cfg, s: dict) -> str:
         f"B·T={B * T:,} tokens)", table(["update", "per param", "× N"], adamw)])
 
 
+ACTIVATIONS_SAID = {"sdpa": "model.py keeps them with the fused sdpa attention (train.py's)",
+                    "manual": "model.py keeps them with the from-scratch attention",
+                    "handout": "as the handout enumerates them"}
+
+
 def memory_table(cfg, s: dict) -> str:
     B, T, mem, per_seq = s["batch_size"], s["seq_len"], s["train_memory"], s["activation_bytes_per_sequence"]
     copies, nb = TRAIN_STATE_COPIES, FP32_BYTES
-    fixed = sum(mem[part] for part in copies)
+    fixed = mem["total"] - B * per_seq  # parameters, gradients, AdamW state and what does not grow with B (RoPE)
     rows = [["parameters", f"{nb}·N", human_bytes(mem["params"])], ["gradients", f"{nb}·N", human_bytes(mem["grads"])],
             ["AdamW m and v", f"{copies['adamw_state']} · {nb}·N", human_bytes(mem["adamw_state"])]]
-    rows += [[f"act: {n}", f"{nb} · {formula}", human_bytes(nb * e)] for n, formula, e in activation_rows(cfg, B, T)]
+    rows += [[f"act: {label}", f"{nb} · ({formula})" if "+" in formula else f"{nb} · {formula}", human_bytes(nb * e)]
+             for _, label, formula, e in activation_rows(cfg, B, T, s["activations"])]
     rows.append(["total", "", human_bytes(mem["total"])])
-    out = [f"Memory for AdamW training in fp32 ({nb} bytes per number), B={B}, T={T:,}; activations as the handout "
-           "enumerates them", table(["", "formula", f"B={B}"], rows),
-           f"total(B) = {sum(copies.values()) * nb}·N + B · {per_seq:,} bytes = {human_bytes(fixed)} + B · "
-           f"{human_bytes(per_seq)}"]
+    state = f"{sum(copies.values()) * nb}·N" + ("" if fixed == sum(mem[part] for part in copies) else " + RoPE cos, sin")
+    out = [f"Memory for AdamW training in fp32 ({nb} bytes per number), B={B}, T={T:,}; activations "
+           f"{ACTIVATIONS_SAID[s['activations']]} (--activations {s['activations']})",
+           table(["", "formula", f"B={B}"], rows),
+           f"total(B) = {state} + B · {per_seq:,} bytes = {human_bytes(fixed)} + B · {human_bytes(per_seq)}"]
     if "max_batch_size" in s:
         out.append(f"largest batch in {human_bytes(s['gpu_mem_bytes'])}: B = {s['max_batch_size']}"
                    + ("" if s["max_batch_size"] else " (parameters, gradients and AdamW state alone do not fit)"))
@@ -580,7 +635,7 @@ def time_table(s: dict) -> str:
         f"  time  = FLOPs / (MFU · peak) = {human_days(s['train_days'])}"])
 
 
-def compare(configs: dict, seq_len: int | None = None) -> str:
+def compare(configs: dict, seq_len: int | None = None, activations: str = DEFAULT_ACTIVATIONS) -> str:
     """Presets side by side at B=1, T=context_length (or seq_len): how shares move with size and context."""
     rows = []
     for name, cfg in configs.items():
@@ -591,8 +646,9 @@ def compare(configs: dict, seq_len: int | None = None) -> str:
         proj = f["qkv"] + f["out_proj"]
         rows.append([name, f"{T:,}", human(count_params(cfg)), human(tot, "FLOP"), f"{100 * proj / tot:.1f}%",
                      f"{100 * attn / tot:.1f}%", f"{100 * f['ffn'] / tot:.1f}%", f"{100 * f['lm_head'] / tot:.1f}%",
-                     human(train_flops_per_token(cfg, T), "FLOP"), human_bytes(train_memory(cfg, 1, T)["total"])])
-    return ("Presets side by side: one sequence (B=1) of T tokens; shares of forward FLOPs\n"
+                     human(train_flops_per_token(cfg, T), "FLOP"), human_bytes(train_memory(cfg, 1, T, activations)["total"])])
+    return (f"Presets side by side: one sequence (B=1) of T tokens; shares of forward FLOPs; memory with "
+            f"--activations {activations}\n"
             + table(["preset", "T", "params", "forward", "QKV+out", "QKᵀ+AV", "FFN", "LM head", "train/token",
                      "memory B=1"], rows))
 
@@ -628,17 +684,17 @@ def measure_report(cfg, batch_size: int, seq_len: int) -> str:
     """--measure: the handout's activation formula, this implementation's, and the bytes autograd really saved,
     for the from-scratch attention and the fused one."""
     B, T = batch_size, seq_len
-    analytic = FP32_BYTES * activation_elements(cfg, B, T)
+    analytic = FP32_BYTES * activation_elements(cfg, B, T, "handout")
     manual_cfg, fused_cfg = (dataclasses.replace(cfg, attn_impl=a) for a in ("manual", "sdpa"))
     nb = FP32_BYTES
-    rows = [[n, f"{nb} · ({formula})" if "+" in formula else f"{nb} · {formula}", f"{nb * e:,}"]
-            for n, formula, e in saved_activation_rows(manual_cfg, B, T)]
+    rows = [[label, f"{nb} · ({formula})" if "+" in formula else f"{nb} · {formula}", f"{nb * e:,}"]
+            for _, label, formula, e in activation_rows(manual_cfg, B, T, "manual")]
     out = [f"Activations autograd keeps for backward: B={B}, T={T:,}, fp32, model.py with attn_impl=manual",
            table(["tensor", "formula (bytes)", "bytes"], rows), ""]
-    rows = [["handout's enumeration (activation_rows)", f"{analytic:,}", human_bytes(analytic), "", "1.00"]]
+    rows = [["handout's enumeration (--activations handout)", f"{analytic:,}", human_bytes(analytic), "", "1.00"]]
     other = 0
     for c in (manual_cfg, fused_cfg):
-        predicted = FP32_BYTES * sum(e for *_, e in saved_activation_rows(c, B, T))
+        predicted = FP32_BYTES * activation_elements(c, B, T, c.attn_impl)
         measured = measure_saved_activations(c, B, T)
         other = max(other, measured["other"])
         rows.append([f"model.py, attn_impl={c.attn_impl}: formula / measured", f"{predicted:,}",
@@ -646,7 +702,7 @@ def measure_report(cfg, batch_size: int, seq_len: int) -> str:
     out += ["Measured with torch.autograd.graph.saved_tensors_hooks (each storage once; parameters excluded)",
             table(["", "formula", "", "measured", "measured / handout"], rows),
             f"(not counted: up to {human_bytes(other)} of int64 token ids and bool masks)",
-            "The differences from the handout's enumeration are explained in saved_activation_rows' docstring."]
+            "The differences from the handout's enumeration are explained in saved_activations' docstring."]
     return "\n".join(out)
 
 
@@ -666,6 +722,10 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--tie-embeddings", action="store_true")
     parser.add_argument("--batch-size", type=positive_int, default=1, help="sequences per step B (default 1)")
     parser.add_argument("--seq-len", type=positive_int, help="tokens per sequence T (default: context_length)")
+    parser.add_argument("--activations", choices=ACTIVATIONS, default=DEFAULT_ACTIVATIONS,
+                        help="which activations memory counts: sdpa (model.py with the fused attention train.py runs; "
+                             "default), manual (model.py's from-scratch attention, T x T matrices kept), handout (the "
+                             "handout's enumeration)")
     parser.add_argument("--gpu-mem", type=parse_bytes, help="GPU memory, e.g. 80GB: print the largest batch")
     parser.add_argument("--steps", type=positive_int, help="training steps, for the time estimate")
     parser.add_argument("--gpu", help=f"accelerator for the time estimate: {', '.join(PEAK_FLOPS)}")
@@ -715,10 +775,11 @@ def output(args, cfg) -> str:
         return measure_report(cfg, args.batch_size, T)
     if args.compare:
         if args.json:
-            return json.dumps({"presets": {n: summary(c, args.batch_size) for n, c in presets().items()}}, indent=1)
-        return compare(presets())
+            return json.dumps({"presets": {n: summary(c, args.batch_size, activations=args.activations)
+                                           for n, c in presets().items()}}, indent=1)
+        return compare(presets(), activations=args.activations)
     kwargs = dict(batch_size=args.batch_size, seq_len=T, gpu_mem=args.gpu_mem, steps=args.steps, gpu=args.gpu,
-                  mfu=args.mfu, dtype=args.dtype)
+                  mfu=args.mfu, dtype=args.dtype, activations=args.activations)
     if args.json:
         return json.dumps({"preset": args.preset, **summary(cfg, **kwargs)}, indent=1)
     return report(cfg, args.preset, **kwargs)

@@ -186,22 +186,22 @@ def test_gpt2_xl_training_days_with_two_flops_per_multiply_add():
 def test_saved_activations_match_formula_exactly(changes, B, T, attn_impl):
     cfg = dataclasses.replace(SMALL, attn_impl=attn_impl, **changes)
     measured = accounting.measure_saved_activations(cfg, B, T)
-    assert measured["float"] == 4 * sum(e for *_, e in accounting.saved_activation_rows(cfg, B, T))
+    assert measured["float"] == 4 * accounting.activation_elements(cfg, B, T, activations=attn_impl)
     assert 0 < measured["other"] < measured["float"] / 20  # token ids and masks: small, and not activations
 
 
 def handout_vs_measured(cfg) -> float:
     cfg = dataclasses.replace(cfg, attn_impl="manual")
     measured = accounting.measure_saved_activations(cfg, 1, cfg.context_length)["float"]
-    return measured / (4 * accounting.activation_elements(cfg, 1, cfg.context_length))
+    return measured / (4 * accounting.activation_elements(cfg, 1, cfg.context_length, activations="handout"))
 
 
 def test_handout_activation_enumeration_within_tolerance():
     # Stated tolerance: for the project's own models at their context length, the handout's enumeration is within
     # 25% of what autograd really keeps (tiny: measured 1.09x, ts17m: 1.22x). It is not exact
-    # (saved_activation_rows' docstring lists why: RMSNorm and the from-scratch softmax and SiLU keep more, the
+    # (saved_activations' docstring lists why: RMSNorm and the from-scratch softmax and SiLU keep more, the
     # output projection and the loss keep less) and its errors partly cancel — which is why the exact check above
-    # is against saved_activation_rows.
+    # is against model.py's rows (--activations sdpa / manual).
     assert handout_vs_measured(TINY) == pytest.approx(1, abs=0.25)
 
 
@@ -210,18 +210,55 @@ def test_handout_activation_enumeration_within_tolerance_ts17m():
     assert handout_vs_measured(model.PRESETS["ts17m"]) == pytest.approx(1, abs=0.25)
 
 
-def test_gpt2_xl_memory_and_largest_batch_in_80gb():
-    mem = accounting.train_memory(XL, batch_size=1)
+def test_gpt2_xl_memory_and_largest_batch_in_80gb_as_the_handout_counts():
+    mem = accounting.train_memory(XL, batch_size=1, activations="handout")
     assert mem["params"] + mem["grads"] + mem["adamw_state"] == 16 * 2_127_057_600
-    per_seq = 4 * accounting.activation_elements(XL, 1)
+    per_seq = 4 * accounting.activation_elements(XL, 1, activations="handout")
     # by hand: L·(7·T·d + 2·h·T² + 4·T·F) + T·d + 2·T·V elements per sequence
     T, d, h, F, V, L = 1024, 1600, 25, 6400, 50257, 48
     assert per_seq == 4 * (L * (7 * T * d + 2 * h * T * T + 4 * T * F) + T * d + 2 * T * V)
-    assert accounting.train_memory(XL, batch_size=5)["activations"] == 5 * per_seq  # linear in B
-    b = accounting.max_batch_size(XL, 80e9)
+    assert accounting.train_memory(XL, batch_size=5, activations="handout")["activations"] == 5 * per_seq  # linear
+    b = accounting.max_batch_size(XL, 80e9, activations="handout")
     assert b == 2
+    assert (accounting.train_memory(XL, b, activations="handout")["total"] <= 80e9
+            < accounting.train_memory(XL, b + 1, activations="handout")["total"])
+    assert accounting.max_batch_size(XL, 30e9, activations="handout") == 0  # 34 GB of weights, grads, moments alone
+
+
+def test_gpt2_xl_memory_with_the_fused_attention_train_py_runs():
+    # The default (--activations sdpa): model.py's rows with F.scaled_dot_product_attention, which keeps its output
+    # and one logsumexp per row instead of the T x T scores and probabilities. By hand, per sequence: per layer
+    # RMSNorm 2·(2·T·d + T), matmul inputs 2·T·d, Q K V 3·T·d, sdpa T·d + h·T, SwiGLU 5·T·F; once ln_final 2·T·d + T,
+    # lm_head input T·d, loss T·V + T; and RoPE's cos/sin, L·4·T·d/h, the same whatever B.
+    T, d, h, F, V, L = 1024, 1600, 25, 6400, 50257, 48
+    per_seq = L * (2 * (2 * T * d + T) + 2 * T * d + 3 * T * d + T * d + h * T + 5 * T * F) + 3 * T * d + T + T * V + T
+    rope = L * 4 * T * (d // h)
+    for B in (1, 7):
+        assert accounting.activation_elements(XL, B) == B * per_seq + rope
+        assert accounting.train_memory(XL, B)["activations"] == 4 * (B * per_seq + rope)
+    b = accounting.max_batch_size(XL, 80e9)
+    assert b == math.floor((80e9 - 16 * 2_127_057_600 - 4 * rope) / (4 * per_seq)) == 4  # the handout's count: 2
     assert accounting.train_memory(XL, b)["total"] <= 80e9 < accounting.train_memory(XL, b + 1)["total"]
-    assert accounting.max_batch_size(XL, 30e9) == 0  # 34 GB of weights, gradients and moments alone
+    # the handout's count at its B = 1024 holds 10.3 TB of T x T scores and probabilities that a fused kernel never
+    # stores (its rows "scores" and "probs"; the sdpa rows have no T² term, next test)
+    tt = sum(n for row_id, *_, n in accounting.activation_rows(XL, 1024, activations="handout")
+             if row_id in ("scores", "probs"))
+    assert 4 * tt == 4 * 1024 * L * 2 * h * T * T == 10_307_921_510_400
+
+
+@pytest.mark.parametrize("cfg", [SMALL, dataclasses.replace(SMALL, norm="none", position="nope", ffn="silu"),
+                                 dataclasses.replace(SMALL, norm="post", tie_embeddings=True)], ids=str)
+def test_sdpa_activations_grow_linearly_with_t_and_handout_ones_quadratically(cfg):
+    def second_difference(activations):  # f(T+2) - 2 f(T+1) + f(T): zero for a + b·T, 2c for + c·T²
+        f = [accounting.activation_elements(cfg, 3, T, activations) for T in (20, 21, 22)]
+        return f[2] - 2 * f[1] + f[0]
+    assert second_difference("sdpa") == 0
+    assert second_difference("manual") == 2 * cfg.num_layers * 3 * 3 * cfg.num_heads  # scores, exp, probs: L·3·B·h·T²
+    assert second_difference("handout") == 2 * cfg.num_layers * 2 * 3 * cfg.num_heads  # scores, probs: L·2·B·h·T²
+    # the choice is the enumeration, whatever the config's own attn_impl says
+    manual = dataclasses.replace(cfg, attn_impl="manual")
+    assert accounting.activation_rows(manual, 2, 16, "sdpa") == accounting.activation_rows(cfg, 2, 16, "sdpa")
+    assert accounting.activation_rows(cfg, 2, 16) == accounting.activation_rows(cfg, 2, 16, "sdpa")  # the default
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -324,11 +361,14 @@ def test_gpu_peak_flops_matches_cuda_device_names(device_name, dtype, entry):
 
 def test_cli_gpt2_xl_headline_figures(capsys):
     accounting.main(["--preset", "gpt2-xl", "--steps", "400000", "--batch-size", "1024", "--gpu", "a100",
-                     "--mfu", "0.5", "--gpu-mem", "80GB"])
+                     "--mfu", "0.5", "--gpu-mem", "80GB", "--activations", "handout"])
     out = capsys.readouterr().out
     for figure in ["2,127,057,600", "2.127B", "4,621,656,601,395,200", "6,583.6 days", "B = 2", "8.51 GB",
                    "34.03 GB + B · 17.72 GB", "66.9%"]:
         assert figure in out, figure
+    accounting.main(["--preset", "gpt2-xl", "--gpu-mem", "80GB"])  # the default: the fused attention's activations
+    out = capsys.readouterr().out
+    assert "B = 4" in out and "34.08 GB + B · 9.67 GB" in out and "--activations sdpa" in out
     accounting.main(["--preset", "gpt2-xl"])
     assert "4,513,336,524,800" in capsys.readouterr().out
 
@@ -378,6 +418,7 @@ def test_cli_measure(capsys):
     (["--gpu", "tpu", "--steps", "10", "--mfu", "0.5"], "unknown GPU 'tpu'"),
     (["--steps", "10"], "needs all of --steps, --gpu and --mfu"),
     (["--gpu-mem", "lots"], "bad memory size"),
+    (["--activations", "flash"], "argument --activations: invalid choice: 'flash'"),
     (["--preset", "gpt2-xl", "--measure"], "pick a small config"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(argv, message, capsys):
