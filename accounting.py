@@ -156,6 +156,21 @@ def train_flops_per_token(config, seq_len: int | None = None) -> float:
     return 3 * forward_flops(config, 1, T) / T
 
 
+def recompute_flops(cfg, batch_size: int = 1, seq_len: int | None = None) -> int:
+    """Matmul FLOPs activation checkpointing adds to a training step: every block's forward once more, in backward
+    (training ≈ 4 x forward instead of 3 x; the LM head, outside the checkpoints, is not recomputed).
+
+    subtle: non-reentrant checkpoint stops recomputing as soon as it has re-saved the last tensor backward needs
+    ("early stop"), and a matmul saves its inputs before it computes. In a pre-norm or norm-free block the last op
+    that saves anything is w2 (the residual add after it keeps nothing), so w2 itself is never recomputed; post-norm's
+    ln2 comes after w2, so there the whole block is. FlopCounterMode over a checkpointed step agrees exactly.
+    Not part of MFU, which counts the model's FLOPs only (PaLM appendix B; with recomputation it is HFU)."""
+    f = forward_flops_by_id(cfg, batch_size, seq_len)
+    blocks = sum(f.values()) - f["lm_head"]
+    w2 = f["ffn"] // ffn_matrices(cfg)  # one of the FFN's equal-sized matmuls
+    return blocks - (0 if cfg.norm == "post" else w2)
+
+
 # AdamW's own work, per parameter per step (the handout's Algorithm 1, one element-wise op = one FLOP):
 ADAMW_FLOP_ROWS = [
     ("m ← β1·m + (1−β1)·g", 3),        # 2 multiplies, 1 add
@@ -277,44 +292,75 @@ def activation_parts(cfg, batch_size: int = 1, seq_len: int | None = None,
     return saved_activations(dataclasses.replace(cfg, attn_impl=activations), batch_size, seq_len)
 
 
-def _times_layers(formula: str) -> str:
-    """'2·B·T·d' -> 'L · 2·B·T·d'; a sum gets parentheses: 'B·T·d + B·h·T' -> 'L · (B·T·d + B·h·T)'."""
+def times(factor, formula: str) -> str:
+    """A formula times a factor: times('L', '2·B·T·d') -> 'L · 2·B·T·d'; a sum gets parentheses:
+    times(4, 'B·T·d + B·h·T') -> '4 · (B·T·d + B·h·T)'."""
     depth, top_level_sum = 0, False
     for ch in formula:
         depth += {"(": 1, ")": -1}.get(ch, 0)
         top_level_sum |= ch == "+" and depth == 0
-    return f"L · ({formula})" if top_level_sum else f"L · {formula}"
+    return f"{factor} · ({formula})" if top_level_sum else f"{factor} · {formula}"
 
 
-def activation_rows(cfg, batch_size: int = 1, seq_len: int | None = None,
-                    activations: str = DEFAULT_ACTIVATIONS) -> list[tuple[str, str, str, int]]:
-    """(id, label, formula, elements) of the activations kept for backward: L x one block's rows, then the rest."""
+# Activation checkpointing (--activation-checkpointing; Chen et al. 2016, "Training Deep Nets with Sublinear Memory
+# Cost"): torch.utils.checkpoint(block, x, use_reentrant=False) around each TransformerBlock keeps only the block's
+# input x from forward to backward (the checkpoint packs it like a saved tensor; nothing inside the block is kept) and
+# runs the block's forward again inside backward, just before its gradients are needed. So:
+#   kept from forward to backward = L · B·T·d block inputs + the rows outside the blocks (ln_final, lm_head, loss);
+#   live again during backward    = one block's rows while that block is recomputed (recomputation_rows).
+# Memory counts both: an upper bound on the peak of kept tensors, since the outside tensors are freed by the loss's,
+# lm_head's and ln_final's backward before the first block is recomputed; and the block's input is among its own
+# rows, so B·T·d of it is counted twice (a few % of one block).
+
+def activation_rows(cfg, batch_size: int = 1, seq_len: int | None = None, activations: str = DEFAULT_ACTIVATIONS,
+                    checkpointing: bool = False) -> list[tuple[str, str, str, int]]:
+    """(id, label, formula, elements) of the activations kept from forward to backward: L x one block's rows and
+    the rest, or, with checkpointing, the L block inputs and the rest. What saved_tensors_hooks see (--measure)."""
     block, outside = activation_parts(cfg, batch_size, seq_len, activations)
-    L = cfg.num_layers
-    return [(row_id, label, _times_layers(formula), L * n) for row_id, label, formula, n in block] + outside
+    L, B, T, d = cfg.num_layers, batch_size, _seq_len(cfg, seq_len), cfg.d_model
+    if checkpointing:
+        return [("block_inputs", "block inputs (kept by checkpoint)", "L · B·T·d", L * B * T * d)] + outside
+    return [(row_id, label, times("L", formula), L * n) for row_id, label, formula, n in block] + outside
 
 
-def activation_elements(cfg, batch_size: int = 1, seq_len: int | None = None,
-                        activations: str = DEFAULT_ACTIVATIONS) -> int:
-    return sum(n for *_, n in activation_rows(cfg, batch_size, seq_len, activations))
+def recomputation_rows(cfg, batch_size: int = 1, seq_len: int | None = None,
+                       activations: str = DEFAULT_ACTIVATIONS) -> list[tuple[str, str, str, int]]:
+    """With checkpointing: the rows of the one block being recomputed in backward (live until its backward ends)."""
+    block, _ = activation_parts(cfg, batch_size, seq_len, activations)
+    return [(f"recomputed.{row_id}", f"{label} (one block, recomputed)", formula, n)
+            for row_id, label, formula, n in block]
 
 
-def train_memory(cfg, batch_size: int = 1, seq_len: int | None = None,
-                 activations: str = DEFAULT_ACTIVATIONS) -> dict:
+def activation_elements(cfg, batch_size: int = 1, seq_len: int | None = None, activations: str = DEFAULT_ACTIVATIONS,
+                        checkpointing: bool = False) -> int:
+    """Elements kept from forward to backward (the sum of activation_rows)."""
+    return sum(n for *_, n in activation_rows(cfg, batch_size, seq_len, activations, checkpointing))
+
+
+def activation_memory_rows(cfg, batch_size: int = 1, seq_len: int | None = None,
+                           activations: str = DEFAULT_ACTIVATIONS, checkpointing: bool = False) -> list:
+    """The rows memory counts: activation_rows, plus recomputation_rows with checkpointing."""
+    rows = activation_rows(cfg, batch_size, seq_len, activations, checkpointing)
+    return rows + (recomputation_rows(cfg, batch_size, seq_len, activations) if checkpointing else [])
+
+
+def train_memory(cfg, batch_size: int = 1, seq_len: int | None = None, activations: str = DEFAULT_ACTIVATIONS,
+                 checkpointing: bool = False) -> dict:
     """Bytes to train with AdamW: parameters + gradients + (m, v) = 4 copies of N, plus the activations."""
     N = count_params(cfg)
     mem = {part: copies * FP32_BYTES * N for part, copies in TRAIN_STATE_COPIES.items()}
-    mem["activations"] = FP32_BYTES * activation_elements(cfg, batch_size, seq_len, activations)
+    rows = activation_memory_rows(cfg, batch_size, seq_len, activations, checkpointing)
+    mem["activations"] = FP32_BYTES * sum(n for *_, n in rows)
     mem["total"] = sum(mem.values())
     return mem
 
 
-def max_batch_size(cfg, mem_bytes: float, seq_len: int | None = None,
-                   activations: str = DEFAULT_ACTIVATIONS) -> int:
+def max_batch_size(cfg, mem_bytes: float, seq_len: int | None = None, activations: str = DEFAULT_ACTIVATIONS,
+                   checkpointing: bool = False) -> int:
     """Largest B with train_memory(B) <= mem_bytes (0 if none). Activations are a + b·B: most rows grow with B,
     RoPE's cos/sin rows do not, so the fixed part is train_memory at B = 0."""
-    fixed = train_memory(cfg, 0, seq_len, activations)["total"]
-    per_seq = train_memory(cfg, 1, seq_len, activations)["total"] - fixed
+    fixed = train_memory(cfg, 0, seq_len, activations, checkpointing)["total"]
+    per_seq = train_memory(cfg, 1, seq_len, activations, checkpointing)["total"] - fixed
     return max(0, math.floor((mem_bytes - fixed) / per_seq))
 
 
@@ -349,16 +395,22 @@ def gpu_peak_flops(device_name: str, dtype: str) -> float | None:
     return None
 
 
-def train_flops(cfg, steps: int, batch_size: int, seq_len: int | None = None) -> float:
-    """All FLOPs of a run: steps · B · T tokens at train_flops_per_token each, plus AdamW's 14·N per step."""
+def train_flops(cfg, steps: int, batch_size: int, seq_len: int | None = None, checkpointing: bool = False) -> float:
+    """All FLOPs of a run: steps · B · T tokens at train_flops_per_token each, plus AdamW's 14·N per step, plus
+    with checkpointing the blocks' forward once more (recompute_flops)."""
     T = _seq_len(cfg, seq_len)
-    return steps * (batch_size * T * train_flops_per_token(cfg, T) + ADAMW_FLOPS_PER_PARAM * count_params(cfg))
+    recompute = recompute_flops(cfg, batch_size, T) if checkpointing else 0
+    return steps * (batch_size * T * train_flops_per_token(cfg, T) + recompute
+                    + ADAMW_FLOPS_PER_PARAM * count_params(cfg))
 
 
 def train_days(cfg, steps: int, batch_size: int, gpu: str, mfu: float, dtype: str = "fp32",
-               seq_len: int | None = None) -> float:
-    """Days on one GPU achieving mfu x its published dense peak for dtype."""
-    return train_flops(cfg, steps, batch_size, seq_len) / (mfu * peak_flops(gpu, dtype)) / SECONDS_PER_DAY
+               seq_len: int | None = None, checkpointing: bool = False) -> float:
+    """Days on one GPU doing all of train_flops at mfu x its published dense peak for dtype. note: with
+    checkpointing, mfu is read as the fraction of peak the GPU sustains on every FLOP it does, recomputation
+    included (what PaLM calls HFU), so the recomputation makes the run longer."""
+    flops = train_flops(cfg, steps, batch_size, seq_len, checkpointing)
+    return flops / (mfu * peak_flops(gpu, dtype)) / SECONDS_PER_DAY
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -415,13 +467,32 @@ def measure_matmul_flops(device="cpu", dtype=torch.float32, n: int | None = None
 # Measured: the bytes autograd really keeps for backward (--measure), to check activation_rows against
 # ---------------------------------------------------------------------------------------------------------------
 
-def measure_saved_activations(cfg, batch_size: int = 1, seq_len: int | None = None, seed: int = 0) -> dict:
+def checkpointed_forward(lm: model.TransformerLM, token_ids: torch.Tensor) -> torch.Tensor:
+    """lm(token_ids) with torch.utils.checkpoint (non-reentrant) around each block: TransformerLM.forward's steps
+    (without a KV cache), each block called through checkpoint. What train.py's --activation-checkpointing is to
+    run; until model.py has the switch, --measure measures this."""
+    from torch.utils.checkpoint import checkpoint  # only here: importing accounting stays light
+
+    lm._check_input(token_ids, None)
+    token_positions = torch.arange(token_ids.shape[1], device=token_ids.device)  # (T,)
+    x = lm.token_embeddings(token_ids)  # (B, T) -> (B, T, C)
+    for i, layer in enumerate(lm.layers):
+        # use_reentrant=False, the variant PyTorch recommends: it stores x as a saved tensor (so saved_tensors_hooks
+        # see it) and stops recomputing early (recompute_flops)
+        x = checkpoint(layer, x, token_positions, None, i, use_reentrant=False)  # (B, T, C)
+    return lm.lm_head(lm.ln_final(x))  # (B, T, C) -> (B, T, V)
+
+
+def measure_saved_activations(cfg, batch_size: int = 1, seq_len: int | None = None, seed: int = 0,
+                              checkpointing: bool = False) -> dict:
     """Run model.TransformerLM + optim.cross_entropy forward on CPU and add up the tensors autograd saves.
 
     torch.autograd.graph.saved_tensors_hooks calls `pack` on every tensor an op stores for its backward. Many of
     them share memory (q, k, v as views of one matmul output; x saved by both w1 and w3), so we count each
     storage once. Parameters and buffers are excluded (they are counted as parameters, not activations).
-    Returns bytes: "float" (activations proper) and "other" (int64 token ids/targets, bool masks)."""
+    With checkpointing (checkpointed_forward) the hooks see what the checkpoints keep: each block's input (and the
+    token positions), not the tensors inside the blocks, which checkpoint's own inner hooks take and drop.
+    Returns bytes: "float" (activations proper) and "other" (int64 token ids/targets/positions, bool masks)."""
     B, T = batch_size, _seq_len(cfg, seq_len)
     torch.manual_seed(seed)
     lm = model.TransformerLM(**dataclasses.asdict(cfg))
@@ -438,7 +509,7 @@ def measure_saved_activations(cfg, batch_size: int = 1, seq_len: int | None = No
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = optim.cross_entropy(lm(x), y)
+        loss = optim.cross_entropy(checkpointed_forward(lm, x) if checkpointing else lm(x), y)
     loss.backward()  # the saved tensors are really used: this fails if anything above broke the graph
     return {"float": sum(n for n, f in seen.values() if f), "other": sum(n for n, f in seen.values() if not f)}
 
@@ -512,10 +583,11 @@ def describe(cfg) -> str:
 
 def summary(cfg, batch_size: int = 1, seq_len: int | None = None, gpu_mem: float | None = None,
             steps: int | None = None, gpu: str | None = None, mfu: float | None = None, dtype: str = "fp32",
-            activations: str = DEFAULT_ACTIVATIONS) -> dict:
+            activations: str = DEFAULT_ACTIVATIONS, checkpointing: bool = False) -> dict:
     """All headline numbers for one config as plain JSON-ready values (what --json prints)."""
     T = _seq_len(cfg, seq_len)
-    mem = train_memory(cfg, batch_size, T, activations)
+    memory = dict(activations=activations, checkpointing=checkpointing)
+    mem = train_memory(cfg, batch_size, T, **memory)
     out = {
         "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg)),
         "batch_size": batch_size, "seq_len": T,
@@ -524,20 +596,22 @@ def summary(cfg, batch_size: int = 1, seq_len: int | None = None, gpu_mem: float
         "forward_flops_total": forward_flops(cfg, batch_size, T),
         "forward_flops": {label: f for _, label, _, f in forward_flop_rows(cfg, batch_size, T)},
         "train_flops_per_token": train_flops_per_token(cfg, T),
+        "activation_checkpointing": checkpointing,
+        "recompute_flops_per_token": recompute_flops(cfg, 1, T) / T if checkpointing else 0,
         "adamw_flops_per_step": ADAMW_FLOPS_PER_PARAM * count_params(cfg),
         "train_memory_bytes": mem["total"],
         "train_memory": mem,
         "activations": activations,
-        "activation_bytes_per_sequence": (train_memory(cfg, 1, T, activations)["activations"]
-                                          - train_memory(cfg, 0, T, activations)["activations"]),
+        "activation_bytes_per_sequence": (train_memory(cfg, 1, T, **memory)["activations"]
+                                          - train_memory(cfg, 0, T, **memory)["activations"]),
     }
     if gpu_mem is not None:
         out["gpu_mem_bytes"] = gpu_mem
-        out["max_batch_size"] = max_batch_size(cfg, gpu_mem, T, activations)
+        out["max_batch_size"] = max_batch_size(cfg, gpu_mem, T, **memory)
     if steps is not None and gpu is not None and mfu is not None:
         out.update(steps=steps, gpu=gpu, mfu=mfu, dtype=dtype, peak_flops=peak_flops(gpu, dtype),
-                   train_flops_total=train_flops(cfg, steps, batch_size, T),
-                   train_days=train_days(cfg, steps, batch_size, gpu, mfu, dtype, T))
+                   train_flops_total=train_flops(cfg, steps, batch_size, T, checkpointing),
+                   train_days=train_days(cfg, steps, batch_size, gpu, mfu, dtype, T, checkpointing))
     return out
 
 
@@ -591,6 +665,9 @@ def train_flops_table(cfg, s: dict) -> str:
             ["  = 6·N_matmul", f"N_matmul = {human(n_matmul)} params used in matmuls", human(6 * n_matmul, "FLOP")],
             ["  + attention", "12·L·T·d (QKᵀ and A V, fwd + bwd)", human(attn_tok, "FLOP")],
             ["6·N (Kaplan rule)", "N = all parameters", human(6 * N, "FLOP")]]
+    if s["activation_checkpointing"]:
+        rows.append(["+ recomputation", "the blocks' forward again, less w2 (recompute_flops)",
+                     human(s["recompute_flops_per_token"], "FLOP")])
     adamw = [[f, n, human(n * N, "FLOP")] for f, n in ADAMW_FLOP_ROWS]
     adamw.append(["AdamW step", ADAMW_FLOPS_PER_PARAM, human(ADAMW_FLOPS_PER_PARAM * N, "FLOP")])
     return "\n".join([
@@ -612,12 +689,15 @@ def memory_table(cfg, s: dict) -> str:
     fixed = mem["total"] - B * per_seq  # parameters, gradients, AdamW state and what does not grow with B (RoPE)
     rows = [["parameters", f"{nb}·N", human_bytes(mem["params"])], ["gradients", f"{nb}·N", human_bytes(mem["grads"])],
             ["AdamW m and v", f"{copies['adamw_state']} · {nb}·N", human_bytes(mem["adamw_state"])]]
-    rows += [[f"act: {label}", f"{nb} · ({formula})" if "+" in formula else f"{nb} · {formula}", human_bytes(nb * e)]
-             for _, label, formula, e in activation_rows(cfg, B, T, s["activations"])]
+    rows += [[f"act: {label}", times(nb, formula), human_bytes(nb * e)]
+             for _, label, formula, e in activation_memory_rows(cfg, B, T, s["activations"],
+                                                                s["activation_checkpointing"])]
     rows.append(["total", "", human_bytes(mem["total"])])
     state = f"{sum(copies.values()) * nb}·N" + ("" if fixed == sum(mem[part] for part in copies) else " + RoPE cos, sin")
+    checkpointing = (", with activation checkpointing (block inputs kept, one block recomputed at a time)"
+                     if s["activation_checkpointing"] else "")
     out = [f"Memory for AdamW training in fp32 ({nb} bytes per number), B={B}, T={T:,}; activations "
-           f"{ACTIVATIONS_SAID[s['activations']]} (--activations {s['activations']})",
+           f"{ACTIVATIONS_SAID[s['activations']]} (--activations {s['activations']}){checkpointing}",
            table(["", "formula", f"B={B}"], rows),
            f"total(B) = {state} + B · {per_seq:,} bytes = {human_bytes(fixed)} + B · {human_bytes(per_seq)}"]
     if "max_batch_size" in s:
@@ -630,12 +710,14 @@ def time_table(s: dict) -> str:
     return "\n".join([
         f"Time: {s['steps']:,} steps × B={s['batch_size']} × T={s['seq_len']:,} tokens on one {s['gpu']} at "
         f"{100 * s['mfu']:g}% MFU, {s['dtype']} (peak {human(s['peak_flops'], 'FLOP/s')})",
-        f"  FLOPs = steps · (B·T · {human(s['train_flops_per_token'], 'FLOP')} + {ADAMW_FLOPS_PER_PARAM}·N) = "
-        f"{human(s['train_flops_total'], 'FLOP')}",
+        f"  FLOPs = steps · (B·T · {human(s['train_flops_per_token'], 'FLOP')}"
+        + (f" + B·T · {human(s['recompute_flops_per_token'], 'FLOP')} recomputed" if s["activation_checkpointing"]
+           else "") + f" + {ADAMW_FLOPS_PER_PARAM}·N) = {human(s['train_flops_total'], 'FLOP')}",
         f"  time  = FLOPs / (MFU · peak) = {human_days(s['train_days'])}"])
 
 
-def compare(configs: dict, seq_len: int | None = None, activations: str = DEFAULT_ACTIVATIONS) -> str:
+def compare(configs: dict, seq_len: int | None = None, activations: str = DEFAULT_ACTIVATIONS,
+            checkpointing: bool = False) -> str:
     """Presets side by side at B=1, T=context_length (or seq_len): how shares move with size and context."""
     rows = []
     for name, cfg in configs.items():
@@ -646,9 +728,9 @@ def compare(configs: dict, seq_len: int | None = None, activations: str = DEFAUL
         proj = f["qkv"] + f["out_proj"]
         rows.append([name, f"{T:,}", human(count_params(cfg)), human(tot, "FLOP"), f"{100 * proj / tot:.1f}%",
                      f"{100 * attn / tot:.1f}%", f"{100 * f['ffn'] / tot:.1f}%", f"{100 * f['lm_head'] / tot:.1f}%",
-                     human(train_flops_per_token(cfg, T), "FLOP"), human_bytes(train_memory(cfg, 1, T, activations)["total"])])
+                     human(train_flops_per_token(cfg, T), "FLOP"), human_bytes(train_memory(cfg, 1, T, activations, checkpointing)["total"])])
     return (f"Presets side by side: one sequence (B=1) of T tokens; shares of forward FLOPs; memory with "
-            f"--activations {activations}\n"
+            f"--activations {activations}{' --activation-checkpointing' if checkpointing else ''}\n"
             + table(["preset", "T", "params", "forward", "QKV+out", "QKᵀ+AV", "FFN", "LM head", "train/token",
                      "memory B=1"], rows))
 
@@ -680,29 +762,38 @@ def positive_int(text: str) -> int:
 MEASURE_MAX_BYTES = 4e9  # --measure runs the model on this machine's CPU: refuse what a laptop could not hold
 
 
-def measure_report(cfg, batch_size: int, seq_len: int) -> str:
+def measure_report(cfg, batch_size: int, seq_len: int, checkpointing: bool = False) -> str:
     """--measure: the handout's activation formula, this implementation's, and the bytes autograd really saved,
-    for the from-scratch attention and the fused one."""
-    B, T = batch_size, seq_len
-    analytic = FP32_BYTES * activation_elements(cfg, B, T, "handout")
+    for the from-scratch attention and the fused one; with checkpointing, of the checkpointed model, and one
+    block's recomputed activations as the difference of the two runs."""
+    B, T, nb = batch_size, seq_len, FP32_BYTES
+    analytic = nb * activation_elements(cfg, B, T, "handout", checkpointing)
     manual_cfg, fused_cfg = (dataclasses.replace(cfg, attn_impl=a) for a in ("manual", "sdpa"))
-    nb = FP32_BYTES
-    rows = [[label, f"{nb} · ({formula})" if "+" in formula else f"{nb} · {formula}", f"{nb * e:,}"]
-            for _, label, formula, e in activation_rows(manual_cfg, B, T, "manual")]
-    out = [f"Activations autograd keeps for backward: B={B}, T={T:,}, fp32, model.py with attn_impl=manual",
+    rows = [[label, times(nb, formula), f"{nb * e:,}"]
+            for _, label, formula, e in activation_rows(manual_cfg, B, T, "manual", checkpointing)]
+    how = ", each block under torch.utils.checkpoint (non-reentrant)" if checkpointing else ""
+    out = [f"Activations autograd keeps for backward: B={B}, T={T:,}, fp32, model.py with attn_impl=manual{how}",
            table(["tensor", "formula (bytes)", "bytes"], rows), ""]
     rows = [["handout's enumeration (--activations handout)", f"{analytic:,}", human_bytes(analytic), "", "1.00"]]
-    other = 0
+    other, recomputed = 0, []
     for c in (manual_cfg, fused_cfg):
-        predicted = FP32_BYTES * activation_elements(c, B, T, c.attn_impl)
-        measured = measure_saved_activations(c, B, T)
+        predicted = nb * activation_elements(c, B, T, c.attn_impl, checkpointing)
+        measured = measure_saved_activations(c, B, T, checkpointing=checkpointing)
         other = max(other, measured["other"])
         rows.append([f"model.py, attn_impl={c.attn_impl}: formula / measured", f"{predicted:,}",
                      human_bytes(predicted), f"{measured['float']:,}", f"{measured['float'] / analytic:.2f}"])
+        if checkpointing:  # plain - checkpointed = L x (one block's rows, less its input that checkpoint keeps)
+            plain = measure_saved_activations(c, B, T)["float"]
+            block = (plain - measured["float"]) // c.num_layers + nb * B * T * c.d_model
+            recomputed.append(f"{c.attn_impl}: formula {nb * sum(n for *_, n in recomputation_rows(c, B, T, c.attn_impl)):,}"
+                              f" bytes, measured {block:,} (= (without checkpointing - with) / L + one block input)")
     out += ["Measured with torch.autograd.graph.saved_tensors_hooks (each storage once; parameters excluded)",
             table(["", "formula", "", "measured", "measured / handout"], rows),
             f"(not counted: up to {human_bytes(other)} of int64 token ids and bool masks)",
             "The differences from the handout's enumeration are explained in saved_activations' docstring."]
+    if checkpointing:
+        out += ["During backward each block runs forward again and keeps one block's activations until its own "
+                "backward ends:", *[f"  {line}" for line in recomputed]]
     return "\n".join(out)
 
 
@@ -726,6 +817,9 @@ def build_parser() -> OneLineParser:
                         help="which activations memory counts: sdpa (model.py with the fused attention train.py runs; "
                              "default), manual (model.py's from-scratch attention, T x T matrices kept), handout (the "
                              "handout's enumeration)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="torch.utils.checkpoint around each block: memory keeps block inputs (plus one block "
+                             "recomputed at a time), time adds the recomputation")
     parser.add_argument("--gpu-mem", type=parse_bytes, help="GPU memory, e.g. 80GB: print the largest batch")
     parser.add_argument("--steps", type=positive_int, help="training steps, for the time estimate")
     parser.add_argument("--gpu", help=f"accelerator for the time estimate: {', '.join(PEAK_FLOPS)}")
@@ -772,14 +866,16 @@ def output(args, cfg) -> str:
     """What the command prints: --measure's comparison, --compare's table (or JSON), or cfg's tables (or JSON)."""
     T = _seq_len(cfg, args.seq_len)
     if args.measure:
-        return measure_report(cfg, args.batch_size, T)
+        return measure_report(cfg, args.batch_size, T, args.activation_checkpointing)
     if args.compare:
         if args.json:
-            return json.dumps({"presets": {n: summary(c, args.batch_size, activations=args.activations)
+            return json.dumps({"presets": {n: summary(c, args.batch_size, activations=args.activations,
+                                                      checkpointing=args.activation_checkpointing)
                                            for n, c in presets().items()}}, indent=1)
-        return compare(presets(), activations=args.activations)
+        return compare(presets(), activations=args.activations, checkpointing=args.activation_checkpointing)
     kwargs = dict(batch_size=args.batch_size, seq_len=T, gpu_mem=args.gpu_mem, steps=args.steps, gpu=args.gpu,
-                  mfu=args.mfu, dtype=args.dtype, activations=args.activations)
+                  mfu=args.mfu, dtype=args.dtype, activations=args.activations,
+                  checkpointing=args.activation_checkpointing)
     if args.json:
         return json.dumps({"preset": args.preset, **summary(cfg, **kwargs)}, indent=1)
     return report(cfg, args.preset, **kwargs)

@@ -60,8 +60,9 @@ def meta_model(cfg):
     return _META_MODELS[key]
 
 
-def counted_flops(cfg, batch_size, seq_len, device="cpu", backward=False):
-    """FLOPs FlopCounterMode sees in one forward (and backward) pass of the real model.
+def counted_flops(cfg, batch_size, seq_len, device="cpu", backward=False, checkpointing=False):
+    """FLOPs FlopCounterMode sees in one forward (and backward) pass of the real model (with checkpointing: each
+    block under torch.utils.checkpoint, accounting.checkpointed_forward).
 
     subtle: we count with attn_impl="manual", the from-scratch attention. In torch 2.13 the CPU fused attention
     kernel behind F.scaled_dot_product_attention has no FLOP formula, so the counter silently reports QKᵀ and A V as
@@ -73,7 +74,7 @@ def counted_flops(cfg, batch_size, seq_len, device="cpu", backward=False):
         lm._check_input = lambda *args: None
     ids = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1)).to(device)
     with FlopCounterMode(display=False) as counter:
-        logits = lm(ids[:, :-1])
+        logits = accounting.checkpointed_forward(lm, ids[:, :-1]) if checkpointing else lm(ids[:, :-1])
         if backward:
             optim.cross_entropy(logits, ids[:, 1:]).backward()
     return counter.get_total_flops()
@@ -149,6 +150,23 @@ def test_training_flops_match_flop_counter_forward_plus_backward():
         assert counted_flops(cfg, B, T, backward=True) == accounting.train_flops_per_token(cfg, T) * B * T
 
 
+@pytest.mark.parametrize("changes", [{}, {"norm": "post"}, {"norm": "none", "position": "nope"},
+                                     {"ffn": "silu", "d_ff": 128, "tie_embeddings": True}], ids=str)
+def test_checkpointing_flops_match_flop_counter(changes):
+    # With torch.utils.checkpoint around each block, backward runs the blocks' forward again, except w2 where the
+    # block ends in it (pre-norm, no norm): recompute_flops' docstring says why. The counter sees exactly that.
+    cfg, B, T = dataclasses.replace(SMALL, **changes), 2, 24
+    counted = counted_flops(cfg, B, T, backward=True, checkpointing=True)
+    assert counted == 3 * accounting.forward_flops(cfg, B, T) + accounting.recompute_flops(cfg, B, T)
+    by_id = accounting.forward_flops_by_id(cfg, B, T)
+    w2 = cfg.num_layers * 2 * B * T * cfg.d_ff * cfg.d_model
+    blocks = accounting.forward_flops(cfg, B, T) - by_id["lm_head"]
+    assert accounting.recompute_flops(cfg, B, T) == blocks - (0 if cfg.norm == "post" else w2)
+    # and the time estimate counts it: steps x the recomputed FLOPs more, MFU (train_flops_per_token) unchanged
+    extra = accounting.train_flops(cfg, 10, B, T, checkpointing=True) - accounting.train_flops(cfg, 10, B, T)
+    assert extra == 10 * accounting.recompute_flops(cfg, B, T)
+
+
 def test_train_flops_per_token_is_6n_plus_attention():
     # 6·N_matmul + 12·L·T·d, N_matmul by hand: no embedding gather, no norm gains, lm_head included (tied or not).
     # Duck-typed: train.py may pass any object with ModelConfig's field names.
@@ -188,6 +206,65 @@ def test_saved_activations_match_formula_exactly(changes, B, T, attn_impl):
     measured = accounting.measure_saved_activations(cfg, B, T)
     assert measured["float"] == 4 * accounting.activation_elements(cfg, B, T, activations=attn_impl)
     assert 0 < measured["other"] < measured["float"] / 20  # token ids and masks: small, and not activations
+
+
+CHECKPOINT_CONFIGS = [({}, 2, 40), ({"norm": "post"}, 1, 48), ({"norm": "none", "position": "nope"}, 2, 40),
+                      ({"tie_embeddings": True}, 1, 33), ({"ffn": "silu", "d_ff": 256, "num_layers": 3}, 3, 16)]
+
+
+@pytest.mark.parametrize("changes,B,T", CHECKPOINT_CONFIGS, ids=str)
+@pytest.mark.parametrize("attn_impl", ["manual", "sdpa"])
+def test_checkpointed_saved_activations_match_formula_exactly(changes, B, T, attn_impl):
+    # With each block under torch.utils.checkpoint (non-reentrant) the hooks see each block's input, which the
+    # checkpoint keeps, and what lies outside the blocks (ln_final, lm_head, loss) — nothing inside a block.
+    cfg = dataclasses.replace(SMALL, attn_impl=attn_impl, **changes)
+    kept = accounting.activation_rows(cfg, B, T, attn_impl, checkpointing=True)
+    checkpointed = accounting.measure_saved_activations(cfg, B, T, checkpointing=True)
+    assert checkpointed["float"] == 4 * sum(n for *_, n in kept) == 4 * accounting.activation_elements(
+        cfg, B, T, attn_impl, checkpointing=True)
+    assert kept[0] == ("block_inputs", "block inputs (kept by checkpoint)", "L · B·T·d", cfg.num_layers * B * T * 64)
+    # One block's activations, live again while it is recomputed: without checkpointing autograd keeps L of them;
+    # with it, their inputs only. So the two runs differ by L x (one block's rows less that input), exactly.
+    plain = accounting.measure_saved_activations(cfg, B, T)["float"]
+    block = sum(n for *_, n in accounting.recomputation_rows(cfg, B, T, attn_impl))
+    assert plain - checkpointed["float"] == 4 * cfg.num_layers * (block - B * T * cfg.d_model)
+
+
+def test_checkpointed_forward_is_the_model_forward():
+    # The checkpointed model computes the same thing: same logits, same gradients (fp32; the recomputation repeats
+    # the same ops on the same inputs).
+    cfg = dataclasses.replace(SMALL, norm="post")
+    torch.manual_seed(0)
+    lm = model.TransformerLM(**dataclasses.asdict(cfg))
+    ids = torch.randint(cfg.vocab_size, (2, 33))
+    grads = []
+    for forward in (lm, lambda x: accounting.checkpointed_forward(lm, x)):
+        lm.zero_grad()
+        logits = forward(ids[:, :-1])
+        optim.cross_entropy(logits, ids[:, 1:]).backward()
+        grads.append((logits.detach(), [p.grad.clone() for p in lm.parameters()]))
+    (plain_logits, plain_grads), (ckpt_logits, ckpt_grads) = grads
+    assert torch.equal(plain_logits, ckpt_logits)
+    for a, b in zip(plain_grads, ckpt_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="exceeds context_length"):  # the model's own input checks still run
+        accounting.checkpointed_forward(lm, torch.zeros(1, cfg.context_length + 1, dtype=torch.long))
+
+
+def test_gpt2_xl_memory_with_activation_checkpointing():
+    # Kept: 48 block inputs + ln_final, lm_head input and loss; plus one block recomputed in backward.
+    T, d, h, F, V, L = 1024, 1600, 25, 6400, 50257, 48
+    block = 2 * (2 * T * d + T) + 2 * T * d + 3 * T * d + 4 * T * (d // h) + T * d + h * T + 5 * T * F  # sdpa, B=1
+    outside = 2 * T * d + T + T * d + T * V + T
+    for B in (1, 3):
+        mem = accounting.train_memory(XL, B, checkpointing=True)
+        rope = 4 * T * (d // h)
+        assert mem["activations"] == 4 * (L * B * T * d + B * outside + B * (block - rope) + rope)
+        assert mem["activations"] < accounting.train_memory(XL, B)["activations"] / 10  # 13x less at B=1
+    b = accounting.max_batch_size(XL, 80e9, checkpointing=True)
+    assert b == 62 and accounting.max_batch_size(XL, 80e9) == 4
+    assert (accounting.train_memory(XL, b, checkpointing=True)["total"] <= 80e9
+            < accounting.train_memory(XL, b + 1, checkpointing=True)["total"])
 
 
 def handout_vs_measured(cfg) -> float:
@@ -381,6 +458,11 @@ def test_cli_json_and_compare(capsys):
     assert s["forward_flops_total"] == 1024 * 4_513_336_524_800
     assert s["train_memory_bytes"] == accounting.train_memory(XL, 1024)["total"]
     assert s["train_days"] == pytest.approx(6583.6, abs=0.1)
+    accounting.main(["--preset", "gpt2-xl", "--json", "--activation-checkpointing", "--gpu-mem", "80GB"])
+    s = json.loads(capsys.readouterr().out)
+    assert s["activation_checkpointing"] is True and s["activations"] == "sdpa" and s["max_batch_size"] == 62
+    assert s["recompute_flops_per_token"] == accounting.recompute_flops(XL, 1, 1024) / 1024
+    assert s["train_memory_bytes"] == accounting.train_memory(XL, 1, checkpointing=True)["total"]
     accounting.main(["--preset", "ts17m", "--json", "--d-model", "256", "--num-heads", "8"])
     s = json.loads(capsys.readouterr().out)
     assert s["config"]["d_model"] == 256 and s["forward_flops_total"] == accounting.forward_flops(
@@ -402,11 +484,18 @@ def test_cli_model_flags_go_through_with_overrides(capsys):
 
 
 def test_cli_measure(capsys):
-    accounting.main(["--preset", "tiny", "--measure", "--seq-len", "32", "--batch-size", "2", "--vocab-size", "256",
-                     "--d-model", "64", "--num-layers", "2", "--num-heads", "4", "--d-ff", "160"])
+    small = ["--preset", "tiny", "--measure", "--seq-len", "32", "--batch-size", "2", "--vocab-size", "256",
+             "--d-model", "64", "--num-layers", "2", "--num-heads", "4", "--d-ff", "160"]
+    accounting.main(small)
     out = capsys.readouterr().out
     cfg = dataclasses.replace(SMALL, context_length=256, attn_impl="manual")
     assert f"{accounting.measure_saved_activations(cfg, 2, 32)['float']:,}" in out
+    accounting.main(small + ["--activation-checkpointing"])
+    out = capsys.readouterr().out
+    measured = accounting.measure_saved_activations(cfg, 2, 32, checkpointing=True)["float"]
+    assert f"{measured:,}  " in out and "block inputs (kept by checkpoint)" in out
+    block = 4 * sum(n for *_, n in accounting.recomputation_rows(cfg, 2, 32, "manual"))
+    assert f"manual: formula {block:,} bytes, measured {block:,}" in out
 
 
 @pytest.mark.parametrize("argv,message", [
