@@ -139,11 +139,15 @@ def forward_flops_by_id(cfg, batch_size: int = 1, seq_len: int | None = None) ->
     return {row_id: f for row_id, *_, f in forward_flop_rows(cfg, batch_size, seq_len)}
 
 
+def block_matmul_params(cfg) -> int:
+    """The matmul parameters of one block: its four attention projections and its FFN matrices."""
+    return len(ATTN_PROJECTIONS) * cfg.d_model**2 + ffn_matrices(cfg) * cfg.d_model * cfg.d_ff
+
+
 def matmul_params(cfg) -> int:
     """N_matmul: the parameters that take part in a matmul — all but the embedding (a gather) and the norm gains;
     a tied lm_head still counts (it is a matmul). Forward FLOPs per token = 2·N_matmul + 4·L·T·d (attention)."""
-    attn, ffn = len(ATTN_PROJECTIONS) * cfg.d_model**2, ffn_matrices(cfg) * cfg.d_model * cfg.d_ff
-    return cfg.num_layers * (attn + ffn) + cfg.vocab_size * cfg.d_model
+    return cfg.num_layers * block_matmul_params(cfg) + cfg.vocab_size * cfg.d_model
 
 
 def train_flops_per_token(config, seq_len: int | None = None) -> float:
@@ -184,11 +188,36 @@ ADAMW_FLOPS_PER_PARAM = sum(n for _, n in ADAMW_FLOP_ROWS)
 # ---------------------------------------------------------------------------------------------------------------
 # Memory for AdamW training: parameters, gradients, two moments, activations
 # ---------------------------------------------------------------------------------------------------------------
-FP32_BYTES = torch.finfo(torch.float32).bits // 8  # 4: memory is counted in fp32, as the handout's problem does
+FP32_BYTES = torch.finfo(torch.float32).bits // 8  # 4: the training state is fp32, as in the handout's problem
 BF16_BYTES = torch.finfo(torch.bfloat16).bits // 8  # 2: the Parameters table also gives the bf16 size
 # What AdamW training keeps per parameter besides activations, in copies of N: the weights, their gradients and
 # AdamW's two moments m and v (Loshchilov & Hutter 2019, Algorithm 2) — 4 copies, 16 bytes per parameter in fp32.
+# They stay fp32 under every --dtype: mixed precision computes in 16 bits but keeps fp32 master weights, gradients
+# and optimizer state (Micikevicius et al. 2018).
 TRAIN_STATE_COPIES = {"params": 1, "grads": 1, "adamw_state": 2}
+
+# --dtype: what the matmuls compute in, and so what the activations are stored in. bf16 and fp16 are mixed precision
+# as train.py runs it: torch.autocast on one GPU or under DDP, MixedPrecisionPolicy(param_dtype=...) under FSDP2;
+# tf32 is fp32 storage with tensor-core matmuls. Convention, stated once: every activation row counts
+# ACTIVATION_BYTES[dtype] per element. For fp32 that is exact (--measure); in 16 bits it is the usual simplification:
+# model.py's RMSNorm computes in fp32 and keeps fp32 tensors, and under autocast the residual stream stays fp32 and
+# each matmul keeps its own 16-bit copy of its input, so autograd keeps 1.1-1.5x the 2-byte figure at the sizes
+# tested (--measure --dtype bf16 prints the factor; tests/test_accounting.py bounds it).
+COMPUTE_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ACTIVATION_BYTES = {name: torch.finfo(dt).bits // 8 for name, dt in COMPUTE_DTYPES.items()}  # 4, 4, 2, 2
+
+
+def autocast_weight_bytes(cfg, dtype: str, checkpointing: bool = False) -> int:
+    """Autocast's 16-bit copies of the matmul weights (0 in fp32 or tf32, which cast nothing). Each matmul casts its
+    weight and keeps the copy for backward: ACTIVATION_BYTES · N_matmul. subtle: model.py's Linear multiplies by
+    weight.T, a view, and autocast's weight cache holds casts of leaf tensors only, so nothing is cached: with
+    checkpointing the blocks' copies go with the checkpoint, and what is kept is lm_head's (V·d) plus, while it is
+    recomputed, one block's (block_matmul_params). Both exact for what saved_tensors_hooks see (the tests).
+    Not under FSDP2, whose MixedPrecisionPolicy gathers 16-bit weights instead (fsdp_gathered_bytes)."""
+    if COMPUTE_DTYPES[dtype] == torch.float32:
+        return 0
+    copies = cfg.vocab_size * cfg.d_model + block_matmul_params(cfg) if checkpointing else matmul_params(cfg)
+    return ACTIVATION_BYTES[dtype] * copies
 
 # Activations: what the forward pass keeps for backward, counted in elements for B sequences of T tokens. A row is
 # (id, label, formula, elements); each enumeration gives one block's rows and the rows outside the blocks, and
@@ -345,22 +374,23 @@ def activation_memory_rows(cfg, batch_size: int = 1, seq_len: int | None = None,
 
 
 def train_memory(cfg, batch_size: int = 1, seq_len: int | None = None, activations: str = DEFAULT_ACTIVATIONS,
-                 checkpointing: bool = False) -> dict:
-    """Bytes to train with AdamW: parameters + gradients + (m, v) = 4 copies of N, plus the activations."""
+                 checkpointing: bool = False, dtype: str = "fp32") -> dict:
+    """Bytes to train with AdamW: parameters + gradients + (m, v) = 4 fp32 copies of N, autocast's weight copies
+    (16-bit dtypes), plus the activations at ACTIVATION_BYTES[dtype] each."""
     N = count_params(cfg)
     mem = {part: copies * FP32_BYTES * N for part, copies in TRAIN_STATE_COPIES.items()}
+    mem["autocast_weights"] = autocast_weight_bytes(cfg, dtype, checkpointing)
     rows = activation_memory_rows(cfg, batch_size, seq_len, activations, checkpointing)
-    mem["activations"] = FP32_BYTES * sum(n for *_, n in rows)
+    mem["activations"] = ACTIVATION_BYTES[dtype] * sum(n for *_, n in rows)
     mem["total"] = sum(mem.values())
     return mem
 
 
-def max_batch_size(cfg, mem_bytes: float, seq_len: int | None = None, activations: str = DEFAULT_ACTIVATIONS,
-                   checkpointing: bool = False) -> int:
-    """Largest B with train_memory(B) <= mem_bytes (0 if none). Activations are a + b·B: most rows grow with B,
-    RoPE's cos/sin rows do not, so the fixed part is train_memory at B = 0."""
-    fixed = train_memory(cfg, 0, seq_len, activations, checkpointing)["total"]
-    per_seq = train_memory(cfg, 1, seq_len, activations, checkpointing)["total"] - fixed
+def max_batch_size(cfg, mem_bytes: float, seq_len: int | None = None, **memory) -> int:
+    """Largest B with train_memory(B, **memory) <= mem_bytes (0 if none). Activations are a + b·B: most rows grow
+    with B, RoPE's cos/sin rows do not, so the fixed part is train_memory at B = 0."""
+    fixed = train_memory(cfg, 0, seq_len, **memory)["total"]
+    per_seq = train_memory(cfg, 1, seq_len, **memory)["total"] - fixed
     return max(0, math.floor((mem_bytes - fixed) / per_seq))
 
 
@@ -484,7 +514,7 @@ def checkpointed_forward(lm: model.TransformerLM, token_ids: torch.Tensor) -> to
 
 
 def measure_saved_activations(cfg, batch_size: int = 1, seq_len: int | None = None, seed: int = 0,
-                              checkpointing: bool = False) -> dict:
+                              checkpointing: bool = False, dtype: str = "fp32") -> dict:
     """Run model.TransformerLM + optim.cross_entropy forward on CPU and add up the tensors autograd saves.
 
     torch.autograd.graph.saved_tensors_hooks calls `pack` on every tensor an op stores for its backward. Many of
@@ -492,26 +522,37 @@ def measure_saved_activations(cfg, batch_size: int = 1, seq_len: int | None = No
     storage once. Parameters and buffers are excluded (they are counted as parameters, not activations).
     With checkpointing (checkpointed_forward) the hooks see what the checkpoints keep: each block's input (and the
     token positions), not the tensors inside the blocks, which checkpoint's own inner hooks take and drop.
-    Returns bytes: "float" (activations proper) and "other" (int64 token ids/targets/positions, bool masks)."""
+    A 16-bit dtype runs the forward under CPU torch.autocast, as train.py does on one device.
+    Returns bytes: "float" (every floating-point tensor saved), "weight_copies" (those of "float" that are a
+    parameter cast to the autocast dtype, autocast_weight_bytes; 0 in fp32) and "other" (int64 token
+    ids/targets/positions, bool masks)."""
     B, T = batch_size, _seq_len(cfg, seq_len)
     torch.manual_seed(seed)
     lm = model.TransformerLM(**dataclasses.asdict(cfg))
     persistent = {t.untyped_storage().data_ptr() for t in [*lm.parameters(), *lm.buffers()]}
     ids = torch.randint(cfg.vocab_size, (B, T + 1))
     x, y = ids[:, :-1], ids[:, 1:]  # (B, T) inputs and next-token targets
-    seen: dict[int, tuple[int, bool]] = {}  # storage address -> (bytes, is floating point)
+    seen: dict[int, tuple[int, str]] = {}  # storage address -> (bytes, "float" | "weight_copies" | "other")
+
+    def is_weight_copy(t: torch.Tensor) -> bool:  # a parameter cast to t's dtype, or its transpose (Linear's W.T)
+        return any(w.shape == t.shape and torch.equal(w.to(t.dtype), t)
+                   for p in lm.parameters() for w in (p.detach(), p.detach().mT if p.dim() == 2 else p.detach()))
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         if storage.data_ptr() not in persistent:
             # note: returning t keeps it alive until backward, so no address is freed and reused meanwhile
-            seen[storage.data_ptr()] = (storage.nbytes(), t.dtype.is_floating_point)
+            kind = "other" if not t.dtype.is_floating_point else "weight_copies" if is_weight_copy(t) else "float"
+            seen[storage.data_ptr()] = (storage.nbytes(), kind)
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    compute = COMPUTE_DTYPES[dtype]
+    with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+          torch.autocast("cpu", dtype=compute, enabled=compute != torch.float32)):
         loss = optim.cross_entropy(checkpointed_forward(lm, x) if checkpointing else lm(x), y)
     loss.backward()  # the saved tensors are really used: this fails if anything above broke the graph
-    return {"float": sum(n for n, f in seen.values() if f), "other": sum(n for n, f in seen.values() if not f)}
+    total = {kind: sum(n for n, k in seen.values() if k == kind) for kind in ("float", "weight_copies", "other")}
+    return {**total, "float": total["float"] + total["weight_copies"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -586,7 +627,7 @@ def summary(cfg, batch_size: int = 1, seq_len: int | None = None, gpu_mem: float
             activations: str = DEFAULT_ACTIVATIONS, checkpointing: bool = False) -> dict:
     """All headline numbers for one config as plain JSON-ready values (what --json prints)."""
     T = _seq_len(cfg, seq_len)
-    memory = dict(activations=activations, checkpointing=checkpointing)
+    memory = dict(activations=activations, checkpointing=checkpointing, dtype=dtype)
     mem = train_memory(cfg, batch_size, T, **memory)
     out = {
         "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg)),
@@ -601,6 +642,7 @@ def summary(cfg, batch_size: int = 1, seq_len: int | None = None, gpu_mem: float
         "adamw_flops_per_step": ADAMW_FLOPS_PER_PARAM * count_params(cfg),
         "train_memory_bytes": mem["total"],
         "train_memory": mem,
+        "dtype": dtype,
         "activations": activations,
         "activation_bytes_per_sequence": (train_memory(cfg, 1, T, **memory)["activations"]
                                           - train_memory(cfg, 0, T, **memory)["activations"]),
@@ -609,7 +651,7 @@ def summary(cfg, batch_size: int = 1, seq_len: int | None = None, gpu_mem: float
         out["gpu_mem_bytes"] = gpu_mem
         out["max_batch_size"] = max_batch_size(cfg, gpu_mem, T, **memory)
     if steps is not None and gpu is not None and mfu is not None:
-        out.update(steps=steps, gpu=gpu, mfu=mfu, dtype=dtype, peak_flops=peak_flops(gpu, dtype),
+        out.update(steps=steps, gpu=gpu, mfu=mfu, peak_flops=peak_flops(gpu, dtype),
                    train_flops_total=train_flops(cfg, steps, batch_size, T, checkpointing),
                    train_days=train_days(cfg, steps, batch_size, gpu, mfu, dtype, T, checkpointing))
     return out
@@ -683,23 +725,44 @@ ACTIVATIONS_SAID = {"sdpa": "model.py keeps them with the fused sdpa attention (
                     "handout": "as the handout enumerates them"}
 
 
+def autocast_formula(na: int, checkpointing: bool) -> str:
+    """autocast_weight_bytes as a formula."""
+    return f"{na}·(V·d + one block's matmul weights)" if checkpointing else f"{na}·N_matmul"
+
+
+def fixed_formula(mem: dict, fixed: int, na: int, checkpointing: bool) -> str:
+    """The part of memory that does not grow with B, as a formula: '16·N', '16·N + 2·N_matmul + RoPE cos, sin'."""
+    parts = [f"{sum(TRAIN_STATE_COPIES.values()) * FP32_BYTES}·N"]
+    if mem["autocast_weights"]:
+        parts.append(autocast_formula(na, checkpointing))
+    if fixed != sum(mem[part] for part in TRAIN_STATE_COPIES) + mem["autocast_weights"]:
+        parts.append("RoPE cos, sin")
+    return " + ".join(parts)
+
+
 def memory_table(cfg, s: dict) -> str:
-    B, T, mem, per_seq = s["batch_size"], s["seq_len"], s["train_memory"], s["activation_bytes_per_sequence"]
-    copies, nb = TRAIN_STATE_COPIES, FP32_BYTES
-    fixed = mem["total"] - B * per_seq  # parameters, gradients, AdamW state and what does not grow with B (RoPE)
+    B, T, mem, dtype = s["batch_size"], s["seq_len"], s["train_memory"], s["dtype"]
+    per_seq = s["activation_bytes_per_sequence"]
+    copies, nb, na = TRAIN_STATE_COPIES, FP32_BYTES, ACTIVATION_BYTES[dtype]
+    fixed = mem["total"] - B * per_seq  # all but the activations that grow with B
     rows = [["parameters", f"{nb}·N", human_bytes(mem["params"])], ["gradients", f"{nb}·N", human_bytes(mem["grads"])],
             ["AdamW m and v", f"{copies['adamw_state']} · {nb}·N", human_bytes(mem["adamw_state"])]]
-    rows += [[f"act: {label}", times(nb, formula), human_bytes(nb * e)]
+    if mem["autocast_weights"]:
+        rows.append([f"autocast's {dtype} weight copies", autocast_formula(na, s["activation_checkpointing"]),
+                     human_bytes(mem["autocast_weights"])])
+    rows += [[f"act: {label}", times(na, formula), human_bytes(na * e)]
              for _, label, formula, e in activation_memory_rows(cfg, B, T, s["activations"],
                                                                 s["activation_checkpointing"])]
     rows.append(["total", "", human_bytes(mem["total"])])
-    state = f"{sum(copies.values()) * nb}·N" + ("" if fixed == sum(mem[part] for part in copies) else " + RoPE cos, sin")
     checkpointing = (", with activation checkpointing (block inputs kept, one block recomputed at a time)"
                      if s["activation_checkpointing"] else "")
-    out = [f"Memory for AdamW training in fp32 ({nb} bytes per number), B={B}, T={T:,}; activations "
+    precision = (f"in fp32 ({nb} bytes per number)" if na == nb else
+                 f"with {dtype} mixed precision (fp32 weights, gradients and AdamW state; activations {na} bytes each)")
+    out = [f"Memory for AdamW training {precision}, B={B}, T={T:,}; activations "
            f"{ACTIVATIONS_SAID[s['activations']]} (--activations {s['activations']}){checkpointing}",
            table(["", "formula", f"B={B}"], rows),
-           f"total(B) = {state} + B · {per_seq:,} bytes = {human_bytes(fixed)} + B · {human_bytes(per_seq)}"]
+           f"total(B) = {fixed_formula(mem, fixed, na, s['activation_checkpointing'])} + B · {per_seq:,} bytes = "
+           f"{human_bytes(fixed)} + B · {human_bytes(per_seq)}"]
     if "max_batch_size" in s:
         out.append(f"largest batch in {human_bytes(s['gpu_mem_bytes'])}: B = {s['max_batch_size']}"
                    + ("" if s["max_batch_size"] else " (parameters, gradients and AdamW state alone do not fit)"))
@@ -762,10 +825,12 @@ def positive_int(text: str) -> int:
 MEASURE_MAX_BYTES = 4e9  # --measure runs the model on this machine's CPU: refuse what a laptop could not hold
 
 
-def measure_report(cfg, batch_size: int, seq_len: int, checkpointing: bool = False) -> str:
+def measure_report(cfg, batch_size: int, seq_len: int, checkpointing: bool = False, dtype: str = "fp32") -> str:
     """--measure: the handout's activation formula, this implementation's, and the bytes autograd really saved,
     for the from-scratch attention and the fused one; with checkpointing, of the checkpointed model, and one
-    block's recomputed activations as the difference of the two runs."""
+    block's recomputed activations as the difference of the two runs. A 16-bit dtype runs under CPU autocast."""
+    if COMPUTE_DTYPES[dtype] != torch.float32:
+        return measure_report_16bit(cfg, batch_size, seq_len, checkpointing, dtype)
     B, T, nb = batch_size, seq_len, FP32_BYTES
     analytic = nb * activation_elements(cfg, B, T, "handout", checkpointing)
     manual_cfg, fused_cfg = (dataclasses.replace(cfg, attn_impl=a) for a in ("manual", "sdpa"))
@@ -797,6 +862,28 @@ def measure_report(cfg, batch_size: int, seq_len: int, checkpointing: bool = Fal
     return "\n".join(out)
 
 
+def measure_report_16bit(cfg, B: int, T: int, checkpointing: bool, dtype: str) -> str:
+    """--measure --dtype bf16|fp16: autocast's weight copies (exact) and the activations at ACTIVATION_BYTES each
+    (an approximation: the factor printed is how far off it is for this config)."""
+    na, rows = ACTIVATION_BYTES[dtype], []
+    for impl in ("manual", "sdpa"):
+        c = dataclasses.replace(cfg, attn_impl=impl)
+        measured = measure_saved_activations(c, B, T, checkpointing=checkpointing, dtype=dtype)
+        kept_copies = autocast_weight_bytes(c, dtype, checkpointing) - (
+            na * block_matmul_params(c) if checkpointing else 0)  # the recomputed block's come back in backward
+        predicted = na * activation_elements(c, B, T, impl, checkpointing)
+        acts = measured["float"] - measured["weight_copies"]
+        rows += [[f"attn_impl={impl}: autocast's weight copies kept", f"{kept_copies:,}",
+                  f"{measured['weight_copies']:,}", f"{measured['weight_copies'] / kept_copies:.2f}"],
+                 [f"attn_impl={impl}: activations at {na} bytes each", f"{predicted:,}", f"{acts:,}",
+                  f"{acts / predicted:.2f}"]]
+    how = ", each block under torch.utils.checkpoint" if checkpointing else ""
+    return "\n".join([f"Saved for backward under CPU torch.autocast({dtype}): B={B}, T={T:,}{how}",
+                      table(["", "formula (bytes)", "measured", "measured / formula"], rows),
+                      "The weight copies are exact; activations count 2 bytes per element by convention (fp32 "
+                      "RMSNorm tensors and the fp32 residual stream make autograd keep more: see ACTIVATION_BYTES)."])
+
+
 MODEL_SIZE_FLAGS = ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff")
 
 
@@ -824,8 +911,10 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--steps", type=positive_int, help="training steps, for the time estimate")
     parser.add_argument("--gpu", help=f"accelerator for the time estimate: {', '.join(PEAK_FLOPS)}")
     parser.add_argument("--mfu", type=float, help="model FLOPs utilisation in (0, 1], e.g. 0.5")
-    parser.add_argument("--dtype", default="fp32",
-                        help="which published peak the time estimate uses (default fp32); memory is always fp32")
+    parser.add_argument("--dtype", choices=COMPUTE_DTYPES, default="fp32",
+                        help="what the matmuls compute in (default fp32): the published peak the time estimate uses, "
+                             "and the activations' bytes (bf16/fp16: 2, mixed precision; weights, gradients and "
+                             "AdamW state stay fp32)")
     parser.add_argument("--compare", action="store_true", help="all presets side by side")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--measure", action="store_true",
@@ -866,7 +955,7 @@ def output(args, cfg) -> str:
     """What the command prints: --measure's comparison, --compare's table (or JSON), or cfg's tables (or JSON)."""
     T = _seq_len(cfg, args.seq_len)
     if args.measure:
-        return measure_report(cfg, args.batch_size, T, args.activation_checkpointing)
+        return measure_report(cfg, args.batch_size, T, args.activation_checkpointing, args.dtype)
     if args.compare:
         if args.json:
             return json.dumps({"presets": {n: summary(c, args.batch_size, activations=args.activations,

@@ -267,6 +267,51 @@ def test_gpt2_xl_memory_with_activation_checkpointing():
             < accounting.train_memory(XL, b + 1, checkpointing=True)["total"])
 
 
+AUTOCAST_CONFIGS = [({}, 2, 40), ({"attn_impl": "manual"}, 1, 48), ({"tie_embeddings": True, "norm": "none"}, 2, 24),
+                    ({"ffn": "silu", "d_ff": 256, "position": "nope", "norm": "post"}, 1, 40)]
+
+
+@pytest.mark.parametrize("changes,B,T", AUTOCAST_CONFIGS, ids=str)
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_autocast_weight_copies_are_exact(changes, B, T, dtype):
+    # Under torch.autocast each matmul keeps a 16-bit copy of its weight (W.T, not cached): 2·N_matmul bytes. With
+    # checkpointing the blocks' copies go with the checkpoint: lm_head's is kept, one block's comes back in backward.
+    cfg = dataclasses.replace(SMALL, **changes)
+    plain = accounting.measure_saved_activations(cfg, B, T, dtype=dtype)
+    assert plain["weight_copies"] == accounting.autocast_weight_bytes(cfg, dtype) == 2 * accounting.matmul_params(cfg)
+    ckpt = accounting.measure_saved_activations(cfg, B, T, checkpointing=True, dtype=dtype)
+    assert ckpt["weight_copies"] == 2 * cfg.vocab_size * cfg.d_model
+    assert plain["weight_copies"] - ckpt["weight_copies"] == 2 * cfg.num_layers * accounting.block_matmul_params(cfg)
+    assert accounting.autocast_weight_bytes(cfg, dtype, checkpointing=True) == 2 * (
+        cfg.vocab_size * cfg.d_model + accounting.block_matmul_params(cfg))
+    assert accounting.autocast_weight_bytes(cfg, "fp32") == accounting.autocast_weight_bytes(cfg, "tf32") == 0
+    # Stated tolerance of the 2-bytes-per-element convention (accounting.ACTIVATION_BYTES): at these sizes autograd
+    # keeps 1x-1.5x of it (fp32 RMSNorm tensors, the fp32 residual stream, one 16-bit input copy per matmul).
+    for measured, checkpointing in ((plain, False), (ckpt, True)):
+        predicted = 2 * accounting.activation_elements(cfg, B, T, cfg.attn_impl, checkpointing)
+        assert 1 <= (measured["float"] - measured["weight_copies"]) / predicted <= 1.5
+
+
+def test_fp32_measurement_has_no_weight_copies():
+    measured = accounting.measure_saved_activations(SMALL, 2, 32)
+    assert measured["weight_copies"] == 0 and measured["float"] == 4 * accounting.activation_elements(SMALL, 2, 32)
+
+
+def test_gpt2_xl_memory_in_bf16():
+    # Mixed precision: weights, gradients and AdamW state stay fp32 (16·N), activations take 2 bytes, and autocast
+    # adds its 2·N_matmul weight copies.
+    fp32, bf16 = accounting.train_memory(XL, 3), accounting.train_memory(XL, 3, dtype="bf16")
+    assert bf16["params"] + bf16["grads"] + bf16["adamw_state"] == 16 * 2_127_057_600
+    assert bf16["activations"] * 2 == fp32["activations"]
+    assert bf16["autocast_weights"] == 2 * accounting.matmul_params(XL) and fp32["autocast_weights"] == 0
+    assert accounting.train_memory(XL, 3, dtype="fp16") == bf16
+    assert accounting.train_memory(XL, 3, dtype="tf32") == fp32
+    b = accounting.max_batch_size(XL, 80e9, dtype="bf16")
+    assert b == 8
+    assert (accounting.train_memory(XL, b, dtype="bf16")["total"] <= 80e9
+            < accounting.train_memory(XL, b + 1, dtype="bf16")["total"])
+
+
 def handout_vs_measured(cfg) -> float:
     cfg = dataclasses.replace(cfg, attn_impl="manual")
     measured = accounting.measure_saved_activations(cfg, 1, cfg.context_length)["float"]
@@ -463,6 +508,10 @@ def test_cli_json_and_compare(capsys):
     assert s["activation_checkpointing"] is True and s["activations"] == "sdpa" and s["max_batch_size"] == 62
     assert s["recompute_flops_per_token"] == accounting.recompute_flops(XL, 1, 1024) / 1024
     assert s["train_memory_bytes"] == accounting.train_memory(XL, 1, checkpointing=True)["total"]
+    accounting.main(["--preset", "gpt2-xl", "--json", "--dtype", "bf16", "--gpu-mem", "80GB"])
+    s = json.loads(capsys.readouterr().out)
+    assert s["dtype"] == "bf16" and s["max_batch_size"] == 8
+    assert s["train_memory"] == accounting.train_memory(XL, 1, dtype="bf16")
     accounting.main(["--preset", "ts17m", "--json", "--d-model", "256", "--num-heads", "8"])
     s = json.loads(capsys.readouterr().out)
     assert s["config"]["d_model"] == 256 and s["forward_flops_total"] == accounting.forward_flops(
@@ -508,6 +557,7 @@ def test_cli_measure(capsys):
     (["--steps", "10"], "needs all of --steps, --gpu and --mfu"),
     (["--gpu-mem", "lots"], "bad memory size"),
     (["--activations", "flash"], "argument --activations: invalid choice: 'flash'"),
+    (["--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
     (["--preset", "gpt2-xl", "--measure"], "pick a small config"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(argv, message, capsys):
