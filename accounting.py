@@ -69,21 +69,26 @@ def ffn_matrices(cfg) -> int:
     return 3 if cfg.ffn == "swiglu" else 2
 
 
-def param_rows(cfg) -> list[tuple[str, str, int, int]]:
+def param_shapes(cfg) -> list[tuple[str, str, tuple[int, ...], int]]:
+    """(name, shape formula, shape, copies) of every kind of parameter tensor; copies = L for the blocks' ones."""
     V, d, L, F = cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.d_ff
-    norm = cfg.norm != "none"
-    rows = [("token_embeddings", "(V, d)", V * d, 1)]
-    rows += [(f"layers.*.attn.{p}_proj", "(d, d)", d * d, L) for p in ATTN_PROJECTIONS]
+    rows = [("token_embeddings", "(V, d)", (V, d), 1)]
+    rows += [(f"layers.*.attn.{p}_proj", "(d, d)", (d, d), L) for p in ATTN_PROJECTIONS]
     if cfg.ffn == "swiglu":  # w2 · (SiLU(w1 x) ⊙ w3 x)  (Shazeer 2020)
-        rows += [("layers.*.ffn.w1", "(F, d)", F * d, L), ("layers.*.ffn.w2", "(d, F)", d * F, L),
-                 ("layers.*.ffn.w3", "(F, d)", F * d, L)]
+        rows += [("layers.*.ffn.w1", "(F, d)", (F, d), L), ("layers.*.ffn.w2", "(d, F)", (d, F), L),
+                 ("layers.*.ffn.w3", "(F, d)", (F, d), L)]
     else:  # w2 · SiLU(w1 x): the SiLU ablation drops w3
-        rows += [("layers.*.ffn.w1", "(F, d)", F * d, L), ("layers.*.ffn.w2", "(d, F)", d * F, L)]
-    if norm:  # RMSNorm gains: one per sublayer and a final one (model.py keeps it for post-norm too)
-        rows += [("layers.*.ln1", "(d,)", d, L), ("layers.*.ln2", "(d,)", d, L), ("ln_final", "(d,)", d, 1)]
+        rows += [("layers.*.ffn.w1", "(F, d)", (F, d), L), ("layers.*.ffn.w2", "(d, F)", (d, F), L)]
+    if cfg.norm != "none":  # RMSNorm gains: one per sublayer and a final one (model.py keeps it for post-norm too)
+        rows += [("layers.*.ln1", "(d,)", (d,), L), ("layers.*.ln2", "(d,)", (d,), L), ("ln_final", "(d,)", (d,), 1)]
     if not cfg.tie_embeddings:
-        rows += [("lm_head", "(V, d)", V * d, 1)]
+        rows += [("lm_head", "(V, d)", (V, d), 1)]
     return rows
+
+
+def param_rows(cfg) -> list[tuple[str, str, int, int]]:
+    """(name, shape formula, elements per copy, copies): param_shapes with each shape's element count."""
+    return [(name, formula, math.prod(shape), copies) for name, formula, shape, copies in param_shapes(cfg)]
 
 
 def count_params(cfg) -> int:
@@ -374,12 +379,18 @@ def activation_memory_rows(cfg, batch_size: int = 1, seq_len: int | None = None,
 
 
 def train_memory(cfg, batch_size: int = 1, seq_len: int | None = None, activations: str = DEFAULT_ACTIVATIONS,
-                 checkpointing: bool = False, dtype: str = "fp32") -> dict:
-    """Bytes to train with AdamW: parameters + gradients + (m, v) = 4 fp32 copies of N, autocast's weight copies
-    (16-bit dtypes), plus the activations at ACTIVATION_BYTES[dtype] each."""
+                 checkpointing: bool = False, dtype: str = "fp32", fsdp: int | None = None) -> dict:
+    """Bytes per GPU to train with AdamW, batch_size sequences per GPU: parameters + gradients + (m, v) = 4 fp32
+    copies of N (under FSDP2 over `fsdp` GPUs: rank 0's shards of them, fsdp_shard_bytes, plus the gathered
+    parameters, fsdp_gathered_bytes), autocast's weight copies (16-bit dtypes without FSDP), and the activations at
+    ACTIVATION_BYTES[dtype] each. fsdp=None: one GPU, or any DDP rank (each holds all of it)."""
     N = count_params(cfg)
-    mem = {part: copies * FP32_BYTES * N for part, copies in TRAIN_STATE_COPIES.items()}
-    mem["autocast_weights"] = autocast_weight_bytes(cfg, dtype, checkpointing)
+    if fsdp is None:
+        mem = {part: copies * FP32_BYTES * N for part, copies in TRAIN_STATE_COPIES.items()}
+    else:
+        mem = fsdp_shard_bytes(cfg, fsdp)
+    mem["gathered"] = 0 if fsdp is None else fsdp_gathered_bytes(cfg, dtype)
+    mem["autocast_weights"] = autocast_weight_bytes(cfg, dtype, checkpointing) if fsdp is None else 0
     rows = activation_memory_rows(cfg, batch_size, seq_len, activations, checkpointing)
     mem["activations"] = ACTIVATION_BYTES[dtype] * sum(n for *_, n in rows)
     mem["total"] = sum(mem.values())
@@ -392,6 +403,52 @@ def max_batch_size(cfg, mem_bytes: float, seq_len: int | None = None, **memory) 
     fixed = train_memory(cfg, 0, seq_len, **memory)["total"]
     per_seq = train_memory(cfg, 1, seq_len, **memory)["total"] - fixed
     return max(0, math.floor((mem_bytes - fixed) / per_seq))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory per GPU under FSDP2 (torch.distributed.fsdp.fully_shard on each block and on the root; --fsdp N)
+# ---------------------------------------------------------------------------------------------------------------
+# FSDP2 (PyTorch's fully_shard; Zhao et al. 2023 for FSDP) splits every parameter on dim 0 across the N ranks: as
+# torch.chunk(p, N, dim=0) does, rank r holds rows r·c .. (r+1)·c - 1 of the dim0 rows, c = ceil(dim0 / N), fewer
+# (or none) at the end. Rank 0 always holds c rows of every parameter, the most any rank holds, and c rows are
+# also what every rank allocates for its parameter and gradient shards (FSDP2 pads dim 0 to a multiple of N), so
+# rank 0's bytes are the per-GPU figure. Gradients are reduce-scattered into the same shards (reduce dtype fp32) and
+# AdamW's m and v are zeros_like(shard). What is left per GPU is the unsharded ("gathered") parameters FSDP2 needs
+# at once, in the param dtype (16-bit under MixedPrecisionPolicy(param_dtype=bf16|fp16), else fp32):
+#   the root unit (token_embeddings, ln_final, lm_head): fully_shard keeps the root's parameters unsharded from
+#     forward to backward (reshard_after_forward defaults to False for the root), while
+#   one block's: each block is all-gathered before its forward (and again before its backward) and freed after.
+# Not counted: the next block's all-gather in flight (FSDP2 prefetches one unit ahead), the all-gather and
+# reduce-scatter buffers, and a block's unsharded gradients before they are reduce-scattered — each about one more
+# block's parameters (GPT-2 XL: 41M, 82 MB in bf16), small beside the sharded state and the activations.
+
+def fsdp_shard_rows(dim0: int, world_size: int, rank: int = 0) -> int:
+    """Rows of a dim0-row parameter on `rank` of world_size: torch.chunk's split, c = ceil(dim0 / N) per rank."""
+    c = -(-dim0 // world_size)  # ceil
+    return max(0, min(c, dim0 - rank * c))
+
+
+def fsdp_shard_bytes(cfg, world_size: int, dtype_bytes: int = FP32_BYTES, rank: int = 0) -> dict:
+    """Bytes of rank's shards under FSDP2 over world_size ranks: {"params", "grads", "adamw_state"} — the local
+    parts of the sharded parameters (p.to_local()), of their gradients and of AdamW's m and v, each shard
+    fsdp_shard_rows(p.shape[0]) rows of p. Rank 0's are the most and the per-GPU figure (see above)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need world_size >= 1 and 0 <= rank < world_size, got {world_size} and {rank}")
+    shard = sum(copies * fsdp_shard_rows(shape[0], world_size, rank) * math.prod(shape[1:])
+                for _, _, shape, copies in param_shapes(cfg))
+    return {part: copies * dtype_bytes * shard for part, copies in TRAIN_STATE_COPIES.items()}
+
+
+def fsdp_unit_params(cfg) -> dict:
+    """Unsharded parameters of FSDP2's units: {"root": embedding, ln_final, lm_head; "block": one block}."""
+    block = sum(math.prod(shape) for name, _, shape, _ in param_shapes(cfg) if name.startswith("layers."))
+    return {"root": count_params(cfg) - cfg.num_layers * block, "block": block}
+
+
+def fsdp_gathered_bytes(cfg, dtype: str = "fp32") -> int:
+    """The unsharded parameters live at once per GPU: the root unit plus one block, in the param dtype."""
+    units = fsdp_unit_params(cfg)
+    return ACTIVATION_BYTES[dtype] * (units["root"] + units["block"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -435,12 +492,12 @@ def train_flops(cfg, steps: int, batch_size: int, seq_len: int | None = None, ch
 
 
 def train_days(cfg, steps: int, batch_size: int, gpu: str, mfu: float, dtype: str = "fp32",
-               seq_len: int | None = None, checkpointing: bool = False) -> float:
-    """Days on one GPU doing all of train_flops at mfu x its published dense peak for dtype. note: with
-    checkpointing, mfu is read as the fraction of peak the GPU sustains on every FLOP it does, recomputation
-    included (what PaLM calls HFU), so the recomputation makes the run longer."""
+               seq_len: int | None = None, checkpointing: bool = False, num_gpus: int = 1) -> float:
+    """Days for num_gpus GPUs (batch_size sequences per step in all) doing all of train_flops, each at mfu x its
+    published dense peak for dtype. note: with checkpointing, mfu is read as the fraction of peak the GPU sustains
+    on every FLOP it does, recomputation included (what PaLM calls HFU), so the recomputation makes the run longer."""
     flops = train_flops(cfg, steps, batch_size, seq_len, checkpointing)
-    return flops / (mfu * peak_flops(gpu, dtype)) / SECONDS_PER_DAY
+    return flops / (num_gpus * mfu * peak_flops(gpu, dtype)) / SECONDS_PER_DAY
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -624,11 +681,15 @@ def describe(cfg) -> str:
 
 def summary(cfg, batch_size: int = 1, seq_len: int | None = None, gpu_mem: float | None = None,
             steps: int | None = None, gpu: str | None = None, mfu: float | None = None, dtype: str = "fp32",
-            activations: str = DEFAULT_ACTIVATIONS, checkpointing: bool = False) -> dict:
-    """All headline numbers for one config as plain JSON-ready values (what --json prints)."""
+            activations: str = DEFAULT_ACTIVATIONS, checkpointing: bool = False, fsdp: int | None = None) -> dict:
+    """All headline numbers for one config as plain JSON-ready values (what --json prints).
+
+    Memory: "train_memory" is one GPU's parts as configured (with fsdp: each of fsdp GPUs under FSDP2),
+    "train_memory_bytes_per_gpu" their total and "max_batch_per_gpu" the largest B per GPU in gpu_mem;
+    "train_memory_bytes" and "max_batch_size" are the same without sharding (one GPU or a DDP rank)."""
     T = _seq_len(cfg, seq_len)
     memory = dict(activations=activations, checkpointing=checkpointing, dtype=dtype)
-    mem = train_memory(cfg, batch_size, T, **memory)
+    mem = train_memory(cfg, batch_size, T, **memory, fsdp=fsdp)
     out = {
         "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg)),
         "batch_size": batch_size, "seq_len": T,
@@ -640,20 +701,24 @@ def summary(cfg, batch_size: int = 1, seq_len: int | None = None, gpu_mem: float
         "activation_checkpointing": checkpointing,
         "recompute_flops_per_token": recompute_flops(cfg, 1, T) / T if checkpointing else 0,
         "adamw_flops_per_step": ADAMW_FLOPS_PER_PARAM * count_params(cfg),
-        "train_memory_bytes": mem["total"],
+        "train_memory_bytes": train_memory(cfg, batch_size, T, **memory)["total"],
+        "train_memory_bytes_per_gpu": mem["total"],
         "train_memory": mem,
         "dtype": dtype,
         "activations": activations,
+        "fsdp": fsdp,
         "activation_bytes_per_sequence": (train_memory(cfg, 1, T, **memory)["activations"]
                                           - train_memory(cfg, 0, T, **memory)["activations"]),
     }
     if gpu_mem is not None:
         out["gpu_mem_bytes"] = gpu_mem
         out["max_batch_size"] = max_batch_size(cfg, gpu_mem, T, **memory)
+        out["max_batch_per_gpu"] = max_batch_size(cfg, gpu_mem, T, **memory, fsdp=fsdp)
     if steps is not None and gpu is not None and mfu is not None:
-        out.update(steps=steps, gpu=gpu, mfu=mfu, peak_flops=peak_flops(gpu, dtype),
-                   train_flops_total=train_flops(cfg, steps, batch_size, T, checkpointing),
-                   train_days=train_days(cfg, steps, batch_size, gpu, mfu, dtype, T, checkpointing))
+        gpus = fsdp or 1  # under FSDP, batch_size is per GPU: each step trains gpus x batch_size sequences
+        out.update(steps=steps, gpu=gpu, mfu=mfu, peak_flops=peak_flops(gpu, dtype), num_gpus=gpus,
+                   train_flops_total=train_flops(cfg, steps, gpus * batch_size, T, checkpointing),
+                   train_days=train_days(cfg, steps, gpus * batch_size, gpu, mfu, dtype, T, checkpointing, gpus))
     return out
 
 
@@ -725,63 +790,79 @@ ACTIVATIONS_SAID = {"sdpa": "model.py keeps them with the fused sdpa attention (
                     "handout": "as the handout enumerates them"}
 
 
-def autocast_formula(na: int, checkpointing: bool) -> str:
-    """autocast_weight_bytes as a formula."""
-    return f"{na}·(V·d + one block's matmul weights)" if checkpointing else f"{na}·N_matmul"
-
-
-def fixed_formula(mem: dict, fixed: int, na: int, checkpointing: bool) -> str:
-    """The part of memory that does not grow with B, as a formula: '16·N', '16·N + 2·N_matmul + RoPE cos, sin'."""
-    parts = [f"{sum(TRAIN_STATE_COPIES.values()) * FP32_BYTES}·N"]
+def state_rows(cfg, s: dict) -> list[tuple[str, str, str, int]]:
+    """(label, formula, short formula, bytes) of memory besides the activations, for memory_table: the fp32
+    training state (sharded under FSDP), the gathered parameters (FSDP) or autocast's weight copies (16-bit)."""
+    mem, n, nb, na = s["train_memory"], s["fsdp"], FP32_BYTES, ACTIVATION_BYTES[s["dtype"]]
+    per = "N" if n is None else f"N/{n}"  # under FSDP: rank 0's shard, ceil(dim0 / N) rows of each parameter
+    all_state = f"{sum(TRAIN_STATE_COPIES.values()) * nb}·{per}"  # the short formula of the three rows together
+    rows = [("parameters", f"{nb}·{per}", all_state, mem["params"]), ("gradients", f"{nb}·{per}", "", mem["grads"]),
+            ("AdamW m and v", f"{TRAIN_STATE_COPIES['adamw_state']} · {nb}·{per}", "", mem["adamw_state"])]
+    if mem["gathered"]:
+        units = fsdp_unit_params(cfg)
+        rows.append((f"gathered: root unit ({human(units['root'])}) + one block ({human(units['block'])})",
+                     f"{na}·(root + block)", f"{na}·(root + block)", mem["gathered"]))
     if mem["autocast_weights"]:
-        parts.append(autocast_formula(na, checkpointing))
-    if fixed != sum(mem[part] for part in TRAIN_STATE_COPIES) + mem["autocast_weights"]:
-        parts.append("RoPE cos, sin")
-    return " + ".join(parts)
+        formula = f"{na}·(V·d + one block's)" if s["activation_checkpointing"] else f"{na}·N_matmul"
+        rows.append((f"autocast's {s['dtype']} weight copies", formula, formula, mem["autocast_weights"]))
+    return rows
 
 
 def memory_table(cfg, s: dict) -> str:
-    B, T, mem, dtype = s["batch_size"], s["seq_len"], s["train_memory"], s["dtype"]
-    per_seq = s["activation_bytes_per_sequence"]
-    copies, nb, na = TRAIN_STATE_COPIES, FP32_BYTES, ACTIVATION_BYTES[dtype]
+    B, T, mem, dtype, n = s["batch_size"], s["seq_len"], s["train_memory"], s["dtype"], s["fsdp"]
+    per_seq, na = s["activation_bytes_per_sequence"], ACTIVATION_BYTES[dtype]
     fixed = mem["total"] - B * per_seq  # all but the activations that grow with B
-    rows = [["parameters", f"{nb}·N", human_bytes(mem["params"])], ["gradients", f"{nb}·N", human_bytes(mem["grads"])],
-            ["AdamW m and v", f"{copies['adamw_state']} · {nb}·N", human_bytes(mem["adamw_state"])]]
-    if mem["autocast_weights"]:
-        rows.append([f"autocast's {dtype} weight copies", autocast_formula(na, s["activation_checkpointing"]),
-                     human_bytes(mem["autocast_weights"])])
+    state = state_rows(cfg, s)
+    rows = [[label, formula, human_bytes(b)] for label, formula, _, b in state]
     rows += [[f"act: {label}", times(na, formula), human_bytes(na * e)]
              for _, label, formula, e in activation_memory_rows(cfg, B, T, s["activations"],
                                                                 s["activation_checkpointing"])]
     rows.append(["total", "", human_bytes(mem["total"])])
+    fixed_parts = [short for _, _, short, _ in state if short]
+    if fixed != sum(b for *_, b in state):
+        fixed_parts.append("RoPE cos, sin")
+    precision = (f"in fp32 ({FP32_BYTES} bytes per number)" if na == FP32_BYTES else
+                 f"with {dtype} mixed precision (fp32 weights, gradients and AdamW state; activations {na} bytes each)")
+    where = "one GPU (or each DDP rank)" if n is None else f"each of {n} GPUs under FSDP2"
     checkpointing = (", with activation checkpointing (block inputs kept, one block recomputed at a time)"
                      if s["activation_checkpointing"] else "")
-    precision = (f"in fp32 ({nb} bytes per number)" if na == nb else
-                 f"with {dtype} mixed precision (fp32 weights, gradients and AdamW state; activations {na} bytes each)")
-    out = [f"Memory for AdamW training {precision}, B={B}, T={T:,}; activations "
+    out = [f"Memory for AdamW training {precision} on {where}, B={B}{'' if n is None else ' per GPU'}, T={T:,}; "
+           f"activations "
            f"{ACTIVATIONS_SAID[s['activations']]} (--activations {s['activations']}){checkpointing}",
            table(["", "formula", f"B={B}"], rows),
-           f"total(B) = {fixed_formula(mem, fixed, na, s['activation_checkpointing'])} + B · {per_seq:,} bytes = "
-           f"{human_bytes(fixed)} + B · {human_bytes(per_seq)}"]
-    if "max_batch_size" in s:
-        out.append(f"largest batch in {human_bytes(s['gpu_mem_bytes'])}: B = {s['max_batch_size']}"
-                   + ("" if s["max_batch_size"] else " (parameters, gradients and AdamW state alone do not fit)"))
+           f"total(B) = {' + '.join(fixed_parts)} + B · {per_seq:,} bytes = {human_bytes(fixed)} + B · "
+           f"{human_bytes(per_seq)}"]
+    if "max_batch_per_gpu" in s:
+        b = s["max_batch_per_gpu"]
+        out.append(f"largest batch in {human_bytes(s['gpu_mem_bytes'])}: B = {b}"
+                   + ("" if b else " (parameters, gradients and AdamW state alone do not fit)"))
     return "\n".join(out)
 
 
 def time_table(s: dict) -> str:
+    n = s["num_gpus"]
+    where = f"one {s['gpu']}" if n == 1 else f"{n} × {s['gpu']} (B={s['batch_size']} per GPU)"
+    B = "B·T" if n == 1 else f"{n}·B·T"
     return "\n".join([
-        f"Time: {s['steps']:,} steps × B={s['batch_size']} × T={s['seq_len']:,} tokens on one {s['gpu']} at "
+        f"Time: {s['steps']:,} steps × {'B=' if n == 1 else f'{n}·B='}{n * s['batch_size']} × T={s['seq_len']:,} "
+        f"tokens on {where} at "
         f"{100 * s['mfu']:g}% MFU, {s['dtype']} (peak {human(s['peak_flops'], 'FLOP/s')})",
-        f"  FLOPs = steps · (B·T · {human(s['train_flops_per_token'], 'FLOP')}"
-        + (f" + B·T · {human(s['recompute_flops_per_token'], 'FLOP')} recomputed" if s["activation_checkpointing"]
+        f"  FLOPs = steps · ({B} · {human(s['train_flops_per_token'], 'FLOP')}"
+        + (f" + {B} · {human(s['recompute_flops_per_token'], 'FLOP')} recomputed" if s["activation_checkpointing"]
            else "") + f" + {ADAMW_FLOPS_PER_PARAM}·N) = {human(s['train_flops_total'], 'FLOP')}",
-        f"  time  = FLOPs / (MFU · peak) = {human_days(s['train_days'])}"])
+        f"  time  = FLOPs / ({'' if n == 1 else f'{n} · '}MFU · peak) = {human_days(s['train_days'])}"])
 
 
-def compare(configs: dict, seq_len: int | None = None, activations: str = DEFAULT_ACTIVATIONS,
-            checkpointing: bool = False) -> str:
-    """Presets side by side at B=1, T=context_length (or seq_len): how shares move with size and context."""
+def memory_flags(activations: str = DEFAULT_ACTIVATIONS, checkpointing: bool = False, dtype: str = "fp32",
+                 fsdp: int | None = None) -> str:
+    """train_memory's keywords as the command-line flags that give them: '--activations sdpa --dtype bf16'."""
+    return " ".join([f"--activations {activations}", f"--dtype {dtype}"] + (["--activation-checkpointing"] if
+                    checkpointing else []) + ([f"--fsdp {fsdp}"] if fsdp is not None else []))
+
+
+def compare(configs: dict, seq_len: int | None = None, **memory) -> str:
+    """Presets side by side at B=1, T=context_length (or seq_len): how shares move with size and context;
+    memory: train_memory's keywords (activations, checkpointing, dtype, fsdp)."""
     rows = []
     for name, cfg in configs.items():
         T = _seq_len(cfg, seq_len)
@@ -791,9 +872,9 @@ def compare(configs: dict, seq_len: int | None = None, activations: str = DEFAUL
         proj = f["qkv"] + f["out_proj"]
         rows.append([name, f"{T:,}", human(count_params(cfg)), human(tot, "FLOP"), f"{100 * proj / tot:.1f}%",
                      f"{100 * attn / tot:.1f}%", f"{100 * f['ffn'] / tot:.1f}%", f"{100 * f['lm_head'] / tot:.1f}%",
-                     human(train_flops_per_token(cfg, T), "FLOP"), human_bytes(train_memory(cfg, 1, T, activations, checkpointing)["total"])])
-    return (f"Presets side by side: one sequence (B=1) of T tokens; shares of forward FLOPs; memory with "
-            f"--activations {activations}{' --activation-checkpointing' if checkpointing else ''}\n"
+                     human(train_flops_per_token(cfg, T), "FLOP"), human_bytes(train_memory(cfg, 1, T, **memory)["total"])])
+    return (f"Presets side by side: one sequence (B=1) of T tokens; shares of forward FLOPs; memory (per GPU) "
+            f"{memory_flags(**memory)}\n"
             + table(["preset", "T", "params", "forward", "QKV+out", "QKᵀ+AV", "FFN", "LM head", "train/token",
                      "memory B=1"], rows))
 
@@ -907,6 +988,9 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="torch.utils.checkpoint around each block: memory keeps block inputs (plus one block "
                              "recomputed at a time), time adds the recomputation")
+    parser.add_argument("--fsdp", type=positive_int, metavar="N",
+                        help="FSDP2 over N GPUs: memory per GPU with parameters, gradients and AdamW state sharded "
+                             "N ways (--batch-size is then per GPU)")
     parser.add_argument("--gpu-mem", type=parse_bytes, help="GPU memory, e.g. 80GB: print the largest batch")
     parser.add_argument("--steps", type=positive_int, help="training steps, for the time estimate")
     parser.add_argument("--gpu", help=f"accelerator for the time estimate: {', '.join(PEAK_FLOPS)}")
@@ -944,11 +1028,20 @@ def check_args(args, cfg) -> None:
         raise ValueError("the time estimate needs all of --steps, --gpu and --mfu")
     if args.gpu is not None:
         peak_flops(args.gpu, args.dtype)
+    if args.measure and args.fsdp is not None:
+        raise ValueError("--measure runs one process on this CPU; drop --fsdp (fsdp_shard_bytes is checked against "
+                         "real FSDP2 ranks in tests/test_accounting.py)")
     if args.measure:
         need = train_memory(cfg, args.batch_size, _seq_len(cfg, args.seq_len))["total"]  # bound: no AdamW runs
         if need > MEASURE_MAX_BYTES:
             raise ValueError(f"--measure runs the model on CPU and would need ~{human_bytes(need)}; "
                              "pick a small config (e.g. --preset tiny)")
+
+
+def memory_args(args) -> dict:
+    """The flags that shape memory, as train_memory's (and summary's) keywords."""
+    return dict(activations=args.activations, checkpointing=args.activation_checkpointing, dtype=args.dtype,
+                fsdp=args.fsdp)
 
 
 def output(args, cfg) -> str:
@@ -958,13 +1051,11 @@ def output(args, cfg) -> str:
         return measure_report(cfg, args.batch_size, T, args.activation_checkpointing, args.dtype)
     if args.compare:
         if args.json:
-            return json.dumps({"presets": {n: summary(c, args.batch_size, activations=args.activations,
-                                                      checkpointing=args.activation_checkpointing)
+            return json.dumps({"presets": {n: summary(c, args.batch_size, **memory_args(args))
                                            for n, c in presets().items()}}, indent=1)
-        return compare(presets(), activations=args.activations, checkpointing=args.activation_checkpointing)
+        return compare(presets(), **memory_args(args))
     kwargs = dict(batch_size=args.batch_size, seq_len=T, gpu_mem=args.gpu_mem, steps=args.steps, gpu=args.gpu,
-                  mfu=args.mfu, dtype=args.dtype, activations=args.activations,
-                  checkpointing=args.activation_checkpointing)
+                  mfu=args.mfu, **memory_args(args))
     if args.json:
         return json.dumps({"preset": args.preset, **summary(cfg, **kwargs)}, indent=1)
     return report(cfg, args.preset, **kwargs)

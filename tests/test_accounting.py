@@ -384,6 +384,116 @@ def test_sdpa_activations_grow_linearly_with_t_and_handout_ones_quadratically(cf
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# FSDP2: sharded bytes per rank, memory per GPU
+
+ODD = model.ModelConfig(vocab_size=257, context_length=16, d_model=24, num_layers=2, num_heads=4, d_ff=67)  # uneven
+FSDP_CONFIGS = [ODD, dataclasses.replace(ODD, tie_embeddings=True, norm="none"),
+                dataclasses.replace(ODD, ffn="silu", d_ff=96, position="nope", num_layers=3), SMALL, XL]
+
+
+@pytest.mark.parametrize("cfg", FSDP_CONFIGS, ids=lambda c: f"V{c.vocab_size}-d{c.d_model}-F{c.d_ff}-{c.ffn}-"
+                                                            f"{c.norm}-tied{c.tie_embeddings}")
+def test_fsdp_shard_bytes_are_torch_chunk_of_the_real_parameters(cfg):
+    # fully_shard splits each parameter on dim 0 as torch.chunk(p, N) does (missing chunks are empty); computed here
+    # straight from model.TransformerLM's parameters (tied weights once), against the formula.
+    params = list(meta_model(cfg).parameters())
+    for N in (1, 2, 3, 8):
+        per_rank = []
+        for rank in range(N):
+            chunks = [torch.chunk(p, N, dim=0) for p in params]
+            elements = sum(c[rank].numel() for c in chunks if rank < len(c))
+            shard = accounting.fsdp_shard_bytes(cfg, N, rank=rank)
+            assert shard == {"params": 4 * elements, "grads": 4 * elements, "adamw_state": 8 * elements}, (N, rank)
+            assert accounting.fsdp_shard_bytes(cfg, N, dtype_bytes=2, rank=rank)["params"] == 2 * elements
+            per_rank.append(elements)
+        assert sum(per_rank) == accounting.count_params(cfg)  # every element on exactly one rank
+        assert per_rank[0] == max(per_rank)  # rank 0's is the per-GPU figure
+        assert per_rank[0] == sum(-(-p.shape[0] // N) * p[0].numel() for p in params)  # ceil(dim0 / N) rows each
+
+
+def test_fsdp_shard_bytes_errors():
+    for N, rank in ((0, 0), (2, 2), (2, -1)):
+        with pytest.raises(ValueError, match="world_size >= 1"):
+            accounting.fsdp_shard_bytes(SMALL, N, rank=rank)
+
+
+FSDP_WORKER = """
+import dataclasses, json, sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+import model, optim
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+dist.init_process_group("gloo")
+mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+lm = model.TransformerLM(**{cfg!r})
+for block in lm.layers:
+    fully_shard(block, mesh=mesh)
+fully_shard(lm, mesh=mesh)
+opt = torch.optim.AdamW(lm.parameters())
+ids = torch.randint(lm.config.vocab_size, (2, 9))
+optim.cross_entropy(lm(ids[:, :-1]), ids[:, 1:]).backward()
+opt.step()
+local = [p.to_local() for p in lm.parameters()]
+print(json.dumps(dict(rank=dist.get_rank(), params=sum(4 * t.numel() for t in local),
+                      storage=sum(t.untyped_storage().nbytes() for t in local),
+                      grads=sum(4 * p.grad.to_local().numel() for p in lm.parameters()),
+                      adamw_state=sum(4 * v.to_local().numel() for st in opt.state.values()
+                                      for k, v in st.items() if k != "step"))))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg", FSDP_CONFIGS[:2], ids=["untied", "tied-nonorm"])
+def test_fsdp_shard_bytes_match_a_real_two_rank_fsdp2_run(cfg, tmp_path):
+    # Two gloo ranks on CPU, fully_shard on each block and the root, one AdamW step: each rank's local shards of the
+    # parameters, gradients and AdamW's m and v are fsdp_shard_bytes(rank) exactly, and every rank allocates rank
+    # 0's (padded) size for its parameters. ODD's dims (257, 67) do not split evenly, so padding shows.
+    worker = tmp_path / "fsdp_worker.py"
+    worker.write_text(FSDP_WORKER.format(root=str(ROOT), cfg=dataclasses.asdict(cfg)))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(29000 + os.getpid() % 1000), str(worker)], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = {r["rank"]: r for r in map(json.loads, filter(None, run.stdout.splitlines()))}
+    assert set(ranks) == {0, 1}
+    for rank, seen in ranks.items():
+        assert {k: seen[k] for k in ("params", "grads", "adamw_state")} == accounting.fsdp_shard_bytes(cfg, 2, rank=rank)
+        assert seen["storage"] == accounting.fsdp_shard_bytes(cfg, 2)["params"]
+    assert ranks[0]["params"] != ranks[1]["params"]  # the uneven split really is uneven
+
+
+def test_memory_per_gpu_under_fsdp():
+    # Per GPU: the sharded fp32 state, the gathered root unit + one block (param dtype), the same activations.
+    for cfg in (XL, PRESETS["gpt2-small"], dataclasses.replace(ODD, tie_embeddings=True)):
+        for dtype in ("fp32", "bf16"):
+            one = accounting.train_memory(cfg, 2, dtype=dtype)
+            # FSDP over 1 GPU holds all of the state plus the gathered units (and no autocast copies)
+            fsdp1 = accounting.train_memory(cfg, 2, dtype=dtype, fsdp=1)
+            assert fsdp1["total"] == one["total"] - one["autocast_weights"] + fsdp1["gathered"]
+            previous = math.inf
+            for N in (1, 2, 4, 8, 64):
+                mem = accounting.train_memory(cfg, 2, dtype=dtype, fsdp=N)
+                shard = accounting.fsdp_shard_bytes(cfg, N)
+                assert {k: mem[k] for k in shard} == shard
+                units = accounting.fsdp_unit_params(cfg)
+                assert mem["gathered"] == (2 if dtype == "bf16" else 4) * (units["root"] + units["block"])
+                assert mem["activations"] == one["activations"] and mem["autocast_weights"] == 0
+                assert mem["total"] == sum(shard.values()) + mem["gathered"] + mem["activations"]
+                assert mem["total"] < previous  # more GPUs, less per GPU
+                previous = mem["total"]
+    for cfg in (XL, PRESETS["gpt2-small"]):  # at GPT-2 sizes the ceil() rows cost under 0.01%: the state is 16·N/N
+        assert accounting.fsdp_shard_bytes(cfg, 8)["params"] == pytest.approx(4 * accounting.count_params(cfg) / 8,
+                                                                              rel=1e-4)
+    units = accounting.fsdp_unit_params(XL)  # root: embedding + lm_head + ln_final; block: 12 d² + 2 d (SwiGLU 4d)
+    assert units == {"root": 2 * 50257 * 1600 + 1600, "block": 4 * 1600**2 + 3 * 1600 * 6400 + 2 * 1600}
+    b = accounting.max_batch_size(XL, 80e9, dtype="bf16", fsdp=8)
+    assert (accounting.train_memory(XL, b, dtype="bf16", fsdp=8)["total"] <= 80e9
+            < accounting.train_memory(XL, b + 1, dtype="bf16", fsdp=8)["total"])
+    assert (b, accounting.max_batch_size(XL, 80e9, dtype="bf16")) == (15, 8)  # FSDP over 8 vs one GPU / DDP
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Hardware: the machine line, the measured matmul peak, the published GPU peaks
 
 def test_machine_line_names_cpu_torch_and_python():
@@ -521,6 +631,24 @@ def test_cli_json_and_compare(capsys):
     assert all(name in out for name in PRESETS) and "55.2%" in out  # QKᵀ+AV share of gpt2-xl-16k
 
 
+def test_cli_json_memory_per_gpu(capsys):
+    def run(*flags):
+        accounting.main(["--preset", "gpt2-xl", "--json", "--dtype", "bf16", "--batch-size", "4", *flags])
+        return json.loads(capsys.readouterr().out)
+    plain, sharded = run(), run("--fsdp", "8", "--gpu-mem", "80GB")
+    assert "max_batch_per_gpu" not in plain and plain["fsdp"] is None
+    assert plain["train_memory_bytes_per_gpu"] == plain["train_memory_bytes"] == plain["train_memory"]["total"]
+    assert sharded["fsdp"] == 8 and sharded["train_memory_bytes"] == plain["train_memory_bytes"]  # unsharded
+    assert sharded["train_memory_bytes_per_gpu"] == accounting.train_memory(XL, 4, dtype="bf16", fsdp=8)["total"]
+    assert sharded["train_memory"] == accounting.train_memory(XL, 4, dtype="bf16", fsdp=8)
+    assert (sharded["max_batch_per_gpu"], sharded["max_batch_size"]) == (15, 8)
+    assert run("--gpu-mem", "80GB")["max_batch_per_gpu"] == 8
+    accounting.main(["--preset", "gpt2-xl", "--dtype", "bf16", "--fsdp", "8", "--gpu-mem", "80GB"])
+    out = capsys.readouterr().out
+    assert "on each of 8 GPUs under FSDP2, B=1 per GPU" in out and "largest batch in 80.00 GB: B = 15" in out
+    assert "16·N/8 + 2·(root + block) + RoPE cos, sin" in out
+
+
 def test_cli_model_flags_go_through_with_overrides(capsys):
     # --ffn silu without --d-ff: model.ModelConfig.with_overrides' rule (4 x the new d_model), not a copy of it here
     accounting.main(["--preset", "ts17m", "--json", "--ffn", "silu", "--d-model", "256", "--num-heads", "8"])
@@ -558,6 +686,9 @@ def test_cli_measure(capsys):
     (["--gpu-mem", "lots"], "bad memory size"),
     (["--activations", "flash"], "argument --activations: invalid choice: 'flash'"),
     (["--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
+    (["--fsdp", "0"], "argument --fsdp: must be a positive integer, got '0'"),
+    (["--fsdp", "two"], "argument --fsdp: must be a positive integer, got 'two'"),
+    (["--preset", "tiny", "--measure", "--fsdp", "2"], "--measure runs one process on this CPU; drop --fsdp"),
     (["--preset", "gpt2-xl", "--measure"], "pick a small config"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(argv, message, capsys):
