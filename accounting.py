@@ -879,6 +879,35 @@ def compare(configs: dict, seq_len: int | None = None, **memory) -> str:
                      "memory B=1"], rows))
 
 
+FSDP_TABLE_PRESETS = tuple(GPT2_SHAPES)  # gpt2-small .. gpt2-xl
+FSDP_TABLE_GPU_MEM, FSDP_TABLE_GPUS = 80e9, 8  # one 80 GB GPU (A100/H100 80GB), FSDP over one 8-GPU node
+
+
+def fsdp_table(gpu_mem: float = FSDP_TABLE_GPU_MEM, world_size: int = FSDP_TABLE_GPUS, batch_size: int = 8,
+               seq_len: int | None = None, dtype: str = "bf16", activations: str = DEFAULT_ACTIVATIONS) -> str:
+    """--fsdp-table: the GPT-2 family on gpu_mem GPUs, DDP (every GPU holds everything) vs FSDP2 over world_size,
+    each with and without activation checkpointing: memory per GPU at batch_size sequences per GPU, and the largest
+    batch per GPU that fits. A Markdown table (EXPERIMENTS.md quotes it)."""
+    setups = [("DDP", None, False), ("DDP + AC", None, True), (f"FSDP×{world_size}", world_size, False),
+              (f"FSDP×{world_size} + AC", world_size, True)]
+    header = ["preset", "params"] + [f"{name}: {part}" for name, *_ in setups for part in (f"GB/GPU at B={batch_size}",
+                                                                                         "max B")]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for name in FSDP_TABLE_PRESETS:
+        cfg = presets()[name]
+        cells = [name, human(count_params(cfg))]
+        for _, fsdp, checkpointing in setups:
+            memory = dict(activations=activations, checkpointing=checkpointing, dtype=dtype, fsdp=fsdp)
+            total = train_memory(cfg, batch_size, seq_len, **memory)["total"]
+            cells += [f"{total / 1e9:.1f}", f"{max_batch_size(cfg, gpu_mem, seq_len, **memory):,}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    T = "context_length 1,024" if seq_len is None else f"T={seq_len:,}"
+    return "\n".join([f"GPT-2 family, AdamW, {T}, {dtype} ({memory_flags(activations, dtype=dtype)}), one "
+                      f"{human_bytes(gpu_mem)} GPU: DDP vs FSDP2 over {world_size}, with and without activation "
+                      f"checkpointing (AC); GB = 1e9 bytes; max B = largest batch per GPU in {human_bytes(gpu_mem)}",
+                      "", *lines])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------------------------
@@ -1000,6 +1029,10 @@ def build_parser() -> OneLineParser:
                              "and the activations' bytes (bf16/fp16: 2, mixed precision; weights, gradients and "
                              "AdamW state stay fp32)")
     parser.add_argument("--compare", action="store_true", help="all presets side by side")
+    parser.add_argument("--fsdp-table", action="store_true",
+                        help="the GPT-2 family, DDP vs FSDP2 (over --fsdp GPUs, default 8) with and without "
+                             "activation checkpointing: memory per GPU at --batch-size, largest batch in --gpu-mem "
+                             "(default 80GB); a Markdown table")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--measure", action="store_true",
                         help="run the model on CPU and compare saved activations with the formula (small configs)")
@@ -1028,6 +1061,9 @@ def check_args(args, cfg) -> None:
         raise ValueError("the time estimate needs all of --steps, --gpu and --mfu")
     if args.gpu is not None:
         peak_flops(args.gpu, args.dtype)
+    if args.fsdp_table and (args.measure or args.compare or args.json or args.activation_checkpointing):
+        raise ValueError("--fsdp-table prints its own Markdown table (with and without checkpointing); drop "
+                         "--measure, --compare, --json and --activation-checkpointing")
     if args.measure and args.fsdp is not None:
         raise ValueError("--measure runs one process on this CPU; drop --fsdp (fsdp_shard_bytes is checked against "
                          "real FSDP2 ranks in tests/test_accounting.py)")
@@ -1047,6 +1083,9 @@ def memory_args(args) -> dict:
 def output(args, cfg) -> str:
     """What the command prints: --measure's comparison, --compare's table (or JSON), or cfg's tables (or JSON)."""
     T = _seq_len(cfg, args.seq_len)
+    if args.fsdp_table:
+        return fsdp_table(args.gpu_mem or FSDP_TABLE_GPU_MEM, args.fsdp or FSDP_TABLE_GPUS, args.batch_size,
+                          args.seq_len, args.dtype, args.activations)
     if args.measure:
         return measure_report(cfg, args.batch_size, T, args.activation_checkpointing, args.dtype)
     if args.compare:

@@ -649,6 +649,24 @@ def test_cli_json_memory_per_gpu(capsys):
     assert "16·N/8 + 2·(root + block) + RoPE cos, sin" in out
 
 
+def test_cli_fsdp_table(capsys):
+    # Every cell is train_memory / max_batch_size for its setup: DDP (no sharding), FSDP over --fsdp, each +- AC.
+    accounting.main(["--fsdp-table", "--batch-size", "8", "--dtype", "bf16", "--fsdp", "4", "--gpu-mem", "40GB"])
+    out = capsys.readouterr().out
+    assert "one 40.00 GB GPU: DDP vs FSDP2 over 4" in out and "--activations sdpa --dtype bf16" in out
+    rows = [line.strip("|").split(" | ") for line in out.splitlines() if line.startswith("| gpt2-")]
+    assert [r[0].strip() for r in rows] == ["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"]
+    for row in rows:
+        cfg = PRESETS[row[0].strip()]
+        cells = [c.strip() for c in row[2:]]
+        for i, (fsdp, checkpointing) in enumerate([(None, False), (None, True), (4, False), (4, True)]):
+            memory = dict(checkpointing=checkpointing, dtype="bf16", fsdp=fsdp)
+            assert cells[2 * i] == f"{accounting.train_memory(cfg, 8, **memory)['total'] / 1e9:.1f}"
+            assert cells[2 * i + 1] == f"{accounting.max_batch_size(cfg, 40e9, **memory):,}"
+    accounting.main(["--fsdp-table"])  # defaults: FSDP over 8, 80 GB, the batch given (1)
+    assert "one 80.00 GB GPU: DDP vs FSDP2 over 8" in capsys.readouterr().out
+
+
 def test_cli_model_flags_go_through_with_overrides(capsys):
     # --ffn silu without --d-ff: model.ModelConfig.with_overrides' rule (4 x the new d_model), not a copy of it here
     accounting.main(["--preset", "ts17m", "--json", "--ffn", "silu", "--d-model", "256", "--num-heads", "8"])
@@ -689,6 +707,8 @@ def test_cli_measure(capsys):
     (["--fsdp", "0"], "argument --fsdp: must be a positive integer, got '0'"),
     (["--fsdp", "two"], "argument --fsdp: must be a positive integer, got 'two'"),
     (["--preset", "tiny", "--measure", "--fsdp", "2"], "--measure runs one process on this CPU; drop --fsdp"),
+    (["--fsdp-table", "--json"], "--fsdp-table prints its own Markdown table"),
+    (["--fsdp-table", "--activation-checkpointing"], "--fsdp-table prints its own Markdown table"),
     (["--preset", "gpt2-xl", "--measure"], "pick a small config"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(argv, message, capsys):
