@@ -8,12 +8,17 @@ num_heads h, d_ff F) and the batch B and sequence length T, printed beside its n
     Kaplan et al. 2020 §2.1, PaLM appendix B). Counting a multiply-add as one FLOP halves every figure — a slip a
     published write-up of this very assignment made (tests/test_accounting.py pins the corrected GPT-2 XL figure);
   - training = forward + backward, backward = 2x forward (each matmul needs one product for the input's gradient
-    and one for the weight's), plus AdamW's own element-wise FLOPs;
-  - memory = fp32 parameters, gradients, AdamW's two moments, and the activations kept for backward: by default
-    the ones model.py keeps with the fused attention train.py runs (--activations sdpa: no T x T matrices), or
-    those of the from-scratch attention (manual), or the handout's enumeration (handout).
+    and one for the weight's), plus AdamW's own element-wise FLOPs; activation checkpointing adds the blocks'
+    forward once more (≈ 4x forward; recompute_flops), which MFU does not count;
+  - memory per GPU = fp32 parameters, gradients and AdamW's two moments (sharded N ways under FSDP2, --fsdp N, plus
+    the unsharded units it gathers), and the activations kept for backward: by default the ones model.py keeps with
+    the fused attention train.py runs (--activations sdpa: no T x T matrices), or those of the from-scratch
+    attention (manual), or the handout's enumeration (handout); with --activation-checkpointing only the block
+    inputs are kept, plus one block while it is recomputed. Activations take 4 bytes in fp32, 2 in bf16/fp16
+    (--dtype; a stated convention, see ACTIVATION_BYTES), plus autocast's 16-bit weight copies.
 tests/test_accounting.py checks the parameter count against sum(p.numel()) of model.TransformerLM, the FLOPs
-against torch.utils.flop_counter, and the activation formula against the bytes autograd really saves (--measure).
+against torch.utils.flop_counter, the activation formula against the bytes autograd really saves (--measure; with
+and without checkpointing), and the FSDP2 shards against torch.chunk and a real 2-rank fully_shard run.
 The other half of MFU lives here too: PEAK_FLOPS and gpu_peak_flops (a CUDA device's published peak),
 measure_matmul_flops (a measured one, where no datasheet applies) and machine_line (what a report ran on).
 
@@ -21,6 +26,8 @@ measure_matmul_flops (a measured one, where no datasheet applies) and machine_li
     python accounting.py --preset gpt2-xl --steps 400000 --batch-size 1024 --gpu a100 --mfu 0.5 --gpu-mem 80GB
     python accounting.py --compare            # all presets side by side;  --json for one machine-readable object
     python accounting.py --preset tiny --measure    # activation bytes autograd really keeps vs the formulas
+    python accounting.py --preset gpt2-xl --dtype bf16 --fsdp 8 --activation-checkpointing --gpu-mem 80GB
+    python accounting.py --fsdp-table --batch-size 8 --dtype bf16    # GPT-2 family: DDP vs FSDP, +- checkpointing
 """
 import argparse
 import dataclasses

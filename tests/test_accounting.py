@@ -5,10 +5,15 @@
 - forward FLOPs == torch.utils.flop_counter.FlopCounterMode on the model for several shapes and ablations, training
   FLOPs == the counter over forward + backward (backward = 2 x forward holds exactly for the matmuls); GPT-2 XL at
   batch 1, context 1024 == 4,513,336,524,800;
-- the activations autograd saves (saved_tensors_hooks) == saved_activation_rows exactly, and the handout's coarser
-  enumeration within a stated tolerance;
-- the corrected GPT-2 XL training time (2 FLOPs per multiply-add), the largest batch in 80 GB, the MFU formula
-  train.py uses;
+- the activations autograd saves (saved_tensors_hooks) == model.py's rows (--activations sdpa / manual) exactly,
+  with and without torch.utils.checkpoint around each block (and the recomputed block as the difference of the two),
+  and the handout's coarser enumeration within a stated tolerance; the sdpa rows have no T² term;
+- under CPU autocast (bf16, fp16): autocast's weight copies exactly, the 2-bytes-per-element convention within a
+  stated band; checkpointing's recomputed FLOPs == FlopCounterMode, and checkpointed_forward == the model's forward;
+- FSDP2: fsdp_shard_bytes == torch.chunk of the real parameters for 1-8 ranks (and, slow, a real 2-rank gloo
+  fully_shard run), memory per GPU falling with N, --fsdp-table's cells;
+- the corrected GPT-2 XL training time (2 FLOPs per multiply-add), the largest batch in 80 GB (the handout's count
+  and the fused attention's), the MFU formula train.py uses;
 - hardware: machine_line's contents, measure_matmul_flops exactly on a fake clock and within 3x of a torch.mm timed
   here, PEAK_FLOPS against the datasheets' printed figures (halved where "with sparsity"), gpu_peak_flops on real
   CUDA device names;
@@ -16,7 +21,8 @@
   line and exit code 2.
 
     python -m pytest tests/test_accounting.py      # the fast checks (CPU, ~15 s)
-    python -m pytest -m slow                       # the slow checks too (here: the handout tolerance at ts17m)
+    python -m pytest -m slow                       # the slow checks (here: the handout tolerance at ts17m, and
+                                                   # the FSDP2 shards of a real 2-rank run, ~25 s)
 """
 import dataclasses
 import itertools
