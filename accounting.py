@@ -231,6 +231,7 @@ def autocast_weight_bytes(cfg, dtype: str, checkpointing: bool = False) -> int:
     copies = cfg.vocab_size * cfg.d_model + block_matmul_params(cfg) if checkpointing else matmul_params(cfg)
     return ACTIVATION_BYTES[dtype] * copies
 
+
 # Activations: what the forward pass keeps for backward, counted in elements for B sequences of T tokens. A row is
 # (id, label, formula, elements); each enumeration gives one block's rows and the rows outside the blocks, and
 # activation_rows multiplies the block's by L. Three enumerations (--activations):
@@ -879,7 +880,8 @@ def compare(configs: dict, seq_len: int | None = None, **memory) -> str:
         proj = f["qkv"] + f["out_proj"]
         rows.append([name, f"{T:,}", human(count_params(cfg)), human(tot, "FLOP"), f"{100 * proj / tot:.1f}%",
                      f"{100 * attn / tot:.1f}%", f"{100 * f['ffn'] / tot:.1f}%", f"{100 * f['lm_head'] / tot:.1f}%",
-                     human(train_flops_per_token(cfg, T), "FLOP"), human_bytes(train_memory(cfg, 1, T, **memory)["total"])])
+                     human(train_flops_per_token(cfg, T), "FLOP"),
+                     human_bytes(train_memory(cfg, 1, T, **memory)["total"])])
     return (f"Presets side by side: one sequence (B=1) of T tokens; shares of forward FLOPs; memory (per GPU) "
             f"{memory_flags(**memory)}\n"
             + table(["preset", "T", "params", "forward", "QKV+out", "QKᵀ+AV", "FFN", "LM head", "train/token",
@@ -967,8 +969,9 @@ def measure_report(cfg, batch_size: int, seq_len: int, checkpointing: bool = Fal
         if checkpointing:  # plain - checkpointed = L x (one block's rows, less its input that checkpoint keeps)
             plain = measure_saved_activations(c, B, T)["float"]
             block = (plain - measured["float"]) // c.num_layers + nb * B * T * c.d_model
-            recomputed.append(f"{c.attn_impl}: formula {nb * sum(n for *_, n in recomputation_rows(c, B, T, c.attn_impl)):,}"
-                              f" bytes, measured {block:,} (= (without checkpointing - with) / L + one block input)")
+            formula = nb * sum(n for *_, n in recomputation_rows(c, B, T, c.attn_impl))
+            recomputed.append(f"{c.attn_impl}: formula {formula:,} bytes, measured {block:,} "
+                              "(= (without checkpointing - with) / L + one block input)")
     out += ["Measured with torch.autograd.graph.saved_tensors_hooks (each storage once; parameters excluded)",
             table(["", "formula", "", "measured", "measured / handout"], rows),
             f"(not counted: up to {human_bytes(other)} of int64 token ids and bool masks)",

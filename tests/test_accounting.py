@@ -464,7 +464,8 @@ def test_fsdp_shard_bytes_match_a_real_two_rank_fsdp2_run(cfg, tmp_path):
     ranks = {r["rank"]: r for r in map(json.loads, filter(None, run.stdout.splitlines()))}
     assert set(ranks) == {0, 1}
     for rank, seen in ranks.items():
-        assert {k: seen[k] for k in ("params", "grads", "adamw_state")} == accounting.fsdp_shard_bytes(cfg, 2, rank=rank)
+        shard = accounting.fsdp_shard_bytes(cfg, 2, rank=rank)
+        assert {k: seen[k] for k in ("params", "grads", "adamw_state")} == shard
         assert seen["storage"] == accounting.fsdp_shard_bytes(cfg, 2)["params"]
     assert ranks[0]["params"] != ranks[1]["params"]  # the uneven split really is uneven
 
