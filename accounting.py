@@ -8,10 +8,17 @@ num_heads h, d_ff F) and the batch B and sequence length T, printed beside its n
     Kaplan et al. 2020 §2.1, PaLM appendix B). Counting a multiply-add as one FLOP halves every figure — a slip a
     published write-up of this very assignment made (tests/test_accounting.py pins the corrected GPT-2 XL figure);
   - training = forward + backward, backward = 2x forward (each matmul needs one product for the input's gradient
-    and one for the weight's), plus AdamW's own element-wise FLOPs;
-  - memory = fp32 parameters, gradients, AdamW's two moments, and the activations the handout enumerates.
+    and one for the weight's), plus AdamW's own element-wise FLOPs; activation checkpointing adds the blocks'
+    forward once more (≈ 4x forward; recompute_flops), which MFU does not count;
+  - memory per GPU = fp32 parameters, gradients and AdamW's two moments (sharded N ways under FSDP2, --fsdp N, plus
+    the unsharded units it gathers), and the activations kept for backward: by default the ones model.py keeps with
+    the fused attention train.py runs (--activations sdpa: no T x T matrices), or those of the from-scratch
+    attention (manual), or the handout's enumeration (handout); with --activation-checkpointing only the block
+    inputs are kept, plus one block while it is recomputed. Activations take 4 bytes in fp32, 2 in bf16/fp16
+    (--dtype; a stated convention, see ACTIVATION_BYTES), plus autocast's 16-bit weight copies.
 tests/test_accounting.py checks the parameter count against sum(p.numel()) of model.TransformerLM, the FLOPs
-against torch.utils.flop_counter, and the activation formula against the bytes autograd really saves (--measure).
+against torch.utils.flop_counter, the activation formula against the bytes autograd really saves (--measure; with
+and without checkpointing), and the FSDP2 shards against torch.chunk and a real 2-rank fully_shard run.
 The other half of MFU lives here too: PEAK_FLOPS and gpu_peak_flops (a CUDA device's published peak),
 measure_matmul_flops (a measured one, where no datasheet applies) and machine_line (what a report ran on).
 
@@ -19,6 +26,8 @@ measure_matmul_flops (a measured one, where no datasheet applies) and machine_li
     python accounting.py --preset gpt2-xl --steps 400000 --batch-size 1024 --gpu a100 --mfu 0.5 --gpu-mem 80GB
     python accounting.py --compare            # all presets side by side;  --json for one machine-readable object
     python accounting.py --preset tiny --measure    # activation bytes autograd really keeps vs the formulas
+    python accounting.py --preset gpt2-xl --dtype bf16 --fsdp 8 --activation-checkpointing --gpu-mem 80GB
+    python accounting.py --fsdp-table --batch-size 8 --dtype bf16    # GPT-2 family: DDP vs FSDP, +- checkpointing
 """
 import argparse
 import dataclasses
@@ -67,21 +76,26 @@ def ffn_matrices(cfg) -> int:
     return 3 if cfg.ffn == "swiglu" else 2
 
 
-def param_rows(cfg) -> list[tuple[str, str, int, int]]:
+def param_shapes(cfg) -> list[tuple[str, str, tuple[int, ...], int]]:
+    """(name, shape formula, shape, copies) of every kind of parameter tensor; copies = L for the blocks' ones."""
     V, d, L, F = cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.d_ff
-    norm = cfg.norm != "none"
-    rows = [("token_embeddings", "(V, d)", V * d, 1)]
-    rows += [(f"layers.*.attn.{p}_proj", "(d, d)", d * d, L) for p in ATTN_PROJECTIONS]
+    rows = [("token_embeddings", "(V, d)", (V, d), 1)]
+    rows += [(f"layers.*.attn.{p}_proj", "(d, d)", (d, d), L) for p in ATTN_PROJECTIONS]
     if cfg.ffn == "swiglu":  # w2 · (SiLU(w1 x) ⊙ w3 x)  (Shazeer 2020)
-        rows += [("layers.*.ffn.w1", "(F, d)", F * d, L), ("layers.*.ffn.w2", "(d, F)", d * F, L),
-                 ("layers.*.ffn.w3", "(F, d)", F * d, L)]
+        rows += [("layers.*.ffn.w1", "(F, d)", (F, d), L), ("layers.*.ffn.w2", "(d, F)", (d, F), L),
+                 ("layers.*.ffn.w3", "(F, d)", (F, d), L)]
     else:  # w2 · SiLU(w1 x): the SiLU ablation drops w3
-        rows += [("layers.*.ffn.w1", "(F, d)", F * d, L), ("layers.*.ffn.w2", "(d, F)", d * F, L)]
-    if norm:  # RMSNorm gains: one per sublayer and a final one (model.py keeps it for post-norm too)
-        rows += [("layers.*.ln1", "(d,)", d, L), ("layers.*.ln2", "(d,)", d, L), ("ln_final", "(d,)", d, 1)]
+        rows += [("layers.*.ffn.w1", "(F, d)", (F, d), L), ("layers.*.ffn.w2", "(d, F)", (d, F), L)]
+    if cfg.norm != "none":  # RMSNorm gains: one per sublayer and a final one (model.py keeps it for post-norm too)
+        rows += [("layers.*.ln1", "(d,)", (d,), L), ("layers.*.ln2", "(d,)", (d,), L), ("ln_final", "(d,)", (d,), 1)]
     if not cfg.tie_embeddings:
-        rows += [("lm_head", "(V, d)", V * d, 1)]
+        rows += [("lm_head", "(V, d)", (V, d), 1)]
     return rows
+
+
+def param_rows(cfg) -> list[tuple[str, str, int, int]]:
+    """(name, shape formula, elements per copy, copies): param_shapes with each shape's element count."""
+    return [(name, formula, math.prod(shape), copies) for name, formula, shape, copies in param_shapes(cfg)]
 
 
 def count_params(cfg) -> int:
@@ -137,11 +151,15 @@ def forward_flops_by_id(cfg, batch_size: int = 1, seq_len: int | None = None) ->
     return {row_id: f for row_id, *_, f in forward_flop_rows(cfg, batch_size, seq_len)}
 
 
+def block_matmul_params(cfg) -> int:
+    """The matmul parameters of one block: its four attention projections and its FFN matrices."""
+    return len(ATTN_PROJECTIONS) * cfg.d_model**2 + ffn_matrices(cfg) * cfg.d_model * cfg.d_ff
+
+
 def matmul_params(cfg) -> int:
     """N_matmul: the parameters that take part in a matmul — all but the embedding (a gather) and the norm gains;
     a tied lm_head still counts (it is a matmul). Forward FLOPs per token = 2·N_matmul + 4·L·T·d (attention)."""
-    attn, ffn = len(ATTN_PROJECTIONS) * cfg.d_model**2, ffn_matrices(cfg) * cfg.d_model * cfg.d_ff
-    return cfg.num_layers * (attn + ffn) + cfg.vocab_size * cfg.d_model
+    return cfg.num_layers * block_matmul_params(cfg) + cfg.vocab_size * cfg.d_model
 
 
 def train_flops_per_token(config, seq_len: int | None = None) -> float:
@@ -152,6 +170,21 @@ def train_flops_per_token(config, seq_len: int | None = None) -> float:
     Equal to 6·matmul_params(config) + 12·L·T·d. Works on any object with ModelConfig's attribute names."""
     T = _seq_len(config, seq_len)
     return 3 * forward_flops(config, 1, T) / T
+
+
+def recompute_flops(cfg, batch_size: int = 1, seq_len: int | None = None) -> int:
+    """Matmul FLOPs activation checkpointing adds to a training step: every block's forward once more, in backward
+    (training ≈ 4 x forward instead of 3 x; the LM head, outside the checkpoints, is not recomputed).
+
+    subtle: non-reentrant checkpoint stops recomputing as soon as it has re-saved the last tensor backward needs
+    ("early stop"), and a matmul saves its inputs before it computes. In a pre-norm or norm-free block the last op
+    that saves anything is w2 (the residual add after it keeps nothing), so w2 itself is never recomputed; post-norm's
+    ln2 comes after w2, so there the whole block is. FlopCounterMode over a checkpointed step agrees exactly.
+    Not part of MFU, which counts the model's FLOPs only (PaLM appendix B; with recomputation it is HFU)."""
+    f = forward_flops_by_id(cfg, batch_size, seq_len)
+    blocks = sum(f.values()) - f["lm_head"]
+    w2 = f["ffn"] // ffn_matrices(cfg)  # one of the FFN's equal-sized matmuls
+    return blocks - (0 if cfg.norm == "post" else w2)
 
 
 # AdamW's own work, per parameter per step (the handout's Algorithm 1, one element-wise op = one FLOP):
@@ -167,53 +200,86 @@ ADAMW_FLOPS_PER_PARAM = sum(n for _, n in ADAMW_FLOP_ROWS)
 # ---------------------------------------------------------------------------------------------------------------
 # Memory for AdamW training: parameters, gradients, two moments, activations
 # ---------------------------------------------------------------------------------------------------------------
-FP32_BYTES = torch.finfo(torch.float32).bits // 8  # 4: memory is counted in fp32, as the handout's problem does
+FP32_BYTES = torch.finfo(torch.float32).bits // 8  # 4: the training state is fp32, as in the handout's problem
 BF16_BYTES = torch.finfo(torch.bfloat16).bits // 8  # 2: the Parameters table also gives the bf16 size
 # What AdamW training keeps per parameter besides activations, in copies of N: the weights, their gradients and
 # AdamW's two moments m and v (Loshchilov & Hutter 2019, Algorithm 2) — 4 copies, 16 bytes per parameter in fp32.
+# They stay fp32 under every --dtype: mixed precision computes in 16 bits but keeps fp32 master weights, gradients
+# and optimizer state (Micikevicius et al. 2018).
 TRAIN_STATE_COPIES = {"params": 1, "grads": 1, "adamw_state": 2}
 
-# Activations, enumerated as in the handout's adamwAccounting problem: one tensor per step of the forward pass that
-# backward needs, counted in elements for B sequences of T tokens (per layer unless marked "once").
+# --dtype: what the matmuls compute in, and so what the activations are stored in. bf16 and fp16 are mixed precision
+# as train.py runs it: torch.autocast on one GPU or under DDP, MixedPrecisionPolicy(param_dtype=...) under FSDP2;
+# tf32 is fp32 storage with tensor-core matmuls. Convention, stated once: every activation row counts
+# ACTIVATION_BYTES[dtype] per element. For fp32 that is exact (--measure); in 16 bits it is the usual simplification:
+# model.py's RMSNorm computes in fp32 and keeps fp32 tensors, and under autocast the residual stream stays fp32 and
+# each matmul keeps its own 16-bit copy of its input, so autograd keeps 1.1-1.5x the 2-byte figure at the sizes
+# tested (--measure --dtype bf16 prints the factor; tests/test_accounting.py bounds it).
+COMPUTE_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ACTIVATION_BYTES = {name: torch.finfo(dt).bits // 8 for name, dt in COMPUTE_DTYPES.items()}  # 4, 4, 2, 2
 
-def activation_rows(cfg, batch_size: int = 1, seq_len: int | None = None) -> list[tuple[str, str, int]]:
-    """(name, element formula, elements) of the activations kept for backward."""
+
+def autocast_weight_bytes(cfg, dtype: str, checkpointing: bool = False) -> int:
+    """Autocast's 16-bit copies of the matmul weights (0 in fp32 or tf32, which cast nothing). Each matmul casts its
+    weight and keeps the copy for backward: ACTIVATION_BYTES · N_matmul. subtle: model.py's Linear multiplies by
+    weight.T, a view, and autocast's weight cache holds casts of leaf tensors only, so nothing is cached: with
+    checkpointing the blocks' copies go with the checkpoint, and what is kept is lm_head's (V·d) plus, while it is
+    recomputed, one block's (block_matmul_params). Both exact for what saved_tensors_hooks see (the tests).
+    Not under FSDP2, whose MixedPrecisionPolicy gathers 16-bit weights instead (fsdp_gathered_bytes)."""
+    if COMPUTE_DTYPES[dtype] == torch.float32:
+        return 0
+    copies = cfg.vocab_size * cfg.d_model + block_matmul_params(cfg) if checkpointing else matmul_params(cfg)
+    return ACTIVATION_BYTES[dtype] * copies
+
+
+# Activations: what the forward pass keeps for backward, counted in elements for B sequences of T tokens. A row is
+# (id, label, formula, elements); each enumeration gives one block's rows and the rows outside the blocks, and
+# activation_rows multiplies the block's by L. Three enumerations (--activations):
+#   sdpa     model.py as train.py runs it (attn_impl="sdpa", the default): the fused attention kernel keeps its output
+#            and a logsumexp per row, never the T x T scores (flash attention's memory saving; Dao et al. 2022);
+#   manual   model.py with the from-scratch attention (attn_impl="manual"), which keeps the T x T matrices;
+#   handout  the handout's adamwAccounting enumeration: one tensor per step of the forward pass, including the
+#            T x T scores and probabilities, as if attention were computed unfused.
+# sdpa and manual are exact (== the bytes saved_tensors_hooks see in fp32, tests/test_accounting.py); handout is the
+# problem's model, within ~25% of what autograd really keeps at the project's sizes but far off for long contexts or
+# large batches with sdpa (it counts B·h·T² elements per layer twice that a flash kernel never stores).
+ACTIVATIONS = ("sdpa", "manual", "handout")
+DEFAULT_ACTIVATIONS = "sdpa"  # model.ModelConfig's default attn_impl: what train.py runs
+
+
+def handout_activations(cfg, batch_size: int = 1, seq_len: int | None = None) -> tuple[list, list]:
+    """(one block's rows, rows outside the blocks) of the handout's adamwAccounting enumeration."""
     B, T = batch_size, _seq_len(cfg, seq_len)
-    V, d, L, F, h = cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.d_ff, cfg.num_heads
+    V, d, F, h = cfg.vocab_size, cfg.d_model, cfg.d_ff, cfg.num_heads
     norm = cfg.norm != "none"
-    rows = []
-    if norm:
-        rows.append(("RMSNorms ln1, ln2 (inputs)", "L · 2·B·T·d", L * 2 * B * T * d))
-    rows += [
-        ("QKV projections (Q, K, V)", "L · 3·B·T·d", L * 3 * B * T * d),
-        ("Q Kᵀ scores", "L · B·h·T²", L * B * h * T * T),
-        ("softmax probabilities", "L · B·h·T²", L * B * h * T * T),
-        ("weighted sum of values", "L · B·T·d", L * B * T * d),
-        ("output projection", "L · B·T·d", L * B * T * d),
-        ("W1 x", "L · B·T·F", L * B * T * F),
+    block = [("ln_inputs", "RMSNorms ln1, ln2 (inputs)", "2·B·T·d", 2 * B * T * d)] if norm else []
+    block += [
+        ("qkv", "QKV projections (Q, K, V)", "3·B·T·d", 3 * B * T * d),
+        ("scores", "Q Kᵀ scores", "B·h·T²", B * h * T * T),
+        ("probs", "softmax probabilities", "B·h·T²", B * h * T * T),
+        ("attn_values", "weighted sum of values", "B·T·d", B * T * d),
+        ("out_proj", "output projection", "B·T·d", B * T * d),
+        ("w1", "W1 x", "B·T·F", B * T * F),
     ]
     if cfg.ffn == "swiglu":
-        rows.append(("W3 x", "L · B·T·F", L * B * T * F))
-    rows.append(("SiLU(W1 x)", "L · B·T·F", L * B * T * F))
+        block.append(("w3", "W3 x", "B·T·F", B * T * F))
+    block.append(("silu", "SiLU(W1 x)", "B·T·F", B * T * F))
     if cfg.ffn == "swiglu":  # W2's input is SiLU(W1 x) ⊙ W3 x, a fourth (B, T, F) tensor
-        rows.append(("W2 input SiLU(W1 x) ⊙ W3 x", "L · B·T·F", L * B * T * F))
-    if norm:
-        rows.append(("final RMSNorm (once)", "B·T·d", B * T * d))
-    rows += [("logits (once)", "B·T·V", B * T * V), ("cross-entropy softmax (once)", "B·T·V", B * T * V)]
-    return rows
+        block.append(("w2_input", "W2 input SiLU(W1 x) ⊙ W3 x", "B·T·F", B * T * F))
+    outside = [("ln_final", "final RMSNorm (once)", "B·T·d", B * T * d)] if norm else []
+    outside += [("logits", "logits (once)", "B·T·V", B * T * V),
+                ("ce_softmax", "cross-entropy softmax (once)", "B·T·V", B * T * V)]
+    return block, outside
 
 
-def activation_elements(cfg, batch_size: int = 1, seq_len: int | None = None) -> int:
-    return sum(n for _, _, n in activation_rows(cfg, batch_size, seq_len))
-
-
-def saved_activation_rows(cfg, batch_size: int = 1, seq_len: int | None = None) -> list[tuple[str, str, int]]:
-    """(name, element formula, elements) of the floating-point tensors autograd really keeps for backward when
-    model.py's TransformerLM + optim.cross_entropy run in fp32 — measured exactly by --measure.
+def saved_activations(cfg, batch_size: int = 1, seq_len: int | None = None) -> tuple[list, list]:
+    """(one block's rows, rows outside the blocks) of the floating-point tensors autograd really keeps for backward
+    when model.py's TransformerLM (with cfg.attn_impl) + optim.cross_entropy run in fp32 — measured exactly by
+    --measure.
 
     The handout's enumeration is a model of that; this is the ground truth for this implementation, derived op by op
     (an op keeps what its derivative needs: x² keeps x, exp keeps its output, a @ b keeps a and b, a · w keeps a).
-    Where it differs from activation_rows, and why:
+    Where it differs from the handout's, and why:
       - RMSNorm keeps its input x, x/rms and 1/rms (B·T); its output is kept by the next matmul: 3 B·T·d, not 1;
       - the from-scratch softmax keeps the masked scores (for the max), exp and the probabilities: 3 B·h·T², not 2,
         plus the row max and row sum (B·h·T each); the fused sdpa kernel keeps none of these, only its output and a
@@ -226,50 +292,171 @@ def saved_activation_rows(cfg, batch_size: int = 1, seq_len: int | None = None) 
       - optim.cross_entropy keeps the logits and each row's logsumexp (B·T), from which its hand-written backward
         rebuilds softmax - onehot; nothing else keeps a (B, T, V) tensor: one B·T·V tensor, not two."""
     B, T = batch_size, _seq_len(cfg, seq_len)
-    V, d, L, F, h = cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.d_ff, cfg.num_heads
-    rows = []
+    V, d, F, h = cfg.vocab_size, cfg.d_model, cfg.d_ff, cfg.num_heads
+    block = []
     if cfg.norm != "none":
-        rows.append(("RMSNorm ln1, ln2: x, x/rms, 1/rms", "L · 2·(2·B·T·d + B·T)", L * 2 * (2 * B * T * d + B * T)))
-    rows += [("inputs of q/k/v_proj and w1/w3", "L · 2·B·T·d", L * 2 * B * T * d),
-             ("Q, K after RoPE, V", "L · 3·B·T·d", L * 3 * B * T * d)]
+        block.append(("rmsnorm", "RMSNorm ln1, ln2: x, x/rms, 1/rms", "2·(2·B·T·d + B·T)", 2 * (2 * B * T * d + B * T)))
+    block += [("proj_inputs", "inputs of q/k/v_proj and w1/w3", "2·B·T·d", 2 * B * T * d),
+              ("qkv", "Q, K after RoPE, V", "3·B·T·d", 3 * B * T * d)]
     if cfg.position == "rope":
-        rows.append(("RoPE cos, sin (for Q and for K)", "L · 4·T·d/h", L * 4 * T * (d // h)))
+        block.append(("rope", "RoPE cos, sin (for Q and for K)", "4·T·d/h", 4 * T * (d // h)))
     if cfg.attn_impl == "manual":
-        rows.append(("masked scores, exp, probabilities", "L · 3·B·h·T²", L * 3 * B * h * T * T))
-        rows.append(("softmax row max and row sum", "L · 2·B·h·T", L * 2 * B * h * T))
+        block.append(("softmax", "masked scores, exp, probabilities", "3·B·h·T²", 3 * B * h * T * T))
+        block.append(("softmax_stats", "softmax row max and row sum", "2·B·h·T", 2 * B * h * T))
     else:
-        rows.append(("sdpa output and logsumexp", "L · (B·T·d + B·h·T)", L * (B * T * d + B * h * T)))
+        block.append(("sdpa", "sdpa output and logsumexp", "B·T·d + B·h·T", B * T * d + B * h * T))
     # subtle: the fused CPU kernel returns its output in the query's memory layout. model.py computes Q as a
     # transposed view of q_proj's (B, T, H, D) output (RoPE runs before the head transpose), so the (B, H, T, D)
     # result already sits in memory as (B, T, C) and the head merge is a free view of the sdpa output kept above.
     # The from-scratch path's `probs @ V` is contiguous as (B, H, T, D), so its merge is a copy that output_proj keeps.
     if cfg.attn_impl == "manual":
-        rows.append(("merged heads (output_proj input)", "L · B·T·d", L * B * T * d))
+        block.append(("merged_heads", "merged heads (output_proj input)", "B·T·d", B * T * d))
     if cfg.ffn == "swiglu":
-        rows.append(("W1 x, σ(W1 x), SiLU, W3 x, product", "L · 5·B·T·F", L * 5 * B * T * F))
+        block.append(("ffn", "W1 x, σ(W1 x), SiLU, W3 x, product", "5·B·T·F", 5 * B * T * F))
     else:
-        rows.append(("W1 x, σ(W1 x), SiLU(W1 x)", "L · 3·B·T·F", L * 3 * B * T * F))
+        block.append(("ffn", "W1 x, σ(W1 x), SiLU(W1 x)", "3·B·T·F", 3 * B * T * F))
+    outside = []
     if cfg.norm != "none":
-        rows.append(("ln_final: x, x/rms, 1/rms (once)", "2·B·T·d + B·T", 2 * B * T * d + B * T))
-    rows += [("lm_head input (once)", "B·T·d", B * T * d),
-             ("loss: logits, row logsumexp (once)", "B·T·V + B·T", B * T * V + B * T)]
-    return rows
+        outside.append(("ln_final", "ln_final: x, x/rms, 1/rms (once)", "2·B·T·d + B·T", 2 * B * T * d + B * T))
+    outside += [("lm_head_input", "lm_head input (once)", "B·T·d", B * T * d),
+                ("loss", "loss: logits, row logsumexp (once)", "B·T·V + B·T", B * T * V + B * T)]
+    return block, outside
 
 
-def train_memory(cfg, batch_size: int = 1, seq_len: int | None = None, bytes_per: int = FP32_BYTES) -> dict:
-    """Bytes to train with AdamW: parameters + gradients + (m, v) = 4 copies of N, plus the activations."""
+def activation_parts(cfg, batch_size: int = 1, seq_len: int | None = None,
+                     activations: str = DEFAULT_ACTIVATIONS) -> tuple[list, list]:
+    """(one block's rows, rows outside the blocks) of the enumeration `activations` (one of ACTIVATIONS).
+    note: sdpa and manual are model.py's rows for that attention, whatever cfg.attn_impl says."""
+    if activations == "handout":
+        return handout_activations(cfg, batch_size, seq_len)
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"unknown activations {activations!r}; choose one of {', '.join(ACTIVATIONS)}")
+    return saved_activations(dataclasses.replace(cfg, attn_impl=activations), batch_size, seq_len)
+
+
+def times(factor, formula: str) -> str:
+    """A formula times a factor: times('L', '2·B·T·d') -> 'L · 2·B·T·d'; a sum gets parentheses:
+    times(4, 'B·T·d + B·h·T') -> '4 · (B·T·d + B·h·T)'."""
+    depth, top_level_sum = 0, False
+    for ch in formula:
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        top_level_sum |= ch == "+" and depth == 0
+    return f"{factor} · ({formula})" if top_level_sum else f"{factor} · {formula}"
+
+
+# Activation checkpointing (--activation-checkpointing; Chen et al. 2016, "Training Deep Nets with Sublinear Memory
+# Cost"): torch.utils.checkpoint(block, x, use_reentrant=False) around each TransformerBlock keeps only the block's
+# input x from forward to backward (the checkpoint packs it like a saved tensor; nothing inside the block is kept) and
+# runs the block's forward again inside backward, just before its gradients are needed. So:
+#   kept from forward to backward = L · B·T·d block inputs + the rows outside the blocks (ln_final, lm_head, loss);
+#   live again during backward    = one block's rows while that block is recomputed (recomputation_rows).
+# Memory counts both: an upper bound on the peak of kept tensors, since the outside tensors are freed by the loss's,
+# lm_head's and ln_final's backward before the first block is recomputed; and the block's input is among its own
+# rows, so B·T·d of it is counted twice (a few % of one block).
+
+def activation_rows(cfg, batch_size: int = 1, seq_len: int | None = None, activations: str = DEFAULT_ACTIVATIONS,
+                    checkpointing: bool = False) -> list[tuple[str, str, str, int]]:
+    """(id, label, formula, elements) of the activations kept from forward to backward: L x one block's rows and
+    the rest, or, with checkpointing, the L block inputs and the rest. What saved_tensors_hooks see (--measure)."""
+    block, outside = activation_parts(cfg, batch_size, seq_len, activations)
+    L, B, T, d = cfg.num_layers, batch_size, _seq_len(cfg, seq_len), cfg.d_model
+    if checkpointing:
+        return [("block_inputs", "block inputs (kept by checkpoint)", "L · B·T·d", L * B * T * d)] + outside
+    return [(row_id, label, times("L", formula), L * n) for row_id, label, formula, n in block] + outside
+
+
+def recomputation_rows(cfg, batch_size: int = 1, seq_len: int | None = None,
+                       activations: str = DEFAULT_ACTIVATIONS) -> list[tuple[str, str, str, int]]:
+    """With checkpointing: the rows of the one block being recomputed in backward (live until its backward ends)."""
+    block, _ = activation_parts(cfg, batch_size, seq_len, activations)
+    return [(f"recomputed.{row_id}", f"{label} (one block, recomputed)", formula, n)
+            for row_id, label, formula, n in block]
+
+
+def activation_elements(cfg, batch_size: int = 1, seq_len: int | None = None, activations: str = DEFAULT_ACTIVATIONS,
+                        checkpointing: bool = False) -> int:
+    """Elements kept from forward to backward (the sum of activation_rows)."""
+    return sum(n for *_, n in activation_rows(cfg, batch_size, seq_len, activations, checkpointing))
+
+
+def activation_memory_rows(cfg, batch_size: int = 1, seq_len: int | None = None,
+                           activations: str = DEFAULT_ACTIVATIONS, checkpointing: bool = False) -> list:
+    """The rows memory counts: activation_rows, plus recomputation_rows with checkpointing."""
+    rows = activation_rows(cfg, batch_size, seq_len, activations, checkpointing)
+    return rows + (recomputation_rows(cfg, batch_size, seq_len, activations) if checkpointing else [])
+
+
+def train_memory(cfg, batch_size: int = 1, seq_len: int | None = None, activations: str = DEFAULT_ACTIVATIONS,
+                 checkpointing: bool = False, dtype: str = "fp32", fsdp: int | None = None) -> dict:
+    """Bytes per GPU to train with AdamW, batch_size sequences per GPU: parameters + gradients + (m, v) = 4 fp32
+    copies of N (under FSDP2 over `fsdp` GPUs: rank 0's shards of them, fsdp_shard_bytes, plus the gathered
+    parameters, fsdp_gathered_bytes), autocast's weight copies (16-bit dtypes without FSDP), and the activations at
+    ACTIVATION_BYTES[dtype] each. fsdp=None: one GPU, or any DDP rank (each holds all of it)."""
     N = count_params(cfg)
-    mem = {part: copies * bytes_per * N for part, copies in TRAIN_STATE_COPIES.items()}
-    mem["activations"] = bytes_per * activation_elements(cfg, batch_size, seq_len)
+    if fsdp is None:
+        mem = {part: copies * FP32_BYTES * N for part, copies in TRAIN_STATE_COPIES.items()}
+    else:
+        mem = fsdp_shard_bytes(cfg, fsdp)
+    mem["gathered"] = 0 if fsdp is None else fsdp_gathered_bytes(cfg, dtype)
+    mem["autocast_weights"] = autocast_weight_bytes(cfg, dtype, checkpointing) if fsdp is None else 0
+    rows = activation_memory_rows(cfg, batch_size, seq_len, activations, checkpointing)
+    mem["activations"] = ACTIVATION_BYTES[dtype] * sum(n for *_, n in rows)
     mem["total"] = sum(mem.values())
     return mem
 
 
-def max_batch_size(cfg, mem_bytes: float, seq_len: int | None = None, bytes_per: int = FP32_BYTES) -> int:
-    """Largest B with train_memory(B) <= mem_bytes: activations are linear in B, the rest is fixed (0 if none)."""
-    fixed = sum(TRAIN_STATE_COPIES.values()) * bytes_per * count_params(cfg)
-    per_seq = bytes_per * activation_elements(cfg, 1, seq_len)
+def max_batch_size(cfg, mem_bytes: float, seq_len: int | None = None, **memory) -> int:
+    """Largest B with train_memory(B, **memory) <= mem_bytes (0 if none). Activations are a + b·B: most rows grow
+    with B, RoPE's cos/sin rows do not, so the fixed part is train_memory at B = 0."""
+    fixed = train_memory(cfg, 0, seq_len, **memory)["total"]
+    per_seq = train_memory(cfg, 1, seq_len, **memory)["total"] - fixed
     return max(0, math.floor((mem_bytes - fixed) / per_seq))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory per GPU under FSDP2 (torch.distributed.fsdp.fully_shard on each block and on the root; --fsdp N)
+# ---------------------------------------------------------------------------------------------------------------
+# FSDP2 (PyTorch's fully_shard; Zhao et al. 2023 for FSDP) splits every parameter on dim 0 across the N ranks: as
+# torch.chunk(p, N, dim=0) does, rank r holds rows r·c .. (r+1)·c - 1 of the dim0 rows, c = ceil(dim0 / N), fewer
+# (or none) at the end. Rank 0 always holds c rows of every parameter, the most any rank holds, and c rows are
+# also what every rank allocates for its parameter and gradient shards (FSDP2 pads dim 0 to a multiple of N), so
+# rank 0's bytes are the per-GPU figure. Gradients are reduce-scattered into the same shards (reduce dtype fp32) and
+# AdamW's m and v are zeros_like(shard). What is left per GPU is the unsharded ("gathered") parameters FSDP2 needs
+# at once, in the param dtype (16-bit under MixedPrecisionPolicy(param_dtype=bf16|fp16), else fp32):
+#   the root unit (token_embeddings, ln_final, lm_head): fully_shard keeps the root's parameters unsharded from
+#     forward to backward (reshard_after_forward defaults to False for the root), while
+#   one block's: each block is all-gathered before its forward (and again before its backward) and freed after.
+# Not counted: the next block's all-gather in flight (FSDP2 prefetches one unit ahead), the all-gather and
+# reduce-scatter buffers, and a block's unsharded gradients before they are reduce-scattered — each about one more
+# block's parameters (GPT-2 XL: 41M, 82 MB in bf16), small beside the sharded state and the activations.
+
+def fsdp_shard_rows(dim0: int, world_size: int, rank: int = 0) -> int:
+    """Rows of a dim0-row parameter on `rank` of world_size: torch.chunk's split, c = ceil(dim0 / N) per rank."""
+    c = -(-dim0 // world_size)  # ceil
+    return max(0, min(c, dim0 - rank * c))
+
+
+def fsdp_shard_bytes(cfg, world_size: int, dtype_bytes: int = FP32_BYTES, rank: int = 0) -> dict:
+    """Bytes of rank's shards under FSDP2 over world_size ranks: {"params", "grads", "adamw_state"} — the local
+    parts of the sharded parameters (p.to_local()), of their gradients and of AdamW's m and v, each shard
+    fsdp_shard_rows(p.shape[0]) rows of p. Rank 0's are the most and the per-GPU figure (see above)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need world_size >= 1 and 0 <= rank < world_size, got {world_size} and {rank}")
+    shard = sum(copies * fsdp_shard_rows(shape[0], world_size, rank) * math.prod(shape[1:])
+                for _, _, shape, copies in param_shapes(cfg))
+    return {part: copies * dtype_bytes * shard for part, copies in TRAIN_STATE_COPIES.items()}
+
+
+def fsdp_unit_params(cfg) -> dict:
+    """Unsharded parameters of FSDP2's units: {"root": embedding, ln_final, lm_head; "block": one block}."""
+    block = sum(math.prod(shape) for name, _, shape, _ in param_shapes(cfg) if name.startswith("layers."))
+    return {"root": count_params(cfg) - cfg.num_layers * block, "block": block}
+
+
+def fsdp_gathered_bytes(cfg, dtype: str = "fp32") -> int:
+    """The unsharded parameters live at once per GPU: the root unit plus one block, in the param dtype."""
+    units = fsdp_unit_params(cfg)
+    return ACTIVATION_BYTES[dtype] * (units["root"] + units["block"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -303,16 +490,22 @@ def gpu_peak_flops(device_name: str, dtype: str) -> float | None:
     return None
 
 
-def train_flops(cfg, steps: int, batch_size: int, seq_len: int | None = None) -> float:
-    """All FLOPs of a run: steps · B · T tokens at train_flops_per_token each, plus AdamW's 14·N per step."""
+def train_flops(cfg, steps: int, batch_size: int, seq_len: int | None = None, checkpointing: bool = False) -> float:
+    """All FLOPs of a run: steps · B · T tokens at train_flops_per_token each, plus AdamW's 14·N per step, plus
+    with checkpointing the blocks' forward once more (recompute_flops)."""
     T = _seq_len(cfg, seq_len)
-    return steps * (batch_size * T * train_flops_per_token(cfg, T) + ADAMW_FLOPS_PER_PARAM * count_params(cfg))
+    recompute = recompute_flops(cfg, batch_size, T) if checkpointing else 0
+    return steps * (batch_size * T * train_flops_per_token(cfg, T) + recompute
+                    + ADAMW_FLOPS_PER_PARAM * count_params(cfg))
 
 
 def train_days(cfg, steps: int, batch_size: int, gpu: str, mfu: float, dtype: str = "fp32",
-               seq_len: int | None = None) -> float:
-    """Days on one GPU achieving mfu x its published dense peak for dtype."""
-    return train_flops(cfg, steps, batch_size, seq_len) / (mfu * peak_flops(gpu, dtype)) / SECONDS_PER_DAY
+               seq_len: int | None = None, checkpointing: bool = False, num_gpus: int = 1) -> float:
+    """Days for num_gpus GPUs (batch_size sequences per step in all) doing all of train_flops, each at mfu x its
+    published dense peak for dtype. note: with checkpointing, mfu is read as the fraction of peak the GPU sustains
+    on every FLOP it does, recomputation included (what PaLM calls HFU), so the recomputation makes the run longer."""
+    flops = train_flops(cfg, steps, batch_size, seq_len, checkpointing)
+    return flops / (num_gpus * mfu * peak_flops(gpu, dtype)) / SECONDS_PER_DAY
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -369,32 +562,62 @@ def measure_matmul_flops(device="cpu", dtype=torch.float32, n: int | None = None
 # Measured: the bytes autograd really keeps for backward (--measure), to check activation_rows against
 # ---------------------------------------------------------------------------------------------------------------
 
-def measure_saved_activations(cfg, batch_size: int = 1, seq_len: int | None = None, seed: int = 0) -> dict:
+def checkpointed_forward(lm: model.TransformerLM, token_ids: torch.Tensor) -> torch.Tensor:
+    """lm(token_ids) with torch.utils.checkpoint (non-reentrant) around each block: TransformerLM.forward's steps
+    (without a KV cache), each block called through checkpoint. What train.py's --activation-checkpointing is to
+    run; until model.py has the switch, --measure measures this."""
+    from torch.utils.checkpoint import checkpoint  # only here: importing accounting stays light
+
+    lm._check_input(token_ids, None)
+    token_positions = torch.arange(token_ids.shape[1], device=token_ids.device)  # (T,)
+    x = lm.token_embeddings(token_ids)  # (B, T) -> (B, T, C)
+    for i, layer in enumerate(lm.layers):
+        # use_reentrant=False, the variant PyTorch recommends: it stores x as a saved tensor (so saved_tensors_hooks
+        # see it) and stops recomputing early (recompute_flops)
+        x = checkpoint(layer, x, token_positions, None, i, use_reentrant=False)  # (B, T, C)
+    return lm.lm_head(lm.ln_final(x))  # (B, T, C) -> (B, T, V)
+
+
+def measure_saved_activations(cfg, batch_size: int = 1, seq_len: int | None = None, seed: int = 0,
+                              checkpointing: bool = False, dtype: str = "fp32") -> dict:
     """Run model.TransformerLM + optim.cross_entropy forward on CPU and add up the tensors autograd saves.
 
     torch.autograd.graph.saved_tensors_hooks calls `pack` on every tensor an op stores for its backward. Many of
     them share memory (q, k, v as views of one matmul output; x saved by both w1 and w3), so we count each
     storage once. Parameters and buffers are excluded (they are counted as parameters, not activations).
-    Returns bytes: "float" (activations proper) and "other" (int64 token ids/targets, bool masks)."""
+    With checkpointing (checkpointed_forward) the hooks see what the checkpoints keep: each block's input (and the
+    token positions), not the tensors inside the blocks, which checkpoint's own inner hooks take and drop.
+    A 16-bit dtype runs the forward under CPU torch.autocast, as train.py does on one device.
+    Returns bytes: "float" (every floating-point tensor saved), "weight_copies" (those of "float" that are a
+    parameter cast to the autocast dtype, autocast_weight_bytes; 0 in fp32) and "other" (int64 token
+    ids/targets/positions, bool masks)."""
     B, T = batch_size, _seq_len(cfg, seq_len)
     torch.manual_seed(seed)
     lm = model.TransformerLM(**dataclasses.asdict(cfg))
     persistent = {t.untyped_storage().data_ptr() for t in [*lm.parameters(), *lm.buffers()]}
     ids = torch.randint(cfg.vocab_size, (B, T + 1))
     x, y = ids[:, :-1], ids[:, 1:]  # (B, T) inputs and next-token targets
-    seen: dict[int, tuple[int, bool]] = {}  # storage address -> (bytes, is floating point)
+    seen: dict[int, tuple[int, str]] = {}  # storage address -> (bytes, "float" | "weight_copies" | "other")
+
+    def is_weight_copy(t: torch.Tensor) -> bool:  # a parameter cast to t's dtype, or its transpose (Linear's W.T)
+        return any(w.shape == t.shape and torch.equal(w.to(t.dtype), t)
+                   for p in lm.parameters() for w in (p.detach(), p.detach().mT if p.dim() == 2 else p.detach()))
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         if storage.data_ptr() not in persistent:
             # note: returning t keeps it alive until backward, so no address is freed and reused meanwhile
-            seen[storage.data_ptr()] = (storage.nbytes(), t.dtype.is_floating_point)
+            kind = "other" if not t.dtype.is_floating_point else "weight_copies" if is_weight_copy(t) else "float"
+            seen[storage.data_ptr()] = (storage.nbytes(), kind)
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = optim.cross_entropy(lm(x), y)
+    compute = COMPUTE_DTYPES[dtype]
+    with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+          torch.autocast("cpu", dtype=compute, enabled=compute != torch.float32)):
+        loss = optim.cross_entropy(checkpointed_forward(lm, x) if checkpointing else lm(x), y)
     loss.backward()  # the saved tensors are really used: this fails if anything above broke the graph
-    return {"float": sum(n for n, f in seen.values() if f), "other": sum(n for n, f in seen.values() if not f)}
+    total = {kind: sum(n for n, k in seen.values() if k == kind) for kind in ("float", "weight_copies", "other")}
+    return {**total, "float": total["float"] + total["weight_copies"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -465,10 +688,16 @@ def describe(cfg) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 def summary(cfg, batch_size: int = 1, seq_len: int | None = None, gpu_mem: float | None = None,
-            steps: int | None = None, gpu: str | None = None, mfu: float | None = None, dtype: str = "fp32") -> dict:
-    """All headline numbers for one config as plain JSON-ready values (what --json prints)."""
+            steps: int | None = None, gpu: str | None = None, mfu: float | None = None, dtype: str = "fp32",
+            activations: str = DEFAULT_ACTIVATIONS, checkpointing: bool = False, fsdp: int | None = None) -> dict:
+    """All headline numbers for one config as plain JSON-ready values (what --json prints).
+
+    Memory: "train_memory" is one GPU's parts as configured (with fsdp: each of fsdp GPUs under FSDP2),
+    "train_memory_bytes_per_gpu" their total and "max_batch_per_gpu" the largest B per GPU in gpu_mem;
+    "train_memory_bytes" and "max_batch_size" are the same without sharding (one GPU or a DDP rank)."""
     T = _seq_len(cfg, seq_len)
-    mem = train_memory(cfg, batch_size, T)
+    memory = dict(activations=activations, checkpointing=checkpointing, dtype=dtype)
+    mem = train_memory(cfg, batch_size, T, **memory, fsdp=fsdp)
     out = {
         "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg)),
         "batch_size": batch_size, "seq_len": T,
@@ -477,26 +706,34 @@ def summary(cfg, batch_size: int = 1, seq_len: int | None = None, gpu_mem: float
         "forward_flops_total": forward_flops(cfg, batch_size, T),
         "forward_flops": {label: f for _, label, _, f in forward_flop_rows(cfg, batch_size, T)},
         "train_flops_per_token": train_flops_per_token(cfg, T),
+        "activation_checkpointing": checkpointing,
+        "recompute_flops_per_token": recompute_flops(cfg, 1, T) / T if checkpointing else 0,
         "adamw_flops_per_step": ADAMW_FLOPS_PER_PARAM * count_params(cfg),
-        "train_memory_bytes": mem["total"],
+        "train_memory_bytes": train_memory(cfg, batch_size, T, **memory)["total"],
+        "train_memory_bytes_per_gpu": mem["total"],
         "train_memory": mem,
-        "activation_bytes_per_sequence": FP32_BYTES * activation_elements(cfg, 1, T),
+        "dtype": dtype,
+        "activations": activations,
+        "fsdp": fsdp,
+        "activation_bytes_per_sequence": (train_memory(cfg, 1, T, **memory)["activations"]
+                                          - train_memory(cfg, 0, T, **memory)["activations"]),
     }
     if gpu_mem is not None:
         out["gpu_mem_bytes"] = gpu_mem
-        out["max_batch_size"] = max_batch_size(cfg, gpu_mem, T)
+        out["max_batch_size"] = max_batch_size(cfg, gpu_mem, T, **memory)
+        out["max_batch_per_gpu"] = max_batch_size(cfg, gpu_mem, T, **memory, fsdp=fsdp)
     if steps is not None and gpu is not None and mfu is not None:
-        out.update(steps=steps, gpu=gpu, mfu=mfu, dtype=dtype, peak_flops=peak_flops(gpu, dtype),
-                   train_flops_total=train_flops(cfg, steps, batch_size, T),
-                   train_days=train_days(cfg, steps, batch_size, gpu, mfu, dtype, T))
+        gpus = fsdp or 1  # under FSDP, batch_size is per GPU: each step trains gpus x batch_size sequences
+        out.update(steps=steps, gpu=gpu, mfu=mfu, peak_flops=peak_flops(gpu, dtype), num_gpus=gpus,
+                   train_flops_total=train_flops(cfg, steps, gpus * batch_size, T, checkpointing),
+                   train_days=train_days(cfg, steps, gpus * batch_size, gpu, mfu, dtype, T, checkpointing, gpus))
     return out
 
 
-def report(cfg, name: str, batch_size: int = 1, seq_len: int | None = None, gpu_mem: float | None = None,
-           steps: int | None = None, gpu: str | None = None, mfu: float | None = None, dtype: str = "fp32") -> str:
+def report(cfg, name: str, **options) -> str:
     """The text tables: parameters, forward FLOPs, training FLOPs, memory, time (when steps, gpu and mfu are given).
-    Each table prints figures from summary(), so the text and --json views cannot disagree."""
-    s = summary(cfg, batch_size, seq_len, gpu_mem, steps, gpu, mfu, dtype)
+    options are summary()'s; each table prints figures from summary(), so the text and --json views cannot disagree."""
+    s = summary(cfg, **options)
     tables = [f"== {name} ==\n{describe(cfg)}", params_table(cfg, s), forward_flops_table(cfg, s),
               train_flops_table(cfg, s), memory_table(cfg, s)]
     if "train_days" in s:
@@ -543,6 +780,9 @@ def train_flops_table(cfg, s: dict) -> str:
             ["  = 6·N_matmul", f"N_matmul = {human(n_matmul)} params used in matmuls", human(6 * n_matmul, "FLOP")],
             ["  + attention", "12·L·T·d (QKᵀ and A V, fwd + bwd)", human(attn_tok, "FLOP")],
             ["6·N (Kaplan rule)", "N = all parameters", human(6 * N, "FLOP")]]
+    if s["activation_checkpointing"]:
+        rows.append(["+ recomputation", "the blocks' forward again, less w2 (recompute_flops)",
+                     human(s["recompute_flops_per_token"], "FLOP")])
     adamw = [[f, n, human(n * N, "FLOP")] for f, n in ADAMW_FLOP_ROWS]
     adamw.append(["AdamW step", ADAMW_FLOPS_PER_PARAM, human(ADAMW_FLOPS_PER_PARAM * N, "FLOP")])
     return "\n".join([
@@ -553,35 +793,84 @@ def train_flops_table(cfg, s: dict) -> str:
         f"B·T={B * T:,} tokens)", table(["update", "per param", "× N"], adamw)])
 
 
+ACTIVATIONS_SAID = {"sdpa": "model.py keeps them with the fused sdpa attention (train.py's)",
+                    "manual": "model.py keeps them with the from-scratch attention",
+                    "handout": "as the handout enumerates them"}
+
+
+def state_rows(cfg, s: dict) -> list[tuple[str, str, str, int]]:
+    """(label, formula, short formula, bytes) of memory besides the activations, for memory_table: the fp32
+    training state (sharded under FSDP), the gathered parameters (FSDP) or autocast's weight copies (16-bit)."""
+    mem, n, nb, na = s["train_memory"], s["fsdp"], FP32_BYTES, ACTIVATION_BYTES[s["dtype"]]
+    per = "N" if n is None else f"N/{n}"  # under FSDP: rank 0's shard, ceil(dim0 / N) rows of each parameter
+    all_state = f"{sum(TRAIN_STATE_COPIES.values()) * nb}·{per}"  # the short formula of the three rows together
+    rows = [("parameters", f"{nb}·{per}", all_state, mem["params"]), ("gradients", f"{nb}·{per}", "", mem["grads"]),
+            ("AdamW m and v", f"{TRAIN_STATE_COPIES['adamw_state']} · {nb}·{per}", "", mem["adamw_state"])]
+    if mem["gathered"]:
+        units = fsdp_unit_params(cfg)
+        rows.append((f"gathered: root unit ({human(units['root'])}) + one block ({human(units['block'])})",
+                     f"{na}·(root + block)", f"{na}·(root + block)", mem["gathered"]))
+    if mem["autocast_weights"]:
+        formula = f"{na}·(V·d + one block's)" if s["activation_checkpointing"] else f"{na}·N_matmul"
+        rows.append((f"autocast's {s['dtype']} weight copies", formula, formula, mem["autocast_weights"]))
+    return rows
+
+
 def memory_table(cfg, s: dict) -> str:
-    B, T, mem, per_seq = s["batch_size"], s["seq_len"], s["train_memory"], s["activation_bytes_per_sequence"]
-    copies, nb = TRAIN_STATE_COPIES, FP32_BYTES
-    fixed = sum(mem[part] for part in copies)
-    rows = [["parameters", f"{nb}·N", human_bytes(mem["params"])], ["gradients", f"{nb}·N", human_bytes(mem["grads"])],
-            ["AdamW m and v", f"{copies['adamw_state']} · {nb}·N", human_bytes(mem["adamw_state"])]]
-    rows += [[f"act: {n}", f"{nb} · {formula}", human_bytes(nb * e)] for n, formula, e in activation_rows(cfg, B, T)]
+    B, T, mem, dtype, n = s["batch_size"], s["seq_len"], s["train_memory"], s["dtype"], s["fsdp"]
+    per_seq, na = s["activation_bytes_per_sequence"], ACTIVATION_BYTES[dtype]
+    fixed = mem["total"] - B * per_seq  # all but the activations that grow with B
+    state = state_rows(cfg, s)
+    rows = [[label, formula, human_bytes(b)] for label, formula, _, b in state]
+    rows += [[f"act: {label}", times(na, formula), human_bytes(na * e)]
+             for _, label, formula, e in activation_memory_rows(cfg, B, T, s["activations"],
+                                                                s["activation_checkpointing"])]
     rows.append(["total", "", human_bytes(mem["total"])])
-    out = [f"Memory for AdamW training in fp32 ({nb} bytes per number), B={B}, T={T:,}; activations as the handout "
-           "enumerates them", table(["", "formula", f"B={B}"], rows),
-           f"total(B) = {sum(copies.values()) * nb}·N + B · {per_seq:,} bytes = {human_bytes(fixed)} + B · "
+    fixed_parts = [short for _, _, short, _ in state if short]
+    if fixed != sum(b for *_, b in state):
+        fixed_parts.append("RoPE cos, sin")
+    precision = (f"in fp32 ({FP32_BYTES} bytes per number)" if na == FP32_BYTES else
+                 f"with {dtype} mixed precision (fp32 weights, gradients and AdamW state; activations {na} bytes each)")
+    where = "one GPU (or each DDP rank)" if n is None else f"each of {n} GPUs under FSDP2"
+    checkpointing = (", with activation checkpointing (block inputs kept, one block recomputed at a time)"
+                     if s["activation_checkpointing"] else "")
+    out = [f"Memory for AdamW training {precision} on {where}, B={B}{'' if n is None else ' per GPU'}, T={T:,}; "
+           f"activations "
+           f"{ACTIVATIONS_SAID[s['activations']]} (--activations {s['activations']}){checkpointing}",
+           table(["", "formula", f"B={B}"], rows),
+           f"total(B) = {' + '.join(fixed_parts)} + B · {per_seq:,} bytes = {human_bytes(fixed)} + B · "
            f"{human_bytes(per_seq)}"]
-    if "max_batch_size" in s:
-        out.append(f"largest batch in {human_bytes(s['gpu_mem_bytes'])}: B = {s['max_batch_size']}"
-                   + ("" if s["max_batch_size"] else " (parameters, gradients and AdamW state alone do not fit)"))
+    if "max_batch_per_gpu" in s:
+        b = s["max_batch_per_gpu"]
+        out.append(f"largest batch in {human_bytes(s['gpu_mem_bytes'])}: B = {b}"
+                   + ("" if b else " (parameters, gradients and AdamW state alone do not fit)"))
     return "\n".join(out)
 
 
 def time_table(s: dict) -> str:
+    n = s["num_gpus"]
+    where = f"one {s['gpu']}" if n == 1 else f"{n} × {s['gpu']} (B={s['batch_size']} per GPU)"
+    B = "B·T" if n == 1 else f"{n}·B·T"
     return "\n".join([
-        f"Time: {s['steps']:,} steps × B={s['batch_size']} × T={s['seq_len']:,} tokens on one {s['gpu']} at "
+        f"Time: {s['steps']:,} steps × {'B=' if n == 1 else f'{n}·B='}{n * s['batch_size']} × T={s['seq_len']:,} "
+        f"tokens on {where} at "
         f"{100 * s['mfu']:g}% MFU, {s['dtype']} (peak {human(s['peak_flops'], 'FLOP/s')})",
-        f"  FLOPs = steps · (B·T · {human(s['train_flops_per_token'], 'FLOP')} + {ADAMW_FLOPS_PER_PARAM}·N) = "
-        f"{human(s['train_flops_total'], 'FLOP')}",
-        f"  time  = FLOPs / (MFU · peak) = {human_days(s['train_days'])}"])
+        f"  FLOPs = steps · ({B} · {human(s['train_flops_per_token'], 'FLOP')}"
+        + (f" + {B} · {human(s['recompute_flops_per_token'], 'FLOP')} recomputed" if s["activation_checkpointing"]
+           else "") + f" + {ADAMW_FLOPS_PER_PARAM}·N) = {human(s['train_flops_total'], 'FLOP')}",
+        f"  time  = FLOPs / ({'' if n == 1 else f'{n} · '}MFU · peak) = {human_days(s['train_days'])}"])
 
 
-def compare(configs: dict, seq_len: int | None = None) -> str:
-    """Presets side by side at B=1, T=context_length (or seq_len): how shares move with size and context."""
+def memory_flags(activations: str = DEFAULT_ACTIVATIONS, checkpointing: bool = False, dtype: str = "fp32",
+                 fsdp: int | None = None) -> str:
+    """train_memory's keywords as the command-line flags that give them: '--activations sdpa --dtype bf16'."""
+    return " ".join([f"--activations {activations}", f"--dtype {dtype}"] + (["--activation-checkpointing"] if
+                    checkpointing else []) + ([f"--fsdp {fsdp}"] if fsdp is not None else []))
+
+
+def compare(configs: dict, seq_len: int | None = None, **memory) -> str:
+    """Presets side by side at B=1, T=context_length (or seq_len): how shares move with size and context;
+    memory: train_memory's keywords (activations, checkpointing, dtype, fsdp)."""
     rows = []
     for name, cfg in configs.items():
         T = _seq_len(cfg, seq_len)
@@ -591,10 +880,41 @@ def compare(configs: dict, seq_len: int | None = None) -> str:
         proj = f["qkv"] + f["out_proj"]
         rows.append([name, f"{T:,}", human(count_params(cfg)), human(tot, "FLOP"), f"{100 * proj / tot:.1f}%",
                      f"{100 * attn / tot:.1f}%", f"{100 * f['ffn'] / tot:.1f}%", f"{100 * f['lm_head'] / tot:.1f}%",
-                     human(train_flops_per_token(cfg, T), "FLOP"), human_bytes(train_memory(cfg, 1, T)["total"])])
-    return ("Presets side by side: one sequence (B=1) of T tokens; shares of forward FLOPs\n"
+                     human(train_flops_per_token(cfg, T), "FLOP"),
+                     human_bytes(train_memory(cfg, 1, T, **memory)["total"])])
+    return (f"Presets side by side: one sequence (B=1) of T tokens; shares of forward FLOPs; memory (per GPU) "
+            f"{memory_flags(**memory)}\n"
             + table(["preset", "T", "params", "forward", "QKV+out", "QKᵀ+AV", "FFN", "LM head", "train/token",
                      "memory B=1"], rows))
+
+
+FSDP_TABLE_PRESETS = tuple(GPT2_SHAPES)  # gpt2-small .. gpt2-xl
+FSDP_TABLE_GPU_MEM, FSDP_TABLE_GPUS = 80e9, 8  # one 80 GB GPU (A100/H100 80GB), FSDP over one 8-GPU node
+
+
+def fsdp_table(gpu_mem: float = FSDP_TABLE_GPU_MEM, world_size: int = FSDP_TABLE_GPUS, batch_size: int = 8,
+               seq_len: int | None = None, dtype: str = "bf16", activations: str = DEFAULT_ACTIVATIONS) -> str:
+    """--fsdp-table: the GPT-2 family on gpu_mem GPUs, DDP (every GPU holds everything) vs FSDP2 over world_size,
+    each with and without activation checkpointing: memory per GPU at batch_size sequences per GPU, and the largest
+    batch per GPU that fits. A Markdown table (EXPERIMENTS.md quotes it)."""
+    setups = [("DDP", None, False), ("DDP + AC", None, True), (f"FSDP×{world_size}", world_size, False),
+              (f"FSDP×{world_size} + AC", world_size, True)]
+    header = ["preset", "params"] + [f"{name}: {part}" for name, *_ in setups for part in (f"GB/GPU at B={batch_size}",
+                                                                                         "max B")]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for name in FSDP_TABLE_PRESETS:
+        cfg = presets()[name]
+        cells = [name, human(count_params(cfg))]
+        for _, fsdp, checkpointing in setups:
+            memory = dict(activations=activations, checkpointing=checkpointing, dtype=dtype, fsdp=fsdp)
+            total = train_memory(cfg, batch_size, seq_len, **memory)["total"]
+            cells += [f"{total / 1e9:.1f}", f"{max_batch_size(cfg, gpu_mem, seq_len, **memory):,}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    T = "context_length 1,024" if seq_len is None else f"T={seq_len:,}"
+    return "\n".join([f"GPT-2 family, AdamW, {T}, {dtype} ({memory_flags(activations, dtype=dtype)}), one "
+                      f"{human_bytes(gpu_mem)} GPU: DDP vs FSDP2 over {world_size}, with and without activation "
+                      f"checkpointing (AC); GB = 1e9 bytes; max B = largest batch per GPU in {human_bytes(gpu_mem)}",
+                      "", *lines])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -624,30 +944,64 @@ def positive_int(text: str) -> int:
 MEASURE_MAX_BYTES = 4e9  # --measure runs the model on this machine's CPU: refuse what a laptop could not hold
 
 
-def measure_report(cfg, batch_size: int, seq_len: int) -> str:
+def measure_report(cfg, batch_size: int, seq_len: int, checkpointing: bool = False, dtype: str = "fp32") -> str:
     """--measure: the handout's activation formula, this implementation's, and the bytes autograd really saved,
-    for the from-scratch attention and the fused one."""
-    B, T = batch_size, seq_len
-    analytic = FP32_BYTES * activation_elements(cfg, B, T)
+    for the from-scratch attention and the fused one; with checkpointing, of the checkpointed model, and one
+    block's recomputed activations as the difference of the two runs. A 16-bit dtype runs under CPU autocast."""
+    if COMPUTE_DTYPES[dtype] != torch.float32:
+        return measure_report_16bit(cfg, batch_size, seq_len, checkpointing, dtype)
+    B, T, nb = batch_size, seq_len, FP32_BYTES
+    analytic = nb * activation_elements(cfg, B, T, "handout", checkpointing)
     manual_cfg, fused_cfg = (dataclasses.replace(cfg, attn_impl=a) for a in ("manual", "sdpa"))
-    nb = FP32_BYTES
-    rows = [[n, f"{nb} · ({formula})" if "+" in formula else f"{nb} · {formula}", f"{nb * e:,}"]
-            for n, formula, e in saved_activation_rows(manual_cfg, B, T)]
-    out = [f"Activations autograd keeps for backward: B={B}, T={T:,}, fp32, model.py with attn_impl=manual",
+    rows = [[label, times(nb, formula), f"{nb * e:,}"]
+            for _, label, formula, e in activation_rows(manual_cfg, B, T, "manual", checkpointing)]
+    how = ", each block under torch.utils.checkpoint (non-reentrant)" if checkpointing else ""
+    out = [f"Activations autograd keeps for backward: B={B}, T={T:,}, fp32, model.py with attn_impl=manual{how}",
            table(["tensor", "formula (bytes)", "bytes"], rows), ""]
-    rows = [["handout's enumeration (activation_rows)", f"{analytic:,}", human_bytes(analytic), "", "1.00"]]
-    other = 0
+    rows = [["handout's enumeration (--activations handout)", f"{analytic:,}", human_bytes(analytic), "", "1.00"]]
+    other, recomputed = 0, []
     for c in (manual_cfg, fused_cfg):
-        predicted = FP32_BYTES * sum(e for *_, e in saved_activation_rows(c, B, T))
-        measured = measure_saved_activations(c, B, T)
+        predicted = nb * activation_elements(c, B, T, c.attn_impl, checkpointing)
+        measured = measure_saved_activations(c, B, T, checkpointing=checkpointing)
         other = max(other, measured["other"])
         rows.append([f"model.py, attn_impl={c.attn_impl}: formula / measured", f"{predicted:,}",
                      human_bytes(predicted), f"{measured['float']:,}", f"{measured['float'] / analytic:.2f}"])
+        if checkpointing:  # plain - checkpointed = L x (one block's rows, less its input that checkpoint keeps)
+            plain = measure_saved_activations(c, B, T)["float"]
+            block = (plain - measured["float"]) // c.num_layers + nb * B * T * c.d_model
+            formula = nb * sum(n for *_, n in recomputation_rows(c, B, T, c.attn_impl))
+            recomputed.append(f"{c.attn_impl}: formula {formula:,} bytes, measured {block:,} "
+                              "(= (without checkpointing - with) / L + one block input)")
     out += ["Measured with torch.autograd.graph.saved_tensors_hooks (each storage once; parameters excluded)",
             table(["", "formula", "", "measured", "measured / handout"], rows),
             f"(not counted: up to {human_bytes(other)} of int64 token ids and bool masks)",
-            "The differences from the handout's enumeration are explained in saved_activation_rows' docstring."]
+            "The differences from the handout's enumeration are explained in saved_activations' docstring."]
+    if checkpointing:
+        out += ["During backward each block runs forward again and keeps one block's activations until its own "
+                "backward ends:", *[f"  {line}" for line in recomputed]]
     return "\n".join(out)
+
+
+def measure_report_16bit(cfg, B: int, T: int, checkpointing: bool, dtype: str) -> str:
+    """--measure --dtype bf16|fp16: autocast's weight copies (exact) and the activations at ACTIVATION_BYTES each
+    (an approximation: the factor printed is how far off it is for this config)."""
+    na, rows = ACTIVATION_BYTES[dtype], []
+    for impl in ("manual", "sdpa"):
+        c = dataclasses.replace(cfg, attn_impl=impl)
+        measured = measure_saved_activations(c, B, T, checkpointing=checkpointing, dtype=dtype)
+        kept_copies = autocast_weight_bytes(c, dtype, checkpointing) - (
+            na * block_matmul_params(c) if checkpointing else 0)  # the recomputed block's come back in backward
+        predicted = na * activation_elements(c, B, T, impl, checkpointing)
+        acts = measured["float"] - measured["weight_copies"]
+        rows += [[f"attn_impl={impl}: autocast's weight copies kept", f"{kept_copies:,}",
+                  f"{measured['weight_copies']:,}", f"{measured['weight_copies'] / kept_copies:.2f}"],
+                 [f"attn_impl={impl}: activations at {na} bytes each", f"{predicted:,}", f"{acts:,}",
+                  f"{acts / predicted:.2f}"]]
+    how = ", each block under torch.utils.checkpoint" if checkpointing else ""
+    return "\n".join([f"Saved for backward under CPU torch.autocast({dtype}): B={B}, T={T:,}{how}",
+                      table(["", "formula (bytes)", "measured", "measured / formula"], rows),
+                      "The weight copies are exact; activations count 2 bytes per element by convention (fp32 "
+                      "RMSNorm tensors and the fp32 residual stream make autograd keep more: see ACTIVATION_BYTES)."])
 
 
 MODEL_SIZE_FLAGS = ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff")
@@ -666,13 +1020,29 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--tie-embeddings", action="store_true")
     parser.add_argument("--batch-size", type=positive_int, default=1, help="sequences per step B (default 1)")
     parser.add_argument("--seq-len", type=positive_int, help="tokens per sequence T (default: context_length)")
+    parser.add_argument("--activations", choices=ACTIVATIONS, default=DEFAULT_ACTIVATIONS,
+                        help="which activations memory counts: sdpa (model.py with the fused attention train.py runs; "
+                             "default), manual (model.py's from-scratch attention, T x T matrices kept), handout (the "
+                             "handout's enumeration)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="torch.utils.checkpoint around each block: memory keeps block inputs (plus one block "
+                             "recomputed at a time), time adds the recomputation")
+    parser.add_argument("--fsdp", type=positive_int, metavar="N",
+                        help="FSDP2 over N GPUs: memory per GPU with parameters, gradients and AdamW state sharded "
+                             "N ways (--batch-size is then per GPU)")
     parser.add_argument("--gpu-mem", type=parse_bytes, help="GPU memory, e.g. 80GB: print the largest batch")
     parser.add_argument("--steps", type=positive_int, help="training steps, for the time estimate")
     parser.add_argument("--gpu", help=f"accelerator for the time estimate: {', '.join(PEAK_FLOPS)}")
     parser.add_argument("--mfu", type=float, help="model FLOPs utilisation in (0, 1], e.g. 0.5")
-    parser.add_argument("--dtype", default="fp32",
-                        help="which published peak the time estimate uses (default fp32); memory is always fp32")
+    parser.add_argument("--dtype", choices=COMPUTE_DTYPES, default="fp32",
+                        help="what the matmuls compute in (default fp32): the published peak the time estimate uses, "
+                             "and the activations' bytes (bf16/fp16: 2, mixed precision; weights, gradients and "
+                             "AdamW state stay fp32)")
     parser.add_argument("--compare", action="store_true", help="all presets side by side")
+    parser.add_argument("--fsdp-table", action="store_true",
+                        help="the GPT-2 family, DDP vs FSDP2 (over --fsdp GPUs, default 8) with and without "
+                             "activation checkpointing: memory per GPU at --batch-size, largest batch in --gpu-mem "
+                             "(default 80GB); a Markdown table")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--measure", action="store_true",
                         help="run the model on CPU and compare saved activations with the formula (small configs)")
@@ -701,6 +1071,12 @@ def check_args(args, cfg) -> None:
         raise ValueError("the time estimate needs all of --steps, --gpu and --mfu")
     if args.gpu is not None:
         peak_flops(args.gpu, args.dtype)
+    if args.fsdp_table and (args.measure or args.compare or args.json or args.activation_checkpointing):
+        raise ValueError("--fsdp-table prints its own Markdown table (with and without checkpointing); drop "
+                         "--measure, --compare, --json and --activation-checkpointing")
+    if args.measure and args.fsdp is not None:
+        raise ValueError("--measure runs one process on this CPU; drop --fsdp (fsdp_shard_bytes is checked against "
+                         "real FSDP2 ranks in tests/test_accounting.py)")
     if args.measure:
         need = train_memory(cfg, args.batch_size, _seq_len(cfg, args.seq_len))["total"]  # bound: no AdamW runs
         if need > MEASURE_MAX_BYTES:
@@ -708,17 +1084,27 @@ def check_args(args, cfg) -> None:
                              "pick a small config (e.g. --preset tiny)")
 
 
+def memory_args(args) -> dict:
+    """The flags that shape memory, as train_memory's (and summary's) keywords."""
+    return dict(activations=args.activations, checkpointing=args.activation_checkpointing, dtype=args.dtype,
+                fsdp=args.fsdp)
+
+
 def output(args, cfg) -> str:
     """What the command prints: --measure's comparison, --compare's table (or JSON), or cfg's tables (or JSON)."""
     T = _seq_len(cfg, args.seq_len)
+    if args.fsdp_table:
+        return fsdp_table(args.gpu_mem or FSDP_TABLE_GPU_MEM, args.fsdp or FSDP_TABLE_GPUS, args.batch_size,
+                          args.seq_len, args.dtype, args.activations)
     if args.measure:
-        return measure_report(cfg, args.batch_size, T)
+        return measure_report(cfg, args.batch_size, T, args.activation_checkpointing, args.dtype)
     if args.compare:
         if args.json:
-            return json.dumps({"presets": {n: summary(c, args.batch_size) for n, c in presets().items()}}, indent=1)
-        return compare(presets())
+            return json.dumps({"presets": {n: summary(c, args.batch_size, **memory_args(args))
+                                           for n, c in presets().items()}}, indent=1)
+        return compare(presets(), **memory_args(args))
     kwargs = dict(batch_size=args.batch_size, seq_len=T, gpu_mem=args.gpu_mem, steps=args.steps, gpu=args.gpu,
-                  mfu=args.mfu, dtype=args.dtype)
+                  mfu=args.mfu, **memory_args(args))
     if args.json:
         return json.dumps({"preset": args.preset, **summary(cfg, **kwargs)}, indent=1)
     return report(cfg, args.preset, **kwargs)
