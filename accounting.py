@@ -562,22 +562,6 @@ def measure_matmul_flops(device="cpu", dtype=torch.float32, n: int | None = None
 # Measured: the bytes autograd really keeps for backward (--measure), to check activation_rows against
 # ---------------------------------------------------------------------------------------------------------------
 
-def checkpointed_forward(lm: model.TransformerLM, token_ids: torch.Tensor) -> torch.Tensor:
-    """lm(token_ids) with torch.utils.checkpoint (non-reentrant) around each block: TransformerLM.forward's steps
-    (without a KV cache), each block called through checkpoint. What train.py's --activation-checkpointing is to
-    run; until model.py has the switch, --measure measures this."""
-    from torch.utils.checkpoint import checkpoint  # only here: importing accounting stays light
-
-    lm._check_input(token_ids, None)
-    token_positions = torch.arange(token_ids.shape[1], device=token_ids.device)  # (T,)
-    x = lm.token_embeddings(token_ids)  # (B, T) -> (B, T, C)
-    for i, layer in enumerate(lm.layers):
-        # use_reentrant=False, the variant PyTorch recommends: it stores x as a saved tensor (so saved_tensors_hooks
-        # see it) and stops recomputing early (recompute_flops)
-        x = checkpoint(layer, x, token_positions, None, i, use_reentrant=False)  # (B, T, C)
-    return lm.lm_head(lm.ln_final(x))  # (B, T, C) -> (B, T, V)
-
-
 def measure_saved_activations(cfg, batch_size: int = 1, seq_len: int | None = None, seed: int = 0,
                               checkpointing: bool = False, dtype: str = "fp32") -> dict:
     """Run model.TransformerLM + optim.cross_entropy forward on CPU and add up the tensors autograd saves.
@@ -585,7 +569,7 @@ def measure_saved_activations(cfg, batch_size: int = 1, seq_len: int | None = No
     torch.autograd.graph.saved_tensors_hooks calls `pack` on every tensor an op stores for its backward. Many of
     them share memory (q, k, v as views of one matmul output; x saved by both w1 and w3), so we count each
     storage once. Parameters and buffers are excluded (they are counted as parameters, not activations).
-    With checkpointing (checkpointed_forward) the hooks see what the checkpoints keep: each block's input (and the
+    With checkpointing (model.py's lm.checkpoint_blocks, what train.py's --activation-checkpointing sets) the hooks see what the checkpoints keep: each block's input (and the
     token positions), not the tensors inside the blocks, which checkpoint's own inner hooks take and drop.
     A 16-bit dtype runs the forward under CPU torch.autocast, as train.py does on one device.
     Returns bytes: "float" (every floating-point tensor saved), "weight_copies" (those of "float" that are a
@@ -614,7 +598,8 @@ def measure_saved_activations(cfg, batch_size: int = 1, seq_len: int | None = No
     compute = COMPUTE_DTYPES[dtype]
     with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
           torch.autocast("cpu", dtype=compute, enabled=compute != torch.float32)):
-        loss = optim.cross_entropy(checkpointed_forward(lm, x) if checkpointing else lm(x), y)
+        lm.checkpoint_blocks = checkpointing
+        loss = optim.cross_entropy(lm(x), y)
     loss.backward()  # the saved tensors are really used: this fails if anything above broke the graph
     total = {kind: sum(n for n, k in seen.values() if k == kind) for kind in ("float", "weight_copies", "other")}
     return {**total, "float": total["float"] + total["weight_copies"]}

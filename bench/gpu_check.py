@@ -69,7 +69,7 @@ def throughput(steps: int, work: Path) -> dict:
 def predicted_memory_gb(dtype: str) -> float:
     """accounting.py's per-GPU training memory for the same run (fused attention, autocast activations)."""
     cfg = PRESETS["ts17m"]
-    return accounting.train_memory_per_gpu(cfg, BATCH, CONTEXT, dtype=dtype)["total"] / 1e9
+    return accounting.train_memory(cfg, BATCH, CONTEXT, activations="sdpa", dtype=dtype)["total"] / 1e9
 
 
 def markdown(tests: tuple[bool, str], result: dict | None) -> str:

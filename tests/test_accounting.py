@@ -9,7 +9,8 @@
   with and without torch.utils.checkpoint around each block (and the recomputed block as the difference of the two),
   and the handout's coarser enumeration within a stated tolerance; the sdpa rows have no T² term;
 - under CPU autocast (bf16, fp16): autocast's weight copies exactly, the 2-bytes-per-element convention within a
-  stated band; checkpointing's recomputed FLOPs == FlopCounterMode, and checkpointed_forward == the model's forward;
+  stated band; checkpointing's recomputed FLOPs == FlopCounterMode (model.py's checkpoint_blocks; its loss and gradients equal
+  the plain model's in tests/test_scale.py);
 - FSDP2: fsdp_shard_bytes == torch.chunk of the real parameters for 1-8 ranks (and, slow, a real 2-rank gloo
   fully_shard run), memory per GPU falling with N, --fsdp-table's cells;
 - the corrected GPT-2 XL training time (2 FLOPs per multiply-add), the largest batch in 80 GB (the handout's count
@@ -68,7 +69,7 @@ def meta_model(cfg):
 
 def counted_flops(cfg, batch_size, seq_len, device="cpu", backward=False, checkpointing=False):
     """FLOPs FlopCounterMode sees in one forward (and backward) pass of the real model (with checkpointing: each
-    block under torch.utils.checkpoint, accounting.checkpointed_forward).
+    block under torch.utils.checkpoint, model.py's checkpoint_blocks).
 
     subtle: we count with attn_impl="manual", the from-scratch attention. In torch 2.13 the CPU fused attention
     kernel behind F.scaled_dot_product_attention has no FLOP formula, so the counter silently reports QKᵀ and A V as
@@ -80,7 +81,8 @@ def counted_flops(cfg, batch_size, seq_len, device="cpu", backward=False, checkp
         lm._check_input = lambda *args: None
     ids = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1)).to(device)
     with FlopCounterMode(display=False) as counter:
-        logits = accounting.checkpointed_forward(lm, ids[:, :-1]) if checkpointing else lm(ids[:, :-1])
+        lm.checkpoint_blocks = checkpointing  # model.py's switch, what --activation-checkpointing sets
+        logits = lm(ids[:, :-1])
         if backward:
             optim.cross_entropy(logits, ids[:, 1:]).backward()
     return counter.get_total_flops()
@@ -234,27 +236,6 @@ def test_checkpointed_saved_activations_match_formula_exactly(changes, B, T, att
     plain = accounting.measure_saved_activations(cfg, B, T)["float"]
     block = sum(n for *_, n in accounting.recomputation_rows(cfg, B, T, attn_impl))
     assert plain - checkpointed["float"] == 4 * cfg.num_layers * (block - B * T * cfg.d_model)
-
-
-def test_checkpointed_forward_is_the_model_forward():
-    # The checkpointed model computes the same thing: same logits, same gradients (fp32; the recomputation repeats
-    # the same ops on the same inputs).
-    cfg = dataclasses.replace(SMALL, norm="post")
-    torch.manual_seed(0)
-    lm = model.TransformerLM(**dataclasses.asdict(cfg))
-    ids = torch.randint(cfg.vocab_size, (2, 33))
-    grads = []
-    for forward in (lm, lambda x: accounting.checkpointed_forward(lm, x)):
-        lm.zero_grad()
-        logits = forward(ids[:, :-1])
-        optim.cross_entropy(logits, ids[:, 1:]).backward()
-        grads.append((logits.detach(), [p.grad.clone() for p in lm.parameters()]))
-    (plain_logits, plain_grads), (ckpt_logits, ckpt_grads) = grads
-    assert torch.equal(plain_logits, ckpt_logits)
-    for a, b in zip(plain_grads, ckpt_grads):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    with pytest.raises(ValueError, match="exceeds context_length"):  # the model's own input checks still run
-        accounting.checkpointed_forward(lm, torch.zeros(1, cfg.context_length + 1, dtype=torch.long))
 
 
 def test_gpt2_xl_memory_with_activation_checkpointing():

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import torch
 
+import accounting
 import train
 from conftest import TINY_RUN, run_losses
-from model import PRESETS, TransformerLM
+from model import PRESETS, ModelConfig, TransformerLM
 from optim import cross_entropy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -240,9 +241,12 @@ def test_fsdp_rank_holds_half_of_the_parameters_and_adamw_state(tmp_path):
     torchrun(2, ROOT / "tests" / "fsdp_bytes_worker.py", tmp_path, json.dumps(config))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     full = sum(p.numel() * 4 for p in TransformerLM(**config).parameters())  # fp32
-    for held in ranks:
+    for rank, held in enumerate(ranks):
         assert held["params"] == held["grads"] == full // 2 and held["adamw_state"] == 2 * (full // 2)
-    # (every dim 0 here is even, so the halves are exact; in general a rank holds ceil(dim0 / N) rows)
+        # and exactly what accounting.py predicts for this rank (in general ceil(dim0 / N) rows of each parameter)
+        predicted = accounting.fsdp_shard_bytes(ModelConfig(**config), 2, rank=rank)
+        assert (held["params"], held["grads"], held["adamw_state"]) == (
+            predicted["params"], predicted["grads"], predicted["adamw_state"])
 
 
 def test_fsdp_without_torchrun_is_one_line(counting_data, tmp_path, capsys):
