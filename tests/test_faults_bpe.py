@@ -10,7 +10,7 @@ never leaves a torn file or a temporary behind, and never costs the file that wa
   whichever of them fails.
 - A real tmpfs (root on Linux only, skipped elsewhere): a .npy that does not fit in 2 MiB.
 The download's .part (kept on a write fault, resumed after) is tested in test_bpe_cli.py, beside its HTTP server,
-with the helpers of this file.
+with the shared fault helpers of conftest.py.
 
 Run: python -m pytest tests/test_faults_bpe.py (~3 s on 2 cores). This file has no slow tests; `python -m pytest -m
 slow` runs the project's slow end-to-end checks, which the default run skips.

@@ -17,6 +17,7 @@ Every refusal (ablations, GQA, biases, rope scaling, other activations/eps, non-
 model flags or tokenizers, missing packages and files) is tested by its one-line message.
 
     python -m pytest tests/test_hf.py      # ~1 min on 2 cores, much of it importing transformers
+    python -m pytest -m slow                       # the slow end-to-end checks of the whole suite
 """
 import dataclasses
 import json
