@@ -90,7 +90,17 @@ def describe_fault(error: BaseException, path, needed: int | None = None) -> str
         if error.errno == errno.ENOSPC:
             return space_problem(path, needed) or "no space left on device"
         return (error.strerror or str(error)).lower()  # e.g. "input/output error", "permission denied"
-    return space_problem(path, needed) or f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:160]}"
+    return space_problem(path, needed) or error_summary(error)
+
+
+QUOTED_ERROR_CHARS = 160  # how much of a library's error message a one-line error quotes
+
+
+def error_summary(error: BaseException) -> str:
+    """'TypeName: the first line of its message', cut to QUOTED_ERROR_CHARS: a library's error quoted inside one of
+    our one-line errors."""
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first_line[:QUOTED_ERROR_CHARS]}"
 
 
 def open_for_write(path):

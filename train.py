@@ -11,7 +11,7 @@ Layers (each imports only from those before it): cli -> bpe -> model, optim -> a
 uses bpe (tokenizer directories), model, optim and accounting (the MFU formula and peaks); sample.py builds on its
 checkpoint reader, device picker and evaluator. The demo's last step, sampling, is the one import of sample.py here.
 
-    python train.py                                        # offline demo: BPE -> encode -> train -> sample (~1 min, CPU)
+    python train.py                                        # offline demo: BPE, encode, train, sample (~1 min on CPU)
     python train.py --data data/tinystories --preset ts17m --device cuda --out runs/ts17m
     torchrun --nproc_per_node 8 train.py --data data/owt --preset ts17m --batch-size 256 --compile
     torchrun --nproc_per_node 8 train.py --data data/owt --d-model 1024 --num-layers 24 --num-heads 16 --d-ff 4096 \
@@ -42,7 +42,7 @@ import accounting
 import bpe
 import cli
 from cli import (EXIT_BAD_INPUT, EXIT_ENVIRONMENT, BadInputError, EnvironmentFault, OneLineParser, WriteFault,
-                 atomic_file, atomic_write_text, describe_fault, space_problem)
+                 QUOTED_ERROR_CHARS, atomic_file, atomic_write_text, describe_fault, error_summary, space_problem)
 from model import ATTN_IMPLS, FFNS, NORMS, POSITIONS, PRESETS, ModelConfig, TransformerLM
 from model import from_hf_llama_config, from_hf_llama_state_dict, to_hf_llama_config, to_hf_llama_state_dict
 from optim import AdamW, clip_grad_norm, cosine_lr, cross_entropy
@@ -243,11 +243,22 @@ def checkpoint_bytes(ckpt) -> int:
                 visit(v)
 
     visit(ckpt)
-    return sum(storages.values()) + CHECKPOINT_BYTES_PER_TENSOR * len(storages) + CHECKPOINT_BYTES_FIXED
+    return checkpoint_file_bytes(sum(storages.values()), len(storages))
+
+
+def checkpoint_file_bytes(tensor_bytes: int, n_tensors: int) -> int:
+    """torch.save's file size, slightly over: the tensors' bytes plus the per-tensor and fixed overheads."""
+    return tensor_bytes + CHECKPOINT_BYTES_PER_TENSOR * n_tensors + CHECKPOINT_BYTES_FIXED
 
 
 CHECKPOINT_BYTES_PER_TENSOR = 4096    # zip entry header + 64-byte alignment + pickle record, rounded well up
 CHECKPOINT_BYTES_FIXED = 1 << 16      # the pickled dict itself (train_args, rng states, ...)
+
+
+def load_weights_only(src):
+    """The one torch.load of the project: onto the CPU, weights_only=True (tensors and plain values only, so loading
+    a file cannot run code), for checkpoints and for a Hugging Face pytorch_model.bin alike."""
+    return torch.load(src, map_location="cpu", weights_only=True)
 
 
 def read_checkpoint(src) -> dict:
@@ -256,17 +267,13 @@ def read_checkpoint(src) -> dict:
     if isinstance(src, (str, os.PathLike)) and not Path(src).is_file():
         raise BadInputError(f"checkpoint {src} does not exist: pass a .pt file train.py wrote (e.g. RUN/last.pt)")
     try:
-        ckpt = torch.load(src, map_location="cpu", weights_only=True)
+        ckpt = load_weights_only(src)
     except Exception as e:  # truncated, not a torch file, or a pickle that is more than tensors and plain values
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        raise BadInputError(f"checkpoint {src} is corrupt or not a train.py checkpoint "
-                            f"({type(e).__name__}: {first_line[:ERROR_CHARS]}); try best.pt beside it") from None
+        raise BadInputError(f"checkpoint {src} is corrupt or not a train.py checkpoint ({error_summary(e)}); "
+                            f"try best.pt beside it") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "iteration" not in ckpt:
         raise BadInputError(f"checkpoint {src} is not a train.py checkpoint (no 'model'/'iteration' entries)")
     return ckpt
-
-
-ERROR_CHARS = 160  # how much of a library's error message a one-line error quotes
 
 
 def checkpoint_config(ckpt: dict, src) -> ModelConfig:
@@ -308,7 +315,7 @@ def load_checkpoint(src, model, optimizer=None, *, name=None) -> int:
     except RuntimeError as e:
         where = name if isinstance(src, dict) else src
         raise BadInputError(f"checkpoint {where}: weights do not match the model "
-                            f"({str(e).strip().splitlines()[-1].strip()[:ERROR_CHARS]})") from None
+                            f"({str(e).strip().splitlines()[-1].strip()[:QUOTED_ERROR_CHARS]})") from None
     if optimizer is not None and ckpt.get("optimizer") is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
     return int(ckpt["iteration"])
@@ -572,11 +579,11 @@ def peak_flops(args, device, world_size) -> float | None:
     """MFU denominator (FLOP/s, all ranks): --peak-flops, a published GPU peak, else a measured CPU matmul peak."""
     if args["peak_flops"] is not None:
         return args["peak_flops"] * world_size or None
-    dtype = AUTOCAST_DTYPES.get(args["dtype"], torch.float32)
     if device.type == "cuda":  # the datasheet figure for this GPU's name (fp32 matmuls run as TF32 here)
         peak = accounting.gpu_peak_flops(torch.cuda.get_device_name(device), args["dtype"])
         return peak * world_size if peak else None
     if device.type == "cpu":  # measured once (about a second); note: shared cores make this, and so MFU, noisy
+        dtype = AUTOCAST_DTYPES.get(args["dtype"], torch.float32)
         return accounting.measure_matmul_flops(device="cpu", dtype=dtype) * world_size
     return None
 
@@ -599,7 +606,7 @@ class Run:
     val_data: np.ndarray
     val_starts: np.ndarray      # the fixed validation windows (eval_starts)
     micro_batch: int            # sequences per rank per forward: batch_size / (grad_accum * world_size)
-    autocast: torch.autocast    # bf16 matmuls when --dtype bf16, else a no-op
+    autocast: torch.autocast    # 16-bit matmuls for --dtype bf16/fp16 (a no-op for fp32, and under FSDP)
     peak: float | None          # MFU denominator, FLOP/s over all ranks (rank 0 only; None = no MFU)
 
     @property
@@ -690,8 +697,9 @@ def process_ranks() -> tuple[int, int, int]:
     return int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1))
 
 
-def setup_run(given: dict, ckpt: dict | None) -> Run:
-    """Resolved flags -> a Run: checks, device, data, model config, run directory name, process group."""
+def setup_run(given: dict, ckpt: dict | None) -> tuple[Run, dict | None]:
+    """Resolved flags -> (a Run: checks, device, data, model config, run directory name, process group; the
+    checkpoint --init-from starts from, or None). ckpt: the checkpoint being resumed."""
     args = dict(given)  # filled in below (dtype, model fields, tokenizer, out); the caller's dict stays as it was
     rank, local_rank, world_size = process_ranks()
     check_args(args, world_size)
@@ -723,7 +731,8 @@ def setup_run(given: dict, ckpt: dict | None) -> Run:
     peak = peak_flops(args, device, world_size) if rank == 0 else None
     if rank == 0:
         print(f"precision: {args['dtype']} ({dtype_reason})")
-    return Run(args, cfg, device, rank, world_size, out, train_data, val_data, val_starts, micro, autocast, peak)
+    run = Run(args, cfg, device, rank, world_size, out, train_data, val_data, val_starts, micro, autocast, peak)
+    return run, init
 
 
 def init_tokenizer(init: dict, found: Path | None, src) -> str | None:
@@ -740,7 +749,7 @@ def init_tokenizer(init: dict, found: Path | None, src) -> str | None:
     return theirs
 
 
-def build_trainer(run: Run, ckpt: dict | None) -> tuple[Trainer, Progress]:
+def build_trainer(run: Run, ckpt: dict | None, init: dict | None = None) -> tuple[Trainer, Progress]:
     """Model, optimizer, batch stream and loss scaler, with the checkpoint's state over them when resuming
     (--init-from: that checkpoint's weights alone, for a new run that starts from them)."""
     args = run.args
@@ -749,10 +758,8 @@ def build_trainer(run: Run, ckpt: dict | None) -> tuple[Trainer, Progress]:
     model.checkpoint_blocks = args["activation_checkpointing"]  # recompute block activations in backward
     if ckpt is not None:
         load_checkpoint(ckpt, model)  # before sharding: fully_shard keeps (and splits) the loaded values
-    elif args["init_from"]:
-        # Only the weights: optimizer, schedule, step and random streams start afresh. note: the file is read again
-        # (setup_run read it for the model config) rather than holding a second copy of the weights for the run.
-        load_checkpoint(args["init_from"], model)
+    elif init is not None:  # only the weights: optimizer, schedule, step and random streams start afresh
+        load_checkpoint(init, model, name=args["init_from"])
     if args["fsdp"]:
         shard_model(model, run)
     # over the shards under FSDP, so AdamW's m and v (zeros_like each parameter) are sharded the same way
@@ -809,8 +816,7 @@ def open_run_dir(run: Run, progress: Progress, model: TransformerLM, resumed: bo
     a = run.args
     print(f"{'resuming' if resumed else 'training'} {n_params / 1e6:.2f}M params on {run.device} ({a['dtype']}"
           f"{', compiled' if a['compile'] else ''}{', FSDP' if a['fsdp'] else ''}, {run.world_size} rank(s)) from step "
-          f"{progress.step} to "
-          f"{a['max_iters']}; {run.tokens_per_step:,} tokens/step; run dir {run.out}")
+          f"{progress.step} to {a['max_iters']}; {run.tokens_per_step:,} tokens/step; run dir {run.out}")
 
 
 class RunLog:
@@ -837,7 +843,7 @@ class RunLog:
                 self.file.flush()
             except OSError as e:
                 self.failed = describe_fault(e, self.path)
-                problem = space_problem(self.run.out / "last.pt", self.progress.checkpoint_size)
+                problem = next_checkpoint_problem(self.run, self.progress)
                 if problem:  # the checkpoints cannot be written either: stop now, as a failed checkpoint would
                     raise EnvironmentFault(f"cannot write {self.path} ({self.failed}), and the next checkpoint will "
                                            f"not fit either ({problem}); {resume_hint(self.run, self.progress)}")
@@ -1088,8 +1094,13 @@ def resume_hint(run: Run, progress: Progress) -> str:
     return "no checkpoint was written yet: free space (or pick another --out) and start again"
 
 
+def next_checkpoint_problem(run: Run, progress: Progress) -> str | None:
+    """Why the next checkpoint (progress.checkpoint_size bytes beside the current one) will not fit, or None."""
+    return space_problem(run.out / "last.pt", progress.checkpoint_size)
+
+
 def warn_if_next_checkpoint_wont_fit(run: Run, progress: Progress) -> None:
-    problem = space_problem(run.out / "last.pt", progress.checkpoint_size)
+    problem = next_checkpoint_problem(run, progress)
     if problem and not progress.space_warned:
         progress.space_warned = True
         print(f"train.py: warning: the next checkpoint will not fit in {run.out} ({problem}): free space now, or "
@@ -1101,7 +1112,7 @@ def expected_checkpoint_bytes(trainer: Trainer) -> int:
     (numel() of an FSDP-sharded parameter is its full size: the checkpoint holds the full tensors.)"""
     params, buffers = list(trainer.model.parameters()), list(trainer.model.buffers())
     nbytes = 3 * sum(p.numel() * p.element_size() for p in params) + sum(b.numel() * b.element_size() for b in buffers)
-    return nbytes + CHECKPOINT_BYTES_PER_TENSOR * (3 * len(params) + len(buffers)) + CHECKPOINT_BYTES_FIXED
+    return checkpoint_file_bytes(nbytes, 3 * len(params) + len(buffers))
 
 
 class StopNow(KeyboardInterrupt):
@@ -1201,9 +1212,11 @@ def read_log(path) -> list[dict]:
 
 def train(args: dict, ckpt: dict | None = None) -> Path:
     """Run (or resume) training as `args` say; returns the run directory. `args` itself is left unchanged."""
-    run = setup_run(args, ckpt)
-    trainer, progress = build_trainer(run, ckpt)
-    open_run_dir(run, progress, trainer.model, resumed=ckpt is not None)
+    run, init = setup_run(args, ckpt)
+    trainer, progress = build_trainer(run, ckpt, init)
+    resumed = ckpt is not None
+    del ckpt, init  # the loaded copies of weights and optimizer state: the model and optimizer hold their own now
+    open_run_dir(run, progress, trainer.model, resumed=resumed)
     progress.checkpoint_size = expected_checkpoint_bytes(trainer)
     log = RunLog(run, progress)
     progress.begin(run.device)
@@ -1253,8 +1266,7 @@ def train(args: dict, ckpt: dict | None = None) -> Path:
 
 
 def train_main(argv) -> Path:
-    args, ckpt = resolve_args(argv)
-    return train(args, ckpt)
+    return train(*resolve_args(argv))  # (no reference to the resumed checkpoint stays here while training runs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1264,12 +1276,8 @@ def train_main(argv) -> Path:
 
 def plot(run_dirs, out_png) -> None:
     """Train (solid) and validation (dashed) loss against optimizer step and wall-clock time, one colour per run."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only: no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise BadInputError("plotting needs matplotlib: pip install matplotlib") from None
+    cli.optional_import("matplotlib", "matplotlib", "plotting").use("Agg")  # files only: no display needed
+    plt = cli.optional_import("matplotlib.pyplot", "matplotlib", "plotting")
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
     for run in run_dirs:
         rows = read_log(Path(run) / "log.jsonl")
@@ -1399,15 +1407,13 @@ def read_hf_weights(src: Path) -> dict:
         if name.endswith(".safetensors"):
             load = cli.optional_import("safetensors.torch", "safetensors", f"reading {name}").load_file
         else:
-            def load(path):
-                return torch.load(path, map_location="cpu", weights_only=True)
+            load = load_weights_only
         tensors = {}
         for path in files:
             try:
                 tensors.update(load(path))
             except Exception as e:  # truncated, not a weights file, or a pickle of more than tensors
-                raise BadInputError(f"{path} is corrupt or not a weights file ({type(e).__name__}: "
-                                    f"{(str(e).strip().splitlines() or [''])[0][:ERROR_CHARS]})") from None
+                raise BadInputError(f"{path} is corrupt or not a weights file ({error_summary(e)})") from None
         return tensors
     raise BadInputError(f"{src} has no {' or '.join(HF_WEIGHTS)} (nor a sharded .index.json)")
 
@@ -1537,15 +1543,11 @@ def main(argv=None) -> int:
     except BadInputError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except FloatingPointError as e:
+    except (FloatingPointError, EnvironmentFault, OSError, StopNow) as e:
+        # not the input's fault: a diverged loss, a full disk, a failed write, a read-only or vanished directory, or
+        # a second stop signal (whose exit code is 128 + the signal's number)
         print(f"train.py: stopped: {e}", file=sys.stderr)
-        return EXIT_ENVIRONMENT
-    except StopNow as e:
-        print(f"train.py: stopped: {e}", file=sys.stderr)
-        return e.exit_code
-    except (EnvironmentFault, OSError) as e:  # a full disk, a failed write, a read-only or vanished directory
-        print(f"train.py: stopped: {e}", file=sys.stderr)
-        return EXIT_ENVIRONMENT
+        return e.exit_code if isinstance(e, StopNow) else EXIT_ENVIRONMENT
     return 0
 
 
