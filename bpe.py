@@ -392,11 +392,12 @@ def count_pairs(words: list[str], freqs: list[int]) -> tuple[defaultdict, defaul
 PROGRESS_MERGES = 1000  # with progress=True, bpe_merges prints a line every this many merges
 
 
-def bpe_merges(counts: Counter, num_merges: int, *, progress=False, t0=None) -> tuple[list[bytes], list]:
-    """The merge loop: pre-token counts -> (tokens by id, merges as id pairs), at most num_merges of them.
-    bpe_merges(Counter({"ab": 2, "abc": 1}), 2) -> ([..256 bytes.., b"ab", b"abc"], [(97, 98), (256, 99)])"""
+def bpe_merges(words: list[str], freqs: list[int], num_merges: int, *, progress=False,
+               t0=None) -> tuple[list[bytes], list]:
+    """The merge loop: words (see _byte_words, rewritten in place) and their frequencies -> (tokens by id, merges as
+    id pairs), at most num_merges of them.
+    bpe_merges(["ab", "abc"], [2, 1], 2) -> ([..256 bytes.., b"ab", b"abc"], [(97, 98), (256, 99)])"""
     t0 = time.perf_counter() if t0 is None else t0
-    words, freqs = _byte_words(counts)  # a word is a str with one character per token, chr(id)
 
     # The bookkeeping (what makes a merge cheap). A pair (a, b) is the 2-character str chr(a) + chr(b):
     #   pair_counts[pair]  how often the pair occurs in the corpus (sum of word frequencies);
@@ -430,8 +431,9 @@ def bpe_merges(counts: Counter, num_merges: int, *, progress=False, t0=None) -> 
         tally = _rewrite_words(words, freqs, pair_words.pop(pair), pair, new)
         _apply_pair_deltas(tally, pair, new, pair_counts, pair_words, heap, keys)
         # A greedy left-to-right merge leaves no (a, b) behind. subtle: only after the deltas, which touch (a, b)
-        # itself when a == b ("a a a" loses (a, a) twice, once as the merged pair and once as (b, y)).
-        del pair_counts[pair]
+        # itself when a == b ("a a a" loses (a, a) twice, once as the merged pair and once as (b, y)), and may already
+        # have forgotten it (_lose).
+        pair_counts.pop(pair, None)
         if progress and len(merges) % PROGRESS_MERGES == 0:
             print(f"merges {len(merges):,}/{num_merges:,}  {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return vocab, merges
@@ -511,19 +513,32 @@ def _apply_pair_deltas(tally: _NeighbourTally, pair: str, new: str, pair_counts:
     left_words, right_words, overlap = tally.left_words, tally.right_words, tally.overlap
     for x, count in tally.left_counts.items():
         if x != new:  # (new, a) did not exist before this merge
-            pair_counts[x + a] -= count
+            _lose(pair_counts, pair_words, x + a, count)
         x_new = x + new
         pair_counts[x_new] = count
         pair_words[x_new] = left_words[x]
-        if count > 0:
-            heappush(heap, (-count, keys[ord(x)], key_new, x_new))
+        heappush(heap, (-count, keys[ord(x)], key_new, x_new))  # count > 0: every left neighbour is an occurrence
     for y, count in tally.right_counts.items():
-        pair_counts[b + y] -= count + overlap if y == a else count  # overlap: (b, a) lost it, (new, a) gave back
-        new_y = new + y
-        pair_counts[new_y] = count
-        pair_words[new_y] = right_words[y]
-        if count > 0:
+        # overlap: (b, a) lost it, and the (new, a) it had counted gave it back
+        _lose(pair_counts, pair_words, b + y, count + overlap if y == a else count)
+        if count > 0:  # 0 when every (new, a) the tally saw was an overlap (see _rewrite_words)
+            new_y = new + y
+            pair_counts[new_y] = count
+            pair_words[new_y] = right_words[y]
             heappush(heap, (-count, key_new, keys[ord(y)], new_y))
+
+
+def _lose(pair_counts: dict, pair_words: dict, pair: str, count: int) -> None:
+    """Take `count` occurrences from a pair; a pair left with none is forgotten, its word list too. Most pairs a merge
+    touches end there (at 32K merges on kernel-docs, half of the pairs ever seen, holding 70% of all the word-list
+    entries), so forgetting them keeps memory to the live pairs. Its heap entries go when popped (count 0: dropped).
+    _lose({"ab": 3}, {"ab": [0]}, "ab", 3) leaves both dicts empty."""
+    left = pair_counts[pair] - count
+    if left:
+        pair_counts[pair] = left
+    else:
+        del pair_counts[pair]
+        pair_words.pop(pair, None)  # None: the merged pair itself, whose list bpe_merges has already taken
 
 
 @contextlib.contextmanager
@@ -557,8 +572,9 @@ def train_bpe(input_path, vocab_size: int, special_tokens=(), *, num_workers=Non
             mb = os.path.getsize(input_path) / 1e6
             print(f"pre-tokenised {mb:.1f} MB in {dt:.1f} s ({mb / dt:.1f} MB/s), {len(counts):,} unique pre-tokens",
                   file=sys.stderr)
-        vocab, merges = bpe_merges(counts, num_merges, progress=progress, t0=t0)
-    del counts
+        words, freqs = _byte_words(counts)  # a word is a str with one character per token, chr(id)
+        del counts  # note: ~20 MB on kernel-docs that the merge loop, whose memory peaks at its end, no longer needs
+        vocab, merges = bpe_merges(words, freqs, num_merges, progress=progress, t0=t0)
     if len(merges) < num_merges:
         print(f"note: the corpus has only {len(merges)} distinct merges; stopping at vocab size "
               f"{256 + len(merges) + len(specials)} instead of {vocab_size}", file=sys.stderr)
