@@ -1,14 +1,18 @@
-"""Benchmark bpe.py against the reference libraries, side by side in one run (issue 2's performance targets).
+"""Benchmark bpe.py against the reference libraries, side by side in one run (issues 2 and 14's performance targets).
 
 Training: bpe.train_bpe vs Hugging Face `tokenizers` (BpeTrainer, the same GPT-2 regex split + byte-level alphabet)
-on the same file, vocab 10,000 with <|endoftext|>, same cores; wall time and peak RSS, each trial in a fresh forked
-process so neither inherits the other's memory. Encoding: Tokenizer.encode (one process, GPT-2 vocab, cold caches)
-vs tiktoken built from the same GPT-2 files, on the first 10 MB; then `encode_file` with 1 and 2 workers.
+on the same file, vocab 10,000 and 32,000 with <|endoftext|>, same cores; wall time and peak RSS, each trial in a fresh
+forked process so neither inherits the other's memory. Encoding: Tokenizer.encode (one process, GPT-2 vocab, cold
+caches) vs tiktoken built from the same GPT-2 files, on the first 10 MB; then `encode_file` with 1 and 2 workers.
 Compression (bytes/token) of our 10K tokenizer and GPT-2's on the validation texts. Trials alternate and the medians
-and ratios are reported; the script ends with a Markdown block for BENCHMARKS.md.
+and ratios are reported (the ratio of each pair of trials too: on a shared machine they are steadier than the times);
+the script ends with a Markdown block for BENCHMARKS.md. The scale benchmark (--synthetic) trains only, vocab 32K, on
+the ~110 MB file that bench/synth_corpus.py writes.
 
-    python bench/bench_bpe.py              # full run (~3 minutes on 2 cores)
-    python bench/bench_bpe.py --quick      # smoke run on small slices (~30 s)
+    python bench/bench_bpe.py                        # full run (~5 minutes on 2 cores)
+    python bench/bench_bpe.py --skip-encode          # the training rows only (10K and 32K)
+    python bench/bench_bpe.py --quick                # smoke run on small slices (~30 s)
+    python bench/synth_corpus.py --out /tmp/synth.txt && python bench/bench_bpe.py --synthetic /tmp/synth.txt
 """
 import argparse
 import multiprocessing
@@ -80,16 +84,76 @@ def median(xs):
     return statistics.median(xs)
 
 
+def compare_training(train_file, vocab_size, workers, repeats, keep_dir=None) -> dict:
+    """Alternating fresh-process trials, HF first then ours; medians of time, max of peak RSS, and their ratios.
+    keep_dir: the first of our trials saves its tokenizer there (for the compression table)."""
+    ours, hf = [], []
+    for r in range(repeats):
+        hf.append(trial(train_hf, train_file, vocab_size, workers))
+        ours.append(trial(train_ours, train_file, vocab_size, workers, keep_dir if r == 0 else None))
+        print(f"  vocab {vocab_size:,} trial {r}: ours {ours[-1][0]:.2f} s {ours[-1][1]:.0f} MiB | "
+              f"HF {hf[-1][0]:.2f} s {hf[-1][1]:.0f} MiB | ratio {ours[-1][0] / hf[-1][0]:.2f}x", file=sys.stderr)
+    t_o, t_h = median([t for t, _ in ours]), median([t for t, _ in hf])
+    m_o, m_h = max(m for _, m in ours), max(m for _, m in hf)
+    return {"vocab_size": vocab_size, "ours_s": t_o, "hf_s": t_h, "ours_mib": m_o, "hf_mib": m_h,
+            "trial_ratios": [o[0] / h[0] for o, h in zip(ours, hf)]}
+
+
+def training_rows(name, results) -> list[str]:
+    """Two Markdown rows per vocab size: time and peak RSS, ours vs HF, with the ratios (targets: issue 14)."""
+    rows = []
+    for r in results:
+        per_trial = ", ".join(f"{x:.2f}" for x in r["trial_ratios"])
+        rows.append(f"| train {name}, vocab {r['vocab_size']:,} incl. the special token | {r['ours_s']:.2f} s | "
+                    f"HF tokenizers {r['hf_s']:.2f} s | {r['ours_s'] / r['hf_s']:.2f}x time (trials {per_trial}) "
+                    f"| <= 0.6x |")
+        rows.append(f"| peak RSS while training, vocab {r['vocab_size']:,} | {r['ours_mib']:.0f} MiB | "
+                    f"HF tokenizers {r['hf_mib']:.0f} MiB | {r['ours_mib'] / r['hf_mib']:.2f}x memory | <= 0.8x |")
+    return rows
+
+
+def header(command, repeats, workers) -> str:
+    return f"""
+### Command
+
+`{command}` ({repeats} alternating trials, medians; {workers} workers / threads)
+
+Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}
+
+| measurement | ours (bpe.py) | reference | ratio (ours / reference) | target |
+|---|---|---|---|---|"""
+
+
+def synthetic_main(args):
+    """--synthetic PATH: the scale benchmark, training only (bench/synth_corpus.py writes PATH)."""
+    path = args.synthetic
+    size_mb = path.stat().st_size / 1e6
+    repeats = 1 if args.quick else args.repeats
+    print(f"training on {path} ({size_mb:.1f} MB), vocab {args.synthetic_vocab:,}, {args.workers} workers, "
+          f"{repeats} alternating trials", file=sys.stderr)
+    result = compare_training(path, args.synthetic_vocab, args.workers, repeats)
+    print(header(f"python bench/bench_bpe.py --synthetic {path}", repeats, args.workers))
+    print("\n".join(training_rows(f"{size_mb:.0f} MB synthetic ({path.name})", [result])))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shared", default=os.environ.get("CS336_SHARED", ROOT.parent / "shared"), type=Path)
     ap.add_argument("--quick", action="store_true", help="small slices, one repeat: a smoke run")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workers", type=int, default=os.cpu_count())
+    ap.add_argument("--vocab-sizes", type=int, nargs="+", default=[10_000, 32_000],
+                    help="training vocab sizes on kernel-docs (the first one's tokenizer gives the compression table)")
+    ap.add_argument("--synthetic", type=Path,
+                    help="only the scale benchmark: train on this file (from bench/synth_corpus.py)")
+    ap.add_argument("--synthetic-vocab", type=int, default=32_000)
+    ap.add_argument("--skip-encode", action="store_true", help="training only: no encoding or compression rows")
     args = ap.parse_args()
+    if args.synthetic:
+        return synthetic_main(args)
     data, fixtures = args.shared / "data", args.shared / "fixtures"
     repeats = 1 if args.quick else args.repeats
-    train_mb, vocab_size, encode_mb = (3, 2000, 2) if args.quick else (None, 10_000, 10)
+    train_mb, vocab_sizes, encode_mb = (3, [2000], 2) if args.quick else (None, args.vocab_sizes, 10)
     tmp = Path(tempfile.mkdtemp(prefix="bench_bpe_"))
 
     train_file = data / "kernel-docs-train.txt"
@@ -98,15 +162,17 @@ def main():
         train_file = tmp / "train-slice.txt"
         train_file.write_bytes(raw[:raw.rfind(b"\n") + 1])
     size_mb = train_file.stat().st_size / 1e6
-    print(f"training on {train_file} ({size_mb:.1f} MB), vocab {vocab_size}, {args.workers} workers, "
+    print(f"training on {train_file} ({size_mb:.1f} MB), vocab {vocab_sizes}, {args.workers} workers, "
           f"{repeats} alternating trials", file=sys.stderr)
-    ours, hf = [], []
     (tmp / "tok").mkdir()
-    for r in range(repeats):
-        hf.append(trial(train_hf, train_file, vocab_size, args.workers))
-        ours.append(trial(train_ours, train_file, vocab_size, args.workers, tmp / "tok" if r == 0 else None))
-        print(f"  trial {r}: ours {ours[-1][0]:.2f} s {ours[-1][1]:.0f} MiB | HF {hf[-1][0]:.2f} s {hf[-1][1]:.0f} MiB",
-              file=sys.stderr)
+    results = [compare_training(train_file, v, args.workers, repeats, tmp / "tok" if k == 0 else None)
+               for k, v in enumerate(vocab_sizes)]
+    mode = " --quick" if args.quick else ""
+    rows = training_rows(f"{size_mb:.1f} MB kernel-docs", results)
+    if args.skip_encode:
+        print(header(f"python bench/bench_bpe.py{mode} --skip-encode", repeats, args.workers))
+        print("\n".join(rows))
+        return
 
     # Encoding throughput, GPT-2 vocab, one process.
     gpt2_vocab, gpt2_merges = fixtures / "gpt2_vocab.json", fixtures / "gpt2_merges.txt"
@@ -139,34 +205,25 @@ def main():
         print(f"  encode_file trial {r}: 1 worker {t_w[1][-1]:.2f} s | 2 workers {t_w[2][-1]:.2f} s", file=sys.stderr)
 
     # Compression.
-    ours10k = bpe.Tokenizer.from_dir(tmp / "tok")
+    ours_tok = bpe.Tokenizer.from_dir(tmp / "tok")  # the first vocab size's
     gpt2 = bpe.Tokenizer.from_files(gpt2_vocab, gpt2_merges, [EOT])
     compression = []
     for name in ("kernel-docs-valid.txt", "tinyshakespeare.txt"):
         t = (data / name).read_text(encoding="utf-8")
         n = len(t.encode("utf-8"))
-        compression.append((name, n / len(ours10k.encode(t)), n / len(gpt2.encode(t))))
+        compression.append((name, n / len(ours_tok.encode(t)), n / len(gpt2.encode(t))))
 
-    tr_o, tr_h = median([t for t, _ in ours]), median([t for t, _ in hf])
-    rss_o, rss_h = max(m for _, m in ours), max(m for _, m in hf)
     enc_o, enc_t = mb / median(t_ours), mb / median(t_tik)
     w1, w2 = median(t_w[1]), median(t_w[2])
-    mode = " --quick" if args.quick else ""
-    print(f"""
-### Command
+    print(header(f"python bench/bench_bpe.py{mode}", repeats, args.workers))
+    print("\n".join(rows))
+    print(f"""\
+| encode {mb:.0f} MB, GPT-2 vocab, 1 process | {enc_o:.1f} MB/s | tiktoken {enc_t:.1f} MB/s | \
+{enc_o / enc_t:.2f}x throughput | >= 0.5x |
+| `encode_file` {mb:.0f} MB, 1 vs 2 workers | 2 workers {w2:.2f} s | 1 worker {w1:.2f} s | \
+{w1 / w2:.2f}x speed-up | > 1x |
 
-`python bench/bench_bpe.py{mode}` ({repeats} alternating trials, medians; {args.workers} workers / threads)
-
-Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}
-
-| measurement | ours (bpe.py) | reference | ratio (ours / reference) | target |
-|---|---|---|---|---|
-| train {size_mb:.1f} MB kernel-docs, vocab {vocab_size:,} incl. the special token | {tr_o:.2f} s | HF tokenizers {tr_h:.2f} s | {tr_o / tr_h:.2f}x time | <= 1.0x |
-| peak RSS while training | {rss_o:.0f} MiB | HF tokenizers {rss_h:.0f} MiB | | <= 400 MiB |
-| encode {mb:.0f} MB, GPT-2 vocab, 1 process | {enc_o:.1f} MB/s | tiktoken {enc_t:.1f} MB/s | {enc_o / enc_t:.2f}x throughput | >= 0.5x |
-| `encode_file` {mb:.0f} MB, 1 vs 2 workers | 2 workers {w2:.2f} s | 1 worker {w1:.2f} s | {w1 / w2:.2f}x speed-up | > 1x |
-
-| text | bytes/token, ours {vocab_size:,} (trained on kernel-docs-train) | bytes/token, GPT-2 50K |
+| text | bytes/token, ours {vocab_sizes[0]:,} (trained on kernel-docs-train) | bytes/token, GPT-2 50K |
 |---|---|---|""")
     for name, o, g in compression:
         print(f"| {name} | {o:.2f} | {g:.2f} |")
