@@ -1,10 +1,10 @@
 """Tests of bpe.py, the library: the fast trainer against the teaching trainer (ties, special tokens, Unicode, empty
-documents, the handout's example, any number of workers and piece sizes); the chunk regex's whitespace set against
-regex's \\s on every code point; the tokenizer against tiktoken (our trained vocab, and GPT-2's from ../shared/fixtures,
-skipped when that is absent); 10,000 random Unicode round-trips; the chunk cache against the plain path;
-encode_iterable (identical output, flat memory); encode_file (same ids as encode, uint16 or uint32, no leftover
-files); vocab.json/merges.txt round-trips; and bad inputs (missing, empty or non-UTF-8 files, bad vocab sizes and
-special tokens, malformed tokenizer files), each an error that names the problem.
+documents, the handout's example, any number of workers and piece sizes, the rare-pair waiting list); the chunk
+regex's whitespace set against regex's \\s on every code point; the tokenizer against tiktoken (our trained vocab, and
+GPT-2's from ../shared/fixtures, skipped when that is absent); 10,000 random Unicode round-trips; the chunk cache
+against the plain path; encode_iterable (identical output, flat memory); encode_file (same ids as encode, uint16 or
+uint32, no leftover files); vocab.json/merges.txt round-trips; and bad inputs (missing, empty or non-UTF-8 files,
+bad vocab sizes and special tokens, malformed tokenizer files), each an error that names the problem.
 
 Run: python -m pytest tests/test_bpe.py (~15 s on 2 cores). This file has no slow tests; `python -m pytest -m slow`
 runs the project's slow end-to-end checks, which the default run skips.
@@ -92,6 +92,18 @@ def test_fast_equals_naive_random(tmp_path, seed):
     assert fast[1] == naive[1]
     assert fast[0] == naive[0]
     assert len(fast[1]) == 120 and fast[0][256 + 120] == EOT.encode()
+
+
+@pytest.mark.parametrize("rare", [0, 5, 1000])
+def test_rare_pair_waiting_list_does_not_change_merges(tmp_path, monkeypatch, rare):
+    """_PairQueue keeps pairs first seen at most RARE_PAIR_COUNT times out of the heap until the heap's top gets down
+    to them: with none waiting (0), a flush two thirds of the way through the 300 merges (5) or at the second merge
+    (1000), the merges are the teaching version's."""
+    rng = random.Random(11)
+    path = write(tmp_path, random_text(rng, 3000, alphabet="abcdefé", specials=[EOT]))
+    naive = bpe.train_bpe_naive(path, 256 + 1 + 300, [EOT])
+    monkeypatch.setattr(bpe, "RARE_PAIR_COUNT", rare)
+    assert bpe.train_bpe(path, 256 + 1 + 300, [EOT], num_workers=1) == naive
 
 
 def test_workers_and_pieces_do_not_change_the_result(tmp_path, monkeypatch):
