@@ -1,10 +1,11 @@
 """Tests of bpe.py, the library: the fast trainer against the teaching trainer (ties, special tokens, Unicode, empty
-documents, the handout's example, any number of workers and piece sizes, the rare-pair waiting list); the chunk
-regex's whitespace set against regex's \\s on every code point; the tokenizer against tiktoken (our trained vocab, and
-GPT-2's from ../shared/fixtures, skipped when that is absent); 10,000 random Unicode round-trips; the chunk cache
-against the plain path; encode_iterable (identical output, flat memory); encode_file (same ids as encode, uint16 or
-uint32, no leftover files); vocab.json/merges.txt round-trips; and bad inputs (missing, empty or non-UTF-8 files,
-bad vocab sizes and special tokens, malformed tokenizer files), each an error that names the problem.
+documents, the handout's example, any number of workers and piece sizes, the rare-pair waiting list); the chunk regex's
+whitespace set against regex's \\s on every code point; the ASCII pre-tokenising regex against GPT-2's; the tokenizer
+against tiktoken (our trained vocab, and GPT-2's from ../shared/fixtures, skipped when that is absent); 10,000 random
+Unicode round-trips; the chunk cache against the plain path; encode_iterable (identical output, flat memory);
+encode_file (same ids as encode, uint16 or uint32, no leftover files); vocab.json/merges.txt round-trips; and bad
+inputs (missing, empty or non-UTF-8 files, bad vocab sizes and special tokens, malformed tokenizer files), each an
+error that names the problem.
 
 Run: python -m pytest tests/test_bpe.py (~15 s on 2 cores). This file has no slow tests; `python -m pytest -m slow`
 runs the project's slow end-to-end checks, which the default run skips.
@@ -128,6 +129,21 @@ def test_count_pretokens_matches_plain_regex():
     for _ in range(200):
         text = random_unicode(rng, 200)
         assert bpe.count_pretokens(text) == bpe.Counter(regex.findall(bpe.GPT2_PAT, text))
+
+
+def test_ascii_pattern_matches_gpt2_pattern_on_ascii():
+    """PRETOKEN_ASCII_RE (stdlib re, which training uses for ASCII chunks) finds exactly the GPT-2 pattern's pre-tokens
+    on ASCII text: all 128 characters in a row, and random mixes that favour each alternative of the pattern
+    (contractions, letter and digit runs, symbols, whitespace runs incl. U+001C..U+001F, which are not \\s); and
+    count_pretokens on such text, with chunks repeated so that they group by count, equals counting regex matches."""
+    every = "".join(map(chr, range(128)))
+    rng = random.Random(5)
+    pools = [every, "abcXYZ", "0123", " \t\n\r\x0b\x0c\x1c\x1f", "'sdmtlvre", "!.,(){}-_"]
+    texts = [every, every[::-1]] + ["".join(rng.choice(rng.choice(pools)) for _ in range(300)) for _ in range(300)]
+    for text in texts:
+        assert bpe.PRETOKEN_ASCII_RE.findall(text) == regex.findall(bpe.GPT2_PAT, text)
+    text = "".join(rng.choice(texts) for _ in range(50)) + " é " + texts[5]  # some chunks 1x, some many times
+    assert bpe.count_pretokens(text) == bpe.Counter(regex.findall(bpe.GPT2_PAT, text))
 
 
 def test_chunk_whitespace_class_matches_regex_whitespace():
