@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # so `import bpe, accounting` works when run as `python experiments/run.py`
 from bpe import END_OF_TEXT as EOT  # noqa: E402 (needs the path above)
-from cli import OneLineParser, atomic_write_text  # noqa: E402
+from cli import OneLineParser, atomic_file, atomic_write_text  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------
 # Scales: what --quick and --full train on
@@ -46,20 +46,33 @@ from cli import OneLineParser, atomic_write_text  # noqa: E402
 # same windows for every batch size, since eval_iters x batch_size is held at eval_windows), and the final model
 # is then scored on the WHOLE validation split (the tables).
 
+# cpu: the scale for real results on 2 CPU cores. Every run sees >= 3M tokens (32 x 128 x 733 steps), which a
+#   10K vocabulary cannot afford: its embedding and lm_head (2 x 10K x 128) would be 2.6M of the model's 3.4M
+#   parameters and most of its FLOPs. A 2,048-token BPE on the same kernel-docs keeps them at 0.5M of 1.3M, so the
+#   budget goes into the blocks; the text costs 2.55 bytes/token instead of 3.42 (so 3M tokens = 7.7 MB of text,
+#   a third of the training split, no repeats). The studies sweep each arm's lr (`sweep`: multiples of the lr
+#   study's best) and repeat its best lr with `arm_seeds`; quick and full keep one lr and one seed per arm.
 SCALES = {
     "quick": dict(
         model=dict(context_length=128, d_model=128, num_layers=4, num_heads=4, d_ff=344),
         batch_size=16, max_iters=200, lr=3e-3, warmup_frac=0.1, evals=4, eval_windows=256,
         device="cpu", extra=[],
         lrs=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 1.0], batch_sizes=[8, 16, 32, 64], seeds=[0, 1, 2],
-        data="kernel-docs", prompt="The kernel",
+        sweep=[1.0], arm_seeds=[0], data="kernel-docs", vocab_size=10_000, prompt="The kernel",
+    ),
+    "cpu": dict(
+        model=dict(context_length=128, d_model=128, num_layers=4, num_heads=4, d_ff=344),
+        batch_size=32, max_iters=733, lr=1e-2, warmup_frac=0.05, evals=8, eval_windows=256,
+        device="cpu", extra=[],
+        lrs=[1e-3, 3e-3, 1e-2, 2e-2, 4e-2, 8e-2, 0.16, 0.32], batch_sizes=[16, 32, 64, 128], seeds=[0, 1, 2],
+        sweep=[0.5, 1.0, 2.0], arm_seeds=[0, 1], data="kernel-docs-2k", vocab_size=2048, prompt="The kernel",
     ),
     "full": dict(
         model=dict(context_length=256, d_model=512, num_layers=4, num_heads=16, d_ff=1344),
         batch_size=128, max_iters=10_000, lr=1e-3, warmup_frac=0.05, evals=20, eval_windows=4096,
         device="cuda", extra=["--compile"],
         lrs=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2], batch_sizes=[32, 64, 128, 256, 512], seeds=[0, 1, 2],
-        data="tinystories", prompt="Once upon a time",
+        sweep=[1.0], arm_seeds=[0], data="tinystories", vocab_size=10_000, prompt="Once upon a time",
     ),
 }
 
@@ -127,8 +140,31 @@ def split_lines(src: Path, train: Path, valid: Path, frac: float = 0.9) -> None:
     atomic_write_text(valid, "".join(lines[cut:]))
 
 
+def prep_kernel_docs(out: Path, vocab_size: int, corpus: Path, run: Runner) -> None:
+    """A BPE of vocab_size on all of kernel-docs-train (with <|endoftext|>), and both splits encoded, into out."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "valid.npy").is_file() or run.dry_run:
+        run(["python", "bpe.py", "train", "--input", str(corpus / "kernel-docs-train.txt"), "--vocab-size",
+             str(vocab_size), "--special-tokens", EOT, "--out", rel(out)])
+        for split in ("train", "valid"):
+            run(["python", "bpe.py", "encode", "--tokenizer", rel(out), "--input",
+                 str(corpus / f"kernel-docs-{split}.txt"), "--output", rel(out / f"{split}.npy")])
+
+
+def unigram_loss(scale: str, runs: Path) -> float:
+    """The whole-split validation loss (nats/token) of a model that knows only token frequencies: the training
+    split's unigram distribution (add-one smoothed, so no token has probability 0), scored on the validation split.
+    A trained model must end far below it to have learned anything about context."""
+    import numpy as np
+    import train
+    d = data_dir(scale, runs)
+    train_ids, valid_ids = train.load_tokens(d / "train.npy"), train.load_tokens(d / "valid.npy")
+    vocab = int(max(train_ids.max(), valid_ids.max())) + 1
+    counts = np.bincount(train_ids, minlength=vocab).astype(np.float64) + 1.0
+    return float(-np.log(counts / counts.sum())[valid_ids[1:]].mean())  # the first token is never a target
+
+
 def prep(scale: str, runs: Path, shared: Path, run: Runner) -> None:
-    out = data_dir(scale, runs)
     if scale == "full":
         (runs / "data").mkdir(parents=True, exist_ok=True)
         for name in ("tinystories", "owt"):
@@ -139,13 +175,8 @@ def prep(scale: str, runs: Path, shared: Path, run: Runner) -> None:
     if not (corpus / "kernel-docs-train.txt").is_file():
         sys.exit(f"run.py: {corpus}/kernel-docs-train.txt not found: pass --shared DIR (the directory holding "
                  f"data/kernel-docs-*.txt) or set CS336_SHARED")
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / "valid.npy").is_file() or run.dry_run:
-        run(["python", "bpe.py", "train", "--input", str(corpus / "kernel-docs-train.txt"), "--vocab-size",
-             "10000", "--special-tokens", EOT, "--out", rel(out)])
-        for split in ("train", "valid"):
-            run(["python", "bpe.py", "encode", "--tokenizer", rel(out), "--input",
-                 str(corpus / f"kernel-docs-{split}.txt"), "--output", rel(out / f"{split}.npy")])
+    for scale_ in (["quick", "cpu"] if scale == "cpu" else [scale]):
+        prep_kernel_docs(data_dir(scale_, runs), SCALES[scale_]["vocab_size"], corpus, run)
     ts = runs / "data" / "tinyshakespeare"
     if not (ts / "vocab.json").is_file() or run.dry_run:
         ts.mkdir(parents=True, exist_ok=True)
@@ -291,16 +322,20 @@ def runs_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def finish_study(study: str, scale: str, runs: Path, run: Runner, records: list[dict], note: str = "") -> None:
-    """Print (and save under experiments/results/) the study's table, and plot its runs' curves with train.py."""
+def finish_study(study: str, scale: str, runs: Path, run: Runner, records: list[dict], note: str = "",
+                 plotted: list[dict] | None = None) -> None:
+    """Print (and save under experiments/results/) the study's table with the unigram line beside it, and plot the
+    curves of its runs (or of `plotted`) with train.py."""
     plot = REPO / "experiments" / "plots" / f"{study}-{scale}.png"
     if not run.dry_run:
         plot.parent.mkdir(parents=True, exist_ok=True)
-    run(["python", "train.py", "plot", *[rel(runs / scale / r["name"]) for r in records], "-o", rel(plot)])
+    run(["python", "train.py", "plot", *[rel(runs / scale / r["name"]) for r in plotted or records], "-o", rel(plot)])
     if run.dry_run:
         return
+    unigram = (f"Knows only token frequencies (the training split's unigram distribution, add-one smoothed, scored "
+               f"on the whole validation split): **{unigram_loss(scale, runs):.3f}** nats/token.")
     text = (f"<!-- written by `python experiments/run.py {study} --{scale}` -->\n"
-            f"{machine_line(scale)}\n\n{runs_table(records)}\n" + (f"\n{note}\n" if note else ""))
+            f"{machine_line(scale)}\n\n{runs_table(records)}\n\n{unigram}\n" + (f"\n{note}\n" if note else ""))
     save_result(study, scale, text)
 
 
@@ -324,46 +359,173 @@ def save_result(study: str, scale: str, text: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def arm_run(scale, runs, run, force=False, arm="", lr=None, seed=0, **changes) -> dict:
+    """One run of an arm (a name for `changes`; "" = the baseline's configuration) at lr and seed. The name says
+    what differs from the scale's baseline: "base-s0", "lr0.02", "base-s1", "nope", "nope-lr0.02-s1", "bs64-lr0.01"."""
+    default_lr = SCALES[scale]["lr"]
+    lr = default_lr if lr is None else lr
+    if not arm:
+        name = f"base-s{seed}" if lr == default_lr else f"lr{lr:g}" + (f"-s{seed}" if seed else "")
+    else:
+        name = arm + (f"-lr{lr:g}" if lr != default_lr else "") + (f"-s{seed}" if seed else "")
+    if lr != default_lr:
+        changes["lr"] = lr
+    if seed:
+        changes["seed"] = seed
+    return train_run(scale, runs, run, name, force, **changes)
+
+
 def baseline(scale, runs, run, force=False) -> dict:
-    return train_run(scale, runs, run, "base-s0", force)
+    return arm_run(scale, runs, run, force)
+
+
+def lowest(records: list[dict]) -> dict:
+    """The record with the lowest whole-split validation loss (diverged runs have none and never win); the middle
+    one when none has a loss (a --dry-run, or every run diverged)."""
+    scored = [r for r in records if r.get("val_loss_full") is not None]
+    return min(scored, key=lambda r: r["val_loss_full"]) if scored else records[len(records) // 2]
+
+
+def run_lr(record: dict, scale: str) -> float:
+    return record.get("changes", {}).get("lr", SCALES[scale]["lr"])
+
+
+def round_lr(lr: float) -> float:
+    return float(f"{lr:.2g}")  # two significant digits: names and commands stay short (0.0071, not 0.00707107)
+
+
+def lr_sweep(scale, runs, run, force=False) -> list[dict]:
+    s = SCALES[scale]
+    return [arm_run(scale, runs, run, force, lr=lr) for lr in s["lrs"]]
+
+
+def center_lr(scale, runs, run, force=False) -> float:
+    """The lr the other studies sweep around: the lr study's best at a scale that sweeps, else the baseline's."""
+    if len(SCALES[scale]["sweep"]) == 1 or run.dry_run:
+        return SCALES[scale]["lr"]
+    return run_lr(lowest(lr_sweep(scale, runs, run, force)), scale)
+
+
+def best_of_arm(scale, runs, run, force, arm, lrs, seeds, **changes) -> tuple[list[dict], list[dict]]:
+    """(every run of the arm, the runs at its best lr over `seeds`): the lrs with seed 0, then the best one again
+    with the other seeds."""
+    swept = [arm_run(scale, runs, run, force, arm, lr, 0, **changes) for lr in lrs]
+    best = run_lr(lowest(swept), scale)
+    repeats = [arm_run(scale, runs, run, force, arm, best, seed, **changes) for seed in seeds if seed]
+    return swept + repeats, [r for r in swept if run_lr(r, scale) == best] + repeats
 
 
 def study_lr(scale, runs, run, force=False) -> None:
-    """§7.2 learning-rate sweep: same budget and seed, peak lr varied (min lr = lr/10), including a divergent one."""
-    s = SCALES[scale]
-    records = [baseline(scale, runs, run, force) if lr == s["lr"] else
-               train_run(scale, runs, run, f"lr{lr:g}", force, lr=lr) for lr in s["lrs"]]
-    finish_study("lr", scale, runs, run, records)
+    """§7.2 learning-rate sweep: same budget and seed, peak lr varied (min lr = lr/10), including a divergent one.
+    The edge of stability: the largest lr that trained ok and the smallest that did not."""
+    records = lr_sweep(scale, runs, run, force)
+    ok = [run_lr(r, scale) for r in records if r.get("outcome") == "ok"]
+    bad = [run_lr(r, scale) for r in records if r.get("outcome", "ok") != "ok"]
+    note = (f"Best lr {run_lr(lowest(records), scale):g}; largest lr that trained ok {max(ok):g}; smallest that "
+            f"diverged or blew up {min(bad):g}." if ok and bad else "")
+    finish_study("lr", scale, runs, run, records, note)
 
 
 def study_batch(scale, runs, run, force=False) -> None:
-    """§7.2 batch-size sweep at a fixed token budget: steps = budget / (batch x context); lr kept at the baseline's."""
+    """§7.2 batch-size sweep at a fixed token budget: steps = budget / (batch x context), rounded up. At a scale that
+    sweeps, each batch size gets its own lrs (sweep multiples of the lr study's best, scaled by sqrt(batch / baseline
+    batch), the square-root rule of Adam-type optimisers) and the best of each is compared; else the baseline's lr."""
     s = SCALES[scale]
-    budget = s["batch_size"] * s["max_iters"]  # sequences
-    records = [baseline(scale, runs, run, force) if b == s["batch_size"] else
-               train_run(scale, runs, run, f"bs{b}", force, batch_size=b, max_iters=budget // b)
-               for b in s["batch_sizes"]]
-    finish_study("batch", scale, runs, run, records)
+    budget, center = s["batch_size"] * s["max_iters"], center_lr(scale, runs, run, force)  # budget in sequences
+    records, best = [], []
+    for b in s["batch_sizes"]:
+        steps = -(-budget // b)  # rounded up: never fewer tokens than the baseline
+        arm, changes = ("", {}) if b == s["batch_size"] else (f"bs{b}", dict(batch_size=b, max_iters=steps))
+        lrs = [round_lr(center * (b / s["batch_size"]) ** 0.5 * f) if len(s["sweep"]) > 1 else s["lr"]
+               for f in s["sweep"]]
+        swept = [arm_run(scale, runs, run, force, arm, lr, 0, **changes) for lr in lrs]
+        records += swept
+        best.append((b, lowest(swept)))
+    note = ""
+    if len(s["sweep"]) > 1 and not run.dry_run:
+        note = ("Best per batch size:\n\n| batch | steps | best lr | **val loss (whole split)** |\n"
+                "|---:|---:|---:|---:|\n")
+        note += "\n".join(f"| {b} | {r['steps']} | {run_lr(r, scale):g} | **{fmt(r['val_loss_full'])}** |"
+                          for b, r in best)
+    finish_study("batch", scale, runs, run, records, note, plotted=[r for _, r in best])
+
+
+def ablation_arms(scale: str, center: float) -> list[tuple[str, list[float], dict]]:
+    """(arm, its lrs, its changes): the baseline, no RMSNorm (at the baseline's lr and lower ones: it is expected to
+    need a smaller lr), post-norm, NoPE, and a SiLU FFN with d_ff = 4 d_model (matched parameters)."""
+    s = SCALES[scale]
+    if len(s["sweep"]) == 1:  # quick / full: one lr per arm, and no RMSNorm also at lr/10
+        lr = s["lr"]
+        return [("", [lr], {}), ("nonorm", [lr], dict(norm="none")), ("nonorm", [lr / 10], dict(norm="none")),
+                ("postnorm", [lr], dict(norm="post")), ("nope", [lr], dict(position="nope")),
+                ("silu", [lr], dict(ffn="silu"))]
+    around = [round_lr(center * f) for f in s["sweep"]]
+    return [("", around, {}), ("nonorm", [center, round_lr(center / 3), round_lr(center / 10)], dict(norm="none")),
+            ("postnorm", around, dict(norm="post")), ("nope", around, dict(position="nope")),
+            ("silu", around, dict(ffn="silu"))]
 
 
 def study_ablations(scale, runs, run, force=False) -> None:
-    """§7.3 ablations at the baseline's budget: no RMSNorm (at the baseline lr and at lr/10), post-norm, NoPE,
-    SiLU FFN with d_ff = 4 d_model."""
-    lr = SCALES[scale]["lr"]
-    records = [baseline(scale, runs, run, force),
-               train_run(scale, runs, run, "nonorm", force, norm="none"),
-               train_run(scale, runs, run, f"nonorm-lr{lr / 10:g}", force, norm="none", lr=lr / 10),
-               train_run(scale, runs, run, "postnorm", force, norm="post"),
-               train_run(scale, runs, run, "nope", force, position="nope"),
-               train_run(scale, runs, run, "silu", force, ffn="silu")]
-    finish_study("ablations", scale, runs, run, records)
+    """§7.3 ablations at the baseline's budget, each arm at its best lr of a small sweep, repeated over seeds (the
+    baseline over all the noise study's seeds: its spread is the noise band the other arms are read against)."""
+    s = SCALES[scale]
+    center = center_lr(scale, runs, run, force)
+    records, best = [], []
+    for arm, lrs, changes in ablation_arms(scale, center):
+        seeds = (s["seeds"] if not arm else s["arm_seeds"]) if len(s["sweep"]) > 1 else [0]
+        every, at_best = best_of_arm(scale, runs, run, force, arm, lrs, seeds, **changes)
+        records += [r for r in every if r not in records]
+        best.append((arm or "baseline", at_best))
+    note = ""
+    if len(s["sweep"]) > 1 and not run.dry_run:
+        note = ablation_summary(best, scale)
+        plot_ablations(best, REPO / "experiments" / "plots" / f"ablations-{scale}-summary.png")
+    finish_study("ablations", scale, runs, run, records, note, plotted=[rs[0] for _, rs in best])
+
+
+def ablation_summary(best: list[tuple[str, list[dict]]], scale: str) -> str:
+    """Markdown: each arm's best lr, its whole-split losses over seeds, their mean, and the mean's difference from
+    the baseline's against the baseline's seed range (the noise band)."""
+    base = [r["val_loss_full"] for r in best[0][1] if r.get("val_loss_full") is not None]
+    lines = [f"Each arm at its best lr, over seeds; the baseline's {len(base)} seeds span "
+             f"{max(base) - min(base):.3f} nats (the noise band on the plot).", "",
+             "| arm | best lr | val loss per seed (whole split) | mean | mean - baseline mean |",
+             "|---|---:|---|---:|---:|"]
+    for arm, rs in best:
+        losses = [r["val_loss_full"] for r in rs if r.get("val_loss_full") is not None]
+        mean = statistics.mean(losses) if losses else None
+        diff = None if mean is None else mean - statistics.mean(base)
+        lines.append(f"| {arm} | {run_lr(rs[0], scale):g} | {', '.join(f'{x:.3f}' for x in losses) or '—'} | "
+                     f"{fmt(mean)} | {fmt(diff, '+.3f')} |")
+    return "\n".join(lines)
+
+
+def plot_ablations(best: list[tuple[str, list[dict]]], path: Path) -> None:
+    """Each arm's final whole-split loss per seed (dots) and mean (bar), over the baseline's seed range (band)."""
+    from cli import optional_import
+    plt = optional_import("matplotlib.pyplot", "matplotlib", "the ablation summary plot")
+    base = [r["val_loss_full"] for r in best[0][1] if r.get("val_loss_full") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.axhspan(min(base), max(base), color="0.85", label=f"baseline seed range ({len(base)} seeds)")
+    for x, (arm, rs) in enumerate(best):
+        losses = [r["val_loss_full"] for r in rs if r.get("val_loss_full") is not None]
+        ax.scatter([x] * len(losses), losses, color="C0", zorder=3)
+        if losses:
+            ax.hlines(statistics.mean(losses), x - 0.3, x + 0.3, color="C1", zorder=2)
+    ax.set_xticks(range(len(best)), [f"{arm}\nlr {run_lr(rs[0], 'cpu'):g}" for arm, rs in best])
+    ax.set_ylabel("final val loss, whole split (nats/token)")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as f:
+        fig.savefig(f, dpi=120, format="png")
+    print(f"# saved {rel(path)}")
 
 
 def study_noise(scale, runs, run, force=False) -> None:
     """Run-to-run noise: the baseline with different seeds (init and batch order); on CPU a repeat of the same seed
     is bit-identical, so the seed is what varies."""
-    records = [baseline(scale, runs, run, force) if seed == 0 else
-               train_run(scale, runs, run, f"base-s{seed}", force, seed=seed) for seed in SCALES[scale]["seeds"]]
+    records = [arm_run(scale, runs, run, force, seed=seed) for seed in SCALES[scale]["seeds"]]
     full = [r.get("val_loss_full") for r in records]
     note = (f"Whole-split val loss over {len(full)} seeds: mean {statistics.mean(full):.4f}, "
             f"sample std {statistics.stdev(full):.4f}, range {max(full) - min(full):.4f}.") if None not in full else ""
@@ -492,7 +654,9 @@ def main(argv=None) -> int:
     p.add_argument("study", choices=STUDIES + ["all"])
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="scale", action="store_const", const="quick",
-                      help="CPU scale: kernel-docs, small model, minutes per run (default)")
+                      help="CPU smoke scale: kernel-docs, small model, 1-2 minutes per run (default)")
+    size.add_argument("--cpu", dest="scale", action="store_const", const="cpu",
+                      help="CPU scale for real results: 2K-vocab kernel-docs, >= 3M tokens and <= ~5 min per run")
     size.add_argument("--full", dest="scale", action="store_const", const="full",
                       help="the handout's GPU scale: TinyStories, 17M model, 327M tokens per run")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")

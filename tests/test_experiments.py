@@ -59,6 +59,34 @@ def test_full_dry_run_commands_are_valid_train_py_invocations(run_py, capsys, tm
                          ("pre", "nope", "swiglu"), ("pre", "rope", "silu")}
 
 
+def test_cpu_dry_run_sweeps_every_arm_at_3m_tokens(run_py, capsys, tmp_path):
+    """--cpu: every run sees >= 3M tokens on the 2K-vocab data; the lr study has >= 6 rates; each of >= 4 batch sizes
+    and every ablation arm is trained at several lrs; arms repeat over seeds; no two commands share a run directory."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "kernel-docs-train.txt").write_text("prep only checks that the corpus is there")
+    assert run_py.main(["all", "--cpu", "--dry-run", "--runs", str(tmp_path), "--shared", str(tmp_path)]) == 0
+    lines = [line[2:] for line in capsys.readouterr().out.splitlines() if line.startswith("$ python train.py --")]
+    lines_of, runs_of = {}, {}
+    for line in lines:
+        args, ckpt = train.resolve_args(shlex.split(line)[2:])
+        cfg = train.resolve_model_config(args, ckpt, None)
+        assert args["batch_size"] * cfg.context_length * args["max_iters"] >= 3_000_000
+        assert args["data"].endswith("kernel-docs-2k")  # train.py takes the vocab size (2,048) from its tokenizer
+        assert lines_of.setdefault(args["out"], line) == line  # a reused name is the same run
+        runs_of[args["out"]] = (args, cfg)
+    s = run_py.SCALES["cpu"]
+    runs = list(runs_of.values())
+    assert len({a["lr"] for a, c in runs if a["batch_size"] == s["batch_size"] and c.norm == "pre" and
+                c.position == "rope" and c.ffn == "swiglu" and a["seed"] == 0}) >= 6
+    batches = {}
+    for a, c in runs:
+        batches.setdefault(a["batch_size"], set()).add(a["lr"])
+    assert len(batches) >= 4 and all(len(lrs) >= 3 for lrs in batches.values())
+    for field, value in (("norm", "none"), ("norm", "post"), ("position", "nope"), ("ffn", "silu")):
+        arm = [(a["lr"], a["seed"]) for a, c in runs if getattr(c, field) == value]
+        assert len({lr for lr, _ in arm}) >= 3 and len({seed for _, seed in arm}) >= 2, field
+
+
 def test_machine_line_is_accountings_plus_device_and_time(run_py):
     import accounting
     line = run_py.machine_line("full")
@@ -88,3 +116,25 @@ def test_tiny_run_end_to_end(run_py, tmp_path, monkeypatch):
     assert again == record
     table = run_py.runs_table([record])
     assert f"**{record['val_loss_full']:.3f}**" in table and "| base-s0 | baseline | 6 |" in table
+
+
+def test_unigram_line_and_ablation_summary(run_py, tmp_path):
+    """The "knows only token frequencies" loss is the add-one unigram of train.npy scored on valid.npy's targets;
+    the ablation summary and its plot read each arm's seeds against the baseline's range."""
+    data = tmp_path / "data" / "toy"
+    data.mkdir(parents=True)
+    np.save(data / "train.npy", np.array([0, 0, 0, 1], dtype=np.uint16))
+    np.save(data / "valid.npy", np.array([1, 0, 1], dtype=np.uint16))
+    run_py.SCALES["toy"] = dict(run_py.SCALES["cpu"], data="toy")
+    try:
+        # counts + 1: token 0 -> 4/6, token 1 -> 2/6; targets (valid[1:]) are 0 and 1
+        assert run_py.unigram_loss("toy", tmp_path) == pytest.approx(-(np.log(4 / 6) + np.log(2 / 6)) / 2)
+    finally:
+        del run_py.SCALES["toy"]
+    rec = lambda loss, lr, seed=0: {"val_loss_full": loss, "changes": {"lr": lr, "seed": seed}}  # noqa: E731
+    best = [("baseline", [rec(3.0, 0.02), rec(3.1, 0.02, 1)]), ("nope", [rec(3.2, 0.01), rec(3.3, 0.01, 1)])]
+    text = run_py.ablation_summary(best, "cpu")
+    assert "span 0.100 nats" in text and "| nope | 0.01 | 3.200, 3.300 | 3.250 | +0.200 |" in text
+    pytest.importorskip("matplotlib")
+    run_py.plot_ablations(best, tmp_path / "summary.png")
+    assert (tmp_path / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
