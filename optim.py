@@ -2,8 +2,9 @@
 learning-rate schedule and global gradient-norm clipping.
 
 AdamW subclasses `torch.optim.Optimizer` only for its parameter-group and state-dict bookkeeping; the update itself
-is written out below, once as a plain per-parameter loop (the reference) and once with `torch._foreach_*`
-multi-tensor ops (the fast path, `foreach=True`), tested equal to each other and to `torch.optim.AdamW`.
+is written out below, once as a plain per-parameter loop (the reference), once with `torch._foreach_*` multi-tensor
+ops (`foreach=True`) and once through torch's fused AdamW kernel (`fused=True`, the fastest), all tested equal to each
+other and to `torch.optim.AdamW`.
 
     python optim.py                          # the handout's SGD learning-rate toy (§4.2): lr 1e1, 1e2, 1e3
     python -m pytest tests/test_optim.py
@@ -106,7 +107,7 @@ class AdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01, foreach: bool = False):
+                 weight_decay: float = 0.01, foreach: bool = False, fused: bool = False):
         if not lr >= 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -115,8 +116,15 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"eps must be >= 0, got {eps}")
         if not weight_decay >= 0.0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=foreach)
+        if foreach and fused:
+            raise ValueError("choose one fast path: foreach=True or fused=True, not both")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=foreach, fused=fused)
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # load_state_dict keeps the saved groups: older ones had no "fused" entry
+            group.setdefault("fused", False)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None):
@@ -135,7 +143,9 @@ class AdamW(torch.optim.Optimizer):
                     state["m"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["v"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-            if group["foreach"]:
+            if group["fused"]:
+                self._step_fused(group, params)
+            elif group["foreach"]:
                 self._step_foreach(group, params)
             else:
                 self._step_loop(group, params)
@@ -171,6 +181,28 @@ class AdamW(torch.optim.Optimizer):
         denoms = torch._foreach_sqrt(vs)  # sqrt(v)
         torch._foreach_add_(denoms, eps)  # sqrt(v) + ε
         torch._foreach_addcdiv_(params, ms, denoms, neg_alphas)  # θ ← θ - α_t m / (sqrt(v) + ε)
+
+    def _step_fused(self, group: dict, params: list[Tensor]) -> None:
+        """The same update in torch's fused AdamW kernel (torch._fused_adamw_, what torch.optim.AdamW(fused=True)
+        runs), which reads θ, g, m, v once and writes θ, m, v once per element. Why faster: the lines above each make
+        a pass over memory (~8 for the foreach path, plus a temporary for sqrt(v)); at 23M parameters the update is
+        memory-bound, and the one pass is ~4x quicker on CPU.
+
+        The kernel computes torch's form of the step, θ ← θ - α/(1 - β1^t) · m / (sqrt(v)/sqrt(1 - β2^t) + ε'). With
+        ε' = ε / sqrt(1 - β2^t) that is exactly ours (multiply the fraction through by sqrt(1 - β2^t)): ε is added to
+        sqrt(v), not to sqrt(v̂). Its moment and decay lines are ours as written (m by lerp, the same value). note: the
+        kernel reads t from a tensor per parameter and takes one ε', so it is called once per (t, device, dtype).
+        """
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        calls: dict[tuple, list[Tensor]] = {}
+        for p in params:
+            calls.setdefault((self.state[p]["step"], p.device, p.dtype), []).append(p)
+        for (t, device, _), ps in calls.items():
+            step = torch.tensor(float(t), device=device)  # the kernel's t: a float tensor on the parameters' device
+            torch._fused_adamw_(ps, [p.grad for p in ps], [self.state[p]["m"] for p in ps],
+                                [self.state[p]["v"] for p in ps], [], [step] * len(ps), lr=lr, beta1=beta1,
+                                beta2=beta2, weight_decay=wd, eps=eps / math.sqrt(1 - beta2**t), amsgrad=False,
+                                maximize=False)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ BATCH = {"tiny": 16, "ts17m": 8}
 
 def build_ours(cfg):
     model = TransformerLM(**dataclasses.asdict(cfg))  # attn_impl="sdpa", the default fast path
-    return model, AdamW(model.parameters(), foreach=True)  # lr 1e-3, weight decay 0.01: torch's defaults too
+    return model, AdamW(model.parameters(), fused=True)  # lr 1e-3, weight decay 0.01: torch's defaults too
 
 
 def build_hf(cfg):
@@ -164,7 +164,7 @@ def main(argv=None) -> None:
     command = "python bench/bench_model.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     print("\n## model.py\n")
     print("One training step (forward + backward + optimizer step, loss included) on CPU: model.TransformerLM +")
-    print("optim.AdamW(foreach=True) vs Hugging Face `LlamaForCausalLM` (same config, SDPA attention) +")
+    print("optim.AdamW(fused=True) vs Hugging Face `LlamaForCausalLM` (same config, SDPA attention) +")
     print(f"torch.optim.AdamW, alternated step by step in one process; medians of {args.rounds} steps each.")
     print("'paired' = the median over rounds of the ratio of adjacent steps (robust to drifting load).")
     print("MFU = accounting.train_flops_per_token x tokens/s / the measured torch.mm peak of that precision.\n")
