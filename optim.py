@@ -48,15 +48,16 @@ class _CrossEntropy(torch.autograd.Function):
     recomputes softmax(o) chunk by chunk straight into the one gradient tensor it must return.
     """
 
-    ROWS_PER_CHUNK = 64  # 64 x V fp32 = 2.5 MB of temporaries at V = 10,000: cache-sized, few Python iterations
+    CPU_CHUNK_BYTES = 2_560_000  # fp32 temporaries per chunk on CPU: 64 rows at V = 10,000, cache-sized
+    GPU_CHUNK_BYTES = 2**30
 
     @staticmethod
     def rows_per_chunk(logits: Tensor) -> int:
-        # note: small chunks pay on CPU (cache); on a GPU each chunk costs kernel launches, so there the chunks are
-        # as big as a 1 GiB fp32 temporary allows (a few chunks even for GPT-2's vocab at large batches).
-        if logits.device.type == "cpu":
-            return _CrossEntropy.ROWS_PER_CHUNK
-        return max(1, 2**30 // (4 * logits.shape[-1]))
+        # note: small chunks pay on CPU (cache), but each chunk also costs ~10 op launches, so a chunk is a byte
+        # budget, not a row count (a small vocab gets few, long chunks: V = 256 is 2,500 rows). On a GPU launches
+        # are all that counts, so there the chunks are as big as a 1 GiB fp32 temporary allows.
+        budget = _CrossEntropy.CPU_CHUNK_BYTES if logits.device.type == "cpu" else _CrossEntropy.GPU_CHUNK_BYTES
+        return max(1, budget // (4 * logits.shape[-1]))
 
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
@@ -245,7 +246,8 @@ def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float, eps: f
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    per_tensor = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])  # (n_tensors,) ‖g_p‖
+    # one call for the whole list (as torch's clip_grad_norm_ does), not one op launch per tensor; fp32 accumulation
+    per_tensor = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))  # (n_tensors,) ‖g_p‖
     total_norm = torch.linalg.vector_norm(per_tensor)  # () sqrt(Σ_p ‖g_p‖²)
     # min(1, max_norm / (‖g‖ + eps)) as a tensor: always multiplying avoids a data-dependent branch (and a sync).
     scale = (max_norm / (total_norm + eps)).clamp(max=1.0)

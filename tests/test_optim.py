@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from optim import AdamW, clip_grad_norm, cosine_lr, cross_entropy, sgd_toy
+from optim import AdamW, _CrossEntropy, clip_grad_norm, cosine_lr, cross_entropy, sgd_toy
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -42,8 +42,10 @@ def test_cross_entropy_hand_written_gradient_passes_gradcheck():
     assert torch.autograd.gradcheck(lambda o: cross_entropy(o, targets), (logits,))
 
 
-def test_cross_entropy_chunks_match_one_shot():
+def test_cross_entropy_chunks_match_one_shot(monkeypatch):
     # Rows split across chunks (N not a multiple of the chunk size) give exactly F.cross_entropy's values and grads.
+    monkeypatch.setattr(_CrossEntropy, "CPU_CHUNK_BYTES", 64 * 50 * 4)  # 64 rows of V = 50 per chunk
+    assert _CrossEntropy.rows_per_chunk(torch.empty(303, 50)) == 64
     torch.manual_seed(0)
     logits = (torch.randn(3, 101, 50) * 5).requires_grad_()  # N = 303 rows
     targets = torch.randint(0, 50, (3, 101))
