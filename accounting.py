@@ -286,7 +286,8 @@ def saved_activations(cfg, batch_size: int = 1, seq_len: int | None = None) -> t
         logsumexp per row (flash attention's memory saving);
       - RoPE keeps its full-width cos and signed-sin rows (T·d/h each, for Q and for K), the same for every
         sequence of the batch;
-      - SiLU(a) = a·σ(a) keeps a and σ(a), so SwiGLU keeps 5 B·T·F (a, σ(a), SiLU(a), W3 x, the product), not 4;
+      - SiLU (F.silu, one kernel) keeps only its input a, so SwiGLU keeps 4 B·T·F (a, SiLU(a), W3 x, the product),
+        as the handout counts (the readable a·σ(a) would keep σ(a) too);
       - the output projection's output goes into a residual add, which keeps nothing; with the from-scratch
         attention the heads are merged by a copy that the projection keeps (1 B·T·d, not 2), with sdpa by a free view;
       - optim.cross_entropy keeps the logits and each row's logsumexp (B·T), from which its hand-written backward
@@ -312,9 +313,9 @@ def saved_activations(cfg, batch_size: int = 1, seq_len: int | None = None) -> t
     if cfg.attn_impl == "manual":
         block.append(("merged_heads", "merged heads (output_proj input)", "B·T·d", B * T * d))
     if cfg.ffn == "swiglu":
-        block.append(("ffn", "W1 x, σ(W1 x), SiLU, W3 x, product", "5·B·T·F", 5 * B * T * F))
+        block.append(("ffn", "W1 x, SiLU(W1 x), W3 x, product", "4·B·T·F", 4 * B * T * F))
     else:
-        block.append(("ffn", "W1 x, σ(W1 x), SiLU(W1 x)", "3·B·T·F", 3 * B * T * F))
+        block.append(("ffn", "W1 x, SiLU(W1 x)", "2·B·T·F", 2 * B * T * F))
     outside = []
     if cfg.norm != "none":
         outside.append(("ln_final", "ln_final: x, x/rms, 1/rms (once)", "2·B·T·d + B·T", 2 * B * T * d + B * T))

@@ -96,8 +96,10 @@ def test_rmsnorm_matches_torch_and_upcasts():
 
 def test_silu_and_ffns_match_reference_formulas():
     torch.manual_seed(0)
-    x = torch.randn(2, 5, 16)
-    torch.testing.assert_close(silu(x), F.silu(x))
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(silu(x), F.silu(x))  # our definition is the fused kernel the FFNs call
+    torch.testing.assert_close(torch.autograd.grad(silu(x).sum(), x)[0], torch.autograd.grad(F.silu(x).sum(), x)[0])
+    x = x.detach().float()
     ffn = SwiGLU(16, 40)
     assert (ffn.w1.weight.shape, ffn.w2.weight.shape, ffn.w3.weight.shape) == ((40, 16), (16, 40), (40, 16))
     ref = F.linear(F.silu(F.linear(x, ffn.w1.weight)) * F.linear(x, ffn.w3.weight), ffn.w2.weight)
