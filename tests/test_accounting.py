@@ -241,11 +241,11 @@ def test_checkpointed_saved_activations_match_formula_exactly(changes, B, T, att
 def test_gpt2_xl_memory_with_activation_checkpointing():
     # Kept: 48 block inputs + ln_final, lm_head input and loss; plus one block recomputed in backward.
     T, d, h, F, V, L = 1024, 1600, 25, 6400, 50257, 48
-    block = 2 * (2 * T * d + T) + 2 * T * d + 3 * T * d + 4 * T * (d // h) + T * d + h * T + 4 * T * F  # sdpa, B=1
+    block = 2 * (2 * T * d + T) + 2 * T * d + 3 * T * d + 2 * T * (d // h) + T * d + h * T + 4 * T * F  # sdpa, B=1
     outside = 2 * T * d + T + T * d + T * V + T
     for B in (1, 3):
         mem = accounting.train_memory(XL, B, checkpointing=True)
-        rope = 4 * T * (d // h)
+        rope = 2 * T * (d // h)
         assert mem["activations"] == 4 * (L * B * T * d + B * outside + B * (block - rope) + rope)
         assert mem["activations"] < accounting.train_memory(XL, B)["activations"] / 10  # 13x less at B=1
     b = accounting.max_batch_size(XL, 80e9, checkpointing=True)
@@ -338,10 +338,10 @@ def test_gpt2_xl_memory_with_the_fused_attention_train_py_runs():
     # The default (--activations sdpa): model.py's rows with F.scaled_dot_product_attention, which keeps its output
     # and one logsumexp per row instead of the T x T scores and probabilities. By hand, per sequence: per layer
     # RMSNorm 2·(2·T·d + T), matmul inputs 2·T·d, Q K V 3·T·d, sdpa T·d + h·T, SwiGLU 4·T·F; once ln_final 2·T·d + T,
-    # lm_head input T·d, loss T·V + T; and RoPE's cos/sin, L·4·T·d/h, the same whatever B.
+    # lm_head input T·d, loss T·V + T; and RoPE's rotations, L·2·T·d/h, the same whatever B.
     T, d, h, F, V, L = 1024, 1600, 25, 6400, 50257, 48
     per_seq = L * (2 * (2 * T * d + T) + 2 * T * d + 3 * T * d + T * d + h * T + 4 * T * F) + 3 * T * d + T + T * V + T
-    rope = L * 4 * T * (d // h)
+    rope = L * 2 * T * (d // h)
     for B in (1, 7):
         assert accounting.activation_elements(XL, B) == B * per_seq + rope
         assert accounting.train_memory(XL, B)["activations"] == 4 * (B * per_seq + rope)
@@ -588,7 +588,7 @@ def test_cli_gpt2_xl_headline_figures(capsys):
         assert figure in out, figure
     accounting.main(["--preset", "gpt2-xl", "--gpu-mem", "80GB"])  # the default: the fused attention's activations
     out = capsys.readouterr().out
-    assert "B = 5" in out and "34.08 GB + B · 8.41 GB" in out and "--activations sdpa" in out
+    assert "B = 5" in out and "34.06 GB + B · 8.41 GB" in out and "--activations sdpa" in out
     accounting.main(["--preset", "gpt2-xl"])
     assert "4,513,336,524,800" in capsys.readouterr().out
 
@@ -634,7 +634,7 @@ def test_cli_json_memory_per_gpu(capsys):
     accounting.main(["--preset", "gpt2-xl", "--dtype", "bf16", "--fsdp", "8", "--gpu-mem", "80GB"])
     out = capsys.readouterr().out
     assert "on each of 8 GPUs under FSDP2, B=1 per GPU" in out and "largest batch in 80.00 GB: B = 17" in out
-    assert "16·N/8 + 2·(root + block) + RoPE cos, sin" in out
+    assert "16·N/8 + 2·(root + block) + RoPE rotations" in out
 
 
 def test_cli_fsdp_table(capsys):
