@@ -284,9 +284,11 @@ def saved_activations(cfg, batch_size: int = 1, seq_len: int | None = None) -> t
       - the from-scratch softmax keeps the masked scores (for the max), exp and the probabilities: 3 B·h·T², not 2,
         plus the row max and row sum (B·h·T each); the fused sdpa kernel keeps none of these, only its output and a
         logsumexp per row (flash attention's memory saving);
-      - RoPE keeps its full-width cos and signed-sin rows (T·d/h each, for Q and for K), the same for every
-        sequence of the batch;
-      - SiLU(a) = a·σ(a) keeps a and σ(a), so SwiGLU keeps 5 B·T·F (a, σ(a), SiLU(a), W3 x, the product), not 4;
+      - RoPE (its complex fast path) keeps its rotations e^(i·angle), T·d/(2h) complex numbers = T·d/h floats for Q
+        and for K, the same for every sequence of the batch (counted as fp32 whatever the autocast dtype: 2·T·d/h
+        fp32 elements are 4·T·d/h 16-bit ones, negligible either way);
+      - SiLU (F.silu, one kernel) keeps only its input a, so SwiGLU keeps 4 B·T·F (a, SiLU(a), W3 x, the product),
+        as the handout counts (the readable a·σ(a) would keep σ(a) too);
       - the output projection's output goes into a residual add, which keeps nothing; with the from-scratch
         attention the heads are merged by a copy that the projection keeps (1 B·T·d, not 2), with sdpa by a free view;
       - optim.cross_entropy keeps the logits and each row's logsumexp (B·T), from which its hand-written backward
@@ -299,7 +301,7 @@ def saved_activations(cfg, batch_size: int = 1, seq_len: int | None = None) -> t
     block += [("proj_inputs", "inputs of q/k/v_proj and w1/w3", "2·B·T·d", 2 * B * T * d),
               ("qkv", "Q, K after RoPE, V", "3·B·T·d", 3 * B * T * d)]
     if cfg.position == "rope":
-        block.append(("rope", "RoPE cos, sin (for Q and for K)", "4·T·d/h", 4 * T * (d // h)))
+        block.append(("rope", "RoPE rotations e^(i·angle), complex (for Q and for K)", "2·T·d/h", 2 * T * (d // h)))
     if cfg.attn_impl == "manual":
         block.append(("softmax", "masked scores, exp, probabilities", "3·B·h·T²", 3 * B * h * T * T))
         block.append(("softmax_stats", "softmax row max and row sum", "2·B·h·T", 2 * B * h * T))
@@ -312,9 +314,9 @@ def saved_activations(cfg, batch_size: int = 1, seq_len: int | None = None) -> t
     if cfg.attn_impl == "manual":
         block.append(("merged_heads", "merged heads (output_proj input)", "B·T·d", B * T * d))
     if cfg.ffn == "swiglu":
-        block.append(("ffn", "W1 x, σ(W1 x), SiLU, W3 x, product", "5·B·T·F", 5 * B * T * F))
+        block.append(("ffn", "W1 x, SiLU(W1 x), W3 x, product", "4·B·T·F", 4 * B * T * F))
     else:
-        block.append(("ffn", "W1 x, σ(W1 x), SiLU(W1 x)", "3·B·T·F", 3 * B * T * F))
+        block.append(("ffn", "W1 x, SiLU(W1 x)", "2·B·T·F", 2 * B * T * F))
     outside = []
     if cfg.norm != "none":
         outside.append(("ln_final", "ln_final: x, x/rms, 1/rms (once)", "2·B·T·d + B·T", 2 * B * T * d + B * T))
@@ -591,7 +593,7 @@ def measure_saved_activations(cfg, batch_size: int = 1, seq_len: int | None = No
         storage = t.untyped_storage()
         if storage.data_ptr() not in persistent:
             # note: returning t keeps it alive until backward, so no address is freed and reused meanwhile
-            kind = "other" if not t.dtype.is_floating_point else "weight_copies" if is_weight_copy(t) else "float"
+            kind = "other" if not (t.dtype.is_floating_point or t.dtype.is_complex) else "weight_copies" if is_weight_copy(t) else "float"
             seen[storage.data_ptr()] = (storage.nbytes(), kind)
         return t
 
@@ -813,7 +815,7 @@ def memory_table(cfg, s: dict) -> str:
     rows.append(["total", "", human_bytes(mem["total"])])
     fixed_parts = [short for _, _, short, _ in state if short]
     if fixed != sum(b for *_, b in state):
-        fixed_parts.append("RoPE cos, sin")
+        fixed_parts.append("RoPE rotations")
     precision = (f"in fp32 ({FP32_BYTES} bytes per number)" if na == FP32_BYTES else
                  f"with {dtype} mixed precision (fp32 weights, gradients and AdamW state; activations {na} bytes each)")
     where = "one GPU (or each DDP rank)" if n is None else f"each of {n} GPUs under FSDP2"

@@ -173,12 +173,17 @@ class NoNorm(nn.Module):
 
 
 def silu(x: Tensor) -> Tensor:
-    """SiLU / Swish (Elfwing et al. 2017): x · σ(x)."""
+    """SiLU / Swish (Elfwing et al. 2017): x · σ(x). The readable definition; the FFNs below call F.silu.
+
+    note: F.silu is this function as one kernel forward and one backward (silu_backward), where x * sigmoid(x) is
+    sigmoid + mul forward and sigmoid_backward + 2 muls backward: fewer passes over the (B, T, F) activations and
+    fewer op launches. tests/test_model.py checks the two equal, values and gradients.
+    """
     return x * torch.sigmoid(x)
 
 
 class SwiGLU(nn.Module):
-    """FFN(x) = W2 (SiLU(W1 x) ⊙ W3 x); w1, w3 are (F, C), w2 is (C, F)."""
+    """FFN(x) = W2 (SiLU(W1 x) ⊙ W3 x); w1, w3 are (F, C), w2 is (C, F). SiLU is F.silu, the fused silu() above."""
 
     def __init__(self, d_model: int, d_ff: int, device=None, dtype=None):
         super().__init__()
@@ -187,7 +192,7 @@ class SwiGLU(nn.Module):
         self.w3 = Linear(d_model, d_ff, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(silu(self.w1(x)) * self.w3(x))  # (B, T, C) -> (B, T, F) -> (B, T, C)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (B, T, C) -> (B, T, F) -> (B, T, C)
 
 
 class SiLUFFN(nn.Module):
@@ -199,7 +204,7 @@ class SiLUFFN(nn.Module):
         self.w2 = Linear(d_ff, d_model, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(silu(self.w1(x)))  # (B, T, C) -> (B, T, F) -> (B, T, C)
+        return self.w2(F.silu(self.w1(x)))  # (B, T, C) -> (B, T, F) -> (B, T, C)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -256,6 +261,9 @@ class RotaryPositionalEmbedding(nn.Module):
 
     def forward(self, x: Tensor, token_positions: Tensor) -> Tensor:
         """x (..., T, D), token_positions (..., T) ints, broadcastable to x.shape[:-1] -> (..., T, D)."""
+        if not torch.compiler.is_compiling():
+            return self._rotate_complex(x, token_positions)
+        # The readable reference (and what torch.compile runs: it fuses these ops but cannot generate complex ones).
         # subtle: the cache is fp32; cast to x's dtype so bf16 activations stay bf16 (HF Llama does the same).
         cos = self.cos[token_positions].to(x.dtype)  # (..., T, D): (c0, c0, c1, c1, ...)
         sin = self.sin[token_positions].to(x.dtype)  # (..., T, D): (-s0, s0, -s1, s1, ...)
@@ -263,6 +271,22 @@ class RotaryPositionalEmbedding(nn.Module):
         # Swapping each pair gives (x1, x0, x3, x2, ...); the signed sin supplies the minus.
         swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (..., T, D/2, 2) -> pairs swapped -> (..., T, D)
         return x * cos + swapped * sin  # (..., T, D)
+
+    def _rotate_complex(self, x: Tensor, token_positions: Tensor) -> Tensor:
+        """The same rotation as one complex multiply (RoFormer §3.4.2; Meta's Llama code): a pair (x0, x1) is the
+        number x0 + i·x1, and rotating it by an angle is multiplying by e^(i·angle).
+
+        Why faster on CPU: one kernel forward and one backward, where the lines above are a flip copy, two
+        broadcast multiplies and an add (each a pass over q or k), and the same again in backward. Computed in fp32
+        (there is no bf16 complex type) and cast back. tests/test_model.py checks it equal to the reference.
+        """
+        # note: e^(i·angle) = cos + i·sin is built from the cached rows (every other entry: c_k and +s_k) rather than
+        # kept as a complex buffer, which model.to(dtype) would silently cast to real.
+        cos = self.cos[token_positions][..., 0::2].float()  # (..., T, D/2): c0, c1, ...
+        sin = self.sin[token_positions][..., 1::2].float()  # (..., T, D/2): s0, s1, ...
+        pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (..., T, D/2, 2) -> (..., T, D/2) complex
+        rotated = pairs * torch.complex(cos, sin)  # (..., T, D/2) * (..., T, D/2): each pair turned by its angle
+        return torch.view_as_real(rotated).flatten(-2).to(x.dtype)  # (..., T, D/2, 2) -> (..., T, D)
 
 
 # --------------------------------------------------------------------------------------------------------------------

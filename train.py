@@ -764,7 +764,7 @@ def build_trainer(run: Run, ckpt: dict | None, init: dict | None = None) -> tupl
         shard_model(model, run)
     # over the shards under FSDP, so AdamW's m and v (zeros_like each parameter) are sharded the same way
     optimizer = AdamW(model.parameters(), lr=args["lr"], betas=(args["beta1"], args["beta2"]),
-                      weight_decay=args["weight_decay"], foreach=True)  # the fused path
+                      weight_decay=args["weight_decay"], fused=True)  # torch's fused kernel for our update
     batches = torch.Generator().manual_seed(args["seed"])  # same on every rank: see get_batch
     # fp16 has 5 exponent bits (max 65,504, smallest normal 6e-5): small gradients underflow to 0. The scaler
     # multiplies the loss by a large factor before backward and divides the gradients by it before the step; a

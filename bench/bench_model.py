@@ -39,7 +39,7 @@ BATCH = {"tiny": 16, "ts17m": 8}
 
 def build_ours(cfg):
     model = TransformerLM(**dataclasses.asdict(cfg))  # attn_impl="sdpa", the default fast path
-    return model, AdamW(model.parameters(), foreach=True)  # lr 1e-3, weight decay 0.01: torch's defaults too
+    return model, AdamW(model.parameters(), fused=True)  # lr 1e-3, weight decay 0.01: torch's defaults too
 
 
 def build_hf(cfg):
@@ -71,6 +71,22 @@ def make_step(model, opt, x, y, is_hf: bool, bf16: bool):
         opt.step()
 
     return step
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The MFU denominator: a measured torch.mm peak
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PEAK_SIZES = (1024, 2048)  # n of the n x n matmuls; a CPU's rate differs between them (cache blocking, threads)
+PEAK_REPEATS = 3
+
+
+def matmul_peak(dtype, seconds: float) -> float:
+    """FLOP/s: the median over PEAK_SIZES x PEAK_REPEATS of accounting.measure_matmul_flops (each the best timing
+    of ~`seconds`). note: the median, so that one lucky size or one quiet moment on a shared machine does not set
+    the denominator alone."""
+    return statistics.median(measure_matmul_flops("cpu", dtype, n=n, seconds=seconds)
+                             for n in PEAK_SIZES for _ in range(PEAK_REPEATS))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -151,10 +167,8 @@ def main(argv=None) -> None:
     if load_before > 0.5:
         print(f"warning: 1-minute load average is {load_before:.2f}: other processes are busy, timings are noisy",
               file=sys.stderr)
-    seconds = 0.3 if args.quick else 2.0  # the best of many repeats: see accounting.measure_matmul_flops
-    peak = {"fp32": measure_matmul_flops("cpu", torch.float32, seconds=seconds)}
-    if "bf16" in precisions:
-        peak["bf16"] = measure_matmul_flops("cpu", torch.bfloat16, seconds=seconds)
+    seconds = 0.1 if args.quick else 0.5
+    peak = {p: matmul_peak(DTYPES[p], seconds) for p in precisions}
     rows = []
     for name in args.configs:
         rows += bench_config(name, args.rounds, args.warmup, precisions, args.profile)
@@ -164,13 +178,14 @@ def main(argv=None) -> None:
     command = "python bench/bench_model.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     print("\n## model.py\n")
     print("One training step (forward + backward + optimizer step, loss included) on CPU: model.TransformerLM +")
-    print("optim.AdamW(foreach=True) vs Hugging Face `LlamaForCausalLM` (same config, SDPA attention) +")
+    print("optim.AdamW(fused=True) vs Hugging Face `LlamaForCausalLM` (same config, SDPA attention) +")
     print(f"torch.optim.AdamW, alternated step by step in one process; medians of {args.rounds} steps each.")
     print("'paired' = the median over rounds of the ratio of adjacent steps (robust to drifting load).")
     print("MFU = accounting.train_flops_per_token x tokens/s / the measured torch.mm peak of that precision.\n")
     print(f"Command: `{command.strip()}`  ")
     print(f"Machine: {machine_line()}; load average {load_before:.2f} before, {load_after:.2f} after  ")
-    print(f"torch.mm peak (n=1024): fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s"
+    sizes = ", ".join(map(str, PEAK_SIZES))
+    print(f"torch.mm peak (median of n = {sizes}, {PEAK_REPEATS} each): fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s"
           + (f", bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s" if "bf16" in peak else "") + "\n")
     print("| config | batch x context | precision | ours tokens/s | HF tokens/s | ours / HF | ours / HF, paired "
           "| ours MFU | HF MFU |")

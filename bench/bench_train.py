@@ -27,8 +27,8 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]  # the repo root (train.py, model.py, ...) and bench/ (bench_model.py)
 
 import train  # noqa: E402
-from accounting import machine_line, measure_matmul_flops, train_flops_per_token  # noqa: E402
-from bench_model import BATCH, build_ours, make_step  # noqa: E402
+from accounting import machine_line, train_flops_per_token  # noqa: E402
+from bench_model import BATCH, DTYPES, build_ours, make_step, matmul_peak  # noqa: E402
 from cli import OneLineParser  # noqa: E402
 from model import PRESETS  # noqa: E402
 
@@ -89,8 +89,7 @@ def main(argv=None) -> None:
     if a.quick:
         a.configs, a.precisions, a.rounds, a.steps, a.warmup = ["tiny"], ["fp32"], 1, 2, 1
     load_before = os.getloadavg()[0]
-    peak = {prec: measure_matmul_flops("cpu", torch.float32 if prec == "fp32" else torch.bfloat16)
-            for prec in a.precisions}
+    peak = {prec: matmul_peak(DTYPES[prec], 0.5) for prec in a.precisions}  # bench_model's denominator
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

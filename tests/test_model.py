@@ -96,8 +96,10 @@ def test_rmsnorm_matches_torch_and_upcasts():
 
 def test_silu_and_ffns_match_reference_formulas():
     torch.manual_seed(0)
-    x = torch.randn(2, 5, 16)
-    torch.testing.assert_close(silu(x), F.silu(x))
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(silu(x), F.silu(x))  # our definition is the fused kernel the FFNs call
+    torch.testing.assert_close(torch.autograd.grad(silu(x).sum(), x)[0], torch.autograd.grad(F.silu(x).sum(), x)[0])
+    x = x.detach().float()
     ffn = SwiGLU(16, 40)
     assert (ffn.w1.weight.shape, ffn.w2.weight.shape, ffn.w3.weight.shape) == ((40, 16), (16, 40), (40, 16))
     ref = F.linear(F.silu(F.linear(x, ffn.w1.weight)) * F.linear(x, ffn.w3.weight), ffn.w2.weight)
@@ -161,6 +163,24 @@ def test_rope_matches_complex_rotation():
     torch.testing.assert_close(rope(x, pos).norm(dim=-1), x.norm(dim=-1))
     torch.testing.assert_close(rope(x, torch.zeros(10, dtype=torch.long)), x)
     assert "cos" not in rope.state_dict() and len(rope.state_dict()) == 0  # non-persistent cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_complex_fast_path_equals_the_readable_reference(monkeypatch, dtype):
+    # Eager forward runs _rotate_complex; under torch.compile the cos/sin lines run. Same values and gradients.
+    torch.manual_seed(0)
+    rope = RotaryPositionalEmbedding(10_000.0, 16, 64)
+    x = torch.randn(2, 10, 3, 16).to(dtype).requires_grad_()
+    pos = torch.randint(0, 64, (10, 1))  # (T, 1): broadcast over the heads, as the attention passes them
+    fast = rope(x, pos)
+    fast_grad, = torch.autograd.grad((fast.float() ** 2).sum(), x)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    ref = rope(x, pos)
+    ref_grad, = torch.autograd.grad((ref.float() ** 2).sum(), x)
+    assert fast.dtype == ref.dtype == dtype
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(fast, ref, **tol)
+    torch.testing.assert_close(fast_grad, ref_grad, **tol)
 
 
 def test_attention_fused_equals_manual_outputs_and_grads():

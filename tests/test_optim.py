@@ -1,7 +1,8 @@
 """Tests for optim.py against PyTorch: cross_entropy vs F.cross_entropy (values and gradients, 2-D and 3-D, logits
-of 1e4 stay finite), AdamW vs torch.optim.AdamW over 100 steps (≤ 1e-6, several groups, with weight decay), the
-foreach fast path vs the plain loop, AdamW state_dict round-trips (resume == uninterrupted run), cosine_lr at its
-boundary iterations, clip_grad_norm vs torch.nn.utils.clip_grad_norm_, and the SGD learning-rate toy's behaviours.
+of 1e4 stay finite), AdamW vs torch.optim.AdamW over 100 steps (≤ 1e-6, several groups, with weight decay),
+the foreach and fused fast paths vs the plain loop, AdamW state_dict round-trips (resume == uninterrupted run) and
+older state dicts, cosine_lr at its boundary iterations, clip_grad_norm vs torch.nn.utils.clip_grad_norm_, and the
+SGD learning-rate toy's behaviours.
 
     python -m pytest tests/test_optim.py            # these tests (all fast)
     python -m pytest -m slow                       # the slow end-to-end checks of the whole suite
@@ -12,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from optim import AdamW, clip_grad_norm, cosine_lr, cross_entropy, sgd_toy
+from optim import AdamW, _CrossEntropy, clip_grad_norm, cosine_lr, cross_entropy, sgd_toy
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -41,8 +42,10 @@ def test_cross_entropy_hand_written_gradient_passes_gradcheck():
     assert torch.autograd.gradcheck(lambda o: cross_entropy(o, targets), (logits,))
 
 
-def test_cross_entropy_chunks_match_one_shot():
+def test_cross_entropy_chunks_match_one_shot(monkeypatch):
     # Rows split across chunks (N not a multiple of the chunk size) give exactly F.cross_entropy's values and grads.
+    monkeypatch.setattr(_CrossEntropy, "CPU_CHUNK_BYTES", 64 * 50 * 4)  # 64 rows of V = 50 per chunk
+    assert _CrossEntropy.rows_per_chunk(torch.empty(303, 50)) == 64
     torch.manual_seed(0)
     logits = (torch.randn(3, 101, 50) * 5).requires_grad_()  # N = 303 rows
     targets = torch.randint(0, 50, (3, 101))
@@ -111,11 +114,14 @@ def run(opt_factory, steps=100, seed=0, groups=False):
     return params, opt
 
 
-@pytest.mark.parametrize("foreach", [False, True], ids=["loop", "foreach"])
+IMPLS = {"loop": {}, "foreach": dict(foreach=True), "fused": dict(fused=True)}  # AdamW's three code paths
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
 @pytest.mark.parametrize("groups", [False, True], ids=["one group", "two groups"])
-def test_adamw_matches_torch_over_100_steps(foreach, groups):
+def test_adamw_matches_torch_over_100_steps(impl, groups):
     kw = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    ours, _ = run(lambda p: AdamW(p, foreach=foreach, **kw), groups=groups)
+    ours, _ = run(lambda p: AdamW(p, **IMPLS[impl], **kw), groups=groups)
     ref, _ = run(lambda p: torch.optim.AdamW(p, **kw), groups=groups)
     start, _ = make_problem()
     for a, b, s in zip(ours, ref, start):
@@ -123,10 +129,11 @@ def test_adamw_matches_torch_over_100_steps(foreach, groups):
         assert (a - b).abs().max().item() <= 1e-6
 
 
-def test_adamw_foreach_equals_loop():
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+def test_adamw_fast_paths_equal_loop(impl):
     kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    loop, loop_opt = run(lambda p: AdamW(p, foreach=False, **kw), steps=50)
-    fast, fast_opt = run(lambda p: AdamW(p, foreach=True, **kw), steps=50)
+    loop, loop_opt = run(lambda p: AdamW(p, **kw), steps=50)
+    fast, fast_opt = run(lambda p: AdamW(p, **IMPLS[impl], **kw), steps=50)
     for a, b in zip(loop, fast):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
     for sa, sb in zip(loop_opt.state.values(), fast_opt.state.values()):
@@ -144,9 +151,9 @@ def test_adamw_weight_decay_is_decoupled():
     torch.testing.assert_close(p.detach(), torch.full((3,), 1 - 0.1 * 0.5))
 
 
-@pytest.mark.parametrize("foreach", [False, True], ids=["loop", "foreach"])
-def test_adamw_state_dict_round_trip(tmp_path, foreach):
-    kw = dict(lr=1e-2, weight_decay=0.1, foreach=foreach)
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_adamw_state_dict_round_trip(tmp_path, impl):
+    kw = dict(lr=1e-2, weight_decay=0.1, **IMPLS[impl])
     uninterrupted, _ = run(lambda p: AdamW(p, **kw), steps=20)
 
     params, loss_fn = make_problem()
@@ -184,10 +191,25 @@ def test_adamw_lr_set_through_param_groups():
     torch.testing.assert_close(p.detach(), torch.ones(4), atol=0, rtol=0)
 
 
+def test_adamw_loads_a_state_dict_saved_before_the_fused_path():
+    # optimizer state in checkpoints written before fused=True existed has no "fused" key in its groups
+    params, loss_fn = make_problem()
+    opt = AdamW(params, foreach=True)
+    loss_fn(params, 0).backward()
+    opt.step()
+    old = opt.state_dict()
+    for group in old["param_groups"]:
+        del group["fused"]
+    opt2 = AdamW(params)
+    opt2.load_state_dict(old)
+    assert [g["fused"] for g in opt2.param_groups] == [False] and opt2.param_groups[0]["foreach"]
+    opt2.step()  # runs the saved group's path (foreach)
+
+
 def test_adamw_rejects_bad_hyperparameters():
     p = [torch.nn.Parameter(torch.ones(2))]
     for kw, msg in ((dict(lr=-1.0), "lr"), (dict(betas=(0.9, 1.0)), "betas"), (dict(eps=-1.0), "eps"),
-                    (dict(weight_decay=-0.1), "weight_decay")):
+                    (dict(weight_decay=-0.1), "weight_decay"), (dict(foreach=True, fused=True), "one fast")):
         with pytest.raises(ValueError, match=msg):
             AdamW(p, **kw)
 

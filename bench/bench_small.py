@@ -1,0 +1,143 @@
+"""Benchmark: a small model's full training step, ours vs a plain PyTorch GPT of the same size (bench/plain_gpt.py).
+
+At d_model 128, 4 layers, 4 heads, context 64, batch 12, vocab 256 the matmuls are tiny, so the step time is mostly
+per-op overhead: kernel launches per block, Python work per parameter, allocations. This measures what our
+from-scratch code costs there beyond what a PyTorch user would write.
+
+Both sides do the same work per step, the work of train.train_step on one fixed batch (no data loading, no logging):
+    ours:   model.TransformerLM (SwiGLU d_ff 344, RMSNorm, RoPE, SDPA) + optim.cross_entropy + backward
+            + optim.clip_grad_norm + optim.AdamW(fused=True, as train.py builds it) + zero_grad
+    plain:  plain_gpt.PlainGPT (GELU MLP 4x, nn.LayerNorm, learned positions, SDPA) + F.cross_entropy + backward
+            + torch.nn.utils.clip_grad_norm_ + torch.optim.AdamW (its defaults: the per-tensor loop on CPU) + zero_grad
+with train.py's defaults: lr 1e-3, betas (0.9, 0.95), weight decay 0.1, clipping at 1.0. The two models have the same
+shapes up to the FFN (3 x 128 x 344 vs 2 x 128 x 512 weights: 0.8% more in ours) and the position embedding table
+(plain only); the reported FLOP ratio says how far apart their matmul work is. The steps alternate one by one in this
+process; reported are medians and the paired ratio (the median over rounds of ours / plain for adjacent steps).
+
+    python bench/bench_small.py                      # fp32, 300 alternated steps each (~30 s)
+    python bench/bench_small.py --bf16 --steps 100   # under torch.autocast("cpu", dtype=torch.bfloat16)
+    python bench/bench_small.py --profile            # + torch.profiler tables of 20 steps of each
+"""
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]  # the repo root (model.py, optim.py, ...) and bench/ (plain_gpt.py)
+
+from accounting import machine_line  # noqa: E402
+from cli import OneLineParser  # noqa: E402
+from model import TransformerLM  # noqa: E402
+from optim import AdamW, clip_grad_norm, cross_entropy  # noqa: E402
+from plain_gpt import PlainGPT  # noqa: E402
+from train import DEFAULTS  # noqa: E402
+
+SIZE = dict(vocab_size=256, context_length=64, d_model=128, num_layers=4, num_heads=4)
+OUR_D_FF = 344  # ≈ 8/3 x 128, rounded up to a multiple of 8: SwiGLU's three matrices ≈ the GELU MLP's two at 4x
+BATCH = 12
+HYPER = dict(lr=DEFAULTS["lr"], betas=(DEFAULTS["beta1"], DEFAULTS["beta2"]), weight_decay=DEFAULTS["weight_decay"])
+GRAD_CLIP = DEFAULTS["grad_clip"]
+
+
+def our_step(x, y, bf16: bool):
+    """train.train_step's work with our code, on a fixed batch."""
+    model = TransformerLM(**SIZE, d_ff=OUR_D_FF)
+    opt = AdamW(model.parameters(), **HYPER, fused=True)  # as train.build_trainer builds it
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = cross_entropy(model(x), y)
+        loss.backward()
+        clip_grad_norm(model.parameters(), GRAD_CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return model, step
+
+
+def plain_step(x, y, bf16: bool):
+    """The same work as a plain PyTorch user writes it."""
+    model = PlainGPT(**SIZE)
+    opt = torch.optim.AdamW(model.parameters(), **HYPER)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)  # (B, T, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return model, step
+
+
+def matmul_flops(model) -> int:
+    """2 x (B·T) x weight elements of every 2-D weight that multiplies (embedding lookups excluded), forward only."""
+    return sum(2 * BATCH * SIZE["context_length"] * p.numel() for name, p in model.named_parameters()
+               if p.dim() == 2 and "embeddings" not in name)
+
+
+def main(argv=None) -> None:
+    parser = OneLineParser(description="Small-model training step: ours vs a plain PyTorch GPT of the same size.")
+    parser.add_argument("--steps", type=int, default=300, help="timed steps per side")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed steps per side first")
+    parser.add_argument("--bf16", action="store_true", help="both under torch.autocast(cpu, bfloat16)")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of 20 steps of each")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, SIZE["vocab_size"], (BATCH, SIZE["context_length"]), generator=g)
+    y = torch.randint(0, SIZE["vocab_size"], (BATCH, SIZE["context_length"]), generator=g)
+    ours, ours_step = our_step(x, y, args.bf16)
+    plain, plain_step_ = plain_step(x, y, args.bf16)
+    steps = {"ours": ours_step, "plain": plain_step_}
+    load_before = os.getloadavg()[0]
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    times = {who: [] for who in steps}
+    for r in range(args.steps):
+        for who in (("ours", "plain") if r % 2 == 0 else ("plain", "ours")):  # neither always goes first
+            t0 = time.perf_counter()
+            steps[who]()
+            times[who].append(time.perf_counter() - t0)
+    load_after = os.getloadavg()[0]
+
+    command = "python bench/bench_small.py" + "".join(" " + a for a in (argv if argv is not None else sys.argv[1:]))
+    n = {who: sum(p.numel() for p in m.parameters()) for who, m in (("ours", ours), ("plain", plain))}
+    print("\n## Small-model training step: ours vs plain PyTorch\n")
+    print(f"Command: `{command}`  ")
+    print(f"Machine: {machine_line()}; load average {load_before:.2f} before, {load_after:.2f} after  ")
+    print(f"Model: {SIZE}, batch {BATCH}, {'bf16 autocast' if args.bf16 else 'fp32'}; parameters ours "
+          f"{n['ours']:,}, plain {n['plain']:,}; matmul FLOPs ours / plain = "
+          f"{matmul_flops(ours) / matmul_flops(plain):.3f}\n")
+    print("| step | median ms | min ms |")
+    print("|---|---:|---:|")
+    for who in steps:
+        print(f"| {who} | {1e3 * statistics.median(times[who]):.2f} | {1e3 * min(times[who]):.2f} |")
+    paired = statistics.median(o / p for o, p in zip(times["ours"], times["plain"]))
+    print(f"\nours / plain step time: {statistics.median(times['ours']) / statistics.median(times['plain']):.3f}x "
+          f"by medians, {paired:.3f}x paired (target <= 1.0x)")
+
+    if args.profile:
+        from torch.profiler import profile
+
+        for who, step in steps.items():
+            with profile() as prof:
+                for _ in range(20):
+                    step()
+            print(f"\n### profile: {who}, 20 steps\n")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+if __name__ == "__main__":
+    main()
