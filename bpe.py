@@ -89,29 +89,20 @@ def find_pretokens(text: str) -> list[str]:
     return (ASCII_PRETOKEN_RE if text.isascii() else PRETOKEN_RE).findall(text)
 
 
-def pretokenize_chunks(chunks: list[str]) -> list[list[str]]:
-    """The GPT-2 pre-tokens of each chunk, with one regex call for (almost) all of them: by the lemma above, chunks
-    that start with whitespace and end with non-whitespace can be joined and split back by length.
-    pretokenize_chunks(["hello", " world!!", "  x"]) == [["hello"], [" world", "!!"], [" ", " x"]]"""
-    joinable = [_joinable(c) for c in chunks]
-    pieces = iter(PRETOKEN_RE.findall("".join(c for c, ok in zip(chunks, joinable) if ok)))
-    out = []
-    for chunk, ok in zip(chunks, joinable):
-        if not ok:  # e.g. the first chunk of a text ("hello"): on its own
-            out.append(PRETOKEN_RE.findall(chunk))
-            continue
-        got, left = [], len(chunk)
-        while left:
-            got.append(next(pieces))
-            left -= len(got[-1])
-        out.append(got)
-    return out
-
-
 def _joinable(chunk: str) -> bool:
     """True if the chunk starts with whitespace and ends with non-whitespace: then, by the lemma above, it can be
     joined to such chunks and to the end of any text without changing anyone's pre-tokens."""
     return chunk[0] in WHITESPACE and chunk[-1] not in WHITESPACE
+
+
+def _split_ascii(chunks: list[str]) -> tuple[list[str], list[str]]:
+    """(the pure-ASCII chunks, the others), each in order: a join of the first goes through find_pretokens' stdlib
+    `re`, ~2x faster than the `regex` package that the others need.
+    _split_ascii([" a", " é", " b"]) == ([" a", " b"], [" é"])"""
+    is_ascii = list(map(str.isascii, chunks))
+    if all(is_ascii):
+        return chunks, []
+    return list(compress(chunks, is_ascii)), list(compress(chunks, map(operator.not_, is_ascii)))
 
 
 def special_pattern(special_tokens: Iterable[str]) -> "re.Pattern | None":
@@ -162,19 +153,19 @@ def chunks_to_pretokens(chunk_counts: Counter) -> Counter:
 
 
 def _pretokens_of_chunks(chunks: list[str]) -> list[str]:
-    """All the pre-tokens of the chunks, in one list (in no particular order): the joinable ones in two regex calls,
-    one for the pure-ASCII chunks (find_pretokens then takes the stdlib `re`, ~2x faster) and one for the others,
-    then one call for each of the rest.
+    """All the pre-tokens of the chunks, in one list (in no particular order): the joinable ones (by the lemma above)
+    in two regex calls, one for the pure-ASCII chunks and one for the others (_split_ascii), then one call for each
+    of the rest.
     sorted(_pretokens_of_chunks([" it's", "a", " é!"])) == [" it", " é", "!", "'s", "a"]"""
     joinable = [c for c in chunks if _joinable(c)]
-    out = find_pretokens("".join(c for c in joinable if c.isascii()))
-    non_ascii = [c for c in joinable if not c.isascii()]
-    if non_ascii:
-        out += find_pretokens("".join(non_ascii))
+    out = []
+    for group in _split_ascii(joinable):
+        if group:
+            out += find_pretokens("".join(group))
     if len(joinable) < len(chunks):  # e.g. the first chunk of a text ("hello"), or trailing whitespace: on its own
         for c in chunks:
             if not _joinable(c):
-                out += PRETOKEN_RE.findall(c)
+                out += find_pretokens(c)
     return out
 
 
@@ -972,17 +963,12 @@ class Tokenizer:
         regex) and split back (_cache_joined_chunks). The first and last chunks are done one by one."""
         cache, pretoken_ids = self._chunk_cache, self._pretoken_cache.__getitem__
         new = dict.fromkeys(filterfalse(cache.__contains__, chain.from_iterable(chunk_lists)))  # once each, in order
-        ends = {c for chunks in chunk_lists if chunks for c in (chunks[0], chunks[-1])
-                if c in new and (c[0] not in WHITESPACE or c[-1] in WHITESPACE)}
+        ends = {c for chunks in chunk_lists if chunks for c in (chunks[0], chunks[-1]) if c in new and not _joinable(c)}
         for chunk in ends:
             cache[chunk] = tuple(chain.from_iterable(map(pretoken_ids, find_pretokens(chunk))))
         joinable = list(filterfalse(ends.__contains__, new)) if ends else list(new)
-        if "".join(joinable).isascii():
-            self._cache_joined_chunks(joinable)
-        else:
-            is_ascii = list(map(str.isascii, joinable))
-            self._cache_joined_chunks(list(compress(joinable, is_ascii)))
-            self._cache_joined_chunks(list(compress(joinable, map(operator.not_, is_ascii))))
+        for group in _split_ascii(joinable):
+            self._cache_joined_chunks(group)
 
     def _cache_joined_chunks(self, chunks: list[str]) -> None:
         """The ids of chunks that can be joined (see _cache_chunks), with one regex call and no Python loop per chunk

@@ -155,13 +155,16 @@ def test_chunk_whitespace_class_matches_regex_whitespace():
         assert bool(ws_re.match(c)) == bool(ws_regex.match(c)) == (c in bpe.WHITESPACE), hex(cp)
 
 
-def test_pretokenize_chunks_matches_one_by_one():
+def test_pretokens_of_joined_chunks_match_one_by_one():
+    """The lemma at work: the chunks' pre-tokens from joined regex calls (_pretokens_of_chunks: ASCII and other chunks
+    apart, edge chunks alone) are those of the chunks one by one, and those of the whole text."""
     rng = random.Random(8)
     text = "".join(random_unicode(rng, 50) for _ in range(200))
     chunks = bpe.CHUNK_RE.findall(text)
     assert "".join(chunks) == text
-    assert bpe.pretokenize_chunks(chunks) == [regex.findall(bpe.GPT2_PAT, c) for c in chunks]
-    assert sum(bpe.pretokenize_chunks(chunks), []) == regex.findall(bpe.GPT2_PAT, text)
+    pretokens = bpe.Counter(bpe._pretokens_of_chunks(chunks))
+    assert pretokens == bpe.Counter(p for c in chunks for p in regex.findall(bpe.GPT2_PAT, c))
+    assert pretokens == bpe.Counter(regex.findall(bpe.GPT2_PAT, text))
 
 
 def test_ascii_pretoken_regex_matches_gpt2_regex():
@@ -252,9 +255,7 @@ def test_tiktoken_parity_our_vocab(trained):
 
 @pytest.fixture(scope="module")
 def gpt2(gpt2_files):
-    tok = bpe.Tokenizer.from_files(*gpt2_files, special_tokens=[EOT])
-    tok.files = gpt2_files  # for tests that need a fresh one (cold caches)
-    return tok
+    return bpe.Tokenizer.from_files(*gpt2_files, special_tokens=[EOT])
 
 
 def test_tiktoken_parity_gpt2(gpt2, gpt2_files):
@@ -304,7 +305,7 @@ def test_bpe_by_rank_and_batched_equal_replaying_the_merges(trained, gpt2):
     assert all(len(ids) == 1 for ids in gpt2._bpe_batch(gpt2_words[:500]))  # GPT-2's tokens encode to themselves
 
 
-def test_batched_cold_path_equals_plain_path(trained, gpt2, monkeypatch):
+def test_batched_cold_path_equals_plain_path(trained, gpt2_files, monkeypatch):
     """The batched cold path (_cache_chunks: one regex call for many chunks, _bpe_batch) equals encode_plain, on long
     multi-document texts whose first and last chunks start without or end with whitespace, for any batch threshold."""
     vocab, merges = trained
@@ -313,7 +314,7 @@ def test_batched_cold_path_equals_plain_path(trained, gpt2, monkeypatch):
     texts += ["x" + EOT + "  y  " + EOT + "\n", "only-one-chunk", "   ", EOT, ""]
     for batch_min in (1, 64):
         monkeypatch.setattr(bpe.Tokenizer, "BATCH_MIN", batch_min)
-        for tok in (bpe.Tokenizer(vocab, merges, [EOT]), bpe.Tokenizer.from_files(*gpt2.files, special_tokens=[EOT])):
+        for tok in (bpe.Tokenizer(vocab, merges, [EOT]), bpe.Tokenizer.from_files(*gpt2_files, special_tokens=[EOT])):
             for text in texts:
                 assert tok.encode(text) == tok.encode_plain(text), text
 
