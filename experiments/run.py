@@ -375,8 +375,9 @@ def arm_run(scale, runs, run, force=False, arm="", lr=None, seed=0, **changes) -
     return train_run(scale, runs, run, name, force, **changes)
 
 
-def baseline(scale, runs, run, force=False) -> dict:
-    return arm_run(scale, runs, run, force)
+def whole_split_losses(records: list[dict]) -> list[float]:
+    """The runs' whole-split validation losses, diverged runs (which have none) left out."""
+    return [r["val_loss_full"] for r in records if r.get("val_loss_full") is not None]
 
 
 def lowest(records: list[dict]) -> dict:
@@ -479,20 +480,20 @@ def study_ablations(scale, runs, run, force=False) -> None:
     note = ""
     if len(s["sweep"]) > 1 and not run.dry_run:
         note = ablation_summary(best, scale)
-        plot_ablations(best, REPO / "experiments" / "plots" / f"ablations-{scale}-summary.png")
+        plot_ablations(best, scale, REPO / "experiments" / "plots" / f"ablations-{scale}-summary.png")
     finish_study("ablations", scale, runs, run, records, note, plotted=[rs[0] for _, rs in best])
 
 
 def ablation_summary(best: list[tuple[str, list[dict]]], scale: str) -> str:
     """Markdown: each arm's best lr, its whole-split losses over seeds, their mean, and the mean's difference from
     the baseline's against the baseline's seed range (the noise band)."""
-    base = [r["val_loss_full"] for r in best[0][1] if r.get("val_loss_full") is not None]
+    base = whole_split_losses(best[0][1])
     lines = [f"Each arm at its best lr, over seeds; the baseline's {len(base)} seeds span "
              f"{max(base) - min(base):.3f} nats (the noise band on the plot).", "",
              "| arm | best lr | val loss per seed (whole split) | mean | mean - baseline mean |",
              "|---|---:|---|---:|---:|"]
     for arm, rs in best:
-        losses = [r["val_loss_full"] for r in rs if r.get("val_loss_full") is not None]
+        losses = whole_split_losses(rs)
         mean = statistics.mean(losses) if losses else None
         diff = None if mean is None else mean - statistics.mean(base)
         lines.append(f"| {arm} | {run_lr(rs[0], scale):g} | {', '.join(f'{x:.3f}' for x in losses) or '—'} | "
@@ -500,19 +501,19 @@ def ablation_summary(best: list[tuple[str, list[dict]]], scale: str) -> str:
     return "\n".join(lines)
 
 
-def plot_ablations(best: list[tuple[str, list[dict]]], path: Path) -> None:
+def plot_ablations(best: list[tuple[str, list[dict]]], scale: str, path: Path) -> None:
     """Each arm's final whole-split loss per seed (dots) and mean (bar), over the baseline's seed range (band)."""
     from cli import optional_import
     plt = optional_import("matplotlib.pyplot", "matplotlib", "the ablation summary plot")
-    base = [r["val_loss_full"] for r in best[0][1] if r.get("val_loss_full") is not None]
+    base = whole_split_losses(best[0][1])
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.axhspan(min(base), max(base), color="0.85", label=f"baseline seed range ({len(base)} seeds)")
     for x, (arm, rs) in enumerate(best):
-        losses = [r["val_loss_full"] for r in rs if r.get("val_loss_full") is not None]
+        losses = whole_split_losses(rs)
         ax.scatter([x] * len(losses), losses, color="C0", zorder=3)
         if losses:
             ax.hlines(statistics.mean(losses), x - 0.3, x + 0.3, color="C1", zorder=2)
-    ax.set_xticks(range(len(best)), [f"{arm}\nlr {run_lr(rs[0], 'cpu'):g}" for arm, rs in best])
+    ax.set_xticks(range(len(best)), [f"{arm}\nlr {run_lr(rs[0], scale):g}" for arm, rs in best])
     ax.set_ylabel("final val loss, whole split (nats/token)")
     ax.legend(loc="upper left")
     fig.tight_layout()

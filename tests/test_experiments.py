@@ -136,5 +136,5 @@ def test_unigram_line_and_ablation_summary(run_py, tmp_path):
     text = run_py.ablation_summary(best, "cpu")
     assert "span 0.100 nats" in text and "| nope | 0.01 | 3.200, 3.300 | 3.250 | +0.200 |" in text
     pytest.importorskip("matplotlib")
-    run_py.plot_ablations(best, tmp_path / "summary.png")
+    run_py.plot_ablations(best, "cpu", tmp_path / "summary.png")
     assert (tmp_path / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
