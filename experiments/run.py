@@ -64,7 +64,8 @@ SCALES = {
         model=dict(context_length=128, d_model=128, num_layers=4, num_heads=4, d_ff=344),
         batch_size=32, max_iters=733, lr=1e-2, warmup_frac=0.05, evals=8, eval_windows=256,
         device="cpu", extra=[],
-        lrs=[1e-3, 3e-3, 1e-2, 2e-2, 4e-2, 8e-2, 0.16, 0.32], batch_sizes=[16, 32, 64, 128], seeds=[0, 1, 2],
+        lrs=[1e-3, 3e-3, 1e-2, 2e-2, 4e-2, 8e-2, 0.16, 0.32, 0.64, 1.28], batch_sizes=[16, 32, 64, 128],
+        seeds=[0, 1, 2],
         sweep=[0.5, 1.0, 2.0], arm_seeds=[0, 1], data="kernel-docs-2k", vocab_size=2048, prompt="The kernel",
     ),
     "full": dict(
@@ -234,8 +235,22 @@ def summarize_log(run_dir: Path) -> dict:
     return {"steps": rows[-1]["step"], "tokens": rows[-1]["tokens"], "time_s": rows[-1]["time"],
             "train_loss": steps[-1]["loss"] if steps else None, "val_loss_0": val[0]["val_loss"] if val else None,
             "val_loss_subset": val[-1]["val_loss"] if val else None, "max_train_loss": peak["loss"],
-            "max_train_loss_step": peak["step"],
+            "max_train_loss_step": peak["step"], "val_rise": largest_rise(val),
             "ms_per_step": statistics.median(ms) if ms else None, "mfu": statistics.median(mfu) if mfu else None}
+
+
+def largest_rise(val: list[dict]) -> dict | None:
+    """The largest climb of the validation curve above its lowest point so far: {"nats", "from_step", "from_loss",
+    "to_step", "to_loss"}, or None if the curve never rises. The curve is measured on the same fixed windows at
+    every eval, so it has no sampling noise between evals: a healthy run's curve only falls."""
+    best, rise = None, None
+    for r in val:
+        if best is None or r["val_loss"] < best["val_loss"]:
+            best = r
+        elif rise is None or r["val_loss"] - best["val_loss"] > rise["nats"]:
+            rise = {"nats": r["val_loss"] - best["val_loss"], "from_step": best["step"],
+                    "from_loss": best["val_loss"], "to_step": r["step"], "to_loss": r["val_loss"]}
+    return rise
 
 
 def whole_split_loss(ckpt: Path, valid: Path, device: str) -> float:
@@ -255,11 +270,15 @@ def whole_split_loss(ckpt: Path, valid: Path, device: str) -> float:
 
 
 SPIKE_NATS = 1.0  # a training loss this far above the untrained model's is a blow-up, not noise
+RISE_NATS = 0.1  # a validation curve (fixed windows) climbing this far above its best lost what it had learned
 
 
 def outcome(record: dict) -> str:
     """diverged (train.py stopped on nan/inf, or the final loss is above the untrained model's), unstable (the
-    training loss blew up above the untrained model's at some point, then came back down), or ok."""
+    training loss blew up above the untrained model's at some point, or the validation curve climbed back up by more
+    than RISE_NATS, then came back down), or ok. With Adam and gradient clipping a too-large lr rarely reaches
+    nan/inf: the update's size is bounded by the lr, so the typical failure is the climb (the model is pushed back
+    towards what token frequencies alone give) and a partial recovery once the cosine schedule lowers the lr."""
     if record.get("nan_step") is not None:
         return f"diverged: nan/inf by step {record['nan_step']}"
     if not record["val_loss_full"] < record["val_loss_0"]:
@@ -267,6 +286,11 @@ def outcome(record: dict) -> str:
     if record["max_train_loss"] > record["val_loss_0"] + SPIKE_NATS:
         return (f"unstable: train loss {record['max_train_loss']:.1f} at step {record['max_train_loss_step']} "
                 f"(step 0: {record['val_loss_0']:.1f}), then recovered")
+    rise = record.get("val_rise")
+    if rise and rise["nats"] > RISE_NATS:
+        after = "then fell again" if record["val_loss_subset"] < rise["to_loss"] else "and ended there"
+        return (f"unstable: val loss rose from {rise['from_loss']:.2f} (step {rise['from_step']}) to "
+                f"{rise['to_loss']:.2f} (step {rise['to_step']}), {after}")
     return "ok"
 
 
@@ -395,6 +419,24 @@ def round_lr(lr: float) -> float:
     return float(f"{lr:.2g}")  # two significant digits: names and commands stay short (0.0071, not 0.00707107)
 
 
+MAX_SWEEP_EXTENSIONS = 2
+
+
+def sweep_to_minimum(scale: str, train_at, lrs: list[float]) -> list[dict]:
+    """train_at(lr) -> record for each lr; then, while the lowest whole-split loss is at the smallest or the largest
+    lr swept, one lr further out on that side (by the same ratio as that end to its neighbour), at most
+    MAX_SWEEP_EXTENSIONS times: a best lr at the end of a sweep is only a bound on the best. Sorted by lr."""
+    records = [train_at(lr) for lr in lrs]
+    for _ in range(MAX_SWEEP_EXTENSIONS if len(lrs) > 1 else 0):
+        by_lr = sorted(records, key=lambda r: run_lr(r, scale))
+        best = lowest(records)
+        if best.get("val_loss_full") is None or best not in (by_lr[0], by_lr[-1]):
+            break  # bracketed (or nothing scored, as in a --dry-run)
+        edge, inner = (by_lr[0], by_lr[1]) if best is by_lr[0] else (by_lr[-1], by_lr[-2])
+        records.append(train_at(round_lr(run_lr(edge, scale) ** 2 / run_lr(inner, scale))))
+    return sorted(records, key=lambda r: run_lr(r, scale))
+
+
 def lr_sweep(scale, runs, run, force=False) -> list[dict]:
     s = SCALES[scale]
     return [arm_run(scale, runs, run, force, lr=lr) for lr in s["lrs"]]
@@ -410,7 +452,7 @@ def center_lr(scale, runs, run, force=False) -> float:
 def best_of_arm(scale, runs, run, force, arm, lrs, seeds, **changes) -> tuple[list[dict], list[dict]]:
     """(every run of the arm, the runs at its best lr over `seeds`): the lrs with seed 0, then the best one again
     with the other seeds."""
-    swept = [arm_run(scale, runs, run, force, arm, lr, 0, **changes) for lr in lrs]
+    swept = sweep_to_minimum(scale, lambda lr: arm_run(scale, runs, run, force, arm, lr, 0, **changes), lrs)
     best = run_lr(lowest(swept), scale)
     repeats = [arm_run(scale, runs, run, force, arm, best, seed, **changes) for seed in seeds if seed]
     return swept + repeats, [r for r in swept if run_lr(r, scale) == best] + repeats
@@ -439,7 +481,7 @@ def study_batch(scale, runs, run, force=False) -> None:
         arm, changes = ("", {}) if b == s["batch_size"] else (f"bs{b}", dict(batch_size=b, max_iters=steps))
         lrs = [round_lr(center * (b / s["batch_size"]) ** 0.5 * f) if len(s["sweep"]) > 1 else s["lr"]
                for f in s["sweep"]]
-        swept = [arm_run(scale, runs, run, force, arm, lr, 0, **changes) for lr in lrs]
+        swept = sweep_to_minimum(scale, lambda lr: arm_run(scale, runs, run, force, arm, lr, 0, **changes), lrs)
         records += swept
         best.append((b, lowest(swept)))
     note = ""
@@ -551,6 +593,8 @@ def study_tokenizer(scale, runs, run, shared: Path, force=False) -> None:
                    "tinyshakespeare": runs / "data" / "tinyshakespeare" / "valid.txt"}
         tokenizers = {"kernel-docs": runs / "data" / "kernel-docs", "tinyshakespeare": runs / "data" /
                       "tinyshakespeare"}
+        if SCALES[scale]["data"] != "kernel-docs":  # --cpu trains on a smaller kernel-docs vocabulary: show it too
+            tokenizers = {f"kernel-docs ({SCALES[scale]['vocab_size']:,})": data_dir(scale, runs), **tokenizers}
     print(f"# in-process: bpe.Tokenizer.from_dir(...).encode(text) for each tokenizer x corpus; "
           f"tokenizers {', '.join(rel(p) for p in tokenizers.values())}")
     if run.dry_run:

@@ -60,12 +60,16 @@ def test_full_dry_run_commands_are_valid_train_py_invocations(run_py, capsys, tm
 
 
 def test_cpu_dry_run_sweeps_every_arm_at_3m_tokens(run_py, capsys, tmp_path):
-    """--cpu: every run sees >= 3M tokens on the 2K-vocab data; the lr study has >= 6 rates; each of >= 4 batch sizes
-    and every ablation arm is trained at several lrs; arms repeat over seeds; no two commands share a run directory."""
+    """--cpu: the tokenizer study includes the 2K vocabulary; every run sees >= 3M tokens on that data; the lr study
+    has >= 6 rates; each of >= 4 batch sizes and every ablation arm is trained at several lrs; arms repeat over
+    seeds; no two commands share a run directory."""
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "kernel-docs-train.txt").write_text("prep only checks that the corpus is there")
     assert run_py.main(["all", "--cpu", "--dry-run", "--runs", str(tmp_path), "--shared", str(tmp_path)]) == 0
-    lines = [line[2:] for line in capsys.readouterr().out.splitlines() if line.startswith("$ python train.py --")]
+    out = capsys.readouterr().out
+    tokenizer_study = next(line for line in out.splitlines() if line.startswith("# in-process: bpe.Tokenizer"))
+    assert "kernel-docs-2k" in tokenizer_study  # the tokenizer study covers the vocabulary these runs train on
+    lines = [line[2:] for line in out.splitlines() if line.startswith("$ python train.py --")]
     lines_of, runs_of = {}, {}
     for line in lines:
         args, ckpt = train.resolve_args(shlex.split(line)[2:])
@@ -138,3 +142,34 @@ def test_unigram_line_and_ablation_summary(run_py, tmp_path):
     pytest.importorskip("matplotlib")
     run_py.plot_ablations(best, "cpu", tmp_path / "summary.png")
     assert (tmp_path / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_outcome_flags_a_validation_curve_that_climbs_back(run_py):
+    """An lr above the edge of stability rarely reaches nan under Adam and clipping: its validation curve (fixed
+    windows, so noise-free between evals) climbs back up. A rise of more than RISE_NATS above the best so far is
+    "unstable"; a curve that only falls, or wobbles by less, is "ok"."""
+    curve = lambda *losses: [{"step": 10 * i, "val_loss": x} for i, x in enumerate(losses)]  # noqa: E731
+    rise = run_py.largest_rise(curve(7.7, 6.1, 6.2, 6.35, 6.0, 5.7))
+    assert rise == {"nats": pytest.approx(0.25), "from_step": 10, "from_loss": 6.1, "to_step": 30, "to_loss": 6.35}
+    assert run_py.largest_rise(curve(7.7, 5.0, 4.0)) is None
+    record = dict(val_loss_0=7.7, val_loss_full=5.8, val_loss_subset=5.7, max_train_loss=7.6, max_train_loss_step=5)
+    assert run_py.outcome({**record, "val_rise": rise}).startswith("unstable: val loss rose from 6.10 (step 10) "
+                                                                    "to 6.35 (step 30), then fell again")
+    small = run_py.largest_rise(curve(7.7, 4.0, 4.05, 3.9))
+    assert run_py.outcome({**record, "val_rise": small}) == "ok"
+
+
+def test_a_sweep_whose_best_is_at_an_end_goes_one_lr_further(run_py):
+    """The best lr of a sweep must lie inside it: while the lowest loss is at an end, one more lr beyond that end
+    (same ratio as to its neighbour), at most MAX_SWEEP_EXTENSIONS times; a bracketed sweep runs nothing more."""
+    def sweep(best_lr):
+        trained = []
+        def train_at(lr):
+            trained.append(lr)
+            return {"changes": {"lr": lr}, "val_loss_full": 3.0 + abs(np.log(lr / best_lr))}
+        records = run_py.sweep_to_minimum("cpu", train_at, [0.005, 0.01, 0.02])
+        assert [r["changes"]["lr"] for r in records] == sorted(trained)
+        return trained
+    assert sweep(0.01) == [0.005, 0.01, 0.02]
+    assert sweep(0.004) == [0.005, 0.01, 0.02, 0.0025]  # one step down, and 0.0025 is now bracketed by 0.005
+    assert sweep(0.5) == [0.005, 0.01, 0.02, 0.04, 0.08]  # still at the top after two steps: it stops there
