@@ -1210,16 +1210,6 @@ def read_log(path) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def flush_subnormals(device: torch.device) -> bool:
-    """On CPU, have float arithmetic treat subnormal numbers (|x| < 1.2e-38 in fp32) as 0 (flush-to-zero and
-    denormals-are-zero); True if it did. x86 cores compute with subnormals in microcode, many times slower per op,
-    and a training run can make ever more of them: AdamW's moments of a weight whose gradient has died decay
-    geometrically (v by beta2 = 0.95 a step) through the subnormal range on their way to 0. A value that small is
-    ~1e-30 of anything it is added to or divided by (v sits under sqrt(v) + eps, eps = 1e-8), so flushing it
-    changes no result that float32 can show, while the step time stays flat (see EXPERIMENTS.md, learning rate)."""
-    return device.type == "cpu" and torch.set_flush_denormal(True)
-
-
 def train(args: dict, ckpt: dict | None = None) -> Path:
     """Run (or resume) training as `args` say; returns the run directory. `args` itself is left unchanged."""
     run, init = setup_run(args, ckpt)
@@ -1231,7 +1221,6 @@ def train(args: dict, ckpt: dict | None = None) -> Path:
     log = RunLog(run, progress)
     progress.begin(run.device)
     stop = Stop(run.out)
-    flushing = flush_subnormals(run.device)  # process-wide: switched back off when training ends
     try:
         if progress.step == 0:  # step 0: the loss of the untrained model (about ln V) anchors every curve
             val = validation_loss(run, trainer)
@@ -1271,8 +1260,6 @@ def train(args: dict, ckpt: dict | None = None) -> Path:
     finally:
         stop.restore()
         log.close()
-        if flushing:
-            torch.set_flush_denormal(False)
         if dist.is_initialized():
             dist.destroy_process_group()
     return run.out
