@@ -64,8 +64,7 @@ SCALES = {
         model=dict(context_length=128, d_model=128, num_layers=4, num_heads=4, d_ff=344),
         batch_size=32, max_iters=733, lr=1e-2, warmup_frac=0.05, evals=8, eval_windows=256,
         device="cpu", extra=[],
-        lrs=[1e-3, 3e-3, 1e-2, 2e-2, 4e-2, 8e-2, 0.16, 0.32, 0.64, 1.28], batch_sizes=[16, 32, 64, 128],
-        seeds=[0, 1, 2],
+        lrs=[1e-3, 3e-3, 1e-2, 2e-2, 4e-2, 8e-2, 0.16, 0.32], batch_sizes=[16, 32, 64, 128], seeds=[0, 1, 2],
         sweep=[0.5, 1.0, 2.0], arm_seeds=[0, 1], data="kernel-docs-2k", vocab_size=2048, prompt="The kernel",
     ),
     "full": dict(
