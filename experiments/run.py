@@ -19,6 +19,7 @@ tables go to experiments/results/<study>-<scale>.md and plots to experiments/plo
 """
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -151,6 +152,7 @@ def prep_kernel_docs(out: Path, vocab_size: int, corpus: Path, run: Runner) -> N
                  str(corpus / f"kernel-docs-{split}.txt"), "--output", rel(out / f"{split}.npy")])
 
 
+@functools.cache  # read by every run's outcome: the token counts are the same for all of them
 def unigram_loss(scale: str, runs: Path) -> float:
     """The whole-split validation loss (nats/token) of a model that knows only token frequencies: the training
     split's unigram distribution (add-one smoothed, so no token has probability 0), scored on the validation split.
@@ -272,12 +274,16 @@ SPIKE_NATS = 1.0  # a training loss this far above the untrained model's is a bl
 RISE_NATS = 0.1  # a validation curve (fixed windows) climbing this far above its best lost what it had learned
 
 
-def outcome(record: dict) -> str:
+STALL_NATS = 0.05  # a final loss this close to the unigram line's has learned nothing beyond token frequencies
+
+
+def outcome(record: dict, unigram: float | None = None) -> str:
     """diverged (train.py stopped on nan/inf, or the final loss is above the untrained model's), unstable (the
     training loss blew up above the untrained model's at some point, or the validation curve climbed back up by more
-    than RISE_NATS, then came back down), or ok. With Adam and gradient clipping a too-large lr rarely reaches
-    nan/inf: the update's size is bounded by the lr, so the typical failure is the climb (the model is pushed back
-    towards what token frequencies alone give) and a partial recovery once the cosine schedule lowers the lr."""
+    than RISE_NATS, then came back down), stalled (it ends no better than the unigram line, `unigram`), or ok.
+    With Adam and gradient clipping a too-large lr rarely reaches nan/inf: the update's size is bounded by the lr,
+    so the typical failure is the climb (the model is pushed back towards what token frequencies alone give) and a
+    partial recovery once the cosine schedule lowers the lr, or no progress past the unigram line at all."""
     if record.get("nan_step") is not None:
         return f"diverged: nan/inf by step {record['nan_step']}"
     if not record["val_loss_full"] < record["val_loss_0"]:
@@ -290,6 +296,8 @@ def outcome(record: dict) -> str:
         after = "then fell again" if record["val_loss_subset"] < rise["to_loss"] else "and ended there"
         return (f"unstable: val loss rose from {rise['from_loss']:.2f} (step {rise['from_step']}) to "
                 f"{rise['to_loss']:.2f} (step {rise['to_step']}), {after}")
+    if unigram is not None and record["val_loss_full"] > unigram - STALL_NATS:
+        return f"stalled: no better than token frequencies ({unigram:.2f})"
     return "ok"
 
 
@@ -304,7 +312,7 @@ def train_run(scale: str, runs: Path, run: Runner, name: str, force: bool = Fals
         if record["cmd"] == shlex.join(cmd[1:]):
             print(f"# reusing {rel(out)} (same command; --force reruns it)")
             record.update(summarize_log(out))
-            record["outcome"] = outcome(record)
+            record["outcome"] = outcome(record, unigram_loss(scale, runs))
             return record
     rc, text = run(cmd, check=False)
     if run.dry_run:
@@ -320,7 +328,7 @@ def train_run(scale: str, runs: Path, run: Runner, name: str, force: bool = Fals
         record["val_loss_full"] = whole_split_loss(out / "last.pt", data_dir(scale, runs) / "valid.npy",
                                                    SCALES[scale]["device"])
         print(f"# whole-split validation loss of {rel(out / 'last.pt')}: {record['val_loss_full']:.4f}")
-    record["outcome"] = outcome(record)
+    record["outcome"] = outcome(record, unigram_loss(scale, runs))
     atomic_write_text(record_path, json.dumps(record, indent=1) + "\n")  # a killed study never leaves half of it
     return record
 
