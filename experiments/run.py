@@ -272,8 +272,6 @@ def whole_split_loss(ckpt: Path, valid: Path, device: str) -> float:
 
 SPIKE_NATS = 1.0  # a training loss this far above the untrained model's is a blow-up, not noise
 RISE_NATS = 0.1  # a validation curve (fixed windows) climbing this far above its best lost what it had learned
-
-
 STALL_NATS = 0.05  # a final loss this close to the unigram line's has learned nothing beyond token frequencies
 
 
@@ -488,7 +486,7 @@ def study_batch(scale, runs, run, force=False) -> None:
         arm, changes = ("", {}) if b == s["batch_size"] else (f"bs{b}", dict(batch_size=b, max_iters=steps))
         lrs = [round_lr(center * (b / s["batch_size"]) ** 0.5 * f) if len(s["sweep"]) > 1 else s["lr"]
                for f in s["sweep"]]
-        swept = sweep_to_minimum(scale, lambda lr: arm_run(scale, runs, run, force, arm, lr, 0, **changes), lrs)
+        swept, _ = best_of_arm(scale, runs, run, force, arm, lrs, [0], **changes)  # seed 0 only: no repeats
         records += swept
         best.append((b, lowest(swept)))
     note = ""
