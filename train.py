@@ -1533,6 +1533,21 @@ def demo_main(argv) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def flush_subnormals() -> bool:
+    """Make every CPU thread flush subnormal floats (|x| < 1.2e-38 in fp32) to zero; returns whether the CPU can.
+
+    x86 computes on subnormals in microcode, far slower than on normal floats (bench/bench_subnormal.py: a multiply
+    16x and a fused AdamW step 20x slower on subnormal inputs). A run that drives some of its state toward zero (an
+    lr of 0.64 on the --cpu experiments' model) slowed from ~220 to 1,240 ms/step between steps 250 and 324 without
+    this, and stayed at 190 ms/step for all 733 steps with it (BENCHMARKS.md). Flushing changes numbers below any
+    loss's resolution: a baseline run's losses move in the 7th significant digit.
+
+    torch.set_flush_denormal sets the calling thread's FTZ/DAZ bits, and a thread created later copies them from its
+    creator. So this must run before torch's OpenMP thread pool starts (the first parallel op): called after, it
+    flushes only in the main thread, i.e. half of a 2-thread op's results. That is why it sits first in __main__."""
+    return torch.set_flush_denormal(True)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv and argv[0] in ("plot", "demo", "export", "import") else "train"
@@ -1559,4 +1574,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    flush_subnormals()  # first: the threads torch starts later inherit the setting
     sys.exit(main())

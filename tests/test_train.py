@@ -367,6 +367,33 @@ def test_train_leaves_its_args_unchanged(data_dir, tmp_path, capsys):
     assert args == before
 
 
+FLUSH_CHECK = """
+import numpy as np, sys, torch
+sys.path.insert(0, {root!r})
+import train
+x = torch.from_numpy(np.full(1 << 20, 1e-39, dtype=np.float32))  # subnormal, made before any flushing
+if {first}:
+    assert train.flush_subnormals()
+_ = x * 1.0  # the first parallel op: torch's thread pool starts here
+if not {first}:
+    torch.set_flush_denormal(True)
+print(int(((x * 1.0).view(torch.int32) != 0).sum()))  # results left subnormal (bit patterns: DAZ reads them as 0)
+"""
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first", "after the thread pool started"])
+def test_flush_subnormals_reaches_every_thread_only_when_called_first(first):
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormals (no SSE3)")
+    done = subprocess.run([sys.executable, "-c", FLUSH_CHECK.format(root=str(ROOT), first=first)], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "2"}, check=True)
+    unflushed = int(done.stdout)
+    if first:
+        assert unflushed == 0  # why train.py calls it before anything else
+    else:
+        assert 0 < unflushed < 1 << 20  # the main thread's share is flushed, the pool thread's is not
+
+
 def test_validation_and_sample_eval_share_one_evaluator(data_dir):
     import sample
     torch.manual_seed(0)
