@@ -1540,7 +1540,7 @@ def flush_subnormals() -> bool:
     16x and a fused AdamW step 20x slower on subnormal inputs). A run that drives some of its state toward zero (an
     lr of 0.64 on the --cpu experiments' model) slowed from ~220 to 1,240 ms/step between steps 250 and 324 without
     this, and stayed at 190 ms/step for all 733 steps with it (BENCHMARKS.md). Flushing changes numbers below any
-    loss's resolution: a baseline run's losses move in the 7th significant digit.
+    loss's resolution: a baseline run's losses move by ~1e-7.
 
     torch.set_flush_denormal sets the calling thread's FTZ/DAZ bits, and a thread created later copies them from its
     creator. So this must run before torch's OpenMP thread pool starts (the first parallel op): called after, it
