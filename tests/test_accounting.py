@@ -421,11 +421,13 @@ ids = torch.randint(lm.config.vocab_size, (2, 9))
 optim.cross_entropy(lm(ids[:, :-1]), ids[:, 1:]).backward()
 opt.step()
 local = [p.to_local() for p in lm.parameters()]
-print(json.dumps(dict(rank=dist.get_rank(), params=sum(4 * t.numel() for t in local),
-                      storage=sum(t.untyped_storage().nbytes() for t in local),
-                      grads=sum(4 * p.grad.to_local().numel() for p in lm.parameters()),
-                      adamw_state=sum(4 * v.to_local().numel() for st in opt.state.values()
-                                      for k, v in st.items() if k != "step"))))
+seen = dict(rank=dist.get_rank(), params=sum(4 * t.numel() for t in local),
+            storage=sum(t.untyped_storage().nbytes() for t in local),
+            grads=sum(4 * p.grad.to_local().numel() for p in lm.parameters()),
+            adamw_state=sum(4 * v.to_local().numel() for st in opt.state.values() for k, v in st.items() if k != "step"))
+with open(f"rank{{dist.get_rank()}}.json", "w") as f:  # a file each: two ranks printing to one pipe can interleave
+    json.dump(seen, f)
+dist.barrier()
 dist.destroy_process_group()
 """
 
@@ -442,7 +444,7 @@ def test_fsdp_shard_bytes_match_a_real_two_rank_fsdp2_run(cfg, tmp_path):
                           str(29000 + os.getpid() % 1000), str(worker)], cwd=tmp_path, capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    ranks = {r["rank"]: r for r in map(json.loads, filter(None, run.stdout.splitlines()))}
+    ranks = {r["rank"]: r for r in (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2))}
     assert set(ranks) == {0, 1}
     for rank, seen in ranks.items():
         shard = accounting.fsdp_shard_bytes(cfg, 2, rank=rank)
