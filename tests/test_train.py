@@ -342,8 +342,11 @@ def test_a_second_signal_stops_at_once_without_saving(data_dir, tmp_path, capsys
     def clip_then_two_signals(params, max_norm):
         calls["n"] += 1
         if calls["n"] == 7:
-            os.kill(os.getpid(), signal.SIGTERM)  # the first: finish the step, save, exit
-            os.kill(os.getpid(), signal.SIGINT)   # the second, before the step is over: stop now
+            # raise_signal, not os.kill: it signals this thread, so each handler runs before the call returns. (A
+            # signal sent to the process may land on another thread; if the first's handler had not run when the
+            # second came, Python would run them in signal-number order, SIGINT first, and the roles would swap.)
+            signal.raise_signal(signal.SIGTERM)  # the first: finish the step, save, exit
+            signal.raise_signal(signal.SIGINT)   # the second, before the step is over: stop now
             raise AssertionError("the second signal did not interrupt the step")
         return real_clip(params, max_norm)
 
