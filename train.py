@@ -1261,8 +1261,8 @@ def train(args: dict, ckpt: dict | None = None) -> Path:
             # Every rank waits here for the others before tearing the process group down. Without it a rank that
             # finishes first (rank 0 still writing last.pt) and exits could die in gloo's teardown ("terminate
             # called without an active exception", SIGABRT after the last step: 8 of 45 two-rank runs on a busy
-            # 2-core machine, 0 of 60 with the barrier). Only on the way out of a finished loop: after an error
-            # on one rank the others would wait here for it forever.
+            # 2-core machine, 0 of 60 with the barrier). Only when the loop ended normally (done, or a stop all
+            # ranks agreed on), never in `finally`: after an error on one rank the others would wait here forever.
             dist.barrier()
     finally:
         stop.restore()

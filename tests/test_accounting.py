@@ -427,7 +427,7 @@ seen = dict(rank=dist.get_rank(), params=sum(4 * t.numel() for t in local),
             adamw_state=sum(4 * v.to_local().numel() for st in opt.state.values() for k, v in st.items() if k != "step"))
 with open(f"rank{{dist.get_rank()}}.json", "w") as f:  # a file each: two ranks printing to one pipe can interleave
     json.dump(seen, f)
-dist.barrier()
+dist.barrier()  # as train.py does: a rank that exits while the other still works can abort in gloo's teardown
 dist.destroy_process_group()
 """
 
