@@ -392,9 +392,9 @@ def _byte_words(counts: Counter) -> tuple[list[str], list[int]]:
 
 
 def count_pairs(words: list[str], freqs: list[int]) -> tuple[defaultdict, defaultdict]:
-    """Initial pair counts and pair -> word indices, vectorised with numpy (a word is a str of token ids, see
-    _byte_words; here every id is still a byte, < 256). A pair is the 2-character str of its two ids.
-    count_pairs(["abab", "ba"], [3, 1]) -> ({"ab": 6, "ba": 4}, {"ab": [0], "ba": [0, 1]})"""
+    """Initial pair counts and pair -> word indices (an int32 array each), vectorised with numpy (a word is a str of
+    token ids, see _byte_words; here every id is still a byte, < 256). A pair is the 2-character str of its two ids.
+    count_pairs(["abab", "ba"], [3, 1]) -> ({"ab": 6, "ba": 4}, {"ab": array([0]), "ba": array([0, 1])})"""
     lengths = np.fromiter(map(len, words), dtype=np.int32, count=len(words))
     flat = np.frombuffer("".join(words).encode("latin-1"), dtype=np.uint8).astype(np.int32)  # chr(i) -> byte i
     word_of = np.repeat(np.arange(len(words), dtype=np.int32), lengths)  # the word index of each position
@@ -413,14 +413,11 @@ def count_pairs(words: list[str], freqs: list[int]) -> tuple[defaultdict, defaul
     once = np.r_[True, (code[1:] != code[:-1]) | (where[1:] != where[:-1])]
     code, where = code[once], where[once]
     starts = np.flatnonzero(np.r_[True, code[1:] != code[:-1]])
-    # One int object per word, shared by all the lists (an object array hands out the same objects): a fresh int per
-    # list entry would cost 28 bytes x ~2 million entries.
-    word_ids = np.array(list(range(len(words))), dtype=object)
     pair_counts, pair_words = defaultdict(int), defaultdict(list)
     for s, e, c, total in zip(starts.tolist(), [*starts[1:].tolist(), len(code)], code[starts].tolist(), totals):
         pair = chr(c >> 8) + chr(c & 255)
         pair_counts[pair] = total
-        pair_words[pair] = word_ids[where[s:e]].tolist()
+        pair_words[pair] = where[s:e]
     return pair_counts, pair_words
 
 
@@ -429,16 +426,17 @@ PROGRESS_MERGES = 1000  # with progress=True, bpe_merges prints a line every thi
 
 def bpe_merges(words: list[str], freqs: list[int], num_merges: int, *, progress=False,
                t0=None) -> tuple[list[bytes], list]:
-    """The merge loop: words (see _byte_words, rewritten in place) and their frequencies -> (tokens by id, merges as
-    id pairs), at most num_merges of them.
+    """The merge loop: words (see _byte_words; the loop rewrites them) and their frequencies -> (tokens by id,
+    merges as id pairs), at most num_merges of them.
     bpe_merges(["ab", "abc"], [2, 1], 2) -> ([..256 bytes.., b"ab", b"abc"], [(97, 98), (256, 99)])"""
     t0 = time.perf_counter() if t0 is None else t0
 
     # The bookkeeping (what makes a merge cheap). A pair (a, b) is the 2-character str chr(a) + chr(b):
     #   pair_counts[pair]  how often the pair occurs in the corpus (sum of word frequencies);
-    #   pair_words[pair]   the indices of the words that contain it, a list (it may name a word twice, or words that
-    #                      no longer contain the pair: those visits find nothing to merge, which is cheaper than
-    #                      keeping the lists exact);
+    #   pair_words[pair]   the indices of the words that contain it, an int32 array that names each word once in the
+    #                      first merges (the array phase, see _Words), later a list that may name a word twice; either
+    #                      may name words that no longer contain the pair: those visits find nothing to merge, which
+    #                      is cheaper than keeping the lists exact;
     #   queue              a max-heap of entries (-count, key(a), key(b), pair): on count, then on the byte strings
     #                      (see _PairQueue, which also keeps rare pairs out of the heap until they could matter).
     # Lazy invalidation: counts only ever go down for existing pairs (a merge turns (x, a) into (x, ab)), and new pairs
@@ -449,6 +447,7 @@ def bpe_merges(words: list[str], freqs: list[int], num_merges: int, *, progress=
     # their neighbouring pairs, plus O(log heap) per pushed or re-pushed entry; never a pass over the whole corpus.
     # The count changes of one merge are first summed per neighbour token, then applied once per changed pair.
     pair_counts, pair_words = count_pairs(words, freqs)
+    corpus = _Words(words, freqs)
     vocab = [bytes([i]) for i in range(256)]
     keys = [_inverted(t) for t in vocab]
     queue = _PairQueue(pair_counts, keys)
@@ -463,8 +462,8 @@ def bpe_merges(words: list[str], freqs: list[int], num_merges: int, *, progress=
         vocab.append(vocab[ord(a)] + vocab[ord(b)])
         keys.append(_inverted(vocab[-1]))
         merges.append((ord(a), ord(b)))
-        tally = _rewrite_words(words, freqs, pair_words.pop(pair), pair, new)
-        _apply_pair_deltas(tally, freqs, pair, new, pair_counts, pair_words, queue, keys)
+        tally = corpus.merge(pair_words.pop(pair), pair, new)
+        _apply_pair_deltas(tally, pair, new, pair_counts, pair_words, queue, keys)
         # A greedy left-to-right merge leaves no (a, b) behind. subtle: only after the deltas, which touch (a, b)
         # itself when a == b ("a a a" loses (a, a) twice, once as the merged pair and once as (b, y)), and may already
         # have forgotten it (_lose).
@@ -529,9 +528,11 @@ class _PairQueue:
 
 class _NeighbourTally(NamedTuple):
     """How one merge of the pair (a, b) into `new` changes the neighbouring pairs, by neighbour token. Made by
-    _rewrite_words, applied by _apply_pair_deltas."""
+    _rewrite_words (or _rewrite_words_batch), applied by _apply_pair_deltas."""
     left_words: dict   # x -> the index of the word, once per occurrence with left neighbour x: (x, a) became (x, new)
+    left_counts: dict  # x -> those occurrences, by frequency (the summed frequencies of left_words[x])
     right_words: dict  # y -> the same for each occurrence with right neighbour y: (b, y) became (new, y)
+    right_counts: dict
     overlap: int       # back-to-back occurrences ("a b a b"), by frequency: their (b, a) is gone, and the (new, a) that
                        # right_words["a"] lists for them does not exist
 
@@ -574,7 +575,8 @@ def _rewrite_words(words: list[str], freqs: list[int], word_ids: list[int], pair
                 right_words[w[end]].append(i)
             j = w.find(pair, end)
         words[i] = w.replace(pair, new)  # BPE's merge: non-overlapping, left to right
-    return _NeighbourTally(left_words, right_words, overlap)
+    return _NeighbourTally(left_words, _neighbour_counts(left_words, freqs),
+                           right_words, _neighbour_counts(right_words, freqs), overlap)
 
 
 def _neighbour_counts(word_lists: dict, freqs: list[int]) -> dict:
@@ -583,8 +585,138 @@ def _neighbour_counts(word_lists: dict, freqs: list[int]) -> dict:
     return {x: sum(map(get, ids)) for x, ids in word_lists.items()}
 
 
-def _apply_pair_deltas(tally: _NeighbourTally, freqs: list[int], pair: str, new: str, pair_counts: dict,
-                       pair_words: dict, queue: _PairQueue, keys: list) -> None:
+class _Words:
+    """The words the merge loop rewrites, in whichever form is faster: first _FlatWords, one array for all of them
+    (the first merges list thousands of words each), then, from the first time that stops paying, the words as strs
+    and _rewrite_words (most later merges list a few dozen words)."""
+
+    def __init__(self, words: list[str], freqs: list[int]):
+        self.words, self.freqs = words, freqs
+        self.flat, self.freq_of = _FlatWords(words), np.asarray(freqs, np.int64)  # None once the array phase is over
+
+    def merge(self, word_ids, pair: str, new: str) -> _NeighbourTally:
+        """Merge `pair` into `new` in the listed words; tally the neighbours of the merged occurrences."""
+        if self.flat is not None and not self.flat.worth_it(len(word_ids)):
+            self.words[:], self.flat = self.flat.words(), None
+            # One int object per word for the lists made from here on (an object array hands out the objects it
+            # holds): a fresh int per list entry would cost 28 bytes x millions of entries.
+            self.word_objs = np.array(list(range(len(self.words))), dtype=object)
+        if self.flat is not None:
+            return self.flat.merge(word_ids, pair, new, self.freq_of)
+        if type(word_ids) is not list:  # an array the array phase made
+            word_ids = self.word_objs[word_ids].tolist()
+        return _rewrite_words(self.words, self.freqs, word_ids, pair, new)
+
+
+class _FlatWords:
+    """The words end to end in one array of token ids, for the merge loop's first merges, which list thousands of
+    words each: a merge is then ~40 numpy calls on the listed words, with no Python step per word, where
+    _rewrite_words takes ~1.5 us of Python per listed word (BENCHMARKS.md has the measured gain). Each word keeps a
+    slot of its length at the start plus one: its tokens, then END, the room its merges free up filling with END too.
+    _FlatWords(["ab", "b"]).tokens == [97, 98, END, 98, END]."""
+
+    END = np.iinfo(np.uint32).max  # not a token id: no pair can span two words, and a word's neighbours are known
+    MIN_WORDS = 150  # the words per merge below which _rewrite_words is faster (measured on kernel-docs, 32K)
+
+    def __init__(self, words: list[str]):
+        # note: the UTF-32 of a word is its ids (a word character is chr(id)); surrogatepass lets the ids 0xD800 to
+        # 0xDFFF through, which are chrs like any other here
+        lengths = np.fromiter(map(len, words), np.int64, len(words))
+        ids = np.frombuffer("".join(words).encode("utf-32-le", "surrogatepass"), np.uint32)  # (total,)
+        self.tokens = np.insert(ids, np.cumsum(lengths), self.END)  # (total + num_words,) every slot, END after each
+        self.size = lengths + 1  # (num_words,) each slot's size, fixed
+        self.start = np.cumsum(self.size) - self.size  # (num_words,) where each slot begins
+        self.average_words = None  # words listed per merge, a moving average (see worth_it)
+
+    def worth_it(self, listed: int) -> bool:
+        """Is this representation still the faster one? A merge here costs ~40 numpy calls whatever its size, so
+        it pays while merges list many words, as the first ones do. The average over the last ~100 merges decides,
+        so that the odd small merge among big ones does not end the array phase: the first time it drops below
+        MIN_WORDS, the merge loop switches to _rewrite_words for good."""
+        average = listed if self.average_words is None else self.average_words
+        self.average_words = average + (listed - average) / 100
+        return self.average_words >= self.MIN_WORDS
+
+    def merge(self, word_ids: np.ndarray, pair: str, new: str, freq_of: np.ndarray) -> _NeighbourTally:
+        """_rewrite_words on this representation: merge `pair` into `new` in the listed words (none listed twice) and
+        tally the merged occurrences' neighbours, with the word lists as int32 arrays listing a word once.
+        freq_of: (num_words,) int64, each word's frequency."""
+        a, b, new_id, END = ord(pair[0]), ord(pair[1]), ord(new), self.END
+        size = self.size[word_ids]
+        ends = np.cumsum(size)  # (m,) where each listed word's slot ends in `tokens` below
+        slots = np.repeat(self.start[word_ids] - (ends - size), size) + np.arange(ends[-1])  # (n,) their positions
+        tokens = self.tokens[slots]  # (n,) the listed words' slots end to end, the last token END
+        # hit[k]: an occurrence starts at k. In a run of candidates ("a a a a" for the pair (a, a): runs need a == b)
+        # BPE's left-to-right merge takes every other one, starting with the first.
+        hit = np.zeros(tokens.size + 1, bool)  # two False at the end: hit[k - 2] is False for k < 2 (index -1, -2)
+        np.logical_and(tokens[:-1] == a, tokens[1:] == b, out=hit[:-2])
+        if a == b:
+            k = np.arange(hit.size)
+            run_start = hit.copy()
+            run_start[1:] &= ~hit[:-1]
+            hit &= (k - np.maximum.accumulate(np.where(run_start, k, 0))) % 2 == 0
+        at = np.flatnonzero(hit)  # (occurrences,) at + 2 < n, since the last token is END, never b
+        in_slot = np.searchsorted(ends, at, side="right")  # (occurrences,) which listed word each is in
+        occurrence_word = word_ids[in_slot]
+        freq = freq_of[occurrence_word]  # (occurrences,) each occurrence counts its word's frequency
+
+        # Left neighbours: the token before (END: none), or `new` where the previous occurrence ends right here (an
+        # overlap, see _NeighbourTally). Right neighbours: the token after, as it is before the rewrite. at - 1 = -1
+        # reads the last token, END: no neighbour.
+        left, right, overlaps = tokens[at - 1], tokens[at + 2], hit[at - 2]
+        left[overlaps] = new_id
+        has_left, has_right = left != END, right != END
+        left_words, left_counts = _group_by_neighbour(left[has_left], occurrence_word[has_left], freq[has_left])
+        right_words, right_counts = _group_by_neighbour(right[has_right], occurrence_word[has_right], freq[has_right])
+
+        # The rewrite: an occurrence's first token becomes `new` and its second goes; each slot's remaining tokens
+        # move up to its front (kept token j goes to j + the tokens removed from earlier slots), END after.
+        tokens[at] = new_id
+        keep = np.ones(tokens.size, bool)
+        keep[at + 1] = False
+        removed = np.bincount(in_slot, minlength=size.size)  # (m,) per slot
+        moved_up = np.repeat(np.cumsum(removed) - removed, size - removed)  # (n - occurrences,)
+        rewritten = np.full(tokens.size, END, np.uint32)
+        rewritten[np.arange(moved_up.size) + moved_up] = tokens[keep]
+        self.tokens[slots] = rewritten
+        return _NeighbourTally(left_words, left_counts, right_words, right_counts, int(freq[overlaps].sum()))
+
+    def words(self) -> list[str]:
+        """The words as strs again (see _byte_words), for the rest of the merge loop."""
+        in_use = self.tokens != self.END
+        lengths = np.add.reduceat(in_use, self.start)
+        text = self.tokens[in_use].tobytes().decode("utf-32-le", "surrogatepass")
+        ends = np.cumsum(lengths)
+        return list(map(text.__getitem__, map(slice, (ends - lengths).tolist(), ends.tolist())))
+
+
+def _group_by_neighbour(neighbour: np.ndarray, word: np.ndarray, freq: np.ndarray) -> tuple[dict, dict]:
+    """One merge's occurrences, grouped by neighbour token: ({chr(neighbour): int32 array of the words they are in,
+    each once}, {chr(neighbour): their summed frequencies}). All three inputs (k,), one entry per occurrence, in text
+    order (so a word's occurrences are next to each other)."""
+    if not neighbour.size:
+        return {}, {}
+    # stable: each word's occurrences stay together in its group. note: numpy sorts 16-bit keys by radix sort, 3x
+    # faster here than the 32-bit sort (ids below 65,536: vocabularies up to that size)
+    key = neighbour.astype(np.uint16) if neighbour.max() < 1 << 16 else neighbour
+    order = np.argsort(key, kind="stable")
+    neighbour, word, freq = neighbour[order], word[order], freq[order]
+    new_group = np.empty(neighbour.size, bool)
+    new_group[0] = True
+    np.not_equal(neighbour[1:], neighbour[:-1], out=new_group[1:])
+    first = np.flatnonzero(new_group)
+    keys = list(map(chr, neighbour[first].tolist()))
+    counts = np.add.reduceat(freq, first).tolist()
+    once = new_group.copy()  # a word's first occurrence in each group
+    once[1:] |= word[1:] != word[:-1]
+    bounds = [*(np.cumsum(once)[first] - 1).tolist(), int(once.sum())]  # each group's start in word[once], then end
+    word = word[once]
+    word_lists = map(word.__getitem__, map(slice, bounds[:-1], bounds[1:]))
+    return dict(zip(keys, word_lists)), dict(zip(keys, counts))
+
+
+def _apply_pair_deltas(tally: _NeighbourTally, pair: str, new: str, pair_counts: dict, pair_words: dict,
+                       queue: _PairQueue, keys: list) -> None:
     """Apply one merge's tally to the bookkeeping, once per changed pair: the old neighbour pairs (x, a) and (b, y)
     lose their counts; the new pairs (x, new) and (new, y), all brand new, get theirs and the tally's word lists, and
     are pushed on the queue if they occur."""
@@ -592,14 +724,14 @@ def _apply_pair_deltas(tally: _NeighbourTally, freqs: list[int], pair: str, new:
     key_new = keys[ord(new)]
     push = queue.push
     left_words, right_words, overlap = tally.left_words, tally.right_words, tally.overlap
-    for x, count in _neighbour_counts(left_words, freqs).items():
+    for x, count in tally.left_counts.items():
         if x != new:  # (new, a) did not exist before this merge
             _lose(pair_counts, pair_words, x + a, count)
         x_new = x + new
         pair_counts[x_new] = count
         pair_words[x_new] = left_words[x]
         push(count, keys[ord(x)], key_new, x_new)  # count > 0: every left neighbour is an occurrence
-    for y, count in _neighbour_counts(right_words, freqs).items():
+    for y, count in tally.right_counts.items():
         _lose(pair_counts, pair_words, b + y, count)  # one per listed occurrence: an overlap's (b, a) is gone too
         if y == a:
             count -= overlap  # but an overlap made no (new, a) (see _NeighbourTally)

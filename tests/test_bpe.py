@@ -74,8 +74,22 @@ CORPORA = {
 }
 
 
+@pytest.fixture(params=["array phase only", "str words only", "switch after 7 merges"])
+def merge_phases(request, monkeypatch):
+    """The merge loop's two representations (bpe._FlatWords, then str words), each alone and with the switch between
+    them part way through, whatever the words per merge: every test using this runs three times."""
+    if request.param == "array phase only":
+        monkeypatch.setattr(bpe._FlatWords, "MIN_WORDS", 0)
+    elif request.param == "str words only":
+        monkeypatch.setattr(bpe._FlatWords, "MIN_WORDS", float("inf"))
+    else:
+        calls = iter(range(10 ** 9))
+        monkeypatch.setattr(bpe._FlatWords, "worth_it", lambda self, listed: next(calls) < 7)
+    return request.param
+
+
 @pytest.mark.parametrize("name", sorted(CORPORA))
-def test_fast_equals_naive_small(tmp_path, name):
+def test_fast_equals_naive_small(tmp_path, name, merge_phases):
     path = write(tmp_path, CORPORA[name])
     specials = [EOT] if EOT in CORPORA[name] else []
     naive = bpe.train_bpe_naive(path, 256 + len(specials) + 40, specials)
@@ -84,7 +98,7 @@ def test_fast_equals_naive_small(tmp_path, name):
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_fast_equals_naive_random(tmp_path, seed):
+def test_fast_equals_naive_random(tmp_path, seed, merge_phases):
     rng = random.Random(seed)
     text = random_text(rng, 1500, alphabet="abcdeé日", specials=[EOT])
     path = write(tmp_path, text)
@@ -93,6 +107,41 @@ def test_fast_equals_naive_random(tmp_path, seed):
     assert fast[1] == naive[1]
     assert fast[0] == naive[0]
     assert len(fast[1]) == 120 and fast[0][256 + 120] == EOT.encode()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_flat_words_merge_equals_rewrite_words(seed):
+    """One merge on _FlatWords and with _rewrite_words: the same words after, the same counts of every neighbour and
+    overlap, and word lists naming the same words (_FlatWords lists each once, _rewrite_words once per occurrence).
+    Random words over few tokens (runs, overlaps, back-to-back pairs), with ids past 0xD800 (surrogate code points)
+    and past 65,535 (the 32-bit sort) in some."""
+    rng = random.Random(seed)
+    alphabet = [chr(c) for c in (97, 98, 99, 0xD800 + seed, 70000)[:3 + seed % 3]]
+    for _ in range(50):
+        words = ["".join(rng.choice(alphabet) for _ in range(rng.randint(2, 9))) for _ in range(40)]
+        freqs = [rng.randint(1, 5) for _ in words]
+        pair, new = rng.choice(alphabet) + rng.choice(alphabet), chr(300 + seed)
+        listed = sorted(i for i, w in enumerate(words) if pair in w or rng.random() < 0.2)  # and some stale ones
+        if not listed:
+            continue
+        flat = bpe._FlatWords(words)
+        got = flat.merge(np.array(listed, np.int32), pair, new, np.array(freqs, np.int64))
+        expected_words = list(words)
+        expected = bpe._rewrite_words(expected_words, freqs, listed, pair, new)
+        assert flat.words() == expected_words
+        assert (got.left_counts, got.right_counts, got.overlap) == (
+            expected.left_counts, expected.right_counts, expected.overlap)
+        for mine, theirs in ((got.left_words, expected.left_words), (got.right_words, expected.right_words)):
+            assert {x: sorted(ids.tolist()) for x, ids in mine.items()} == {
+                x: sorted(set(ids)) for x, ids in theirs.items()}
+
+
+def test_flat_words_phase_ends_on_a_lasting_drop_only():
+    """worth_it averages the words per merge: one small merge among big ones keeps the array phase, a run of small
+    ones ends it."""
+    flat = bpe._FlatWords(["ab"])
+    assert all(flat.worth_it(n) for n in [5000] * 20 + [3] + [5000] * 5)
+    assert not all(flat.worth_it(3) for _ in range(1000))
 
 
 @pytest.mark.parametrize("rare", [0, 5, 1000])
