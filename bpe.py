@@ -1021,28 +1021,39 @@ class Tokenizer:
     # pre-tokens arrive together (60K in the first 10 MB of kernel-docs), runs about 2x faster this way than one
     # _bpe call each. _bpe stays the reference; tests check the two agree.
     BATCH_MIN = 64  # fewer new pre-tokens than this: one _bpe call each (numpy's per-call overhead would dominate)
-    _NO_RANK = np.iinfo(np.int64).max
+    # A pair's merge packed in one int64, rank << 32 | merged id: the lowest rank is then one min(), and the merged id
+    # comes with it. Not a merge: above every real one.
+    _NO_MERGE_PACKED = np.iinfo(np.int64).max
 
     @cached_property
-    def _merge_arrays(self) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
-        """The merges as sorted pair keys (id_a * V + id_b, V = vocab_size) with their ranks and merged ids, for
+    def _merge_arrays(self) -> tuple[int, np.ndarray, np.ndarray]:
+        """The merges as sorted pair keys (id_a * V + id_b, V = vocab_size) with their packed merges, for
         np.searchsorted; and V."""
         V = self.vocab_size
         pairs = np.array(list(self._ranks), np.int64).reshape(-1, 2)
         rank_and_id = np.array(list(self._ranks.values()), np.int64).reshape(-1, 2)
         keys = pairs[:, 0] * V + pairs[:, 1]
         order = np.argsort(keys)
-        return V, keys[order], rank_and_id[order, 0], rank_and_id[order, 1]
+        return V, keys[order], (rank_and_id[order, 0] << 32) | rank_and_id[order, 1]
 
-    def _look_up_pairs(self, ids, word, at, rank, merged) -> None:
-        """rank[at], merged[at] := the merge of the pair (ids[at], ids[at + 1]); _NO_RANK where that is no merge or the
-        two positions belong to different words. All arrays (n,) int64 except `at`, positions < n - 1."""
-        V, keys, key_rank, key_merged = self._merge_arrays
-        key = ids[at] * V + ids[at + 1]
+    def _merges_of(self, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+        """The packed merge of each pair of ids (first[k], second[k]), _NO_MERGE_PACKED where that is no merge."""
+        V, keys, key_merge = self._merge_arrays
+        key = first * V + second
         found = np.minimum(np.searchsorted(keys, key), keys.size - 1)
-        is_merge = (keys[found] == key) & (word[at] == word[at + 1])
-        rank[at] = np.where(is_merge, key_rank[found], self._NO_RANK)
-        merged[at] = key_merged[found]
+        return np.where(keys[found] == key, key_merge[found], self._NO_MERGE_PACKED)
+
+    @cached_property
+    def _byte_pair_merges(self) -> np.ndarray:
+        """(65536,) the packed merge of each pair of bytes, at byte_a << 8 | byte_b: the first round of _bpe_batch
+        looks up every position, and indexing this table is several times faster than np.searchsorted."""
+        byte_ids = np.array(self._byte_ids, np.int64)
+        return self._merges_of(byte_ids.repeat(256), np.tile(byte_ids, 256))
+
+    def _look_up_pairs(self, ids, word, at, merge) -> None:
+        """merge[at] := the packed merge of the pair (ids[at], ids[at + 1]), _NO_MERGE_PACKED where the two positions
+        belong to different words. All arrays (n,) int64 except `at`, positions < n - 1."""
+        merge[at] = np.where(word[at] == word[at + 1], self._merges_of(ids[at], ids[at + 1]), self._NO_MERGE_PACKED)
 
     def _bpe_batch(self, pretokens: list[str]) -> list[tuple]:
         """[self._bpe(p) for p in pretokens], every word advanced one merge per round.
@@ -1051,38 +1062,44 @@ class Tokenizer:
         lowest rank in each word (np.minimum.reduceat) is that word's next merge; every occurrence of it is merged,
         leftmost first, so in a run of equal pairs ("aaa" for the pair "aa") every other one. Words without a merge
         left are finished and leave the arrays, and only the pairs beside a merge are looked up again."""
-        raw = [p.encode("utf-8") for p in pretokens]
-        ids = np.array(self._byte_ids, np.int64)[np.frombuffer(b"".join(raw), np.uint8)]  # (n,) all words' bytes
-        word = np.repeat(np.arange(len(raw)), np.fromiter(map(len, raw), np.int64, len(raw)))  # (n,) word of each
-        rank, merged = np.full(ids.size, self._NO_RANK), np.zeros(ids.size, np.int64)  # of the pair starting there
-        self._look_up_pairs(ids, word, np.arange(ids.size - 1), rank, merged)
+        data = np.frombuffer("".join(pretokens).encode("utf-8"), np.uint8)  # (n,) all words' bytes
+        ids = np.array(self._byte_ids, np.int64)[data]  # (n,) their token ids
+        # Which word each byte is in, from the words' lengths in characters: a character starts at each byte that is
+        # not a UTF-8 continuation byte (0b10xxxxxx). note: ~10x faster than encoding each word to count its bytes
+        char_ends = np.cumsum(np.fromiter(map(len, pretokens), np.int64, len(pretokens)))
+        byte_ends = np.append(np.flatnonzero((data & 0xC0) != 0x80), data.size)[char_ends]  # (words,)
+        word = np.repeat(np.arange(len(pretokens), dtype=np.int32), np.diff(byte_ends, prepend=0))  # (n,)
+        merge = np.full(ids.size, self._NO_MERGE_PACKED)  # (n,) the packed merge of the pair starting there
+        merge[:-1] = np.where(word[:-1] == word[1:],
+                              self._byte_pair_merges[(data[:-1].astype(np.intp) << 8) | data[1:]], self._NO_MERGE_PACKED)
         done_ids, done_word = [], []
         while ids.size:
             starts = np.flatnonzero(np.r_[True, word[1:] != word[:-1]])
-            best = np.repeat(np.minimum.reduceat(rank, starts), np.diff(np.r_[starts, ids.size]))  # (n,) word's min
-            finished = best == self._NO_RANK
-            merge_here = (rank == best) & ~finished
-            run_start = merge_here & ~np.r_[False, merge_here[:-1]]
-            at = np.arange(ids.size)
-            merge_here &= (at - np.maximum.accumulate(np.where(run_start, at, 0))) % 2 == 0  # every other in a run
+            best = np.repeat(np.minimum.reduceat(merge, starts), np.diff(np.r_[starts, ids.size]))  # (n,) word's min
+            finished = best == self._NO_MERGE_PACKED
+            merge_here = (merge == best) & ~finished
+            if (merge_here[1:] & merge_here[:-1]).any():  # a run of equal pairs: merge every other one, from its start
+                run_start = merge_here & ~np.r_[False, merge_here[:-1]]
+                at = np.arange(ids.size)
+                merge_here &= (at - np.maximum.accumulate(np.where(run_start, at, 0))) % 2 == 0
             at = np.flatnonzero(merge_here)
-            ids[at] = merged[at]
+            ids[at] = merge[at] & 0xFFFFFFFF  # the merged id, from the packed merge
             done_ids.append(ids[finished])
             done_word.append(word[finished])
             keep = ~finished
             keep[at + 1] = False  # the right half of each merged pair
             at = (np.cumsum(keep) - 1)[at]  # where the merged tokens are after the deletion
-            ids, word, rank, merged = ids[keep], word[keep], rank[keep], merged[keep]
+            ids, word, merge = ids[keep], word[keep], merge[keep]
             if ids.size:
                 changed = np.zeros(ids.size, bool)  # the pairs that start at or end at a merged token
                 changed[at] = True
                 changed[at[at > 0] - 1] = True
                 changed[-1] = False
-                rank[-1] = self._NO_RANK
-                self._look_up_pairs(ids, word, np.flatnonzero(changed), rank, merged)
+                merge[-1] = self._NO_MERGE_PACKED
+                self._look_up_pairs(ids, word, np.flatnonzero(changed), merge)
         all_word = np.concatenate(done_word)
         all_ids = tuple(np.concatenate(done_ids)[np.argsort(all_word, kind="stable")].tolist())  # word by word
-        ends = np.cumsum(np.bincount(all_word, minlength=len(raw)))
+        ends = np.cumsum(np.bincount(all_word, minlength=len(pretokens)))
         return list(map(all_ids.__getitem__, map(slice, [0, *ends[:-1].tolist()], ends.tolist())))
 
     def _cache_chunks(self, chunk_lists: list[list[str]]) -> None:
@@ -1093,7 +1110,8 @@ class Tokenizer:
         pre-tokenised by one regex call (find_pretokens: ASCII and other text separately, each with its fastest
         regex) and split back (_cache_joined_chunks). The first and last chunks are done one by one."""
         cache, pretoken_ids = self._chunk_cache, self._pretoken_cache.__getitem__
-        new = dict.fromkeys(filterfalse(cache.__contains__, chain.from_iterable(chunk_lists)))  # once each, in order
+        chunks = chain.from_iterable(chunk_lists)
+        new = dict.fromkeys(filterfalse(cache.__contains__, chunks) if cache else chunks)  # once each, in order
         ends = {c for chunks in chunk_lists if chunks for c in (chunks[0], chunks[-1]) if c in new and not _joinable(c)}
         for chunk in ends:
             cache[chunk] = tuple(chain.from_iterable(map(pretoken_ids, find_pretokens(chunk))))
@@ -1113,7 +1131,7 @@ class Tokenizer:
         if len(new) >= self.BATCH_MIN:
             self._pretoken_cache.update(zip(new, self._bpe_batch(new)))
         piece_ids = list(map(self._pretoken_cache.__getitem__, pieces))  # any still missing: _bpe, one by one
-        all_ids = tuple(chain.from_iterable(piece_ids))
+        all_ids = tuple(reduce(operator.iadd, piece_ids, []))  # note: iadd = list.extend by tuple, see encode
         piece_ends = np.cumsum(np.fromiter(map(len, pieces), np.int64, len(pieces)))  # in characters
         chunk_ends = np.cumsum(np.fromiter(map(len, chunks), np.int64, len(chunks)))
         last_piece = np.searchsorted(piece_ends, chunk_ends)  # index of each chunk's last pre-token
@@ -1144,7 +1162,8 @@ class Tokenizer:
             self._pretoken_cache.clear()
         parts = self._special_re.split(text) if self._special_re else [text]  # odd entries: the specials themselves
         chunk_lists = [CHUNK_RE.findall(part) for part in parts[::2]]
-        self._cache_chunks(chunk_lists)
+        with gc_paused():  # note: filling the caches makes ~10^5 tuples, no cycles; the collector's rescans of the
+            self._cache_chunks(chunk_lists)  # growing caches cost ~8% of a cold 10 MB encode (BENCHMARKS.md)
         ids_of = self._chunk_cache.__getitem__
         # note: reduce(operator.iadd, ...) is `ids += chunk_ids` for each chunk, in C: one list.extend from a tuple per
         # chunk, which copies the ids as a block, ~20% faster here than chain.from_iterable's one step per id.

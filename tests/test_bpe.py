@@ -352,6 +352,9 @@ def test_bpe_by_rank_and_batched_equal_replaying_the_merges(trained, gpt2):
     gpt2_words = [t.decode("utf-8") for t in list(gpt2.vocab.values())[::7] if t.isascii()] + words
     assert gpt2._bpe_batch(gpt2_words) == [gpt2._bpe(w) for w in gpt2_words]
     assert all(len(ids) == 1 for ids in gpt2._bpe_batch(gpt2_words[:500]))  # GPT-2's tokens encode to themselves
+    # ids past 65,535 (the packed merge keeps 32 bits of id): the same vocab, every id moved up by 70,000
+    shifted = bpe.Tokenizer({i + 70_000: t for i, t in vocab.items()}, merges, [EOT])
+    assert shifted._bpe_batch(words) == [tuple(i + 70_000 for i in ids) for ids in tok._bpe_batch(words)]
 
 
 def test_batched_cold_path_equals_plain_path(trained, gpt2_files, monkeypatch):
