@@ -528,7 +528,7 @@ class _PairQueue:
 
 class _NeighbourTally(NamedTuple):
     """How one merge of the pair (a, b) into `new` changes the neighbouring pairs, by neighbour token. Made by
-    _rewrite_words (or _rewrite_words_batch), applied by _apply_pair_deltas."""
+    _rewrite_words (or _FlatWords.merge), applied by _apply_pair_deltas."""
     left_words: dict   # x -> the index of the word, once per occurrence with left neighbour x: (x, a) became (x, new)
     left_counts: dict  # x -> those occurrences, by frequency (the summed frequencies of left_words[x])
     right_words: dict  # y -> the same for each occurrence with right neighbour y: (b, y) became (new, y)
@@ -653,10 +653,7 @@ class _FlatWords:
         hit = np.zeros(tokens.size + 1, bool)  # two False at the end: hit[k - 2] is False for k < 2 (index -1, -2)
         np.logical_and(tokens[:-1] == a, tokens[1:] == b, out=hit[:-2])
         if a == b:
-            k = np.arange(hit.size)
-            run_start = hit.copy()
-            run_start[1:] &= ~hit[:-1]
-            hit &= (k - np.maximum.accumulate(np.where(run_start, k, 0))) % 2 == 0
+            hit = every_other_in_runs(hit)
         at = np.flatnonzero(hit)  # (occurrences,) at + 2 < n, since the last token is END, never b
         in_slot = np.searchsorted(ends, at, side="right")  # (occurrences,) which listed word each is in
         occurrence_word = word_ids[in_slot]
@@ -690,6 +687,16 @@ class _FlatWords:
         text = self.tokens[in_use].tobytes().decode("utf-32-le", "surrogatepass")
         ends = np.cumsum(lengths)
         return list(map(text.__getitem__, map(slice, (ends - lengths).tolist(), ends.tolist())))
+
+
+def every_other_in_runs(marks: np.ndarray) -> np.ndarray:
+    """marks with only the 1st, 3rd, 5th, ... True of each run of consecutive Trues kept: where a pair (a, a) starts in
+    "a a a a", BPE's non-overlapping left-to-right merge takes every other position, from the run's start.
+    every_other_in_runs(np.array([1, 1, 1, 0, 1, 1], bool)).tolist() == [True, False, True, False, True, False]"""
+    k = np.arange(marks.size)
+    run_start = marks.copy()
+    run_start[1:] &= ~marks[:-1]
+    return marks & ((k - np.maximum.accumulate(np.where(run_start, k, 0))) % 2 == 0)
 
 
 def _group_by_neighbour(neighbour: np.ndarray, word: np.ndarray, freq: np.ndarray) -> tuple[dict, dict]:
@@ -1080,10 +1087,8 @@ class Tokenizer:
             best = np.repeat(np.minimum.reduceat(merge, starts), np.diff(np.r_[starts, ids.size]))  # (n,) word's min
             finished = best == self._NO_MERGE_PACKED
             merge_here = (merge == best) & ~finished
-            if (merge_here[1:] & merge_here[:-1]).any():  # a run of equal pairs: merge every other one, from its start
-                run_start = merge_here & ~np.r_[False, merge_here[:-1]]
-                at = np.arange(ids.size)
-                merge_here &= (at - np.maximum.accumulate(np.where(run_start, at, 0))) % 2 == 0
+            if (merge_here[1:] & merge_here[:-1]).any():  # a run of equal pairs ("a a a" for (a, a)): rarely
+                merge_here = every_other_in_runs(merge_here)
             at = np.flatnonzero(merge_here)
             ids[at] = merge[at] & 0xFFFFFFFF  # the merged id, from the packed merge
             done_ids.append(ids[finished])
