@@ -693,6 +693,8 @@ def every_other_in_runs(marks: np.ndarray) -> np.ndarray:
     """marks with only the 1st, 3rd, 5th, ... True of each run of consecutive Trues kept: where a pair (a, a) starts in
     "a a a a", BPE's non-overlapping left-to-right merge takes every other position, from the run's start.
     every_other_in_runs(np.array([1, 1, 1, 0, 1, 1], bool)).tolist() == [True, False, True, False, True, False]"""
+    if not (marks[1:] & marks[:-1]).any():  # no run (the usual case): nothing to drop, and no passes over k
+        return marks
     k = np.arange(marks.size)
     run_start = marks.copy()
     run_start[1:] &= ~marks[:-1]
@@ -1087,8 +1089,7 @@ class Tokenizer:
             best = np.repeat(np.minimum.reduceat(merge, starts), np.diff(np.r_[starts, ids.size]))  # (n,) word's min
             finished = best == self._NO_MERGE_PACKED
             merge_here = (merge == best) & ~finished
-            if (merge_here[1:] & merge_here[:-1]).any():  # a run of equal pairs ("a a a" for (a, a)): rarely
-                merge_here = every_other_in_runs(merge_here)
+            merge_here = every_other_in_runs(merge_here)  # a run of equal pairs ("a a a" for (a, a)): rarely
             at = np.flatnonzero(merge_here)
             ids[at] = merge[at] & 0xFFFFFFFF  # the merged id, from the packed merge
             done_ids.append(ids[finished])
