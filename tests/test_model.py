@@ -94,6 +94,29 @@ def test_rmsnorm_matches_torch_and_upcasts():
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 64), (7, 64)])
+def test_rmsnorm_hand_written_backward_equals_autograd_of_the_reference(shape):
+    # forward runs _RMSNormFunction (its gradient written out); reference is the formula autograd differentiates.
+    torch.manual_seed(0)
+    norm = RMSNorm(64).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64))
+    x = (torch.randn(*shape, dtype=torch.float64) * 3).requires_grad_()
+    dy = torch.randn(*shape, dtype=torch.float64)
+    fast = torch.autograd.grad(norm(x), (x, norm.weight), dy)
+    ref = torch.autograd.grad(norm.reference(x), (x, norm.weight), dy)
+    torch.testing.assert_close(fast, ref)
+    assert torch.autograd.gradcheck(norm, (x,))  # and against finite differences
+    # bf16 in (autocast's case): the gradient comes back in bf16, the fp32 one rounded.
+    norm = norm.float()
+    xb = x.detach().bfloat16().requires_grad_()
+    x32 = xb.detach().float().requires_grad_()
+    grad_bf16, = torch.autograd.grad(norm(xb), xb, dy.bfloat16())
+    grad_fp32, = torch.autograd.grad(norm.reference(x32), x32, dy.bfloat16().float())
+    assert grad_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(grad_bf16, grad_fp32.bfloat16(), atol=1e-2, rtol=1e-2)
+
+
 def test_silu_and_ffns_match_reference_formulas():
     torch.manual_seed(0)
     x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
