@@ -75,6 +75,15 @@ def test_embedding_matches_f_embedding_and_init():
     ids = torch.randint(0, 1000, (3, 7))
     torch.testing.assert_close(emb(ids), F.embedding(ids, emb.weight))
     assert emb(ids).shape == (3, 7, 64)
+    # the gradient (index_select's index_add_) equals plain indexing's, repeated ids summed
+    ids = torch.tensor([[5, 5, 9], [5, 0, 9]])
+    dy = torch.randn(2, 3, 64, dtype=torch.float64)
+    emb64 = Embedding(1000, 64, dtype=torch.float64)
+    weight = emb64.weight
+    grad, = torch.autograd.grad(emb64(ids), weight, dy)
+    ref, = torch.autograd.grad(weight[ids], weight, dy)
+    torch.testing.assert_close(grad, ref)
+    assert torch.equal(grad[5], dy[0, 0] + dy[0, 1] + dy[1, 0])
     assert emb.weight.abs().max().item() <= 3.0
     assert abs(emb.weight.std().item() - 0.9866) < 0.02
 
