@@ -1,0 +1,103 @@
+"""Benchmark: one training step of two versions of model.py, alternated step by step in one process (an A/B test).
+
+On a noisy machine two separate runs of a benchmark can differ by 5-10% while the change being measured is 1%: the
+machine's speed drifts from minute to minute. Alternating the two versions step by step in one process puts both
+under the same drift, so their paired ratio (the median over rounds of new / old for adjacent steps) resolves
+changes well below the noise of separate runs. Run it with the same file twice (an A/A test) to see the noise floor.
+
+    git show HEAD:model.py > /tmp/model_old.py
+    python bench/ab_model.py /tmp/model_old.py model.py                 # bench_small.py's size, 300 rounds
+    python bench/ab_model.py /tmp/model_old.py model.py --preset ts17m --steps 20
+
+The step is train.train_step's work on a fixed batch, as bench/bench_small.py's: forward, optim.cross_entropy,
+backward, optim.clip_grad_norm, optim.AdamW(fused=True), zero_grad. Both models start from the same seed; optim.py
+and the rest of the repository are shared by the two versions.
+"""
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]  # the repo root (optim.py, cli.py, ...) and bench/ (bench_small.py)
+
+from accounting import machine_line  # noqa: E402
+from bench_small import BATCH, GRAD_CLIP, HYPER, OUR_D_FF, SIZE  # noqa: E402
+from cli import OneLineParser  # noqa: E402
+from optim import AdamW, clip_grad_norm, cross_entropy  # noqa: E402
+
+
+def load_model_module(path: str, name: str):
+    """Import a model.py from any path under its own module name, so two versions live side by side."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # note: dataclasses look their module up in sys.modules while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_step(module, size: dict, d_ff: int, x, y):
+    """The training step of module.TransformerLM at `size`, on the fixed batch (x, y)."""
+    torch.manual_seed(0)
+    lm = module.TransformerLM(**size, d_ff=d_ff)
+    opt = AdamW(lm.parameters(), **HYPER, fused=True)
+
+    def step():
+        loss = cross_entropy(lm(x), y)
+        loss.backward()
+        clip_grad_norm(lm.parameters(), GRAD_CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main(argv=None) -> None:
+    parser = OneLineParser(description="Training step of two model.py versions, alternated (A/B).")
+    parser.add_argument("old", help="path of the baseline model.py")
+    parser.add_argument("new", help="path of the changed model.py")
+    parser.add_argument("--preset", choices=["small", "ts17m"], default="small",
+                        help="small: bench_small.py's size and batch; ts17m: model.PRESETS['ts17m'], batch 8 x 256")
+    parser.add_argument("--steps", type=int, default=300, help="timed rounds (one step of each per round)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps of each first")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    for path in (args.old, args.new):
+        if not Path(path).is_file():
+            parser.error(f"{path} is not a file; pass the paths of two model.py versions")
+
+    modules = {"old": load_model_module(args.old, "model_old"), "new": load_model_module(args.new, "model_new")}
+    if args.preset == "small":
+        size, d_ff, (B, T) = SIZE, OUR_D_FF, (BATCH, SIZE["context_length"])
+    else:
+        cfg = modules["new"].PRESETS["ts17m"]
+        size = dict(vocab_size=cfg.vocab_size, context_length=cfg.context_length, d_model=cfg.d_model,
+                    num_layers=cfg.num_layers, num_heads=cfg.num_heads)
+        d_ff, (B, T) = cfg.d_ff, (8, cfg.context_length)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, size["vocab_size"], (B, T), generator=g)
+    y = torch.randint(0, size["vocab_size"], (B, T), generator=g)
+    steps = {who: make_step(m, size, d_ff, x, y) for who, m in modules.items()}
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    times = {who: [] for who in steps}
+    for r in range(args.steps):
+        for who in (("old", "new") if r % 2 == 0 else ("new", "old")):  # neither always goes first
+            t0 = time.perf_counter()
+            steps[who]()
+            times[who].append(time.perf_counter() - t0)
+
+    paired = statistics.median(n / o for n, o in zip(times["new"], times["old"]))
+    print(f"Command: `python bench/ab_model.py {' '.join(argv if argv is not None else sys.argv[1:])}`  ")
+    print(f"Machine: {machine_line()}; {args.preset}, batch {B} x {T}, fp32, {args.steps} rounds  ")
+    print(" | ".join(f"{who} median {1e3 * statistics.median(t):.2f} ms" for who, t in times.items()))
+    print(f"new / old step time: {paired:.4f} paired")
+
+
+if __name__ == "__main__":
+    main()
