@@ -16,7 +16,6 @@ and the rest of the repository are shared by the two versions.
 import importlib.util
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]  # the repo root (optim.py, cli.py, ...) and bench/ (bench_small.py)
 
 from accounting import machine_line  # noqa: E402
-from bench_small import BATCH, GRAD_CLIP, HYPER, OUR_D_FF, SIZE  # noqa: E402
+from bench_small import BATCH, GRAD_CLIP, HYPER, OUR_D_FF, SIZE, alternated_times  # noqa: E402
 from cli import OneLineParser  # noqa: E402
 from optim import AdamW, clip_grad_norm, cross_entropy  # noqa: E402
 
@@ -82,15 +81,7 @@ def main(argv=None) -> None:
     x = torch.randint(0, size["vocab_size"], (B, T), generator=g)
     y = torch.randint(0, size["vocab_size"], (B, T), generator=g)
     steps = {who: make_step(m, size, d_ff, x, y) for who, m in modules.items()}
-    for step in steps.values():
-        for _ in range(args.warmup):
-            step()
-    times = {who: [] for who in steps}
-    for r in range(args.steps):
-        for who in (("old", "new") if r % 2 == 0 else ("new", "old")):  # neither always goes first
-            t0 = time.perf_counter()
-            steps[who]()
-            times[who].append(time.perf_counter() - t0)
+    times = alternated_times(steps, args.steps, args.warmup)
 
     paired = statistics.median(n / o for n, o in zip(times["new"], times["old"]))
     print(f"Command: `python bench/ab_model.py {' '.join(argv if argv is not None else sys.argv[1:])}`  ")

@@ -83,6 +83,22 @@ def matmul_flops(model) -> int:
                if p.dim() == 2 and "embeddings" not in name)
 
 
+def alternated_times(steps: dict, rounds: int, warmup: int) -> dict:
+    """{name: [seconds of each timed call]} for two step functions {name: fn}: `warmup` untimed calls of each, then
+    `rounds` rounds of one call of each, their order swapped every round so that neither always goes first."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    first, second = steps
+    times = {who: [] for who in steps}
+    for r in range(rounds):
+        for who in ((first, second) if r % 2 == 0 else (second, first)):
+            t0 = time.perf_counter()
+            steps[who]()
+            times[who].append(time.perf_counter() - t0)
+    return times
+
+
 def main(argv=None) -> None:
     parser = OneLineParser(description="Small-model training step: ours vs a plain PyTorch GPT of the same size.")
     parser.add_argument("--steps", type=int, default=300, help="timed steps per side")
@@ -101,15 +117,7 @@ def main(argv=None) -> None:
     plain, plain_step_ = plain_step(x, y, args.bf16)
     steps = {"ours": ours_step, "plain": plain_step_}
     load_before = os.getloadavg()[0]
-    for step in steps.values():
-        for _ in range(args.warmup):
-            step()
-    times = {who: [] for who in steps}
-    for r in range(args.steps):
-        for who in (("ours", "plain") if r % 2 == 0 else ("plain", "ours")):  # neither always goes first
-            t0 = time.perf_counter()
-            steps[who]()
-            times[who].append(time.perf_counter() - t0)
+    times = alternated_times(steps, args.steps, args.warmup)
     load_after = os.getloadavg()[0]
 
     command = "python bench/bench_small.py" + "".join(" " + a for a in (argv if argv is not None else sys.argv[1:]))
