@@ -9,10 +9,11 @@ changes well below the noise of separate runs. Run it with the same file twice (
     python bench/ab_model.py /tmp/model_old.py model.py                 # bench_small.py's size, 300 rounds
     python bench/ab_model.py /tmp/model_old.py model.py --preset ts17m --steps 20
 
-The step is train.train_step's work on a fixed batch, as bench/bench_small.py's: forward, optim.cross_entropy,
+The step is bench/bench_small.py's our_step, train.train_step's work on a fixed batch: forward, optim.cross_entropy,
 backward, optim.clip_grad_norm, optim.AdamW(fused=True), zero_grad. Both models start from the same seed; optim.py
 and the rest of the repository are shared by the two versions.
 """
+import dataclasses
 import importlib.util
 import statistics
 import sys
@@ -24,9 +25,9 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]  # the repo root (optim.py, cli.py, ...) and bench/ (bench_small.py)
 
 from accounting import machine_line  # noqa: E402
-from bench_small import BATCH, GRAD_CLIP, HYPER, OUR_D_FF, SIZE, alternated_times  # noqa: E402
+from bench_model import BATCH as PRESET_BATCH  # noqa: E402
+from bench_small import BATCH, OUR_D_FF, SIZE, alternated_times, our_step  # noqa: E402
 from cli import OneLineParser  # noqa: E402
-from optim import AdamW, clip_grad_norm, cross_entropy  # noqa: E402
 
 
 def load_model_module(path: str, name: str):
@@ -36,22 +37,6 @@ def load_model_module(path: str, name: str):
     sys.modules[name] = module  # note: dataclasses look their module up in sys.modules while the file runs
     spec.loader.exec_module(module)
     return module
-
-
-def make_step(module, size: dict, d_ff: int, x, y):
-    """The training step of module.TransformerLM at `size`, on the fixed batch (x, y)."""
-    torch.manual_seed(0)
-    lm = module.TransformerLM(**size, d_ff=d_ff)
-    opt = AdamW(lm.parameters(), **HYPER, fused=True)
-
-    def step():
-        loss = cross_entropy(lm(x), y)
-        loss.backward()
-        clip_grad_norm(lm.parameters(), GRAD_CLIP)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
 
 
 def main(argv=None) -> None:
@@ -71,16 +56,17 @@ def main(argv=None) -> None:
 
     modules = {"old": load_model_module(args.old, "model_old"), "new": load_model_module(args.new, "model_new")}
     if args.preset == "small":
-        size, d_ff, (B, T) = SIZE, OUR_D_FF, (BATCH, SIZE["context_length"])
+        size, (B, T) = {**SIZE, "d_ff": OUR_D_FF}, (BATCH, SIZE["context_length"])
     else:
-        cfg = modules["new"].PRESETS["ts17m"]
-        size = dict(vocab_size=cfg.vocab_size, context_length=cfg.context_length, d_model=cfg.d_model,
-                    num_layers=cfg.num_layers, num_heads=cfg.num_heads)
-        d_ff, (B, T) = cfg.d_ff, (8, cfg.context_length)
+        size = dataclasses.asdict(modules["new"].PRESETS["ts17m"])  # TransformerLM takes every ModelConfig field
+        B, T = PRESET_BATCH["ts17m"], size["context_length"]  # bench_model.py's batch for it
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, size["vocab_size"], (B, T), generator=g)
     y = torch.randint(0, size["vocab_size"], (B, T), generator=g)
-    steps = {who: make_step(m, size, d_ff, x, y) for who, m in modules.items()}
+    steps = {}
+    for who, module in modules.items():
+        torch.manual_seed(0)  # both models start from the same weights
+        steps[who] = our_step(x, y, False, module.TransformerLM(**size))[1]
     times = alternated_times(steps, args.steps, args.warmup)
 
     paired = statistics.median(n / o for n, o in zip(times["new"], times["old"]))

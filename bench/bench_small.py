@@ -44,9 +44,9 @@ HYPER = dict(lr=DEFAULTS["lr"], betas=(DEFAULTS["beta1"], DEFAULTS["beta2"]), we
 GRAD_CLIP = DEFAULTS["grad_clip"]
 
 
-def our_step(x, y, bf16: bool):
-    """train.train_step's work with our code, on a fixed batch."""
-    model = TransformerLM(**SIZE, d_ff=OUR_D_FF)
+def our_step(x, y, bf16: bool, model=None):
+    """train.train_step's work with our code, on a fixed batch; model: a TransformerLM, by default one of SIZE."""
+    model = TransformerLM(**SIZE, d_ff=OUR_D_FF) if model is None else model
     opt = AdamW(model.parameters(), **HYPER, fused=True)  # as train.build_trainer builds it
 
     def step():
