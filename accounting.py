@@ -280,7 +280,7 @@ def saved_activations(cfg, batch_size: int = 1, seq_len: int | None = None) -> t
     The handout's enumeration is a model of that; this is the ground truth for this implementation, derived op by op
     (an op keeps what its derivative needs: x² keeps x, exp keeps its output, a @ b keeps a and b, a · w keeps a).
     Where it differs from the handout's, and why:
-      - RMSNorm (its hand-written backward, model._RMSNormFunction) keeps x/rms and 1/rms (B·T), not its input;
+      - RMSNorm (its hand-written backward, model._RMSNormFunction) keeps its input x (in fp32) and 1/rms (B·T);
         its output is kept by the next matmul: 2 B·T·d, not 1;
       - the from-scratch softmax keeps the masked scores (for the max), exp and the probabilities: 3 B·h·T², not 2,
         plus the row max and row sum (B·h·T each); the fused sdpa kernel keeps none of these, only its output and a
@@ -298,7 +298,7 @@ def saved_activations(cfg, batch_size: int = 1, seq_len: int | None = None) -> t
     V, d, F, h = cfg.vocab_size, cfg.d_model, cfg.d_ff, cfg.num_heads
     block = []
     if cfg.norm != "none":
-        block.append(("rmsnorm", "RMSNorm ln1, ln2: x/rms, 1/rms", "2·(B·T·d + B·T)", 2 * (B * T * d + B * T)))
+        block.append(("rmsnorm", "RMSNorm ln1, ln2: x, 1/rms", "2·(B·T·d + B·T)", 2 * (B * T * d + B * T)))
     block += [("proj_inputs", "inputs of q/k/v_proj and w1/w3", "2·B·T·d", 2 * B * T * d),
               ("qkv", "Q, K after RoPE, V", "3·B·T·d", 3 * B * T * d)]
     if cfg.position == "rope":
@@ -320,7 +320,7 @@ def saved_activations(cfg, batch_size: int = 1, seq_len: int | None = None) -> t
         block.append(("ffn", "W1 x, SiLU(W1 x)", "2·B·T·F", 2 * B * T * F))
     outside = []
     if cfg.norm != "none":
-        outside.append(("ln_final", "ln_final: x/rms, 1/rms (once)", "B·T·d + B·T", B * T * d + B * T))
+        outside.append(("ln_final", "ln_final: x, 1/rms (once)", "B·T·d + B·T", B * T * d + B * T))
     outside += [("lm_head_input", "lm_head input (once)", "B·T·d", B * T * d),
                 ("loss", "loss: logits, row logsumexp (once)", "B·T·V + B·T", B * T * V + B * T)]
     return block, outside

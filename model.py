@@ -177,36 +177,41 @@ def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
 
 class _RMSNormFunction(torch.autograd.Function):
     """RMSNorm.reference with its gradient written out, so that backward is 6 passes over (..., C) instead of the
-    ~17 ops autograd records for the reference. At small sizes every op costs a fixed ~30 us: forward + backward of
-    a (12, 64, 128) input takes 0.75 ms against the reference's 1.21 (nn.LayerNorm's fused kernel: 0.42), and a
-    whole training step ~1% less at bench/bench_small.py's size and at ts17m (BENCHMARKS.md). It also keeps less for
-    backward: x̂ = x / RMS(x) and r = 1 / RMS(x), not x as well (accounting.saved_activations). tests/test_model.py
-    checks values and gradients against the reference.
+    ~17 ops autograd records for the reference. At small sizes every op costs a fixed ~30 us, and on CPU a fresh
+    (..., C) tensor costs more again than one written in place (its memory is not in cache): so forward allocates
+    one tensor and backward two, and the two sums over a row or a column are matrix-vector products (one BLAS pass
+    each). A whole training step is 2-3.5% faster at bench/bench_small.py's size than with the previous version of
+    this function, which kept x̂ and summed with separate multiply and sum kernels (BENCHMARKS.md). It keeps the fp32 input x and r = 1 / RMS(x) for backward: for an fp32 input
+    that is the tensor itself, no copy (accounting.saved_activations). tests/test_model.py checks values and
+    gradients against the reference.
 
     The gradient, with r = (mean(x²) + eps)^(-1/2) per row, x̂ = x·r and y = x̂ ⊙ g:
-        dL/dg = Σ over rows of dy ⊙ x̂
-        dL/dx = r · (dx̂ - x̂ · mean(dx̂ ⊙ x̂)),  dx̂ = dy ⊙ g
-    (∂r/∂x_j = -r³·x_j / C, so dL/dx_j = r·dx̂_j - r³·x_j·Σ_i dx̂_i·x_i / C, which is the line above)."""
+        dL/dg = Σ over rows of dy ⊙ x̂ = Σ over rows of r · (dy ⊙ x)
+        dL/dx = r · (dx̂ - x̂ · mean(dx̂ ⊙ x̂)) = r · dy ⊙ g - x · r³ · Σ_c (dy ⊙ x)_c g_c / C,  dx̂ = dy ⊙ g
+    (∂r/∂x_j = -r³·x_j / C, so dL/dx_j = r·dx̂_j - r³·x_j·Σ_i dx̂_i·x_i / C, which is the second line)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         in_dtype, x = x.dtype, x.to(_at_least_fp32(x.dtype))  # (..., C)
         # ||x||² / C = mean(x²): one reduction kernel, then cheap ops on the (..., 1) result
         r = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
-        x_hat = x * r  # (..., C)
-        ctx.save_for_backward(x_hat, r, weight)
+        ctx.save_for_backward(x, r, weight)
         ctx.in_dtype = in_dtype
-        return (x_hat * weight.to(x.dtype)).to(in_dtype)
+        return (x * r).mul_(weight.to(x.dtype)).to(in_dtype)  # (..., C) * (..., 1), then * (C,) in place
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x_hat, r, weight = ctx.saved_tensors
-        dy = dy.to(x_hat.dtype)  # (..., C)
-        d_weight = (dy * x_hat).sum(tuple(range(dy.dim() - 1)))  # (C,)
-        d_x_hat = dy * weight.to(x_hat.dtype)  # (..., C)
-        # -r · mean(dx̂ ⊙ x̂), (..., 1); then dx = dx̂·r + x̂·that, the last two passes as one mul_ and one addcmul
-        minus_r_mean = torch.linalg.vecdot(d_x_hat, x_hat).unsqueeze(-1).div_(-x_hat.shape[-1]).mul_(r)
-        d_x = torch.addcmul(d_x_hat.mul_(r), x_hat, minus_r_mean)
+        x, r, weight = ctx.saved_tensors
+        C, g = x.shape[-1], weight.to(x.dtype)
+        dy = dy.to(x.dtype)  # (..., C)
+        dy_x = (dy * x).reshape(-1, C)  # (N, C), N = rows
+        # note: the two sums as torch.mv, a matrix-vector product (not `@`, which would run a 1-row matrix product).
+        # They are O(N·C) reductions like the rest of the norm: neither accounting.py nor torch's FLOP counter
+        # counts them among the matmuls.
+        d_weight = torch.mv(dy_x.T, r.reshape(-1))  # (C, N) @ (N,) -> (C,): Σ over rows of r · dy ⊙ x
+        # -r³ · Σ_c (dy ⊙ x)_c g_c / C, (..., 1); then dx = (dy ⊙ g) · r + x · that, in place after the first pass
+        coef = torch.mv(dy_x, g).reshape(r.shape).mul_(r.pow(3)).div_(-C)  # (N, C) @ (C,) -> (N,) -> (..., 1)
+        d_x = (dy * g).mul_(r).addcmul_(x, coef)
         return d_x.to(ctx.in_dtype), d_weight.to(weight.dtype), None
 
 

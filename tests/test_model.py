@@ -103,14 +103,18 @@ def test_rmsnorm_matches_torch_and_upcasts():
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 64), (7, 64)])
+@pytest.mark.parametrize("shape", [(2, 5, 64), (7, 64), "transposed"])
 def test_rmsnorm_hand_written_backward_equals_autograd_of_the_reference(shape):
     # forward runs _RMSNormFunction (its gradient written out); reference is the formula autograd differentiates.
     torch.manual_seed(0)
     norm = RMSNorm(64).double()
     with torch.no_grad():
         norm.weight.copy_(torch.randn(64))
-    x = (torch.randn(*shape, dtype=torch.float64) * 3).requires_grad_()
+    if shape == "transposed":  # a non-contiguous input (backward flattens its rows with reshape, not view)
+        x = (torch.randn(5, 2, 64, dtype=torch.float64) * 3).transpose(0, 1).requires_grad_()
+        shape = x.shape
+    else:
+        x = (torch.randn(*shape, dtype=torch.float64) * 3).requires_grad_()
     dy = torch.randn(*shape, dtype=torch.float64)
     fast = torch.autograd.grad(norm(x), (x, norm.weight), dy)
     ref = torch.autograd.grad(norm.reference(x), (x, norm.weight), dy)
