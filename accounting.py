@@ -288,8 +288,9 @@ def saved_activations(cfg, batch_size: int = 1, seq_len: int | None = None) -> t
       - RoPE (its complex fast path) keeps its rotations e^(i·angle), T·d/(2h) complex numbers = T·d/h floats for Q
         and for K, the same for every sequence of the batch (counted as fp32 whatever the autocast dtype: 2·T·d/h
         fp32 elements are 4·T·d/h 16-bit ones, negligible either way);
-      - SiLU (F.silu, one kernel) keeps only its input a, so SwiGLU keeps 4 B·T·F (a, SiLU(a), W3 x, the product),
-        as the handout counts (the readable a·σ(a) would keep σ(a) too);
+      - SwiGLU's gate (model._SwiGLUGate) keeps a = W1 x and W3 x and computes SiLU(a) again in backward; with the
+        product (kept by w2) that is 3 B·T·F, where the handout counts 4 (SiLU(a) too). The SiLU ablation's F.silu
+        (one kernel) keeps only its input: 2 B·T·F (the readable a·σ(a) would keep σ(a) too);
       - the output projection's output goes into a residual add, which keeps nothing; with the from-scratch
         attention the heads are merged by a copy that the projection keeps (1 B·T·d, not 2), with sdpa by a free view;
       - optim.cross_entropy keeps the logits and each row's logsumexp (B·T), from which its hand-written backward
@@ -315,7 +316,7 @@ def saved_activations(cfg, batch_size: int = 1, seq_len: int | None = None) -> t
     if cfg.attn_impl == "manual":
         block.append(("merged_heads", "merged heads (output_proj input)", "B·T·d", B * T * d))
     if cfg.ffn == "swiglu":
-        block.append(("ffn", "W1 x, SiLU(W1 x), W3 x, product", "4·B·T·F", 4 * B * T * F))
+        block.append(("ffn", "W1 x, W3 x, product", "3·B·T·F", 3 * B * T * F))
     else:
         block.append(("ffn", "W1 x, SiLU(W1 x)", "2·B·T·F", 2 * B * T * F))
     outside = []

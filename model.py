@@ -181,9 +181,9 @@ class _RMSNormFunction(torch.autograd.Function):
     (..., C) tensor costs more again than one written in place (its memory is not in cache): so forward allocates
     one tensor and backward two, and the two sums over a row or a column are matrix-vector products (one BLAS pass
     each). A whole training step is 2-3.5% faster at bench/bench_small.py's size than with the previous version of
-    this function, which kept x̂ and summed with separate multiply and sum kernels (BENCHMARKS.md). It keeps the fp32 input x and r = 1 / RMS(x) for backward: for an fp32 input
-    that is the tensor itself, no copy (accounting.saved_activations). tests/test_model.py checks values and
-    gradients against the reference.
+    this function, which kept x̂ and summed with separate multiply and sum kernels (BENCHMARKS.md). It keeps the
+    fp32 input x and r = 1 / RMS(x) for backward: for an fp32 input that is the tensor itself, no copy
+    (accounting.saved_activations). tests/test_model.py checks values and gradients against the reference.
 
     The gradient, with r = (mean(x²) + eps)^(-1/2) per row, x̂ = x·r and y = x̂ ⊙ g:
         dL/dg = Σ over rows of dy ⊙ x̂ = Σ over rows of r · (dy ⊙ x)
@@ -237,7 +237,8 @@ def silu(x: Tensor) -> Tensor:
 
 
 class SwiGLU(nn.Module):
-    """FFN(x) = W2 (SiLU(W1 x) ⊙ W3 x); w1, w3 are (F, C), w2 is (C, F). SiLU is F.silu, the fused silu() above."""
+    """FFN(x) = W2 (SiLU(W1 x) ⊙ W3 x); w1, w3 are (F, C), w2 is (C, F). SiLU is F.silu, the fused silu() above;
+    the gate SiLU(a) ⊙ b runs as _SwiGLUGate, the same product with its gradient written out (see there)."""
 
     def __init__(self, d_model: int, d_ff: int, device=None, dtype=None):
         super().__init__()
@@ -246,7 +247,33 @@ class SwiGLU(nn.Module):
         self.w3 = Linear(d_model, d_ff, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (B, T, C) -> (B, T, F) -> (B, T, C)
+        a, b = self.w1(x), self.w3(x)  # (B, T, C) -> (B, T, F) each
+        if torch.compiler.is_compiling() or a.dtype != b.dtype:  # the readable product (torch.compile fuses it)
+            return self.w2(F.silu(a) * b)  # (B, T, F) -> (B, T, C)
+        return self.w2(_SwiGLUGate.apply(a, b))  # (B, T, F) -> (B, T, C)
+
+
+class _SwiGLUGate(torch.autograd.Function):
+    """SiLU(a) ⊙ b, as `F.silu(a) * b` computes it, with the gradient written out:
+        dL/db = dh ⊙ SiLU(a),  dL/da = dh ⊙ b ⊙ SiLU'(a)   (silu_backward computes the second from dh ⊙ b and a).
+    Autograd of `F.silu(a) * b` keeps a, SiLU(a) and b; this keeps a and b only and computes SiLU(a) again in
+    backward (one cheap pass), so the FFN keeps 3 (B, T, F) tensors instead of 4 (accounting.saved_activations),
+    and it writes SiLU(a) ⊙ b and silu_backward's result in place: on CPU a fresh (B, T, F) tensor costs more than
+    the pass that fills it (its memory is not in cache). A training step is 2-3% faster at bench/bench_small.py's
+    size (BENCHMARKS.md). tests/test_model.py checks values and gradients against `F.silu(a) * b`."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+        ctx.save_for_backward(a, b)
+        return F.silu(a).mul_(b)  # (B, T, F)
+
+    @staticmethod
+    def backward(ctx, dh: Tensor):
+        a, b = ctx.saved_tensors
+        d_b = F.silu(a).mul_(dh)  # (B, T, F)
+        d_a = dh * b
+        torch.ops.aten.silu_backward.grad_input(d_a, a, grad_input=d_a)  # d_a ⊙ SiLU'(a), in place
+        return d_a, d_b
 
 
 class SiLUFFN(nn.Module):

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from model import (PRESETS, CausalMultiHeadSelfAttention, Embedding, KVCache, Linear, ModelConfig, RMSNorm,
-                   RotaryPositionalEmbedding, SiLUFFN, SwiGLU, TransformerBlock, TransformerLM, causal_mask,
-                   scaled_dot_product_attention, silu, softmax)
+                   RotaryPositionalEmbedding, SiLUFFN, SwiGLU, TransformerBlock, TransformerLM, _SwiGLUGate,
+                   causal_mask, scaled_dot_product_attention, silu, softmax)
 
 # A small but complete config: every code path (RoPE, several heads, several layers) at test speed.
 SMALL = dict(vocab_size=97, context_length=32, d_model=32, num_layers=2, num_heads=4, d_ff=48, rope_theta=10_000.0)
@@ -143,6 +143,26 @@ def test_silu_and_ffns_match_reference_formulas():
     plain = SiLUFFN(16, 64)
     assert not hasattr(plain, "w3")
     torch.testing.assert_close(plain(x), F.linear(F.silu(F.linear(x, plain.w1.weight)), plain.w2.weight))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_swiglu_gate_hand_written_backward_equals_autograd_of_the_product(dtype):
+    # SwiGLU runs _SwiGLUGate (SiLU(a) ⊙ b, gradient written out, SiLU(a) recomputed): against `F.silu(a) * b`.
+    torch.manual_seed(0)
+    a = (torch.randn(3, 7, 40, dtype=dtype) * 3).requires_grad_()
+    b = torch.randn(3, 7, 40, dtype=dtype).requires_grad_()
+    dh = torch.randn(3, 7, 40, dtype=dtype)
+    fast = _SwiGLUGate.apply(a, b)
+    ref = F.silu(a) * b
+    assert fast.dtype == dtype
+    torch.testing.assert_close(fast, ref, atol=0, rtol=0)  # the same two kernels, so the same bits
+    torch.testing.assert_close(torch.autograd.grad(fast, (a, b), dh), torch.autograd.grad(ref, (a, b), dh))
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(_SwiGLUGate.apply, (a, b))  # and against finite differences
+    ffn = SwiGLU(16, 40).to(dtype)  # the module takes this path and matches the readable formula
+    x = torch.randn(2, 5, 16, dtype=dtype)
+    ref = F.linear(F.silu(F.linear(x, ffn.w1.weight)) * F.linear(x, ffn.w3.weight), ffn.w2.weight)
+    torch.testing.assert_close(ffn(x), ref, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("scale", [1.0, 1e4])
