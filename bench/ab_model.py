@@ -28,6 +28,7 @@ from accounting import machine_line  # noqa: E402
 from bench_model import BATCH as PRESET_BATCH  # noqa: E402
 from bench_small import BATCH, OUR_D_FF, SIZE, alternated_times, our_step  # noqa: E402
 from cli import OneLineParser  # noqa: E402
+import train  # noqa: E402
 
 
 def load_model_module(path: str, name: str):
@@ -71,10 +72,11 @@ def main(argv=None) -> None:
 
     paired = statistics.median(n / o for n, o in zip(times["new"], times["old"]))
     print(f"Command: `python bench/ab_model.py {' '.join(argv if argv is not None else sys.argv[1:])}`  ")
-    print(f"Machine: {machine_line()}; {args.preset}, batch {B} x {T}, fp32, {args.steps} rounds  ")
+    print(f"Machine: {machine_line()}; {train.tuning_line()}; {args.preset}, batch {B} x {T}, fp32, {args.steps} rounds  ")
     print(" | ".join(f"{who} median {1e3 * statistics.median(t):.2f} ms" for who, t in times.items()))
     print(f"new / old step time: {paired:.4f} paired")
 
 
 if __name__ == "__main__":
+    train.tune_process()  # first: time the step under the settings `python train.py` runs with
     main()

@@ -28,6 +28,7 @@ from accounting import machine_line, measure_matmul_flops, train_flops_per_token
 from cli import OneLineParser  # noqa: E402
 from model import PRESETS, TransformerLM  # noqa: E402
 from optim import AdamW, cross_entropy  # noqa: E402
+import train  # noqa: E402
 
 # The batch size of each preset (BENCHMARKS.md's tables): 16 x 256 and 8 x 256 tokens per step.
 BATCH = {"tiny": 16, "ts17m": 8}
@@ -183,7 +184,7 @@ def main(argv=None) -> None:
     print("'paired' = the median over rounds of the ratio of adjacent steps (robust to drifting load).")
     print("MFU = accounting.train_flops_per_token x tokens/s / the measured torch.mm peak of that precision.\n")
     print(f"Command: `{command.strip()}`  ")
-    print(f"Machine: {machine_line()}; load average {load_before:.2f} before, {load_after:.2f} after  ")
+    print(f"Machine: {machine_line()}; {train.tuning_line()}; load average {load_before:.2f} before, {load_after:.2f} after  ")
     sizes = ", ".join(map(str, PEAK_SIZES))
     print(f"torch.mm peak (median of n = {sizes}, {PEAK_REPEATS} each): fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s"
           + (f", bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s" if "bf16" in peak else "") + "\n")
@@ -206,4 +207,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    train.tune_process()  # first: time the step under the settings `python train.py` runs with
     main()

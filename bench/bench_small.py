@@ -34,6 +34,7 @@ from accounting import machine_line  # noqa: E402
 from cli import OneLineParser  # noqa: E402
 from model import TransformerLM  # noqa: E402
 from optim import AdamW, clip_grad_norm, cross_entropy  # noqa: E402
+import train  # noqa: E402
 from plain_gpt import PlainGPT  # noqa: E402
 from train import DEFAULTS  # noqa: E402
 
@@ -124,7 +125,7 @@ def main(argv=None) -> None:
     n = {who: sum(p.numel() for p in m.parameters()) for who, m in (("ours", ours), ("plain", plain))}
     print("\n## Small-model training step: ours vs plain PyTorch\n")
     print(f"Command: `{command}`  ")
-    print(f"Machine: {machine_line()}; load average {load_before:.2f} before, {load_after:.2f} after  ")
+    print(f"Machine: {machine_line()}; {train.tuning_line()}; load average {load_before:.2f} before, {load_after:.2f} after  ")
     print(f"Model: {SIZE}, batch {BATCH}, {'bf16 autocast' if args.bf16 else 'fp32'}; parameters ours "
           f"{n['ours']:,}, plain {n['plain']:,}; matmul FLOPs ours / plain = "
           f"{matmul_flops(ours) / matmul_flops(plain):.3f}\n")
@@ -148,4 +149,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    train.tune_process()  # first: time the step under the settings `python train.py` runs with
     main()

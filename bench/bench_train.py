@@ -122,7 +122,7 @@ def main(argv=None) -> None:
     print("accounting.train_flops_per_token x tokens/s / the measured torch.mm peak. Evaluation is amortised")
     print("separately at the defaults (20 validation batches every 500 steps).\n")
     print(f"Command: `{command}`  ")
-    print(f"Machine: {machine_line()}; load average {load_before:.2f} before, {load_after:.2f} after\n")
+    print(f"Machine: {machine_line()}; {train.tuning_line()}; load average {load_before:.2f} before, {load_after:.2f} after\n")
     print("| preset | batch x context | precision | bare step tokens/s | train.py tokens/s | loop overhead "
           "| train.py MFU | + eval at defaults |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
@@ -135,4 +135,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    train.tune_process()  # first: time the step under the settings `python train.py` runs with
     main()

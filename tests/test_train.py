@@ -397,6 +397,34 @@ def test_flush_subnormals_reaches_every_thread_only_when_called_first(first):
         assert 0 < unflushed < 1 << 20  # the main thread's share is flushed, the pool thread's is not
 
 
+KEEP_CHECK = """
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+import train
+if {keep}:
+    assert train.keep_freed_memory()
+def page_faults_of_a_fresh_100_mib_tensor():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t = torch.ones(25 << 20)  # 100 MiB, every page written
+    del t
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print([page_faults_of_a_fresh_100_mib_tensor() for _ in range(5)][-1])  # the first ones grow the heap
+"""
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "glibc's default"])
+def test_keep_freed_memory_lets_the_next_allocation_reuse_the_pages(keep):
+    if not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None:
+        pytest.skip("keep_freed_memory tunes glibc's malloc (Linux only)")
+    done = subprocess.run([sys.executable, "-c", KEEP_CHECK.format(root=str(ROOT), keep=keep)], capture_output=True,
+                          text=True, check=True)
+    faults = int(done.stdout)
+    if keep:
+        assert faults < 1000  # the freed 100 MiB stayed in the heap: no page is faulted in again
+    else:
+        assert faults > 20_000  # mmap'ed afresh: ~25,600 pages of 4 KiB faulted in again
+
+
 def test_validation_and_sample_eval_share_one_evaluator(data_dir):
     import sample
     torch.manual_seed(0)
