@@ -408,7 +408,8 @@ def page_faults_of_a_fresh_100_mib_tensor():
     t = torch.ones(25 << 20)  # 100 MiB, every page written
     del t
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print([page_faults_of_a_fresh_100_mib_tensor() for _ in range(5)][-1])  # the first ones grow the heap
+last = [page_faults_of_a_fresh_100_mib_tensor() for _ in range(12)][6:]  # the first few grow the heap
+print(min(last), max(last))
 """
 
 
@@ -418,11 +419,11 @@ def test_keep_freed_memory_lets_the_next_allocation_reuse_the_pages(keep):
         pytest.skip("keep_freed_memory tunes glibc's malloc (Linux only)")
     done = subprocess.run([sys.executable, "-c", KEEP_CHECK.format(root=str(ROOT), keep=keep)], capture_output=True,
                           text=True, check=True)
-    faults = int(done.stdout)
+    fewest, most = map(int, done.stdout.split())  # page faults of the last 6 allocations
     if keep:
-        assert faults < 1000  # the freed 100 MiB stayed in the heap: no page is faulted in again
+        assert most < 1000  # the freed 100 MiB stayed in the heap: no page is faulted in again
     else:
-        assert faults > 20_000  # mmap'ed afresh: ~25,600 pages of 4 KiB faulted in again
+        assert fewest > 20_000  # mmap'ed afresh every time: ~25,600 pages of 4 KiB faulted in again
 
 
 def test_validation_and_sample_eval_share_one_evaluator(data_dir):
