@@ -408,8 +408,8 @@ def page_faults_of_a_fresh_100_mib_tensor():
     t = torch.ones(25 << 20)  # 100 MiB, every page written
     del t
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-last = [page_faults_of_a_fresh_100_mib_tensor() for _ in range(12)][6:]  # the first few grow the heap
-print(min(last), max(last))
+faults = [page_faults_of_a_fresh_100_mib_tensor() for _ in range(12)]  # the first few grow the heap
+print(faults[0], min(faults[6:]), max(faults[6:]))
 """
 
 
@@ -419,11 +419,13 @@ def test_keep_freed_memory_lets_the_next_allocation_reuse_the_pages(keep):
         pytest.skip("keep_freed_memory tunes glibc's malloc (Linux only)")
     done = subprocess.run([sys.executable, "-c", KEEP_CHECK.format(root=str(ROOT), keep=keep)], capture_output=True,
                           text=True, check=True)
-    fewest, most = map(int, done.stdout.split())  # page faults of the last 6 allocations
+    # page faults of the first allocation (all of its pages: 25,600 of 4 KiB, fewer with huge pages) and the
+    # fewest and most of the last 6
+    first, fewest, most = map(int, done.stdout.split())
     if keep:
-        assert most < 1000  # the freed 100 MiB stayed in the heap: no page is faulted in again
+        assert first > 0 and most <= first // 100  # the freed 100 MiB stayed in the heap: nothing faulted again
     else:
-        assert fewest > 20_000  # mmap'ed afresh every time: ~25,600 pages of 4 KiB faulted in again
+        assert fewest >= first // 2  # mmap'ed afresh every time: all of its pages faulted in again
 
 
 def test_validation_and_sample_eval_share_one_evaluator(data_dir):
