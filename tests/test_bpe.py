@@ -371,6 +371,20 @@ def test_batched_cold_path_equals_plain_path(trained, gpt2_files, monkeypatch):
                 assert tok.encode(text) == tok.encode_plain(text), text
 
 
+def test_encode_assembles_from_a_warm_cache_and_fills_it_only_for_new_chunks(trained):
+    """encode assembles the ids straight from the chunk cache and fills the cache only when a chunk is missing (the
+    KeyError path): a fully cached text, and one whose chunks are cached up to a special token and new after it."""
+    tok = bpe.Tokenizer(*trained, [EOT])
+    seen = "the cat sat on the mat, twice"
+    assert tok.encode(seen) == tok.encode_plain(seen)
+    cached = dict(tok._chunk_cache)
+    assert tok.encode(seen) == tok.encode_plain(seen) and tok._chunk_cache == cached  # warm: nothing added
+    partly = seen + EOT + " a dog barked at the postman"
+    assert tok.encode(partly) == tok.encode_plain(partly)
+    added = set(tok._chunk_cache) - set(cached)
+    assert added and all(chunk in partly.split(EOT)[1] for chunk in added)  # only the new text's chunks
+
+
 def test_special_tokens_longest_match_and_appended(trained):
     vocab, merges = trained
     double = EOT + EOT
