@@ -411,4 +411,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    train.tune_process()  # first: the CPU settings python train.py runs under (subnormals, freed memory kept)
     main()

@@ -69,7 +69,7 @@ def main() -> None:
         rows.append((name, cfg, r))
         print(f"  {name}: sample {r['tokens'] / r['sample']:,.0f} tok/s | train {r['tokens'] / r['train']:,.0f} tok/s",
               file=sys.stderr)
-    print(f"\nCommand: `python {' '.join(sys.argv)}`  \nMachine: {machine_line()}\n")
+    print(f"\nCommand: `python {' '.join(sys.argv)}`  \nMachine: {machine_line()}; {train.tuning_line()}\n")
     print("| config | tokens scored | sample.py --eval tokens/s | train.py validation tokens/s | sample / train "
           "| losses (sample, train) |")
     print("|---|---:|---:|---:|---:|---|")
@@ -80,4 +80,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    train.tune_process()  # first: time both as `python sample.py` and `python train.py` run
     main()
