@@ -212,9 +212,10 @@ TRAIN_STATE_COPIES = {"params": 1, "grads": 1, "adamw_state": 2}
 # as train.py runs it: torch.autocast on one GPU or under DDP, MixedPrecisionPolicy(param_dtype=...) under FSDP2;
 # tf32 is fp32 storage with tensor-core matmuls. Convention, stated once: every activation row counts
 # ACTIVATION_BYTES[dtype] per element. For fp32 that is exact (--measure); in 16 bits it is the usual simplification:
-# model.py's RMSNorm computes in fp32 and keeps fp32 tensors, and under autocast the residual stream stays fp32 and
-# each matmul keeps its own 16-bit copy of its input, so autograd keeps 1.1-1.5x the 2-byte figure at the sizes
-# tested (--measure --dtype bf16 prints the factor; tests/test_accounting.py bounds it).
+# model.py's RMSNorm computes in fp32 and keeps fp32 tensors, under autocast the residual stream stays fp32 and
+# each matmul keeps its own 16-bit copy of its input, and on CPU attention with head dim <= 64 runs in fp32
+# (model.fused_attention), so on CPU autograd keeps 1.1-1.6x the 2-byte figure at the sizes tested (--measure
+# --dtype bf16 prints the factor; tests/test_accounting.py bounds it).
 COMPUTE_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ACTIVATION_BYTES = {name: torch.finfo(dt).bits // 8 for name, dt in COMPUTE_DTYPES.items()}  # 4, 4, 2, 2
 

@@ -316,6 +316,24 @@ def scaled_dot_product_attention(Q: Tensor, K: Tensor, V: Tensor, mask: Tensor |
     return softmax(scores, dim=-1) @ V  # (..., T, S) @ (..., S, Dv) -> (..., T, Dv)
 
 
+CPU_FP32_ATTENTION_MAX_HEAD_DIM = 64  # see fused_attention
+
+
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
+    """F.scaled_dot_product_attention (flash attention on GPU and CPU), the same softmax(Q Kᵀ / sqrt(D)) V as above;
+    kwargs are its attn_mask / is_causal.
+
+    note: on CPU in bf16 or fp16 with a head dim of at most 64, it computes in fp32 and rounds the result back:
+    torch's 16-bit CPU kernel is slower there than its fp32 one, backward most of all. Forward + backward at
+    ts17m's (8, 16, 256, 32): 36.7 ms in bf16, 22.5 in fp32; (8, 8, 256, 64): 21.7 vs 19.8; at head dim 128 the
+    bf16 kernel wins, (8, 4, 256, 128): 10.7 vs 18.4 (BENCHMARKS.md, an AMX Xeon). More precise, never less."""
+    if (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+            and q.shape[-1] <= CPU_FP32_ATTENTION_MAX_HEAD_DIM):
+        with torch.autocast("cpu", enabled=False):  # else autocast would cast the fp32 inputs straight back
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Rotary position embedding (Su et al. 2021, RoFormer; handout §3.5.3)
 
@@ -484,13 +502,13 @@ class CausalMultiHeadSelfAttention(nn.Module):
             out = scaled_dot_product_attention(q, k, v, causal_mask(T, S, x.device))  # (B, H, T, D)
         elif S == T:
             # The fused kernel (flash attention on GPU and CPU); is_causal builds the lower triangle itself.
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
+            out = fused_attention(q, k, v, is_causal=True)  # (B, H, T, D)
         elif T == 1:
             # One new token is the last position: it may attend to every cached key, so no mask at all.
-            out = F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, D)
+            out = fused_attention(q, k, v)  # (B, H, 1, D)
         else:
             # Several new tokens after a cache: the bottom-right-aligned triangle (see causal_mask).
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, x.device))  # (B, H, T, D)
+            out = fused_attention(q, k, v, attn_mask=causal_mask(T, S, x.device))  # (B, H, T, D)
         # (B, H, T, D) -> (B, T, H, D) -> (B, T, C): concatenate the heads again.
         out = out.transpose(1, 2).reshape(B, T, C)
         return self.output_proj(out)  # (B, T, C)

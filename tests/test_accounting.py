@@ -273,10 +273,11 @@ def test_autocast_weight_copies_are_exact(changes, B, T, dtype):
         cfg.vocab_size * cfg.d_model + accounting.block_matmul_params(cfg))
     assert accounting.autocast_weight_bytes(cfg, "fp32") == accounting.autocast_weight_bytes(cfg, "tf32") == 0
     # Stated tolerance of the 2-bytes-per-element convention (accounting.ACTIVATION_BYTES): at these sizes autograd
-    # keeps 1x-1.5x of it (fp32 RMSNorm tensors, the fp32 residual stream, one 16-bit input copy per matmul).
+    # keeps 1x-1.6x of it (fp32 RMSNorm tensors, the fp32 residual stream, one 16-bit input copy per matmul, and
+    # model.fused_attention's fp32 q, k, v and output on CPU).
     for measured, checkpointing in ((plain, False), (ckpt, True)):
         predicted = 2 * accounting.activation_elements(cfg, B, T, cfg.attn_impl, checkpointing)
-        assert 1 <= (measured["float"] - measured["weight_copies"]) / predicted <= 1.5
+        assert 1 <= (measured["float"] - measured["weight_copies"]) / predicted <= 1.6
 
 
 def test_fp32_measurement_has_no_weight_copies():

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from model import (PRESETS, CausalMultiHeadSelfAttention, Embedding, KVCache, Linear, ModelConfig, RMSNorm,
                    RotaryPositionalEmbedding, SiLUFFN, SwiGLU, TransformerBlock, TransformerLM, _SwiGLUGate,
-                   causal_mask, scaled_dot_product_attention, silu, softmax)
+                   causal_mask, fused_attention, scaled_dot_product_attention, silu, softmax)
 
 # A small but complete config: every code path (RoPE, several heads, several layers) at test speed.
 SMALL = dict(vocab_size=97, context_length=32, d_model=32, num_layers=2, num_heads=4, d_ff=48, rope_theta=10_000.0)
@@ -173,6 +173,27 @@ def test_softmax_matches_torch_including_large_inputs(scale):
         out = softmax(x, dim)
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out, torch.softmax(x, dim))
+
+
+@pytest.mark.parametrize("head_dim", [32, 128])
+def test_fused_attention_computes_16_bit_cpu_attention_in_fp32_up_to_head_dim_64(head_dim):
+    # model.fused_attention: on CPU in bf16 with head dim <= 64, F.sdpa on the fp32 inputs rounded back (torch's
+    # 16-bit CPU kernel is slower there); at 128 the bf16 kernel itself. Gradients come back in bf16 either way.
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 16, head_dim).bfloat16().requires_grad_() for _ in range(3))
+    out = fused_attention(q, k, v, is_causal=True)
+    fp32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).bfloat16()
+    bf16 = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, fp32 if head_dim <= 64 else bf16, atol=0, rtol=0)
+    torch.testing.assert_close(out, bf16, atol=2e-2, rtol=2e-2)  # the same attention, up to bf16 rounding
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    assert all(g.dtype == torch.bfloat16 for g in grads)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # inside autocast too (which would cast fp32 inputs back)
+        torch.testing.assert_close(fused_attention(q, k, v, is_causal=True), out, atol=0, rtol=0)
+    x = torch.randn(2, 3, 16, head_dim)  # fp32: torch's kernel, untouched
+    torch.testing.assert_close(fused_attention(x, x, x), F.scaled_dot_product_attention(x, x, x),
+                               atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("leading", [(6,), (2, 3)], ids=["3-D", "4-D"])
