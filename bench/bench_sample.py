@@ -28,6 +28,7 @@ from accounting import machine_line  # noqa: E402
 from cli import OneLineParser  # noqa: E402
 from model import PRESETS, TransformerLM  # noqa: E402
 from sample import generate_stream, next_logits, sample_next  # noqa: E402
+import train  # noqa: E402
 
 PROMPT_LEN = 16
 
@@ -116,7 +117,7 @@ def main() -> None:
           f"weights, fp32, temperature 1; context_length {PROMPT_LEN + new_tokens + 48} so the window never slides. "
           f"No cache = sample.py's reference (full forward of the whole context each step; {ref_note}). "
           f"Step latency = one new token for every row of the batch. Median of {args.repeats} run(s).\n")
-    print(f"Machine: {machine_line()}\n")
+    print(f"Machine: {machine_line()}; {train.tuning_line()}\n")
     print("| config | batch | no cache (tok/s) | KV cache (tok/s) | speed-up (target ≥ 5x) "
           "| cache step, first 64 (ms) | cache step, last 64 (ms) |")
     print("|---|---|---|---|---|---|---|")
@@ -126,4 +127,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    train.tune_process()  # first: time generation under the settings `python sample.py` runs with
     main()
