@@ -128,7 +128,10 @@ class AdamW(torch.optim.Optimizer):
             group.setdefault("fused", False)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None):
+    def step(self, closure: Callable[[], Tensor] | None = None, *, grad_divisor: Tensor | None = None):
+        """One update of every parameter that has a gradient. grad_divisor (clip_divisor's d): divide the gradients
+        by it first, as clip_grad_norm would; the fused path does that inside its kernel, which divides each
+        gradient as it reads it and writes it back (the same bits as dividing first, one pass fewer)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -144,8 +147,11 @@ class AdamW(torch.optim.Optimizer):
                     state["m"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["v"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
+            in_kernel = group["fused"] and grad_divisor is not None and _plain(grad_divisor)  # a DTensor: not in it
+            if grad_divisor is not None and params and not in_kernel:
+                torch._foreach_div_([p.grad for p in params], grad_divisor)
             if group["fused"]:
-                self._step_fused(group, params)
+                self._step_fused(group, params, grad_divisor if in_kernel else None)
             elif group["foreach"]:
                 self._step_foreach(group, params)
             else:
@@ -183,7 +189,7 @@ class AdamW(torch.optim.Optimizer):
         torch._foreach_add_(denoms, eps)  # sqrt(v) + ε
         torch._foreach_addcdiv_(params, ms, denoms, neg_alphas)  # θ ← θ - α_t m / (sqrt(v) + ε)
 
-    def _step_fused(self, group: dict, params: list[Tensor]) -> None:
+    def _step_fused(self, group: dict, params: list[Tensor], grad_divisor: Tensor | None = None) -> None:
         """The same update in torch's fused AdamW kernel (torch._fused_adamw_, what torch.optim.AdamW(fused=True)
         runs), which reads θ, g, m, v once and writes θ, m, v once per element. Why faster: the lines above each make
         a pass over memory (~8 for the foreach path, plus a temporary for sqrt(v)); at 23M parameters the update is
@@ -193,6 +199,7 @@ class AdamW(torch.optim.Optimizer):
         ε' = ε / sqrt(1 - β2^t) that is exactly ours (multiply the fraction through by sqrt(1 - β2^t)): ε is added to
         sqrt(v), not to sqrt(v̂). Its moment and decay lines are ours as written (m by lerp, the same value). note: the
         kernel reads t from a tensor per parameter and takes one ε', so it is called once per (t, device, dtype).
+        grad_divisor goes in as the kernel's grad_scale, what torch's GradScaler unscales by: g ← g / grad_scale.
         """
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         calls: dict[tuple, list[Tensor]] = {}
@@ -200,10 +207,12 @@ class AdamW(torch.optim.Optimizer):
             calls.setdefault((self.state[p]["step"], p.device, p.dtype), []).append(p)
         for (t, device, _), ps in calls.items():
             step = torch.tensor(float(t), device=device)  # the kernel's t: a float tensor on the parameters' device
+            scale = None if grad_divisor is None else grad_divisor.to(device=device, dtype=torch.float32)
             torch._fused_adamw_(ps, [p.grad for p in ps], [self.state[p]["m"] for p in ps],
                                 [self.state[p]["v"] for p in ps], [], [step] * len(ps), lr=lr, beta1=beta1,
                                 beta2=beta2, weight_decay=wd, eps=eps / math.sqrt(1 - beta2**t), amsgrad=False,
-                                maximize=False)
+                                maximize=False, grad_scale=scale,
+                                found_inf=None if scale is None else torch.zeros((), device=device))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -239,22 +248,40 @@ def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float, eps: f
     """Scale all gradients by one factor so that their global L2 norm is at most max_norm; return the norm before.
 
     One norm over ALL parameters (‖g‖ = sqrt(Σ_p ‖g_p‖²)), not one per tensor, so clipping keeps the direction of
-    the full gradient. The factor is max_norm / (‖g‖ + eps) when ‖g‖ > max_norm (eps guards against 0/0).
+    the full gradient. The factor is max_norm / (‖g‖ + eps) when ‖g‖ > max_norm (eps guards against 0/0), applied
+    as a division by its inverse, clip_divisor's d.
     note: the norm comes back as a 0-dim tensor on the gradients' device, not a float: reading it (`.item()`,
     `float()`) waits for the GPU, so a training loop does that only on the steps it logs.
     """
+    params = list(params)
+    total_norm, divisor = clip_divisor(params, max_norm, eps)
+    if divisor is not None:
+        torch._foreach_div_([p.grad for p in params if p.grad is not None], divisor)
+    return total_norm
+
+
+def _plain(t: Tensor) -> bool:
+    """True for a plain tensor, False for a DTensor (FSDP's sharded gradients and what is computed from them)."""
+    return not hasattr(t, "full_tensor")
+
+
+def clip_divisor(params: Iterable[torch.nn.Parameter], max_norm: float,
+                 eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(‖g‖, d): the gradients' global norm and what clip_grad_norm divides them by, d = max(1, (‖g‖ + eps) /
+    max_norm) (None if no parameter has a gradient). A training loop hands d to AdamW.step(grad_divisor=d), whose
+    fused kernel divides as it updates: the same bits, one pass over the gradients fewer (train.train_step)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return torch.tensor(0.0)
+        return torch.tensor(0.0), None
     # one call for the whole list (as torch's clip_grad_norm_ does), not one op launch per tensor; fp32 accumulation
     per_tensor = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))  # (n_tensors,) ‖g_p‖
     total_norm = torch.linalg.vector_norm(per_tensor)  # () sqrt(Σ_p ‖g_p‖²)
-    # min(1, max_norm / (‖g‖ + eps)) as a tensor: always multiplying avoids a data-dependent branch (and a sync).
-    scale = (max_norm / (total_norm + eps)).clamp(max=1.0)
-    torch._foreach_mul_(grads, scale.to(grads[0].dtype))
+    # max(1, (‖g‖ + eps) / max_norm) as a tensor: always dividing avoids a data-dependent branch (and a sync).
+    divisor = ((total_norm + eps) / max_norm).clamp(min=1.0).to(grads[0].dtype)
     # FSDP-sharded gradients are DTensors, and so is everything computed from them above, the norm included (summed
-    # over the ranks' shards by DTensor itself); hand back a plain tensor, the same on every rank.
-    return total_norm.full_tensor() if hasattr(total_norm, "full_tensor") else total_norm
+    # over the ranks' shards by DTensor itself); the norm goes back as a plain tensor, the same on every rank, the
+    # divisor as what the gradients are, to divide them.
+    return (total_norm if _plain(total_norm) else total_norm.full_tensor()), divisor
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from cli import (EXIT_BAD_INPUT, EXIT_ENVIRONMENT, BadInputError, EnvironmentFau
                  QUOTED_ERROR_CHARS, atomic_file, atomic_write_text, describe_fault, error_summary, space_problem)
 from model import ATTN_IMPLS, FFNS, NORMS, POSITIONS, PRESETS, ModelConfig, TransformerLM
 from model import from_hf_llama_config, from_hf_llama_state_dict, to_hf_llama_config, to_hf_llama_state_dict
-from optim import AdamW, clip_grad_norm, cosine_lr, cross_entropy
+from optim import AdamW, clip_divisor, cosine_lr, cross_entropy
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -968,10 +968,11 @@ def train_step(run: Run, trainer: Trainer, progress: Progress) -> torch.Tensor:
             trainer.scaler.scale(loss / accum).backward()
         progress.add_loss(loss.detach() / accum)
     trainer.scaler.unscale_(trainer.optimizer)  # true gradients before clipping, so --grad-clip sees real norms
-    grad_norm = clip_grad_norm(trainer.model.parameters(), run.args["grad_clip"] or math.inf)
+    # clipping by AdamW's grad_divisor: its fused kernel divides the gradients as it updates (optim.clip_divisor)
+    grad_norm, divisor = clip_divisor(trainer.model.parameters(), run.args["grad_clip"] or math.inf)
     if trainer.scaler.is_enabled():
         progress.skipped_steps += ~torch.isfinite(grad_norm)  # exactly the steps the scaler will skip (no sync)
-    trainer.scaler.step(trainer.optimizer)  # the optimizer's step, unless a gradient was inf/nan
+    trainer.scaler.step(trainer.optimizer, grad_divisor=divisor)  # the step, unless a gradient was inf/nan
     trainer.scaler.update()
     trainer.optimizer.zero_grad(set_to_none=True)
     return grad_norm

@@ -10,8 +10,8 @@ changes well below the noise of separate runs. Run it with the same file twice (
     python bench/ab_model.py /tmp/model_old.py model.py --preset ts17m --steps 20
 
 The step is bench/bench_small.py's our_step, train.train_step's work on a fixed batch: forward, optim.cross_entropy,
-backward, optim.clip_grad_norm, optim.AdamW(fused=True), zero_grad. Both models start from the same seed; optim.py
-and the rest of the repository are shared by the two versions.
+backward, optim.clip_divisor, optim.AdamW(fused=True).step(grad_divisor), zero_grad. Both models start from the
+same seed; optim.py and the rest of the repository are shared by the two versions.
 """
 import dataclasses
 import importlib.util
@@ -72,7 +72,8 @@ def main(argv=None) -> None:
 
     paired = statistics.median(n / o for n, o in zip(times["new"], times["old"]))
     print(f"Command: `python bench/ab_model.py {' '.join(argv if argv is not None else sys.argv[1:])}`  ")
-    print(f"Machine: {machine_line()}; {train.tuning_line()}; {args.preset}, batch {B} x {T}, fp32, {args.steps} rounds  ")
+    print(f"Machine: {machine_line()}; {train.tuning_line()}; {args.preset}, batch {B} x {T}, fp32, "
+          f"{args.steps} rounds  ")
     print(" | ".join(f"{who} median {1e3 * statistics.median(t):.2f} ms" for who, t in times.items()))
     print(f"new / old step time: {paired:.4f} paired")
 

@@ -6,7 +6,7 @@ from-scratch code costs there beyond what a PyTorch user would write.
 
 Both sides do the same work per step, the work of train.train_step on one fixed batch (no data loading, no logging):
     ours:   model.TransformerLM (SwiGLU d_ff 344, RMSNorm, RoPE, SDPA) + optim.cross_entropy + backward
-            + optim.clip_grad_norm + optim.AdamW(fused=True, as train.py builds it) + zero_grad
+            + optim.clip_divisor + optim.AdamW(fused=True, as train.py builds it).step(grad_divisor) + zero_grad
     plain:  plain_gpt.PlainGPT (GELU MLP 4x, nn.LayerNorm, learned positions, SDPA) + F.cross_entropy + backward
             + torch.nn.utils.clip_grad_norm_ + torch.optim.AdamW (its defaults: the per-tensor loop on CPU) + zero_grad
 with train.py's defaults: lr 1e-3, betas (0.9, 0.95), weight decay 0.1, clipping at 1.0. The two models have the same
@@ -33,7 +33,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]  # the repo root (model.py, optim.p
 from accounting import machine_line  # noqa: E402
 from cli import OneLineParser  # noqa: E402
 from model import TransformerLM  # noqa: E402
-from optim import AdamW, clip_grad_norm, cross_entropy  # noqa: E402
+from optim import AdamW, clip_divisor, cross_entropy  # noqa: E402
 import train  # noqa: E402
 from plain_gpt import PlainGPT  # noqa: E402
 from train import DEFAULTS  # noqa: E402
@@ -54,8 +54,8 @@ def our_step(x, y, bf16: bool, model=None):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = cross_entropy(model(x), y)
         loss.backward()
-        clip_grad_norm(model.parameters(), GRAD_CLIP)
-        opt.step()
+        _, divisor = clip_divisor(model.parameters(), GRAD_CLIP)  # clipping inside the fused update, as train.py
+        opt.step(grad_divisor=divisor)
         opt.zero_grad(set_to_none=True)
 
     return model, step
@@ -125,7 +125,8 @@ def main(argv=None) -> None:
     n = {who: sum(p.numel() for p in m.parameters()) for who, m in (("ours", ours), ("plain", plain))}
     print("\n## Small-model training step: ours vs plain PyTorch\n")
     print(f"Command: `{command}`  ")
-    print(f"Machine: {machine_line()}; {train.tuning_line()}; load average {load_before:.2f} before, {load_after:.2f} after  ")
+    print(f"Machine: {machine_line()}; {train.tuning_line()}; load average {load_before:.2f} before, "
+          f"{load_after:.2f} after  ")
     print(f"Model: {SIZE}, batch {BATCH}, {'bf16 autocast' if args.bf16 else 'fp32'}; parameters ours "
           f"{n['ours']:,}, plain {n['plain']:,}; matmul FLOPs ours / plain = "
           f"{matmul_flops(ours) / matmul_flops(plain):.3f}\n")

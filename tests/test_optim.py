@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from optim import AdamW, _CrossEntropy, clip_grad_norm, cosine_lr, cross_entropy, sgd_toy
+from optim import AdamW, _CrossEntropy, clip_divisor, clip_grad_norm, cosine_lr, cross_entropy, sgd_toy
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -278,6 +278,28 @@ def test_clip_grad_norm_matches_torch(max_norm):
         assert new_norm == pytest.approx(max_norm, rel=1e-5)  # one global scale: the norm lands on max_norm
     else:
         assert new_norm == pytest.approx(total, rel=1e-6)
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_clipping_as_grad_divisor_equals_clip_then_step(impl):
+    # train.py hands clip_divisor's d to AdamW.step(grad_divisor=d) instead of clip_grad_norm + step: the fused
+    # kernel divides as it updates, the other paths divide first. The same bits either way, with the clip active.
+    params, loss_fn = make_problem()
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, **IMPLS[impl])
+    opt, twin_opt = AdamW(params, **kw), AdamW(twins, **kw)
+    for step in range(20):
+        for ps, o in ((params, opt), (twins, twin_opt)):
+            o.zero_grad()
+            loss_fn(ps, step).backward()
+        norm, d = clip_divisor(params, 0.05)
+        assert d.item() == pytest.approx((norm.item() + 1e-6) / 0.05, rel=1e-6) and d.item() > 1  # clipped
+        opt.step(grad_divisor=d)
+        assert clip_grad_norm(twins, 0.05).item() == norm.item()
+        twin_opt.step()
+        for a, b in zip(params, twins):
+            assert torch.equal(a, b) and torch.equal(a.grad, b.grad)  # p.grad ends up divided in both
+    assert clip_divisor([torch.nn.Parameter(torch.ones(2))], 1.0) == (torch.tensor(0.0), None)  # no gradients
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ def test_fp16_resume_is_exact(counting_data, tmp_path, capsys, monkeypatch):
     common = ["--data", counting_data, "--dtype", "fp16", "--max-iters", 20, "--ckpt-interval", 5, "--eval-interval", 8,
               *TINY]
     run_main(["--out", tmp_path / "ref", *common], capsys)
-    real_clip, calls = train.clip_grad_norm, {"n": 0}
+    real_clip, calls = train.clip_divisor, {"n": 0}
 
     def clip_then_sigterm(params, max_norm):
         calls["n"] += 1
@@ -90,9 +90,9 @@ def test_fp16_resume_is_exact(counting_data, tmp_path, capsys, monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)
         return real_clip(params, max_norm)
 
-    monkeypatch.setattr(train, "clip_grad_norm", clip_then_sigterm)
+    monkeypatch.setattr(train, "clip_divisor", clip_then_sigterm)
     assert "SIGTERM: saved" in run_main(["--out", tmp_path / "run", *common], capsys)
-    monkeypatch.setattr(train, "clip_grad_norm", real_clip)
+    monkeypatch.setattr(train, "clip_divisor", real_clip)
     run_main(["--resume", tmp_path / "run"], capsys)
     assert losses(tmp_path / "run") == losses(tmp_path / "ref")
     skips = [r["skipped_steps"] for r in log(tmp_path / "run") if "loss" in r]

@@ -314,7 +314,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run_exactly(data_dir, tmp_
               "--ckpt-interval", "5", "--eval-iters", "2", *TINY]
     assert run_main(["--out", str(tmp_path / "ref"), *common], capsys)[0] == 0
     calls = {"n": 0}
-    real_clip = train.clip_grad_norm
+    real_clip = train.clip_divisor
 
     def clip_then_sigterm(params, max_norm):  # called once per optimizer step
         calls["n"] += 1
@@ -322,12 +322,12 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run_exactly(data_dir, tmp_
             os.kill(os.getpid(), signal.SIGTERM)  # delivered to train.py's handler, as `kill PID` would be
         return real_clip(params, max_norm)
 
-    monkeypatch.setattr(train, "clip_grad_norm", clip_then_sigterm)
+    monkeypatch.setattr(train, "clip_divisor", clip_then_sigterm)
     out = tmp_path / "stopped"
     rc, stdout, _ = run_main(["--out", str(out), *common], capsys)
     assert rc == 0 and f"SIGTERM: saved {out}/last.pt at step 13" in stdout
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handlers are put back
-    monkeypatch.setattr(train, "clip_grad_norm", real_clip)
+    monkeypatch.setattr(train, "clip_divisor", real_clip)
     if checkpoint_format == "legacy":
         to_legacy_checkpoint(out / "last.pt")
     assert run_main(["--resume", str(out)], capsys)[0] == 0
@@ -336,7 +336,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run_exactly(data_dir, tmp_
 
 
 def test_a_second_signal_stops_at_once_without_saving(data_dir, tmp_path, capsys, monkeypatch):
-    real_clip = train.clip_grad_norm
+    real_clip = train.clip_divisor
     calls = {"n": 0}
 
     def clip_then_two_signals(params, max_norm):
@@ -350,7 +350,7 @@ def test_a_second_signal_stops_at_once_without_saving(data_dir, tmp_path, capsys
             raise AssertionError("the second signal did not interrupt the step")
         return real_clip(params, max_norm)
 
-    monkeypatch.setattr(train, "clip_grad_norm", clip_then_two_signals)
+    monkeypatch.setattr(train, "clip_divisor", clip_then_two_signals)
     out = tmp_path / "run"
     rc, stdout, err = run_main(["--data", str(data_dir), "--out", str(out), "--max-iters", "20", "--ckpt-interval",
                                 "5", "--eval-iters", "1", *TINY], capsys)
