@@ -184,7 +184,8 @@ def main(argv=None) -> None:
     print("'paired' = the median over rounds of the ratio of adjacent steps (robust to drifting load).")
     print("MFU = accounting.train_flops_per_token x tokens/s / the measured torch.mm peak of that precision.\n")
     print(f"Command: `{command.strip()}`  ")
-    print(f"Machine: {machine_line()}; {train.tuning_line()}; load average {load_before:.2f} before, {load_after:.2f} after  ")
+    print(f"Machine: {machine_line()}; {train.tuning_line()}; load average {load_before:.2f} before, "
+          f"{load_after:.2f} after  ")
     sizes = ", ".join(map(str, PEAK_SIZES))
     print(f"torch.mm peak (median of n = {sizes}, {PEAK_REPEATS} each): fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s"
           + (f", bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s" if "bf16" in peak else "") + "\n")

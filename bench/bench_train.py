@@ -122,7 +122,8 @@ def main(argv=None) -> None:
     print("accounting.train_flops_per_token x tokens/s / the measured torch.mm peak. Evaluation is amortised")
     print("separately at the defaults (20 validation batches every 500 steps).\n")
     print(f"Command: `{command}`  ")
-    print(f"Machine: {machine_line()}; {train.tuning_line()}; load average {load_before:.2f} before, {load_after:.2f} after\n")
+    print(f"Machine: {machine_line()}; {train.tuning_line()}; load average {load_before:.2f} before, "
+          f"{load_after:.2f} after\n")
     print("| preset | batch x context | precision | bare step tokens/s | train.py tokens/s | loop overhead "
           "| train.py MFU | + eval at defaults |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
