@@ -253,10 +253,11 @@ def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float, eps: f
     note: the norm comes back as a 0-dim tensor on the gradients' device, not a float: reading it (`.item()`,
     `float()`) waits for the GPU, so a training loop does that only on the steps it logs.
     """
-    params = list(params)
-    total_norm, divisor = clip_divisor(params, max_norm, eps)
-    if divisor is not None:
-        torch._foreach_div_([p.grad for p in params if p.grad is not None], divisor)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    total_norm, divisor = _norm_and_divisor(grads, max_norm, eps)
+    torch._foreach_div_(grads, divisor)
     return total_norm
 
 
@@ -271,8 +272,11 @@ def clip_divisor(params: Iterable[torch.nn.Parameter], max_norm: float,
     max_norm) (None if no parameter has a gradient). A training loop hands d to AdamW.step(grad_divisor=d), whose
     fused kernel divides as it updates: the same bits, one pass over the gradients fewer (train.train_step)."""
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.tensor(0.0), None
+    return _norm_and_divisor(grads, max_norm, eps) if grads else (torch.tensor(0.0), None)
+
+
+def _norm_and_divisor(grads: list[Tensor], max_norm: float, eps: float) -> tuple[Tensor, Tensor]:
+    """clip_divisor's (‖g‖, d) for a non-empty list of gradients."""
     # one call for the whole list (as torch's clip_grad_norm_ does), not one op launch per tensor; fp32 accumulation
     per_tensor = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))  # (n_tensors,) ‖g_p‖
     total_norm = torch.linalg.vector_norm(per_tensor)  # () sqrt(Σ_p ‖g_p‖²)
