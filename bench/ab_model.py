@@ -7,7 +7,7 @@ changes well below the noise of separate runs. Run it with the same file twice (
 
     git show HEAD:model.py > /tmp/model_old.py
     python bench/ab_model.py /tmp/model_old.py model.py                 # bench_small.py's size, 300 rounds
-    python bench/ab_model.py /tmp/model_old.py model.py --preset ts17m --steps 20
+    python bench/ab_model.py /tmp/model_old.py model.py --preset ts17m --steps 20 [--bf16]
 
 The step is bench/bench_small.py's our_step, train.train_step's work on a fixed batch: forward, optim.cross_entropy,
 backward, optim.clip_divisor, optim.AdamW(fused=True).step(grad_divisor), zero_grad. Both models start from the
@@ -48,6 +48,7 @@ def main(argv=None) -> None:
                         help="small: bench_small.py's size and batch; ts17m: model.PRESETS['ts17m'], batch 8 x 256")
     parser.add_argument("--steps", type=int, default=300, help="timed rounds (one step of each per round)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps of each first")
+    parser.add_argument("--bf16", action="store_true", help="the step under bf16 autocast, as train.py --dtype bf16")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
@@ -67,12 +68,13 @@ def main(argv=None) -> None:
     steps = {}
     for who, module in modules.items():
         torch.manual_seed(0)  # both models start from the same weights
-        steps[who] = our_step(x, y, False, module.TransformerLM(**size))[1]
+        steps[who] = our_step(x, y, args.bf16, module.TransformerLM(**size))[1]
     times = alternated_times(steps, args.steps, args.warmup)
 
     paired = statistics.median(n / o for n, o in zip(times["new"], times["old"]))
     print(f"Command: `python bench/ab_model.py {' '.join(argv if argv is not None else sys.argv[1:])}`  ")
-    print(f"Machine: {machine_line()}; {train.tuning_line()}; {args.preset}, batch {B} x {T}, fp32, "
+    print(f"Machine: {machine_line()}; {train.tuning_line()}; {args.preset}, batch {B} x {T}, "
+          f"{'bf16 autocast' if args.bf16 else 'fp32'}, "
           f"{args.steps} rounds  ")
     print(" | ".join(f"{who} median {1e3 * statistics.median(t):.2f} ms" for who, t in times.items()))
     print(f"new / old step time: {paired:.4f} paired")
