@@ -338,6 +338,21 @@ def replay_merges(tok: bpe.Tokenizer, pretoken: str) -> tuple:
     return word
 
 
+def test_hash_table_equals_a_dict():
+    """_HashTable (the batched BPE's merge lookup) gives what a dict gives, for keys in the table (many of them away
+    from their home slot: 20,000 keys collide) and keys not in it, and for an empty table."""
+    rng = np.random.default_rng(5)
+    keys = np.unique(rng.integers(0, 10**12, 20_000))
+    values = rng.integers(-10**12, 10**12, keys.size)
+    table = bpe._HashTable(keys, values, missing=-7)
+    assert ((table.keys != table.EMPTY).sum() == keys.size
+            and (table._slot(table.keys[table.keys != table.EMPTY]) != np.flatnonzero(table.keys != table.EMPTY)).any())
+    queries = np.concatenate([keys, rng.integers(0, 10**12, 5_000), keys[::-3]])
+    reference = dict(zip(keys.tolist(), values.tolist()))
+    assert table.get(queries).tolist() == [reference.get(k, -7) for k in queries.tolist()]
+    assert bpe._HashTable(np.array([], np.int64), np.array([], np.int64), -1).get(np.array([0, 5])).tolist() == [-1, -1]
+
+
 def test_bpe_by_rank_and_batched_equal_replaying_the_merges(trained, gpt2):
     """_bpe (lowest rank first) equals replaying the merge list; _bpe_batch (numpy, all words at once) equals _bpe,
     on random pre-tokens with repeats ("aaaa": every other pair of a run) and GPT-2's own tokens."""
