@@ -33,7 +33,7 @@ import urllib.request
 import zlib
 from collections import Counter, defaultdict
 from functools import cached_property, reduce
-from itertools import chain, compress, filterfalse, repeat
+from itertools import accumulate, chain, compress, filterfalse, islice, repeat
 from http import HTTPStatus
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
@@ -931,6 +931,21 @@ class _Cache(dict):
         return value
 
 
+def _split_chunks(texts: list[str]) -> tuple[list[str], list[int]]:
+    """The chunks (CHUNK_RE) of all the texts in one list, and how many each text has.
+    _split_chunks(["a b", "", " c"]) == (["a", " b", " c"], [2, 0, 1])
+    note: one list, not one per text (a document, between special tokens): the cyclic garbage collector tracks every
+    list, and a few thousand of them, each alive until encode returns, set off collections that walk through every
+    chunk they hold: 8-16% of a warm 10 MB encode (BENCHMARKS.md). Each text's findall list is freed as soon as it is
+    copied in, which keeps the collector's count of new objects where it was."""
+    chunks, counts = [], []
+    for text in texts:
+        found = CHUNK_RE.findall(text)
+        chunks += found
+        counts.append(len(found))
+    return chunks, counts
+
+
 class _HashTable:
     """A dict from int64 keys to int64 values in numpy arrays, looked up for a whole array of keys at once (the
     encoder's batched BPE looks up ~10^5 pairs per round): open addressing with linear probing, in a table 4 to 8
@@ -1159,17 +1174,19 @@ class Tokenizer:
         ends = np.cumsum(np.bincount(all_word, minlength=len(pretokens)))
         return list(map(all_ids.__getitem__, map(slice, [0, *ends[:-1].tolist()], ends.tolist())))
 
-    def _cache_chunks(self, chunk_lists: list[list[str]]) -> None:
+    def _cache_chunks(self, chunks: list[str], counts: list[int]) -> None:
         """Put the ids of every chunk not yet in the chunk cache into it; the GPT-2 regex and BPE see only new text.
+        chunks, counts: as _split_chunks gives them.
 
         Only a text's first chunk can start with non-whitespace, and only its last can end with whitespace. Every
         other chunk starts with whitespace and ends without, so, by the lemma above, any number of them can be joined,
         pre-tokenised by one regex call (find_pretokens: ASCII and other text separately, each with its fastest
         regex) and split back (_cache_joined_chunks). The first and last chunks are done one by one."""
         cache, pretoken_ids = self._chunk_cache, self._pretoken_cache.__getitem__
-        chunks = chain.from_iterable(chunk_lists)
         new = dict.fromkeys(filterfalse(cache.__contains__, chunks) if cache else chunks)  # once each, in order
-        ends = {c for chunks in chunk_lists if chunks for c in (chunks[0], chunks[-1]) if c in new and not _joinable(c)}
+        lasts = list(accumulate(counts))  # one past each text's last chunk
+        edges = [chunks[i] for n, end in zip(counts, lasts) if n for i in (end - n, end - 1)]
+        ends = {c for c in edges if c in new and not _joinable(c)}
         for chunk in ends:
             cache[chunk] = tuple(chain.from_iterable(map(pretoken_ids, find_pretokens(chunk))))
         joinable = list(filterfalse(ends.__contains__, new)) if ends else list(new)
@@ -1218,28 +1235,28 @@ class Tokenizer:
             self._chunk_cache.clear()
             self._pretoken_cache.clear()
         parts = self._special_re.split(text) if self._special_re else [text]  # odd entries: the specials themselves
-        chunk_lists = [CHUNK_RE.findall(part) for part in parts[::2]]
+        chunks, counts = _split_chunks(parts[::2])
         # note: assemble first, and fill the caches only if a chunk is missing (KeyError): when every chunk is cached
         # (warm), that saves a pass of cache lookups over all chunks, ~5% of the encode; when one is not, the
         # assembly stops at it, the caches are filled for all of this text's new chunks at once, and it starts over.
         try:
-            return self._assemble(parts, chunk_lists)
+            return self._assemble(parts, chunks, counts)
         except KeyError:
             pass
         with gc_paused():  # note: filling the caches makes ~10^5 tuples, no cycles; the collector's rescans of the
-            self._cache_chunks(chunk_lists)  # growing caches cost ~8% of a cold 10 MB encode (BENCHMARKS.md)
-        return self._assemble(parts, chunk_lists)
+            self._cache_chunks(chunks, counts)  # growing caches cost ~8% of a cold 10 MB encode (BENCHMARKS.md)
+        return self._assemble(parts, chunks, counts)
 
-    def _assemble(self, parts: list[str], chunk_lists: list[list[str]]) -> list[int]:
+    def _assemble(self, parts: list[str], chunks: list[str], counts: list[int]) -> list[int]:
         """The ids of encode's text from the chunk cache (KeyError if a chunk is not in it): the chunks' ids in
-        order, with each special token's id between the chunk lists it separated."""
-        ids_of = self._chunk_cache.__getitem__
+        order, with each special token's id between the texts it separated (counts[k] chunks in the k-th text)."""
+        ids_of, texts = self._chunk_cache.__getitem__, iter(chunks)  # one pass over the chunks, text after text
         # note: reduce(operator.iadd, ...) is `ids += chunk_ids` for each chunk, in C: one list.extend from a tuple per
         # chunk, which copies the ids as a block, ~20% faster here than chain.from_iterable's one step per id.
-        ids = reduce(operator.iadd, map(ids_of, chunk_lists[0]), [])
-        for special, chunks in zip(parts[1::2], chunk_lists[1:]):
+        ids = reduce(operator.iadd, map(ids_of, islice(texts, counts[0])), [])
+        for special, n in zip(parts[1::2], counts[1:]):
             ids.append(self.special_token_ids[special])
-            ids = reduce(operator.iadd, map(ids_of, chunks), ids)  # the same list, extended in place
+            ids = reduce(operator.iadd, map(ids_of, islice(texts, n)), ids)  # the same list, extended in place
         return ids
 
     def encode_iterable(self, iterable: Iterable[str], *, buffer_chars: int = 1 << 16) -> Iterator[int]:
