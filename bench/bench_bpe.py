@@ -197,6 +197,7 @@ def main():
     results = [compare_training(train_file, v, args.workers, repeats, tmp / "tok" if k == 0 else None)
                for k, v in enumerate(vocab_sizes)]
     mode = " --quick" if args.quick else ""
+    mode += f" --encode-repeats {args.encode_repeats}" if args.encode_repeats else ""
     rows = training_rows(f"{size_mb:.1f} MB kernel-docs", results)
     if args.skip_encode:
         print(header(f"python bench/bench_bpe.py{mode} --skip-encode", repeats, args.workers))
