@@ -1183,25 +1183,30 @@ class Tokenizer:
         Only a text's first chunk can start with non-whitespace, and only its last can end with whitespace. Every
         other chunk starts with whitespace and ends without, so, by the lemma above, any number of them can be joined,
         pre-tokenised by one regex call (find_pretokens: ASCII and other text separately, each with its fastest
-        regex) and split back (_cache_joined_chunks). The first and last chunks are done one by one."""
+        regex) and split back (_joined_chunk_ids). The first and last chunks are done one by one."""
         cache, pretoken_ids = self._chunk_cache, self._pretoken_cache.__getitem__
         new = dict.fromkeys(filterfalse(cache.__contains__, chunks) if cache else chunks)  # once each, in order
         lasts = list(accumulate(counts))  # one past each text's last chunk
         edges = [chunks[i] for n, end in zip(counts, lasts) if n for i in (end - n, end - 1)]
         ends = {c for c in edges if c in new and not _joinable(c)}
         for chunk in ends:
-            cache[chunk] = tuple(chain.from_iterable(map(pretoken_ids, find_pretokens(chunk))))
-            del new[chunk]  # note: the few ends leave `new`, cheaper than filtering the ~10^5 others past them
-        for group in _split_ascii(list(new)):
-            self._cache_joined_chunks(group)
+            new[chunk] = tuple(chain.from_iterable(map(pretoken_ids, find_pretokens(chunk))))
+        joinable = list(filterfalse(ends.__contains__, new)) if ends else list(new)
+        for group in _split_ascii(joinable):
+            new.update(zip(group, self._joined_chunk_ids(group)))
+        # note: `new`, now chunk -> ids, goes into the cache in one update. Into an empty cache (a cold start) that is
+        # one copy of its table: with the fill of `new` above, ~30 ms for 191,000 chunks against ~42 ms for inserting
+        # them one by one into a growing table
+        cache.update(new)
 
-    def _cache_joined_chunks(self, chunks: list[str]) -> None:
-        """The ids of chunks that can be joined (see _cache_chunks), with one regex call and no Python loop per chunk
-        or pre-token: every chunk ends where one of its pre-tokens ends, so the cumulative lengths locate each chunk's
-        last pre-token (np.searchsorted), and each chunk's ids are one slice of all the ids. The plain version, one
-        pre-token at a time, is encode_plain; tests check the two agree."""
+    def _joined_chunk_ids(self, chunks: list[str]) -> Iterator[tuple]:
+        """The ids of each of the chunks, in order (chunks that can be joined, see _cache_chunks), with one regex call
+        and no Python loop per chunk or pre-token: every chunk ends where one of its pre-tokens ends, so the
+        cumulative lengths locate each chunk's last pre-token (np.searchsorted), and each chunk's ids are one slice of
+        all the ids. New pre-tokens go into the pre-token cache. The plain version, one pre-token at a time, is
+        encode_plain; tests check the two agree."""
         if not chunks:
-            return
+            return iter(())
         pieces = find_pretokens("".join(chunks))
         new = list(filterfalse(self._pretoken_cache.__contains__, dict.fromkeys(pieces)))
         if len(new) >= self.BATCH_MIN:
@@ -1214,8 +1219,7 @@ class Tokenizer:
         assert np.array_equal(piece_ends[last_piece], chunk_ends), "a chunk does not end where a pre-token ends"
         ids_end = np.cumsum(np.fromiter(map(len, piece_ids), np.int64, len(piece_ids)))[last_piece]  # in ids
         ids_start = np.concatenate(([0], ids_end[:-1]))
-        slices = map(slice, ids_start.tolist(), ids_end.tolist())
-        self._chunk_cache.update(zip(chunks, map(all_ids.__getitem__, slices)))
+        return map(all_ids.__getitem__, map(slice, ids_start.tolist(), ids_end.tolist()))
 
     def encode_plain(self, text: str) -> list[int]:
         """Reference path without the chunk cache: GPT-2 regex over the whole text, then BPE per pre-token."""
