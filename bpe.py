@@ -652,9 +652,11 @@ class _FlatWords:
         # BPE's left-to-right merge takes every other one, starting with the first.
         hit = np.zeros(tokens.size + 1, bool)  # two False at the end: hit[k - 2] is False for k < 2 (index -1, -2)
         np.logical_and(tokens[:-1] == a, tokens[1:] == b, out=hit[:-2])
-        if a == b:
-            hit = every_other_in_runs(hit)
         at = np.flatnonzero(hit)  # (occurrences,) at + 2 < n, since the last token is END, never b
+        if a == b:
+            # subtle: hit keeps the dropped ones, which changes nothing below: hit[at - 2] of a kept position is the
+            # kept one two before it in its run, or, for a run's first, a position that is no occurrence at all
+            at = every_other_in_runs(at)
         in_slot = np.searchsorted(ends, at, side="right")  # (occurrences,) which listed word each is in
         occurrence_word = word_ids[in_slot]
         freq = freq_of[occurrence_word]  # (occurrences,) each occurrence counts its word's frequency
@@ -689,16 +691,17 @@ class _FlatWords:
         return list(map(text.__getitem__, map(slice, (ends - lengths).tolist(), ends.tolist())))
 
 
-def every_other_in_runs(marks: np.ndarray) -> np.ndarray:
-    """marks with only the 1st, 3rd, 5th, ... True of each run of consecutive Trues kept: where a pair (a, a) starts in
-    "a a a a", BPE's non-overlapping left-to-right merge takes every other position, from the run's start.
-    every_other_in_runs(np.array([1, 1, 1, 0, 1, 1], bool)).tolist() == [True, False, True, False, True, False]"""
-    if not (marks[1:] & marks[:-1]).any():  # no run (the usual case): nothing to drop, and no passes over k
-        return marks
-    k = np.arange(marks.size)
-    run_start = marks.copy()
-    run_start[1:] &= ~marks[:-1]
-    return marks & ((k - np.maximum.accumulate(np.where(run_start, k, 0))) % 2 == 0)
+def every_other_in_runs(at: np.ndarray) -> np.ndarray:
+    """Sorted positions with only the 1st, 3rd, 5th, ... of each run of consecutive positions kept: where a pair
+    (a, a) starts in "a a a a", BPE's non-overlapping left-to-right merge takes every other position, from the run's
+    start. note: on the positions, not on a mask of all tokens, so its passes are over the occurrences only.
+    every_other_in_runs(np.array([0, 1, 2, 4, 5])).tolist() == [0, 2, 4]"""
+    follows = at[1:] == at[:-1] + 1  # (m - 1,) position k + 1 continues k's run
+    if not follows.any():  # no run (the usual case): nothing to drop
+        return at
+    k = np.arange(at.size)
+    run_start = np.maximum.accumulate(np.where(np.r_[True, ~follows], k, 0))  # (m,) index of each one's run start
+    return at[(k - run_start) % 2 == 0]
 
 
 def _group_by_neighbour(neighbour: np.ndarray, word: np.ndarray, freq: np.ndarray) -> tuple[dict, dict]:
@@ -1154,9 +1157,8 @@ class Tokenizer:
             starts = np.flatnonzero(np.r_[True, word[1:] != word[:-1]])
             best = np.repeat(np.minimum.reduceat(merge, starts), np.diff(np.r_[starts, ids.size]))  # (n,) word's min
             finished = best == self._NO_MERGE_PACKED
-            merge_here = (merge == best) & ~finished
-            merge_here = every_other_in_runs(merge_here)  # a run of equal pairs ("a a a" for (a, a)): rarely
-            at = np.flatnonzero(merge_here)
+            # a run of equal pairs ("a a a" for (a, a)) merges every other one
+            at = every_other_in_runs(np.flatnonzero((merge == best) & ~finished))
             ids[at] = merge[at] & 0xFFFFFFFF  # the merged id, from the packed merge
             done_ids.append(ids[finished])
             done_word.append(word[finished])
