@@ -973,13 +973,11 @@ class _HashTable:
         waiting = np.arange(keys.size)
         while waiting.size:
             tried = slot[waiting]
-            free = self.keys[tried] == self.EMPTY
+            free = np.flatnonzero(self.keys[tried] == self.EMPTY)  # which of the waiting keys found a free slot
             taken, first = np.unique(tried[free], return_index=True)  # each free slot tried, and its first taker
-            winners = waiting[free][first]
-            self.keys[taken], self.values[taken] = keys[winners], values[winners]
-            placed = np.zeros(keys.size, bool)
-            placed[winners] = True
-            waiting = waiting[~placed[waiting]]
+            won = free[first]
+            self.keys[taken], self.values[taken] = keys[waiting[won]], values[waiting[won]]
+            waiting = np.delete(waiting, won)
             slot[waiting] = (slot[waiting] + 1) & (self.keys.size - 1)
 
     def _slot(self, keys: np.ndarray) -> np.ndarray:
