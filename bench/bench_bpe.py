@@ -113,11 +113,12 @@ def training_rows(name, results) -> list[str]:
     return rows
 
 
-def header(command, repeats, workers) -> str:
+def header(command, repeats, workers, encode_repeats=None) -> str:
+    trials = f"{repeats} alternating trials" + (f", {encode_repeats} for encoding" if encode_repeats else "")
     return f"""
 ### Command
 
-`{command}` ({repeats} alternating trials, medians; {workers} workers / threads)
+`{command}` ({trials}, medians; {workers} workers / threads)
 
 Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}
 
@@ -236,7 +237,7 @@ def main():
         compression.append((name, n / len(ours_tok.encode(t)), n / len(gpt2.encode(t))))
 
     w1, w2 = median(t_w[1]), median(t_w[2])
-    print(header(f"python bench/bench_bpe.py{mode}", repeats, args.workers))
+    print(header(f"python bench/bench_bpe.py{mode}", repeats, args.workers, args.encode_repeats))
     print("\n".join(rows))
     for name, size, (cold, warm, tik), (cold_ratios, warm_ratios) in encoding:
         trials = [", ".join(f"{x:.2f}" for x in r) for r in (cold_ratios, warm_ratios)]
