@@ -294,8 +294,8 @@ def saved_activations(cfg, batch_size: int = 1, seq_len: int | None = None) -> t
         (one kernel) keeps only its input: 2 B·T·F (the readable a·σ(a) would keep σ(a) too);
       - the output projection's output goes into a residual add, which keeps nothing; with the from-scratch
         attention the heads are merged by a copy that the projection keeps (1 B·T·d, not 2), with sdpa by a free view;
-      - optim.cross_entropy keeps the logits and each row's logsumexp (B·T), from which its hand-written backward
-        rebuilds softmax - onehot; nothing else keeps a (B, T, V) tensor: one B·T·V tensor, not two."""
+      - optim.cross_entropy keeps only the logits, from which its hand-written backward rebuilds softmax - onehot;
+        nothing else keeps a (B, T, V) tensor: one B·T·V tensor, not two."""
     B, T = batch_size, _seq_len(cfg, seq_len)
     V, d, F, h = cfg.vocab_size, cfg.d_model, cfg.d_ff, cfg.num_heads
     block = []
@@ -324,7 +324,7 @@ def saved_activations(cfg, batch_size: int = 1, seq_len: int | None = None) -> t
     if cfg.norm != "none":
         outside.append(("ln_final", "ln_final: x, 1/rms (once)", "B·T·d + B·T", B * T * d + B * T))
     outside += [("lm_head_input", "lm_head input (once)", "B·T·d", B * T * d),
-                ("loss", "loss: logits, row logsumexp (once)", "B·T·V + B·T", B * T * V + B * T)]
+                ("loss", "loss: logits (once)", "B·T·V", B * T * V)]
     return block, outside
 
 

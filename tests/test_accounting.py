@@ -242,7 +242,7 @@ def test_gpt2_xl_memory_with_activation_checkpointing():
     # Kept: 48 block inputs + ln_final, lm_head input and loss; plus one block recomputed in backward.
     T, d, h, F, V, L = 1024, 1600, 25, 6400, 50257, 48
     block = 2 * (T * d + T) + 2 * T * d + 3 * T * d + 2 * T * (d // h) + T * d + h * T + 3 * T * F  # sdpa, B=1
-    outside = T * d + T + T * d + T * V + T
+    outside = T * d + T + T * d + T * V  # ln_final x and 1/rms, lm_head input, logits
     for B in (1, 3):
         mem = accounting.train_memory(XL, B, checkpointing=True)
         rope = 2 * T * (d // h)
@@ -339,9 +339,9 @@ def test_gpt2_xl_memory_with_the_fused_attention_train_py_runs():
     # The default (--activations sdpa): model.py's rows with F.scaled_dot_product_attention, which keeps its output
     # and one logsumexp per row instead of the T x T scores and probabilities. By hand, per sequence: per layer
     # RMSNorm 2·(T·d + T), matmul inputs 2·T·d, Q K V 3·T·d, sdpa T·d + h·T, SwiGLU 3·T·F; once ln_final T·d + T,
-    # lm_head input T·d, loss T·V + T; and RoPE's rotations, L·2·T·d/h, the same whatever B.
+    # lm_head input T·d, loss T·V (the logits); and RoPE's rotations, L·2·T·d/h, the same whatever B.
     T, d, h, F, V, L = 1024, 1600, 25, 6400, 50257, 48
-    per_seq = L * (2 * (T * d + T) + 2 * T * d + 3 * T * d + T * d + h * T + 3 * T * F) + 2 * T * d + T + T * V + T
+    per_seq = L * (2 * (T * d + T) + 2 * T * d + 3 * T * d + T * d + h * T + 3 * T * F) + 2 * T * d + T + T * V
     rope = L * 2 * T * (d // h)
     for B in (1, 7):
         assert accounting.activation_elements(XL, B) == B * per_seq + rope

@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from optim import AdamW, _CrossEntropy, clip_divisor, clip_grad_norm, cosine_lr, cross_entropy, sgd_toy
+from optim import (AdamW, _CrossEntropy, clip_divisor, clip_grad_norm, cosine_lr, cross_entropy, cross_entropy_reference,
+                   sgd_toy)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -32,6 +33,26 @@ def test_cross_entropy_matches_torch_values_and_grads(shape):
     (g_ours,) = torch.autograd.grad(ours, logits)
     (g_ref,) = torch.autograd.grad(ref, logits)
     torch.testing.assert_close(g_ours, g_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_cross_entropy_fused_kernels_match_the_readable_reference(dtype):
+    # The fast path (torch's fused log_softmax / softmax per chunk, the hand-written gradient) against the formula
+    # written out op by op and differentiated by autograd; huge logits too, where a sum without the max would overflow.
+    torch.manual_seed(0)
+    logits = (torch.randn(70, 13) * 6).to(dtype)
+    logits[0, 3], logits[1] = 1e4, -1e4
+    targets = torch.randint(0, 13, (70,))
+    torch.testing.assert_close(cross_entropy_reference(logits, targets),
+                               F.cross_entropy(logits.to(torch.promote_types(dtype, torch.float32)), targets))
+    fast_logits, ref_logits = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    fast, ref = cross_entropy(fast_logits, targets), cross_entropy_reference(ref_logits, targets)
+    assert fast.dtype == ref.dtype == torch.promote_types(dtype, torch.float32)
+    torch.testing.assert_close(fast, ref)
+    fast.backward()
+    ref.backward()
+    assert fast_logits.grad.dtype == dtype
+    torch.testing.assert_close(fast_logits.grad, ref_logits.grad)
 
 
 def test_cross_entropy_hand_written_gradient_passes_gradcheck():
