@@ -321,17 +321,26 @@ CPU_FP32_ATTENTION_MAX_HEAD_DIM = 64  # see fused_attention
 
 def fused_attention(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
     """F.scaled_dot_product_attention (flash attention on GPU and CPU), the same softmax(Q Kᵀ / sqrt(D)) V as above;
-    kwargs are its attn_mask / is_causal.
+    kwargs are its attn_mask / is_causal. The result has v's dtype.
 
     note: on CPU in bf16 or fp16 with a head dim of at most 64, it computes in fp32 and rounds the result back:
     torch's 16-bit CPU kernel is slower there than its fp32 one, backward most of all. Forward + backward at
     ts17m's (8, 16, 256, 32): 36.7 ms in bf16, 22.5 in fp32; (8, 8, 256, 64): 21.7 vs 19.8; at head dim 128 the
-    bf16 kernel wins, (8, 4, 256, 128): 10.7 vs 18.4 (BENCHMARKS.md, an AMX Xeon). More precise, never less."""
-    if (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
-            and q.shape[-1] <= CPU_FP32_ATTENTION_MAX_HEAD_DIM):
+    bf16 kernel wins, (8, 4, 256, 128): 10.7 vs 18.4 (BENCHMARKS.md, an AMX Xeon). More precise, never less.
+    q and k may then arrive in fp32 already (CausalMultiHeadSelfAttention's RoPE hands them over so)."""
+    if attention_dtype(v) != v.dtype:
         with torch.autocast("cpu", enabled=False):  # else autocast would cast the fp32 inputs straight back
-            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(q.dtype)
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(v.dtype)
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def attention_dtype(x: Tensor) -> torch.dtype:
+    """The dtype fused_attention computes in for activations like x (..., D): fp32 for bf16 or fp16 on CPU with a
+    head dim D of at most 64 (see there), else x's own."""
+    if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+            and x.shape[-1] <= CPU_FP32_ATTENTION_MAX_HEAD_DIM):
+        return torch.float32
+    return x.dtype
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -358,10 +367,11 @@ class RotaryPositionalEmbedding(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, x: Tensor, token_positions: Tensor) -> Tensor:
-        """x (..., T, D), token_positions (..., T) ints, broadcastable to x.shape[:-1] -> (..., T, D)."""
+    def forward(self, x: Tensor, token_positions: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """x (..., T, D), token_positions (..., T) ints, broadcastable to x.shape[:-1] -> (..., T, D); the result
+        in `dtype`, by default x's."""
         if not torch.compiler.is_compiling():
-            return self._rotate_complex(x, token_positions)
+            return self._rotate_complex(x, token_positions, dtype or x.dtype)
         # The readable reference (and what torch.compile runs: it fuses these ops but cannot generate complex ones).
         # subtle: the cache is fp32; cast to x's dtype so bf16 activations stay bf16 (HF Llama does the same).
         cos = self.cos[token_positions].to(x.dtype)  # (..., T, D): (c0, c0, c1, c1, ...)
@@ -369,15 +379,15 @@ class RotaryPositionalEmbedding(nn.Module):
         # The 2-D rotation of each pair: (x0, x1) -> (c·x0 - s·x1, s·x0 + c·x1) = c·(x0, x1) + s·(-x1, x0).
         # Swapping each pair gives (x1, x0, x3, x2, ...); the signed sin supplies the minus.
         swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (..., T, D/2, 2) -> pairs swapped -> (..., T, D)
-        return x * cos + swapped * sin  # (..., T, D)
+        return (x * cos + swapped * sin).to(dtype or x.dtype)  # (..., T, D)
 
-    def _rotate_complex(self, x: Tensor, token_positions: Tensor) -> Tensor:
+    def _rotate_complex(self, x: Tensor, token_positions: Tensor, dtype: torch.dtype) -> Tensor:
         """The same rotation as one complex multiply (RoFormer §3.4.2; Meta's Llama code): a pair (x0, x1) is the
         number x0 + i·x1, and rotating it by an angle is multiplying by e^(i·angle).
 
         Why faster on CPU: one kernel forward and one backward, where the lines above are a flip copy, two
         broadcast multiplies and an add (each a pass over q or k), and the same again in backward. Computed in fp32
-        (there is no bf16 complex type) and cast back. tests/test_model.py checks it equal to the reference.
+        (there is no bf16 complex type) and cast to `dtype`. tests/test_model.py checks it equal to the reference.
         """
         # note: e^(i·angle) = cos + i·sin is built from the cached rows (every other entry: c_k and +s_k) rather than
         # kept as a complex buffer, which model.to(dtype) would silently cast to real.
@@ -385,7 +395,7 @@ class RotaryPositionalEmbedding(nn.Module):
         sin = self.sin[token_positions][..., 1::2].float()  # (..., T, D/2): s0, s1, ...
         pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (..., T, D/2, 2) -> (..., T, D/2) complex
         rotated = pairs * torch.complex(cos, sin)  # (..., T, D/2) * (..., T, D/2): each pair turned by its angle
-        return torch.view_as_real(rotated).flatten(-2).to(x.dtype)  # (..., T, D/2, 2) -> (..., T, D)
+        return torch.view_as_real(rotated).flatten(-2).to(dtype)  # (..., T, D/2, 2) -> (..., T, D)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -490,8 +500,14 @@ class CausalMultiHeadSelfAttention(nn.Module):
                 token_positions = torch.arange(offset, offset + T, device=x.device)  # (T,)
             # note: rotate before moving the heads forward, while q and k are still contiguous (faster element-wise
             # ops); the positions get a trailing 1 to broadcast over the heads: (T,) -> (T, 1), (B, T) -> (B, T, 1).
-            q = self.rope(q, token_positions[..., None])  # (B, T, H, D)
-            k = self.rope(k, token_positions[..., None])  # (B, T, H, D)
+            # note: where fused_attention computes in fp32 (16-bit activations on CPU, small heads), RoPE, itself in
+            # fp32, hands q and k over in fp32 instead of rounding them to bf16 for attention to cast straight back:
+            # 4 casts fewer per layer forward and 4 backward, ~1.5% of the layer's forward + backward at ts17m
+            # (BENCHMARKS.md). Decoding keeps its cache in the activations' dtype.
+            fp32_ok = self.attn_impl == "sdpa" and kv_cache is None
+            rope_dtype = attention_dtype(q) if fp32_ok else q.dtype
+            q = self.rope(q, token_positions[..., None], rope_dtype)  # (B, T, H, D)
+            k = self.rope(k, token_positions[..., None], rope_dtype)  # (B, T, H, D)
         # (B, T, H, D) -> (B, H, T, D): heads become a batch dim for attention.
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv_cache is not None:

@@ -196,6 +196,27 @@ def test_fused_attention_computes_16_bit_cpu_attention_in_fp32_up_to_head_dim_64
                                atol=0, rtol=0)
 
 
+def test_attention_hands_rope_output_to_fp32_attention_unrounded(monkeypatch):
+    # Under CPU bf16 autocast with head dim <= 64 fused_attention computes in fp32, so RoPE passes q and k on in
+    # fp32 instead of rounding them to bf16 for attention to cast back: the result is that computation, exactly.
+    torch.manual_seed(0)
+    B, T, C, H = 2, 16, 32, 2
+    attn, x = CausalMultiHeadSelfAttention(C, H, T, 10_000.0), torch.randn(B, T, C)
+    sdpa, seen = F.scaled_dot_product_attention, []
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append((q.dtype, k.dtype, v.dtype)) or sdpa(q, k, v, **kw))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(x)
+        q, k, v = (proj(x).view(B, T, H, C // H) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))  # bf16
+    assert seen == [(torch.float32,) * 3]
+    positions = torch.arange(T)[:, None]
+    q, k = attn.rope(q.float(), positions), attn.rope(k.float(), positions)  # fp32 in, fp32 out: never rounded
+    by_hand = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.float().transpose(1, 2), is_causal=True).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        by_hand = attn.output_proj(by_hand.transpose(1, 2).reshape(B, T, C))
+    torch.testing.assert_close(out, by_hand, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("leading", [(6,), (2, 3)], ids=["3-D", "4-D"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_sdpa_matches_torch(leading, masked):
