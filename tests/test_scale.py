@@ -255,6 +255,20 @@ def test_fsdp_without_torchrun_is_one_line(counting_data, tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 1 and "torchrun --nproc_per_node N train.py ... --fsdp" in err
 
 
+def test_a_torchrun_rank_ends_with_its_exit_code_and_all_its_output(counting_data, tmp_path):
+    # Under torchrun (WORLD_SIZE set) train.py ends through os._exit, skipping the interpreter's teardown where gloo
+    # can abort (train.exit_skipping_teardown): the exit code and every line printed to a pipe must still come out.
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, "WORLD_SIZE": "1"}  # stdout buffered
+    common = [sys.executable, TRAIN_PY, *TINY, "--max-iters", 4, "--eval-interval", 2, "--log-interval", 1]
+    done = subprocess.run([*map(str, common), "--data", str(counting_data), "--out", str(tmp_path / "run")], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1].startswith("step 4 |"), done.stdout[-1000:]
+    bad = subprocess.run([*map(str, common), "--data", str(tmp_path / "missing")], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "missing" in bad.stderr, bad.stderr
+
+
 @pytest.mark.slow  # torch.compile on CPU: ~30 s of compiling
 def test_fsdp_with_activation_checkpointing_and_compile_matches_one_process(counting_data, tmp_path):
     python(TRAIN_PY, "--data", counting_data, "--out", tmp_path / "one", *FSDP_COMMON)
