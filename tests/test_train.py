@@ -351,6 +351,7 @@ def test_a_second_signal_stops_at_once_without_saving(data_dir, tmp_path, capsys
         return real_clip(params, max_norm)
 
     monkeypatch.setattr(train, "clip_divisor", clip_then_two_signals)
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler; SIG_IGN in a background job (`cmd &`)
     out = tmp_path / "run"
     rc, stdout, err = run_main(["--data", str(data_dir), "--out", str(out), "--max-iters", "20", "--ckpt-interval",
                                 "5", "--eval-iters", "1", *TINY], capsys)
@@ -359,7 +360,7 @@ def test_a_second_signal_stops_at_once_without_saving(data_dir, tmp_path, capsys
     assert f"--resume {out}" in err and "saved" not in stdout
     assert torch.load(out / "last.pt", weights_only=True)["iteration"] == 5  # the periodic one, untouched
     assert not list(out.glob("*.tmp"))
-    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler  # the handlers are put back
+    assert signal.getsignal(signal.SIGINT) == before  # the handlers are put back
 
 
 def test_train_leaves_its_args_unchanged(data_dir, tmp_path, capsys):
