@@ -369,10 +369,15 @@ def check_training_args(input_path, vocab_size: int, special_tokens) -> list[str
     return specials
 
 
-def _inverted(token: bytes) -> tuple:
-    """A key that sorts byte strings in reverse lexicographic order, so heapq's min-heap pops the greater one first.
-    _inverted(b"a") > _inverted(b"ab"): the trailing 256 puts a prefix after its extensions, as b"a" < b"ab"."""
-    return tuple(255 - c for c in token) + (256,)
+_INVERT = {c: 256 - c for c in range(256)}  # str.translate table: chr(byte c) -> chr(256 - c), reversing the order
+
+
+def _inverted(token: bytes) -> str:
+    """A key that sorts byte strings in reverse lexicographic order, so heapq's min-heap pops the greater one first:
+    each byte c as chr(256 - c), then chr(257), greater than them all, which puts a prefix after its extensions
+    (b"a" < b"ab", so _inverted(b"a") > _inverted(b"ab")) and makes the keys prefix-free: two of them concatenated
+    compare as the pair of keys would (see _PairQueue)."""
+    return token.decode("latin-1").translate(_INVERT) + "\u0101"
 
 
 def _byte_words(counts: Counter) -> tuple[list[str], list[int]]:
@@ -437,8 +442,8 @@ def bpe_merges(words: list[str], freqs: list[int], num_merges: int, *, progress=
     #                      first merges (the array phase, see _Words), later a list that may name a word twice; either
     #                      may name words that no longer contain the pair: those visits find nothing to merge, which
     #                      is cheaper than keeping the lists exact;
-    #   queue              a max-heap of entries (-count, key(a), key(b), pair): on count, then on the byte strings
-    #                      (see _PairQueue, which also keeps rare pairs out of the heap until they could matter).
+    #   queue              a max-heap of the pairs on (count, then the byte strings), see _PairQueue, which also keeps
+    #                      rare pairs out of the heap until they could matter.
     # Lazy invalidation: counts only ever go down for existing pairs (a merge turns (x, a) into (x, ab)), and new pairs
     # all contain the new token and are pushed once the merge is done. So when an entry is popped whose count is no
     # longer the pair's count, it is pushed back with the current count (if above 0) and skipped; the first popped
@@ -466,7 +471,7 @@ def bpe_merges(words: list[str], freqs: list[int], num_merges: int, *, progress=
         _apply_pair_deltas(tally, pair, new, pair_counts, pair_words, queue, keys)
         # A greedy left-to-right merge leaves no (a, b) behind. subtle: only after the deltas, which touch (a, b)
         # itself when a == b ("a a a" loses (a, a) twice, once as the merged pair and once as (b, y)), and may already
-        # have forgotten it (_lose).
+        # have forgotten it.
         pair_counts.pop(pair, None)
         if progress and len(merges) % PROGRESS_MERGES == 0:
             print(f"merges {len(merges):,}/{num_merges:,}  {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -474,6 +479,19 @@ def bpe_merges(words: list[str], freqs: list[int], num_merges: int, *, progress=
 
 
 RARE_PAIR_COUNT = 8  # a new pair seen at most this often waits outside the heap (_PairQueue)
+_MAX_COUNT = (1 << 64) - 1  # above any pair count: a count key is _MAX_COUNT - count
+
+
+def _count_key(count: int) -> str:
+    """4 characters that sort in descending order of count (0 <= count < 2^64): _MAX_COUNT - count in 16-bit digits,
+    most significant first. _count_key(2) < _count_key(1)."""
+    c = _MAX_COUNT - count
+    return chr(c >> 48) + chr((c >> 32) & 0xFFFF) + chr((c >> 16) & 0xFFFF) + chr(c & 0xFFFF)
+
+
+def _entry_count(entry: str) -> int:
+    """The count a queue entry was made with (the inverse of its _count_key prefix)."""
+    return _MAX_COUNT - ((ord(entry[0]) << 48) | (ord(entry[1]) << 32) | (ord(entry[2]) << 16) | ord(entry[3]))
 
 
 class _PairQueue:
@@ -482,20 +500,24 @@ class _PairQueue:
     heap, because the loop rarely gets down to such counts (on kernel-docs the 32,000th merge's pair still occurs 15
     times) while most new pairs are that rare (78% of all pushes at 32K). That keeps the heap ~4x smaller (~30 MB
     less at 32K) and saves their pushes. The first time the heap's top is no more frequent than RARE_PAIR_COUNT, the
-    waiting pairs still alive join the heap at once, and from then on every pair goes straight in."""
+    waiting pairs still alive join the heap at once, and from then on every pair goes straight in.
+
+    An entry is one str, entry(count, a, b) = _count_key(count) + _inverted(a's bytes) + _inverted(b's bytes) + the
+    pair, which sorts exactly as the tuple (-count, key(a), key(b)) would: the count key has a fixed width and the
+    byte keys are prefix-free. note: why one str: heapq then compares two entries with one string comparison in C,
+    where tuples compare element by element, and the keys of tied counts as tuples of ints again; late in the loop
+    most counts tie. heappop takes about half the time (the merge loop ~5% less at 32K on kernel-docs,
+    BENCHMARKS.md). The pair is the entry's last two characters."""
 
     def __init__(self, pair_counts: dict, keys: list):
         self.keys = keys  # token id -> _inverted(token bytes); bpe_merges appends one per merge
-        self.heap = [(-n, keys[ord(p[0])], keys[ord(p[1])], p) for p, n in pair_counts.items()]
+        self.heap = [self.entry(n, p) for p, n in pair_counts.items()]
         heapq.heapify(self.heap)
         self.waiting: list | None = []  # None once flushed
 
-    def push(self, count: int, key_a: tuple, key_b: tuple, pair: str) -> None:
-        """Add a pair that occurs `count` (> 0) times and has no entry yet."""
-        if count <= RARE_PAIR_COUNT and self.waiting is not None:
-            self.waiting.append(pair)
-        else:
-            heapq.heappush(self.heap, (-count, key_a, key_b, pair))
+    def entry(self, count: int, pair: str) -> str:
+        """The heap entry of a pair that occurs `count` times. note: _apply_pair_deltas builds it inline."""
+        return _count_key(count) + self.keys[ord(pair[0])] + self.keys[ord(pair[1])] + pair
 
     def pop_best(self, pair_counts: dict) -> str | None:
         """Pop entries until one is current and return its pair: the most frequent pair (ties: the greater byte
@@ -504,25 +526,25 @@ class _PairQueue:
         RARE_PAIR_COUNT times, so a current entry above that is the maximum whatever waits."""
         heap, heappush, heappop = self.heap, heapq.heappush, heapq.heappop  # note: local names are faster below
         while True:
-            if self.waiting is not None and (not heap or -heap[0][0] <= RARE_PAIR_COUNT):
+            if self.waiting is not None and (not heap or _entry_count(heap[0]) <= RARE_PAIR_COUNT):
                 self._flush_waiting(pair_counts)
             if not heap:
                 return None
-            neg_count, key_a, key_b, pair = heappop(heap)
+            entry = heappop(heap)
+            pair = entry[-2:]
             count = pair_counts.get(pair, 0)
-            if count == -neg_count:
+            if count == _entry_count(entry):
                 return pair
             if count > 0:
-                heappush(heap, (-count, key_a, key_b, pair))
+                heappush(heap, _count_key(count) + entry[4:])
 
     def _flush_waiting(self, pair_counts: dict) -> None:
         """Move the waiting pairs that still occur into the heap, with their current counts."""
-        keys, heap = self.keys, self.heap
         for pair in self.waiting:
             count = pair_counts.get(pair, 0)
             if count > 0:
-                heap.append((-count, keys[ord(pair[0])], keys[ord(pair[1])], pair))
-        heapq.heapify(heap)
+                self.heap.append(self.entry(count, pair))
+        heapq.heapify(self.heap)
         self.waiting = None
 
 
@@ -733,41 +755,52 @@ def _apply_pair_deltas(tally: _NeighbourTally, pair: str, new: str, pair_counts:
                        queue: _PairQueue, keys: list) -> None:
     """Apply one merge's tally to the bookkeeping, once per changed pair: the old neighbour pairs (x, a) and (b, y)
     lose their counts; the new pairs (x, new) and (new, y), all brand new, get theirs and the tally's word lists, and
-    are pushed on the queue if they occur."""
+    join the queue if they occur.
+
+    Losing: a pair left with no occurrence is forgotten, its word list too. Most pairs a merge touches end there (at
+    32K merges on kernel-docs, half of the pairs ever seen, holding 70% of all the word-list entries), so forgetting
+    them keeps memory to the live pairs; their queue entries go when popped or flushed (count 0: dropped). Joining:
+    a rare pair waits (see _PairQueue), any other is pushed as its _PairQueue.entry.
+    note: all of it written out here, with no call per pair: at 32K merges this runs for ~460K pairs, and the
+    calls of a helper per lose and per push were ~5% of the merge loop (BENCHMARKS.md)."""
     a, b = pair
     key_new = keys[ord(new)]
-    push = queue.push
+    heap, heappush, waiting = queue.heap, heapq.heappush, queue.waiting
     left_words, right_words, overlap = tally.left_words, tally.right_words, tally.overlap
     for x, count in tally.left_counts.items():
         if x != new:  # (new, a) did not exist before this merge
-            _lose(pair_counts, pair_words, x + a, count)
-        x_new = x + new
+            old = x + a  # loses `count` occurrences
+            left = pair_counts[old] - count
+            if left:
+                pair_counts[old] = left
+            else:
+                del pair_counts[old]
+                pair_words.pop(old, None)  # None: the merged pair itself, whose list bpe_merges has already taken
+        x_new = x + new  # count > 0: every left neighbour is an occurrence
         pair_counts[x_new] = count
         pair_words[x_new] = left_words[x]
-        push(count, keys[ord(x)], key_new, x_new)  # count > 0: every left neighbour is an occurrence
+        if count <= RARE_PAIR_COUNT and waiting is not None:
+            waiting.append(x_new)
+        else:
+            heappush(heap, _count_key(count) + keys[ord(x)] + key_new + x_new)
     for y, count in tally.right_counts.items():
-        _lose(pair_counts, pair_words, b + y, count)  # one per listed occurrence: an overlap's (b, a) is gone too
+        old = b + y  # loses one per listed occurrence: an overlap's (b, a) is gone too
+        left = pair_counts[old] - count
+        if left:
+            pair_counts[old] = left
+        else:
+            del pair_counts[old]
+            pair_words.pop(old, None)
         if y == a:
             count -= overlap  # but an overlap made no (new, a) (see _NeighbourTally)
         if count > 0:  # 0 when every (new, a) the tally saw was an overlap (see _rewrite_words)
             new_y = new + y
             pair_counts[new_y] = count
             pair_words[new_y] = right_words[y]
-            push(count, key_new, keys[ord(y)], new_y)
-
-
-def _lose(pair_counts: dict, pair_words: dict, pair: str, count: int) -> None:
-    """Take `count` occurrences from a pair; a pair left with none is forgotten, its word list too. Most pairs a merge
-    touches end there (at 32K merges on kernel-docs, half of the pairs ever seen, holding 70% of all the word-list
-    entries), so forgetting them keeps memory to the live pairs. Its queue entries go when popped or flushed (count 0:
-    dropped).
-    _lose({"ab": 3}, {"ab": [0]}, "ab", 3) leaves both dicts empty."""
-    left = pair_counts[pair] - count
-    if left:
-        pair_counts[pair] = left
-    else:
-        del pair_counts[pair]
-        pair_words.pop(pair, None)  # None: the merged pair itself, whose list bpe_merges has already taken
+            if count <= RARE_PAIR_COUNT and waiting is not None:
+                waiting.append(new_y)
+            else:
+                heappush(heap, _count_key(count) + key_new + keys[ord(y)] + new_y)
 
 
 @contextlib.contextmanager

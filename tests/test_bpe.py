@@ -144,6 +144,23 @@ def test_flat_words_phase_ends_on_a_lasting_drop_only():
     assert not all(flat.worth_it(3) for _ in range(1000))
 
 
+def test_queue_entries_sort_as_count_then_greater_bytes():
+    """A _PairQueue entry, one str, sorts as the tuple (-count, a's bytes reversed, b's bytes reversed): the higher
+    count first, then the greater first byte string, then the greater second one, with prefixes (b"a" < b"ab") and the
+    extreme bytes 0 and 255, and counts past 2^16 and 2^48 (the count key's digits)."""
+    rng = random.Random(2)
+    tokens = sorted({bytes(rng.choices([0, 1, 97, 98, 254, 255], k=rng.randint(1, 3))) for _ in range(60)})
+    ids = {t: i for i, t in enumerate(tokens)}
+    queue = bpe._PairQueue({}, [bpe._inverted(t) for t in tokens])
+    cases = [(rng.choice([1, 2, 7, 65_535, 65_536, 2**48 + 3, 2**63]), rng.choice(tokens), rng.choice(tokens))
+             for _ in range(3000)]
+    by_entry = sorted(cases, key=lambda c: queue.entry(c[0], chr(ids[c[1]]) + chr(ids[c[2]])))
+    by_rule = sorted(cases, key=lambda c: (-c[0], [-x for x in c[1]] + [1], [-x for x in c[2]] + [1]))
+    assert by_entry == by_rule
+    counts = [0, 1, 2**48 + 3, 2**63]
+    assert [bpe._entry_count(queue.entry(n, "\x00\x01")) for n in counts] == counts
+
+
 @pytest.mark.parametrize("rare", [0, 5, 1000])
 def test_rare_pair_waiting_list_does_not_change_merges(tmp_path, monkeypatch, rare):
     """_PairQueue keeps pairs first seen at most RARE_PAIR_COUNT times out of the heap until the heap's top gets down
