@@ -136,6 +136,16 @@ def test_flat_words_merge_equals_rewrite_words(seed):
                 x: sorted(set(ids)) for x, ids in theirs.items()}
 
 
+def test_concatenated_ranges_equals_the_aranges_joined():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        m = int(rng.integers(1, 20))
+        starts, sizes = rng.integers(0, 100, m), rng.integers(1, 6, m)
+        expected = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, sizes)])
+        assert bpe.concatenated_ranges(starts, sizes).tolist() == expected.tolist()
+    assert bpe.concatenated_ranges(np.zeros(0, np.int64), np.zeros(0, np.int64)).size == 0
+
+
 def test_flat_words_phase_ends_on_a_lasting_drop_only():
     """worth_it averages the words per merge: one small merge among big ones keeps the array phase, a run of small
     ones ends it."""
