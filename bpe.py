@@ -506,7 +506,7 @@ class _PairQueue:
     pair, which sorts exactly as the tuple (-count, key(a), key(b)) would: the count key has a fixed width and the
     byte keys are prefix-free. note: why one str: heapq then compares two entries with one string comparison in C,
     where tuples compare element by element, and the keys of tied counts as tuples of ints again; late in the loop
-    most counts tie. heappop takes about half the time (the merge loop ~5% less at 32K on kernel-docs,
+    most counts tie. At 32K on kernel-docs the 86K heappops take 0.19-0.21 s instead of 0.36-0.46 (line profiles;
     BENCHMARKS.md). The pair is the entry's last two characters."""
 
     def __init__(self, pair_counts: dict, keys: list):
@@ -775,8 +775,9 @@ def _apply_pair_deltas(tally: _NeighbourTally, pair: str, new: str, pair_counts:
     32K merges on kernel-docs, half of the pairs ever seen, holding 70% of all the word-list entries), so forgetting
     them keeps memory to the live pairs; their queue entries go when popped or flushed (count 0: dropped). Joining:
     a rare pair waits (see _PairQueue), any other is pushed as its _PairQueue.entry.
-    note: all of it written out here, with no call per pair: at 32K merges this runs for ~460K pairs, and the
-    calls of a helper per lose and per push were ~5% of the merge loop (BENCHMARKS.md)."""
+    note: all of it written out here, with no call per pair: at 32K merges on kernel-docs this runs for ~460K
+    pairs, which were ~920K calls of a helper per lose and per push. With the one-str queue entries the 32K merge
+    loop takes ~4.5% less (BENCHMARKS.md)."""
     a, b = pair
     key_new = keys[ord(new)]
     heap, heappush, waiting = queue.heap, heapq.heappush, queue.waiting
