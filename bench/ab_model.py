@@ -31,8 +31,9 @@ from cli import OneLineParser  # noqa: E402
 import train  # noqa: E402
 
 
-def load_model_module(path: str, name: str):
-    """Import a model.py from any path under its own module name, so two versions live side by side."""
+def load_module(path: str, name: str):
+    """Import a file (a model.py, a bpe.py) from any path under its own module name, so two versions live side by
+    side."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # note: dataclasses look their module up in sys.modules while the file runs
@@ -56,7 +57,7 @@ def main(argv=None) -> None:
         if not Path(path).is_file():
             parser.error(f"{path} is not a file; pass the paths of two model.py versions")
 
-    modules = {"old": load_model_module(args.old, "model_old"), "new": load_model_module(args.new, "model_new")}
+    modules = {"old": load_module(args.old, "model_old"), "new": load_module(args.new, "model_new")}
     if args.preset == "small":
         size, (B, T) = {**SIZE, "d_ff": OUR_D_FF}, (BATCH, SIZE["context_length"])
     else:

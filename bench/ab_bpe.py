@@ -1,0 +1,86 @@
+"""Benchmark: the BPE merge loop of two versions of bpe.py, alternated run by run in one process (an A/B test).
+
+The reason is ab_model.py's: on a noisy machine separate runs differ by 5-10% (the 32K merge loop on kernel-docs took
+2.8-4.1 s from run to run on one idle VM), so a change of a few percent only shows when both versions run under the
+same drift. Both versions merge the same words: the corpus's pre-token counts, computed once (by the new version).
+Each round runs bpe_merges of each version on a fresh copy of the words, the order swapped every round; the times
+are this process's CPU seconds. Reported: the paired ratio (the median over rounds of new / old) and the ratio of
+the two fastest runs. The two versions must produce the same merges. Run it with one file twice (an A/A test) to
+see the noise floor.
+
+    git show HEAD:bpe.py > /tmp/bpe_old.py
+    python bench/ab_bpe.py /tmp/bpe_old.py bpe.py                            # kernel-docs, vocab 32K, 10 rounds
+    python bench/ab_bpe.py /tmp/bpe_old.py bpe.py --vocab-size 10000 --rounds 6
+
+Pre-tokenising is not in the timed part: it is the same code in both unless the change is there (then time
+train_bpe with bench_bpe.py instead).
+"""
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]  # the repo root (cli.py, accounting.py) and bench/ (ab_model.py)
+
+from ab_model import load_module  # noqa: E402
+from accounting import machine_line  # noqa: E402
+from cli import OneLineParser  # noqa: E402
+
+EOT = "<|endoftext|>"
+
+
+def timed_merges(module, words: list[str], freqs: list[int], num_merges: int) -> tuple[float, list]:
+    """(CPU seconds, merges) of one version's merge loop on a copy of the words (the loop rewrites its words)."""
+    words = list(words)
+    with module.gc_paused():  # as train_bpe runs it
+        t0 = time.process_time()
+        _, merges = module.bpe_merges(words, freqs, num_merges)
+        return time.process_time() - t0, merges
+
+
+def main(argv=None) -> None:
+    parser = OneLineParser(description="The BPE merge loop of two bpe.py versions, alternated (A/B).")
+    parser.add_argument("old", help="path of the baseline bpe.py")
+    parser.add_argument("new", help="path of the changed bpe.py")
+    shared = Path(os.environ.get("CS336_SHARED", HERE.parent.parent / "shared"))
+    parser.add_argument("--corpus", type=Path, default=shared / "data" / "kernel-docs-train.txt",
+                        help="UTF-8 text with <|endoftext|> between documents (default: ../shared's kernel-docs)")
+    parser.add_argument("--vocab-size", type=int, default=32_000, help="as train_bpe's, the special token included")
+    parser.add_argument("--rounds", type=int, default=10, help="timed rounds (one run of each per round)")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.vocab_size <= 257:
+        parser.error("--rounds must be >= 1 and --vocab-size > 257 (256 bytes + the special token)")
+    for path in (args.old, args.new):
+        if not Path(path).is_file():
+            parser.error(f"{path} is not a file; pass the paths of two bpe.py versions")
+    if not args.corpus.is_file():
+        parser.error(f"{args.corpus} is not a file; pass --corpus, or put ../shared beside the repository")
+
+    modules = {"old": load_module(args.old, "bpe_old"), "new": load_module(args.new, "bpe_new")}
+    with modules["new"].gc_paused():
+        counts = modules["new"].count_pretokens_file(args.corpus, [EOT])
+    words, freqs = modules["new"]._byte_words(counts)
+    num_merges = args.vocab_size - 256 - 1
+    print(f"{args.corpus.name}: {len(words):,} words, {num_merges:,} merges, {args.rounds} rounds", file=sys.stderr)
+
+    times, merges = {"old": [], "new": []}, {}
+    for r in range(args.rounds):
+        for who in (("old", "new") if r % 2 == 0 else ("new", "old")):
+            seconds, merges[who] = timed_merges(modules[who], words, freqs, num_merges)
+            times[who].append(seconds)
+        if merges["old"] != merges["new"]:
+            sys.exit("ab_bpe.py: error: the two versions made different merges; the change is not a pure speed-up")
+        print(f"  round {r}: old {times['old'][-1]:.3f} s, new {times['new'][-1]:.3f} s", file=sys.stderr)
+
+    paired = statistics.median(n / o for o, n in zip(times["old"], times["new"]))
+    print(f"\n`python bench/ab_bpe.py {args.old} {args.new} --vocab-size {args.vocab_size} --rounds {args.rounds}`  ")
+    print(f"Machine: {machine_line()}  ")
+    print(f"Merge loop, CPU seconds: old median {statistics.median(times['old']):.3f} (min {min(times['old']):.3f}), "
+          f"new median {statistics.median(times['new']):.3f} (min {min(times['new']):.3f}); new / old paired "
+          f"{paired:.3f}, fastest runs {min(times['new']) / min(times['old']):.3f}")
+
+
+if __name__ == "__main__":
+    main()
