@@ -17,6 +17,7 @@ process; reported are medians and the paired ratio (the median over rounds of ou
     python bench/bench_small.py                      # fp32, 300 alternated steps each (~30 s)
     python bench/bench_small.py --bf16 --steps 100   # under torch.autocast("cpu", dtype=torch.bfloat16)
     python bench/bench_small.py --profile            # + torch.profiler tables of 20 steps of each
+    python bench/bench_small.py --without rmsnorm    # what a piece of ours costs (see our_model): rmsnorm | rope
 """
 import os
 import statistics
@@ -32,7 +33,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]  # the repo root (model.py, optim.p
 
 from accounting import machine_line  # noqa: E402
 from cli import OneLineParser  # noqa: E402
-from model import TransformerLM  # noqa: E402
+from model import RMSNorm, TransformerLM  # noqa: E402
 from optim import AdamW, clip_divisor, cross_entropy  # noqa: E402
 import train  # noqa: E402
 from plain_gpt import PlainGPT  # noqa: E402
@@ -45,9 +46,20 @@ HYPER = dict(lr=DEFAULTS["lr"], betas=(DEFAULTS["beta1"], DEFAULTS["beta2"]), we
 GRAD_CLIP = DEFAULTS["grad_clip"]
 
 
+def our_model(without: str | None = None) -> TransformerLM:
+    """Our TransformerLM at SIZE; without="rope": no position information (position="nope"); without="rmsnorm":
+    each RMSNorm computed by torch's native F.layer_norm (gain, no bias) instead. Both are other models, only for
+    measuring what one of our pieces costs against the plain model, which has neither RoPE nor RMSNorm."""
+    lm = TransformerLM(**SIZE, d_ff=OUR_D_FF, position="nope" if without == "rope" else "rope")
+    if without == "rmsnorm":
+        for norm in (m for m in lm.modules() if isinstance(m, RMSNorm)):
+            norm.forward = lambda x, norm=norm: F.layer_norm(x, x.shape[-1:], norm.weight, None, norm.eps)
+    return lm
+
+
 def our_step(x, y, bf16: bool, model=None):
     """train.train_step's work with our code, on a fixed batch; model: a TransformerLM, by default one of SIZE."""
-    model = TransformerLM(**SIZE, d_ff=OUR_D_FF) if model is None else model
+    model = our_model() if model is None else model
     opt = AdamW(model.parameters(), **HYPER, fused=True)  # as train.build_trainer builds it
 
     def step():
@@ -106,6 +118,8 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps per side first")
     parser.add_argument("--bf16", action="store_true", help="both under torch.autocast(cpu, bfloat16)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of 20 steps of each")
+    parser.add_argument("--without", choices=["rmsnorm", "rope"],
+                        help="ours with that piece swapped out (see our_model): what it costs, not a target")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
@@ -114,7 +128,7 @@ def main(argv=None) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, SIZE["vocab_size"], (BATCH, SIZE["context_length"]), generator=g)
     y = torch.randint(0, SIZE["vocab_size"], (BATCH, SIZE["context_length"]), generator=g)
-    ours, ours_step = our_step(x, y, args.bf16)
+    ours, ours_step = our_step(x, y, args.bf16, our_model(args.without))
     plain, plain_step_ = plain_step(x, y, args.bf16)
     steps = {"ours": ours_step, "plain": plain_step_}
     load_before = os.getloadavg()[0]
@@ -127,7 +141,9 @@ def main(argv=None) -> None:
     print(f"Command: `{command}`  ")
     print(f"Machine: {machine_line()}; {train.tuning_line()}; load average {load_before:.2f} before, "
           f"{load_after:.2f} after  ")
-    print(f"Model: {SIZE}, batch {BATCH}, {'bf16 autocast' if args.bf16 else 'fp32'}; parameters ours "
+    swapped = {"rmsnorm": "; ours WITHOUT RMSNorm (F.layer_norm instead)", "rope": "; ours WITHOUT RoPE"}
+    print(f"Model: {SIZE}, batch {BATCH}, {'bf16 autocast' if args.bf16 else 'fp32'}"
+          f"{swapped.get(args.without, '')}; parameters ours "
           f"{n['ours']:,}, plain {n['plain']:,}; matmul FLOPs ours / plain = "
           f"{matmul_flops(ours) / matmul_flops(plain):.3f}\n")
     print("| step | median ms | min ms |")
