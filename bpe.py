@@ -468,10 +468,10 @@ def bpe_merges(words: list[str], freqs: list[int], num_merges: int, *, progress=
         keys.append(_inverted(vocab[-1]))
         merges.append((ord(a), ord(b)))
         tally = corpus.merge(pair_words.pop(pair), pair, new)
-        _apply_pair_deltas(tally, pair, new, pair_counts, pair_words, queue, keys)
+        _apply_pair_deltas(tally, pair, new, pair_counts, pair_words, queue)
         # A greedy left-to-right merge leaves no (a, b) behind. subtle: only after the deltas, which touch (a, b)
         # itself when a == b ("a a a" loses (a, a) twice, once as the merged pair and once as (b, y)), and may already
-        # have forgotten it.
+        # have forgotten it (_lose).
         pair_counts.pop(pair, None)
         if progress and len(merges) % PROGRESS_MERGES == 0:
             print(f"merges {len(merges):,}/{num_merges:,}  {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -516,8 +516,15 @@ class _PairQueue:
         self.waiting: list | None = []  # None once flushed
 
     def entry(self, count: int, pair: str) -> str:
-        """The heap entry of a pair that occurs `count` times. note: _apply_pair_deltas builds it inline."""
+        """The heap entry of a pair that occurs `count` times."""
         return _count_key(count) + self.keys[ord(pair[0])] + self.keys[ord(pair[1])] + pair
+
+    def push(self, count: int, pair: str) -> None:
+        """Add a pair that occurs `count` (> 0) times and has no entry yet."""
+        if count <= RARE_PAIR_COUNT and self.waiting is not None:
+            self.waiting.append(pair)
+        else:
+            heapq.heappush(self.heap, self.entry(count, pair))
 
     def pop_best(self, pair_counts: dict) -> str | None:
         """Pop entries until one is current and return its pair: the most frequent pair (ties: the greater byte
@@ -766,56 +773,42 @@ def _group_by_neighbour(neighbour: np.ndarray, word: np.ndarray, freq: np.ndarra
 
 
 def _apply_pair_deltas(tally: _NeighbourTally, pair: str, new: str, pair_counts: dict, pair_words: dict,
-                       queue: _PairQueue, keys: list) -> None:
+                       queue: _PairQueue) -> None:
     """Apply one merge's tally to the bookkeeping, once per changed pair: the old neighbour pairs (x, a) and (b, y)
     lose their counts; the new pairs (x, new) and (new, y), all brand new, get theirs and the tally's word lists, and
-    join the queue if they occur.
-
-    Losing: a pair left with no occurrence is forgotten, its word list too. Most pairs a merge touches end there (at
-    32K merges on kernel-docs, half of the pairs ever seen, holding 70% of all the word-list entries), so forgetting
-    them keeps memory to the live pairs; their queue entries go when popped or flushed (count 0: dropped). Joining:
-    a rare pair waits (see _PairQueue), any other is pushed as its _PairQueue.entry.
-    note: all of it written out here, with no call per pair: at 32K merges on kernel-docs this runs for ~460K
-    pairs, which were ~920K calls of a helper per lose and per push. With the one-str queue entries the 32K merge
-    loop takes ~4.5% less (BENCHMARKS.md)."""
+    are pushed on the queue if they occur."""
     a, b = pair
-    key_new = keys[ord(new)]
-    heap, heappush, waiting = queue.heap, heapq.heappush, queue.waiting
     left_words, right_words, overlap = tally.left_words, tally.right_words, tally.overlap
     for x, count in tally.left_counts.items():
         if x != new:  # (new, a) did not exist before this merge
-            old = x + a  # loses `count` occurrences
-            left = pair_counts[old] - count
-            if left:
-                pair_counts[old] = left
-            else:
-                del pair_counts[old]
-                pair_words.pop(old, None)  # None: the merged pair itself, whose list bpe_merges has already taken
-        x_new = x + new  # count > 0: every left neighbour is an occurrence
+            _lose(pair_counts, pair_words, x + a, count)
+        x_new = x + new
         pair_counts[x_new] = count
         pair_words[x_new] = left_words[x]
-        if count <= RARE_PAIR_COUNT and waiting is not None:
-            waiting.append(x_new)
-        else:
-            heappush(heap, _count_key(count) + keys[ord(x)] + key_new + x_new)
+        queue.push(count, x_new)  # count > 0: every left neighbour is an occurrence
     for y, count in tally.right_counts.items():
-        old = b + y  # loses one per listed occurrence: an overlap's (b, a) is gone too
-        left = pair_counts[old] - count
-        if left:
-            pair_counts[old] = left
-        else:
-            del pair_counts[old]
-            pair_words.pop(old, None)
+        _lose(pair_counts, pair_words, b + y, count)  # one per listed occurrence: an overlap's (b, a) is gone too
         if y == a:
             count -= overlap  # but an overlap made no (new, a) (see _NeighbourTally)
         if count > 0:  # 0 when every (new, a) the tally saw was an overlap (see _rewrite_words)
             new_y = new + y
             pair_counts[new_y] = count
             pair_words[new_y] = right_words[y]
-            if count <= RARE_PAIR_COUNT and waiting is not None:
-                waiting.append(new_y)
-            else:
-                heappush(heap, _count_key(count) + key_new + keys[ord(y)] + new_y)
+            queue.push(count, new_y)
+
+
+def _lose(pair_counts: dict, pair_words: dict, pair: str, count: int) -> None:
+    """Take `count` occurrences from a pair; a pair left with none is forgotten, its word list too. Most pairs a merge
+    touches end there (at 32K merges on kernel-docs, half of the pairs ever seen, holding 70% of all the word-list
+    entries), so forgetting them keeps memory to the live pairs. Its queue entries go when popped or flushed (count 0:
+    dropped).
+    _lose({"ab": 3}, {"ab": [0]}, "ab", 3) leaves both dicts empty."""
+    left = pair_counts[pair] - count
+    if left:
+        pair_counts[pair] = left
+    else:
+        del pair_counts[pair]
+        pair_words.pop(pair, None)  # None: the merged pair itself, whose list bpe_merges has already taken
 
 
 @contextlib.contextmanager
