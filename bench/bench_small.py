@@ -18,6 +18,7 @@ process; reported are medians and the paired ratio (the median over rounds of ou
     python bench/bench_small.py --bf16 --steps 100   # under torch.autocast("cpu", dtype=torch.bfloat16)
     python bench/bench_small.py --profile            # + torch.profiler tables of 20 steps of each
     python bench/bench_small.py --without rmsnorm    # what a piece of ours costs (see our_model): rmsnorm | rope
+    python bench/bench_small.py --overhead           # at a size where the kernels do nothing: per-op costs only
 """
 import os
 import statistics
@@ -42,15 +43,19 @@ from train import DEFAULTS  # noqa: E402
 SIZE = dict(vocab_size=256, context_length=64, d_model=128, num_layers=4, num_heads=4)
 OUR_D_FF = 344  # ≈ 8/3 x 128, rounded up to a multiple of 8: SwiGLU's three matrices ≈ the GELU MLP's two at 4x
 BATCH = 12
+# --overhead: the same layers at a size where every kernel does almost nothing (1 x 4 tokens, d_model 16), so the step
+# time is the fixed cost of its ops: Python, dispatch, autograd nodes. What the two models' op counts cost, apart.
+OVERHEAD_SIZE = dict(vocab_size=16, context_length=4, d_model=16, num_layers=4, num_heads=4)
+OVERHEAD_D_FF, OVERHEAD_BATCH = 48, 1
 HYPER = dict(lr=DEFAULTS["lr"], betas=(DEFAULTS["beta1"], DEFAULTS["beta2"]), weight_decay=DEFAULTS["weight_decay"])
 GRAD_CLIP = DEFAULTS["grad_clip"]
 
 
-def our_model(without: str | None = None) -> TransformerLM:
-    """Our TransformerLM at SIZE; without="rope": no position information (position="nope"); without="rmsnorm":
+def our_model(without: str | None = None, size: dict = SIZE, d_ff: int = OUR_D_FF) -> TransformerLM:
+    """Our TransformerLM at `size` (SIZE); without="rope": no position information (position="nope"); without="rmsnorm":
     each RMSNorm computed by torch's native F.layer_norm (gain, no bias) instead. Both are other models, only for
     measuring what one of our pieces costs against the plain model, which has neither RoPE nor RMSNorm."""
-    lm = TransformerLM(**SIZE, d_ff=OUR_D_FF, position="nope" if without == "rope" else "rope")
+    lm = TransformerLM(**size, d_ff=d_ff, position="nope" if without == "rope" else "rope")
     if without == "rmsnorm":
         for norm in (m for m in lm.modules() if isinstance(m, RMSNorm)):
             norm.forward = lambda x, norm=norm: F.layer_norm(x, x.shape[-1:], norm.weight, None, norm.eps)
@@ -73,9 +78,9 @@ def our_step(x, y, bf16: bool, model=None):
     return model, step
 
 
-def plain_step(x, y, bf16: bool):
-    """The same work as a plain PyTorch user writes it."""
-    model = PlainGPT(**SIZE)
+def plain_step(x, y, bf16: bool, size: dict = SIZE):
+    """The same work as a plain PyTorch user writes it, a PlainGPT at `size` (SIZE)."""
+    model = PlainGPT(**size)
     opt = torch.optim.AdamW(model.parameters(), **HYPER)
 
     def step():
@@ -90,9 +95,10 @@ def plain_step(x, y, bf16: bool):
     return model, step
 
 
-def matmul_flops(model) -> int:
-    """2 x (B·T) x weight elements of every 2-D weight that multiplies (embedding lookups excluded), forward only."""
-    return sum(2 * BATCH * SIZE["context_length"] * p.numel() for name, p in model.named_parameters()
+def matmul_flops(model, tokens: int) -> int:
+    """2 x tokens (B·T) x weight elements of every 2-D weight that multiplies (embedding lookups excluded), forward
+    only."""
+    return sum(2 * tokens * p.numel() for name, p in model.named_parameters()
                if p.dim() == 2 and "embeddings" not in name)
 
 
@@ -118,6 +124,8 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps per side first")
     parser.add_argument("--bf16", action="store_true", help="both under torch.autocast(cpu, bfloat16)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of 20 steps of each")
+    parser.add_argument("--overhead", action="store_true",
+                        help=f"both models at {OVERHEAD_SIZE}, batch {OVERHEAD_BATCH}: the ops' fixed costs only")
     parser.add_argument("--without", choices=["rmsnorm", "rope"],
                         help="ours with that piece swapped out (see our_model): what it costs, not a target")
     args = parser.parse_args(argv)
@@ -126,10 +134,11 @@ def main(argv=None) -> None:
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, SIZE["vocab_size"], (BATCH, SIZE["context_length"]), generator=g)
-    y = torch.randint(0, SIZE["vocab_size"], (BATCH, SIZE["context_length"]), generator=g)
-    ours, ours_step = our_step(x, y, args.bf16, our_model(args.without))
-    plain, plain_step_ = plain_step(x, y, args.bf16)
+    size, d_ff, batch = (OVERHEAD_SIZE, OVERHEAD_D_FF, OVERHEAD_BATCH) if args.overhead else (SIZE, OUR_D_FF, BATCH)
+    x = torch.randint(0, size["vocab_size"], (batch, size["context_length"]), generator=g)
+    y = torch.randint(0, size["vocab_size"], (batch, size["context_length"]), generator=g)
+    ours, ours_step = our_step(x, y, args.bf16, our_model(args.without, size, d_ff))
+    plain, plain_step_ = plain_step(x, y, args.bf16, size)
     steps = {"ours": ours_step, "plain": plain_step_}
     load_before = os.getloadavg()[0]
     times = alternated_times(steps, args.steps, args.warmup)
@@ -142,17 +151,17 @@ def main(argv=None) -> None:
     print(f"Machine: {machine_line()}; {train.tuning_line()}; load average {load_before:.2f} before, "
           f"{load_after:.2f} after  ")
     swapped = {"rmsnorm": "; ours WITHOUT RMSNorm (F.layer_norm instead)", "rope": "; ours WITHOUT RoPE"}
-    print(f"Model: {SIZE}, batch {BATCH}, {'bf16 autocast' if args.bf16 else 'fp32'}"
+    print(f"Model: {size}, batch {batch}, ours d_ff {d_ff}, {'bf16 autocast' if args.bf16 else 'fp32'}"
           f"{swapped.get(args.without, '')}; parameters ours "
           f"{n['ours']:,}, plain {n['plain']:,}; matmul FLOPs ours / plain = "
-          f"{matmul_flops(ours) / matmul_flops(plain):.3f}\n")
+          f"{matmul_flops(ours, x.numel()) / matmul_flops(plain, x.numel()):.3f}\n")
     print("| step | median ms | min ms |")
     print("|---|---:|---:|")
     for who in steps:
         print(f"| {who} | {1e3 * statistics.median(times[who]):.2f} | {1e3 * min(times[who]):.2f} |")
     paired = statistics.median(o / p for o, p in zip(times["ours"], times["plain"]))
     print(f"\nours / plain step time: {statistics.median(times['ours']) / statistics.median(times['plain']):.3f}x "
-          f"by medians, {paired:.3f}x paired (target <= 1.0x)")
+          f"by medians, {paired:.3f}x paired" + ("" if args.overhead or args.without else " (target <= 1.0x)"))
 
     if args.profile:
         from torch.profiler import profile
@@ -161,8 +170,11 @@ def main(argv=None) -> None:
             with profile() as prof:
                 for _ in range(20):
                     step()
-            print(f"\n### profile: {who}, 20 steps\n")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+            events = prof.key_averages()
+            aten_ops = sum(e.count for e in events if e.key.startswith("aten::")) / 20
+            nodes = sum(e.count for e in events if e.key.startswith("autograd::engine::evaluate_function")) / 20
+            print(f"\n### profile: {who}, 20 steps: {aten_ops:.0f} aten ops and {nodes:.0f} autograd nodes per step\n")
+            print(events.table(sort_by="self_cpu_time_total", row_limit=25))
 
 
 if __name__ == "__main__":
