@@ -42,7 +42,7 @@ import torch
 
 import model
 import optim
-from cli import OneLineParser, human_bytes  # (decimal units, as memory is sold: 1 GB = 1e9 bytes)
+from lib.cli import OneLineParser, human_bytes  # (decimal units, as memory is sold: 1 GB = 1e9 bytes)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Published dense peak throughput, FLOP/s per GPU (the MFU denominator on a GPU)

@@ -41,7 +41,7 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 import regex
 
-from cli import (EXIT_BAD_INPUT, EXIT_ENVIRONMENT, BadInputError, EnvironmentFault, OneLineParser, WriteFault,
+from lib.cli import (EXIT_BAD_INPUT, EXIT_ENVIRONMENT, BadInputError, EnvironmentFault, OneLineParser, WriteFault,
                  atomic_file, atomic_write_text, describe_fault)
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1684,7 +1684,7 @@ def _save_body(response, url: str, part: Path, have: int, total: int, progress: 
 
 
 def _open_part(part: Path, append: bool):
-    """The one `open` of a download's .part file: a seam the fault-injection tests replace, as cli.open_for_write is
+    """The one `open` of a download's .part file: a seam the fault-injection tests replace, as lib/cli.py's open_for_write is
     for every other file (which cannot serve here: it truncates, and a resumed download appends)."""
     return open(part, "ab" if append else "wb")
 
@@ -1838,7 +1838,7 @@ def build_parser() -> OneLineParser:
 
 
 def main(argv=None) -> int:
-    """Run one subcommand; a problem is one line on stderr and an exit code (see cli.py), never a traceback."""
+    """Run one subcommand; a problem is one line on stderr and an exit code (see lib/cli.py), never a traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.workers is not None and args.workers < 1:

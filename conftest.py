@@ -63,7 +63,7 @@ def fail_writes(monkeypatch):
     """fail_writes(err, after_bytes, name_contains=""): from now on, files written through cli.atomic_file (and logs
     appended through cli.open_for_append) whose name contains `name_contains` fail with OSError(err) after
     `after_bytes` bytes. Returns the list of paths it broke."""
-    import cli
+    from lib import cli
     broken = []
 
     def install(err: int, after_bytes: int = 0, name_contains: str = ""):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from cli import BadInputError, OneLineParser
+from lib.cli import BadInputError, OneLineParser
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from cli import OneLineParser
+from lib.cli import OneLineParser
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import torch
 
 import train  # the layer below: its checkpoint reader, device picker and loss-over-windows evaluator
 from bpe import END_OF_TEXT
-from cli import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, OneLineParser
+from lib.cli import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, OneLineParser
 from model import KVCache, TransformerLM
 
 # ----------------------------------------------------------------------------------------------------------------------

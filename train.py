@@ -41,8 +41,8 @@ import torch.distributed as dist
 
 import accounting
 import bpe
-import cli
-from cli import (EXIT_BAD_INPUT, EXIT_ENVIRONMENT, BadInputError, EnvironmentFault, OneLineParser, WriteFault,
+from lib import cli
+from lib.cli import (EXIT_BAD_INPUT, EXIT_ENVIRONMENT, BadInputError, EnvironmentFault, OneLineParser, WriteFault,
                  QUOTED_ERROR_CHARS, atomic_file, atomic_write_text, describe_fault, error_summary, space_problem)
 from model import ATTN_IMPLS, FFNS, NORMS, POSITIONS, PRESETS, ModelConfig, TransformerLM
 from model import from_hf_llama_config, from_hf_llama_state_dict, to_hf_llama_config, to_hf_llama_state_dict

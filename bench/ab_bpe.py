@@ -26,7 +26,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]  # the repo root (cli.py, accountin
 
 from ab_model import load_module  # noqa: E402
 from accounting import machine_line  # noqa: E402
-from cli import OneLineParser  # noqa: E402
+from lib.cli import OneLineParser  # noqa: E402
 
 EOT = "<|endoftext|>"
 

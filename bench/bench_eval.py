@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root
 import sample  # noqa: E402
 import train  # noqa: E402
 from accounting import machine_line  # noqa: E402
-from cli import OneLineParser  # noqa: E402
+from lib.cli import OneLineParser  # noqa: E402
 from model import PRESETS, TransformerLM  # noqa: E402
 
 BATCH = 16

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: model.py, optim.py, accounting.py
 
 from accounting import machine_line, measure_matmul_flops, train_flops_per_token  # noqa: E402
-from cli import OneLineParser  # noqa: E402
+from lib.cli import OneLineParser  # noqa: E402
 from model import PRESETS, TransformerLM  # noqa: E402
 from optim import AdamW, cross_entropy  # noqa: E402
 import train  # noqa: E402

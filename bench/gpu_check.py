@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import accounting  # noqa: E402
 import train  # noqa: E402
-from cli import OneLineParser  # noqa: E402
+from lib.cli import OneLineParser  # noqa: E402
 from model import PRESETS  # noqa: E402
 
 BATCH, CONTEXT = 128, 256

@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # so `import bpe, accounting` works when run as `python experiments/run.py`
 from bpe import END_OF_TEXT as EOT  # noqa: E402 (needs the path above)
-from cli import OneLineParser, atomic_file, atomic_write_text  # noqa: E402
+from lib.cli import OneLineParser, atomic_file, atomic_write_text  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------
 # Scales: what --quick and --full train on
@@ -550,7 +550,7 @@ def ablation_summary(best: list[tuple[str, list[dict]]], scale: str) -> str:
 
 def plot_ablations(best: list[tuple[str, list[dict]]], scale: str, path: Path) -> None:
     """Each arm's final whole-split loss per seed (dots) and mean (bar), over the baseline's seed range (band)."""
-    from cli import optional_import
+    from lib.cli import optional_import
     plt = optional_import("matplotlib.pyplot", "matplotlib", "the ablation summary plot")
     base = whole_split_losses(best[0][1])
     fig, ax = plt.subplots(figsize=(7, 4))

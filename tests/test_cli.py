@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-import cli
+from lib import cli
 
 
 def test_one_line_parser_error_is_one_line_exit_2(capsys):

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 import bpe
-import cli
+from lib import cli
 
 EOT = "<|endoftext|>"
 FAULTS = [(errno.ENOSPC, "no space left on device"), (errno.EIO, "input/output error")]

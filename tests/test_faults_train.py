@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import cli
+from lib import cli
 import train
 from conftest import TINY_RUN, run_losses
 
