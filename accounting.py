@@ -11,56 +11,32 @@ num_heads h, d_ff F) and the batch B and sequence length T, printed beside its n
     and one for the weight's), plus AdamW's own element-wise FLOPs; activation checkpointing adds the blocks'
     forward once more (≈ 4x forward; recompute_flops), which MFU does not count;
   - memory per GPU = fp32 parameters, gradients and AdamW's two moments (sharded N ways under FSDP2, --fsdp N, plus
-    the unsharded units it gathers), and the activations kept for backward: by default the ones model.py keeps with
-    the fused attention train.py runs (--activations sdpa: no T x T matrices), or those of the from-scratch
-    attention (manual), or the handout's enumeration (handout); with --activation-checkpointing only the block
-    inputs are kept, plus one block while it is recomputed. Activations take 4 bytes in fp32, 2 in bf16/fp16
-    (--dtype; a stated convention, see ACTIVATION_BYTES), plus autocast's 16-bit weight copies.
+    the unsharded units it gathers), and the activations kept for backward: by default the ones model.py's fast
+    path keeps with the fused attention train.py runs (--activations sdpa: no T x T matrices), or those of the
+    from-scratch attention (manual), or the handout's enumeration (handout); with --activation-checkpointing only
+    the block inputs are kept, plus one block while it is recomputed. Activations take 4 bytes in fp32, 2 in
+    bf16/fp16 (--dtype; a stated convention, see ACTIVATION_BYTES), plus autocast's 16-bit weight copies.
+The tables come in the order the numbers build on each other: parameters -> forward FLOPs -> training FLOPs ->
+memory (+ FSDP2) -> time (PEAK_FLOPS, the MFU denominator on a GPU) -> presets -> printing -> the CLI.
 tests/test_accounting.py checks the parameter count against sum(p.numel()) of model.TransformerLM, the FLOPs
-against torch.utils.flop_counter, the activation formula against the bytes autograd really saves (--measure; with
-and without checkpointing), and the FSDP2 shards against torch.chunk and a real 2-rank fully_shard run.
-The other half of MFU lives here too: PEAK_FLOPS and gpu_peak_flops (a CUDA device's published peak),
-measure_matmul_flops (a measured one, where no datasheet applies) and machine_line (what a report ran on).
+against torch.utils.flop_counter, the activation rows against the bytes autograd really saves (--measure; with
+and without checkpointing), and the FSDP2 shards against torch.chunk and a real 2-rank fully_shard run. The
+measuring code (saved bytes, a measured torch.mm peak, the machine line) lives in lib/measure.py.
 
     python accounting.py --preset gpt2-xl                                   # tables for GPT-2 XL
     python accounting.py --preset gpt2-xl --steps 400000 --batch-size 1024 --gpu a100 --mfu 0.5 --gpu-mem 80GB
-    python accounting.py --compare            # all presets side by side;  --json for one machine-readable object
-    python accounting.py --preset tiny --measure    # activation bytes autograd really keeps vs the formulas
-    python accounting.py --preset gpt2-xl --dtype bf16 --fsdp 8 --activation-checkpointing --gpu-mem 80GB
-    python accounting.py --fsdp-table --batch-size 8 --dtype bf16    # GPT-2 family: DDP vs FSDP, +- checkpointing
+    python accounting.py --compare     # all presets side by side; more (--measure, --fsdp, --fsdp-table): --help
 """
 import argparse
 import dataclasses
 import json
 import math
-import os
-import platform
 import re
-import time
 
 import torch
 
 import model
-import optim
 from lib.cli import OneLineParser, human_bytes  # (decimal units, as memory is sold: 1 GB = 1e9 bytes)
-
-# ---------------------------------------------------------------------------------------------------------------
-# Published dense peak throughput, FLOP/s per GPU (the MFU denominator on a GPU)
-# ---------------------------------------------------------------------------------------------------------------
-# note: datasheets print tensor-core figures "with sparsity" (2:4 structured sparsity, an asterisk); dense training
-# gets half of that, which is what is listed here. "fp32" is the plain (non-tensor-core) FP32 rate — what the
-# handout's questions assume; "tf32" is fp32 matmuls on tensor cores (torch.backends.cuda.matmul.allow_tf32).
-# Sources: NVIDIA A100 datasheet (SXM 80GB, 2021); NVIDIA H100 Tensor Core GPU datasheet (SXM and PCIe columns);
-# NVIDIA H200 Tensor Core GPU datasheet (SXM; same compute as H100 SXM, more and faster memory);
-# NVIDIA V100 datasheet (SXM2; no bf16/tf32).
-PEAK_FLOPS = {
-    "v100": {"fp32": 15.7e12, "fp16": 125e12},
-    "a100": {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12, "fp16": 312e12},
-    "h100": {"fp32": 67e12, "tf32": 494.5e12, "bf16": 989.5e12, "fp16": 989.5e12, "fp8": 1979e12},  # SXM
-    "h100-pcie": {"fp32": 51e12, "tf32": 378e12, "bf16": 756.5e12, "fp16": 756.5e12, "fp8": 1513e12},
-    "h200": {"fp32": 67e12, "tf32": 494.5e12, "bf16": 989.5e12, "fp16": 989.5e12, "fp8": 1979e12},  # SXM
-}
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Parameters: one row per tensor kind (model.py names), shape formula, count
@@ -162,6 +138,10 @@ def matmul_params(cfg) -> int:
     return cfg.num_layers * block_matmul_params(cfg) + cfg.vocab_size * cfg.d_model
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Training FLOPs: forward + backward (3 x forward), recomputation, AdamW's own element-wise work
+# ---------------------------------------------------------------------------------------------------------------
+
 def train_flops_per_token(config, seq_len: int | None = None) -> float:
     """Training FLOPs per token: forward + backward = 3 x forward matmul FLOPs (2 FLOPs per multiply-add,
     attention's QKᵀ and A V included), seq_len defaulting to config.context_length.
@@ -214,7 +194,7 @@ TRAIN_STATE_COPIES = {"params": 1, "grads": 1, "adamw_state": 2}
 # ACTIVATION_BYTES[dtype] per element. For fp32 that is exact (--measure); in 16 bits it is the usual simplification:
 # model.py's RMSNorm computes in fp32 and keeps fp32 tensors, under autocast the residual stream stays fp32 and
 # each matmul keeps its own 16-bit copy of its input, and on CPU attention with head dim <= 64 runs in fp32
-# (model.fused_attention), so on CPU autograd keeps 1.1-1.6x the 2-byte figure at the sizes tested (--measure
+# (kernels.fused_attention), so on CPU autograd keeps 1.1-1.6x the 2-byte figure at the sizes tested (--measure
 # --dtype bf16 prints the factor; tests/test_accounting.py bounds it).
 COMPUTE_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ACTIVATION_BYTES = {name: torch.finfo(dt).bits // 8 for name, dt in COMPUTE_DTYPES.items()}  # 4, 4, 2, 2
@@ -275,13 +255,15 @@ def handout_activations(cfg, batch_size: int = 1, seq_len: int | None = None) ->
 
 def saved_activations(cfg, batch_size: int = 1, seq_len: int | None = None) -> tuple[list, list]:
     """(one block's rows, rows outside the blocks) of the floating-point tensors autograd really keeps for backward
-    when model.py's TransformerLM (with cfg.attn_impl) + optim.cross_entropy run in fp32 — measured exactly by
-    --measure.
+    when model.py's TransformerLM (with cfg.attn_impl) + optim.cross_entropy run in fp32 on their fast path
+    (fast=True, what train.py runs) — measured exactly by --measure. note: the readable default path (fast=False)
+    keeps more (each line of RMSNorm, SiLU, softmax, RoPE and the loss saves its own intermediates); these rows
+    describe the fast path only.
 
     The handout's enumeration is a model of that; this is the ground truth for this implementation, derived op by op
     (an op keeps what its derivative needs: x² keeps x, exp keeps its output, a @ b keeps a and b, a · w keeps a).
     Where it differs from the handout's, and why:
-      - RMSNorm (its hand-written backward, model._RMSNormFunction) keeps its input x (in fp32) and 1/rms (B·T);
+      - RMSNorm (its hand-written backward, kernels._RMSNormFunction) keeps its input x (in fp32) and 1/rms (B·T);
         its output is kept by the next matmul: 2 B·T·d, not 1;
       - the from-scratch softmax keeps the masked scores (for the max), exp and the probabilities: 3 B·h·T², not 2,
         plus the row max and row sum (B·h·T each); the fused sdpa kernel keeps none of these, only its output and a
@@ -289,9 +271,9 @@ def saved_activations(cfg, batch_size: int = 1, seq_len: int | None = None) -> t
       - RoPE (its complex fast path) keeps its rotations e^(i·angle), T·d/(2h) complex numbers = T·d/h floats for Q
         and for K, the same for every sequence of the batch (counted as fp32 whatever the autocast dtype: 2·T·d/h
         fp32 elements are 4·T·d/h 16-bit ones, negligible either way);
-      - SwiGLU's gate (model._SwiGLUGate) keeps a = W1 x and W3 x and computes SiLU(a) again in backward; with the
-        product (kept by w2) that is 3 B·T·F, where the handout counts 4 (SiLU(a) too). The SiLU ablation's F.silu
-        (one kernel) keeps only its input: 2 B·T·F (the readable a·σ(a) would keep σ(a) too);
+      - SwiGLU's gate (kernels._SwiGLUGate) keeps a = W1 x and W3 x and computes SiLU(a) again in backward; with the
+        product (kept by w2) that is 3 B·T·F, where the handout counts 4 (SiLU(a) too). The SiLU ablation's
+        kernels.silu (one kernel) keeps only its input: 2 B·T·F (the readable a·σ(a) would keep σ(a) too);
       - the output projection's output goes into a residual add, which keeps nothing; with the from-scratch
         attention the heads are merged by a copy that the projection keeps (1 B·T·d, not 2), with sdpa by a free view;
       - optim.cross_entropy keeps only the logits, from which its hand-written backward rebuilds softmax - onehot;
@@ -467,6 +449,20 @@ def fsdp_gathered_bytes(cfg, dtype: str = "fp32") -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # Time: total training FLOPs over achieved throughput
 # ---------------------------------------------------------------------------------------------------------------
+# Published dense peak throughput, FLOP/s per GPU (the MFU denominator on a GPU).
+# note: datasheets print tensor-core figures "with sparsity" (2:4 structured sparsity, an asterisk); dense training
+# gets half of that, which is what is listed here. "fp32" is the plain (non-tensor-core) FP32 rate — what the
+# handout's questions assume; "tf32" is fp32 matmuls on tensor cores (torch.backends.cuda.matmul.allow_tf32).
+# Sources: NVIDIA A100 datasheet (SXM 80GB, 2021); NVIDIA H100 Tensor Core GPU datasheet (SXM and PCIe columns);
+# NVIDIA H200 Tensor Core GPU datasheet (SXM; same compute as H100 SXM, more and faster memory);
+# NVIDIA V100 datasheet (SXM2; no bf16/tf32).
+PEAK_FLOPS = {
+    "v100": {"fp32": 15.7e12, "fp16": 125e12},
+    "a100": {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12, "fp16": 312e12},
+    "h100": {"fp32": 67e12, "tf32": 494.5e12, "bf16": 989.5e12, "fp16": 989.5e12, "fp8": 1979e12},  # SXM
+    "h100-pcie": {"fp32": 51e12, "tf32": 378e12, "bf16": 756.5e12, "fp16": 756.5e12, "fp8": 1513e12},
+    "h200": {"fp32": 67e12, "tf32": 494.5e12, "bf16": 989.5e12, "fp16": 989.5e12, "fp8": 1979e12},  # SXM
+}
 
 SECONDS_PER_DAY = 24 * 60 * 60
 
@@ -514,103 +510,6 @@ def train_days(cfg, steps: int, batch_size: int, gpu: str, mfu: float, dtype: st
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Hardware: what this machine is, and its measured torch.mm peak (the MFU denominator where no datasheet applies)
-# ---------------------------------------------------------------------------------------------------------------
-
-def machine_line() -> str:
-    """One line naming what a measurement ran on, for benchmark and experiment reports, e.g.
-    'Intel(R) Xeon(R) CPU @ 2.20GHz, 2 cores, torch 2.5.1 (2 threads), Python 3.12.3'."""
-    cpu = platform.processor() or platform.machine()
-    try:  # Linux names the CPU model here; platform.processor() is often empty or just the architecture
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}")
-
-
-MIN_TIMED_S = 1e-3  # a timing shorter than this is mostly clock and loop overhead: time more calls at once
-
-
-def measure_matmul_flops(device="cpu", dtype=torch.float32, n: int | None = None, seconds: float = 1.0) -> float:
-    """FLOP/s of an n x n torch.mm (2·n³ FLOPs each), the best of repeated timings over about `seconds`.
-
-    The best, not the median: noise from other processes only ever slows a run down, so the fastest repeat is the
-    closest estimate of what the hardware can do — a peak, to divide achieved FLOP/s by."""
-    device = torch.device(device)
-    if n is None:  # big enough to be compute-bound, small enough for ~10+ repeats in a second on 2 CPU cores
-        n = 4096 if device.type == "cuda" else 1024
-    g = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(device, dtype)
-    b = torch.randn(n, n, generator=g).to(device, dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    torch.mm(a, b)  # warm-up: kernel selection, thread pool start, lazy CUDA init
-    sync()
-    reps = 1  # calls per timing; grown until one timing is long enough for the clock to resolve it
-    best = math.inf
-    deadline = time.perf_counter() + seconds
-    while True:
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            torch.mm(a, b)
-        sync()  # subtle: CUDA launches are asynchronous; without this we would time the launches
-        dt = (time.perf_counter() - t0) / reps
-        best = min(best, dt)
-        if dt * reps < MIN_TIMED_S:
-            reps *= 2
-        if time.perf_counter() > deadline:
-            return 2 * n**3 / best
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Measured: the bytes autograd really keeps for backward (--measure), to check activation_rows against
-# ---------------------------------------------------------------------------------------------------------------
-
-def measure_saved_activations(cfg, batch_size: int = 1, seq_len: int | None = None, seed: int = 0,
-                              checkpointing: bool = False, dtype: str = "fp32") -> dict:
-    """Run model.TransformerLM + optim.cross_entropy forward on CPU and add up the tensors autograd saves.
-
-    torch.autograd.graph.saved_tensors_hooks calls `pack` on every tensor an op stores for its backward. Many of
-    them share memory (q, k, v as views of one matmul output; x saved by both w1 and w3), so we count each
-    storage once. Parameters and buffers are excluded (they are counted as parameters, not activations).
-    With checkpointing (model.py's lm.checkpoint_blocks, what train.py's --activation-checkpointing sets) the hooks see what the checkpoints keep: each block's input (and the
-    token positions), not the tensors inside the blocks, which checkpoint's own inner hooks take and drop.
-    A 16-bit dtype runs the forward under CPU torch.autocast, as train.py does on one device.
-    Returns bytes: "float" (every floating-point tensor saved), "weight_copies" (those of "float" that are a
-    parameter cast to the autocast dtype, autocast_weight_bytes; 0 in fp32) and "other" (int64 token
-    ids/targets/positions, bool masks)."""
-    B, T = batch_size, _seq_len(cfg, seq_len)
-    torch.manual_seed(seed)
-    lm = model.TransformerLM(**dataclasses.asdict(cfg))
-    persistent = {t.untyped_storage().data_ptr() for t in [*lm.parameters(), *lm.buffers()]}
-    ids = torch.randint(cfg.vocab_size, (B, T + 1))
-    x, y = ids[:, :-1], ids[:, 1:]  # (B, T) inputs and next-token targets
-    seen: dict[int, tuple[int, str]] = {}  # storage address -> (bytes, "float" | "weight_copies" | "other")
-
-    def is_weight_copy(t: torch.Tensor) -> bool:  # a parameter cast to t's dtype, or its transpose (Linear's W.T)
-        return any(w.shape == t.shape and torch.equal(w.to(t.dtype), t)
-                   for p in lm.parameters() for w in (p.detach(), p.detach().mT if p.dim() == 2 else p.detach()))
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in persistent:
-            # note: returning t keeps it alive until backward, so no address is freed and reused meanwhile
-            kind = "other" if not (t.dtype.is_floating_point or t.dtype.is_complex) else "weight_copies" if is_weight_copy(t) else "float"
-            seen[storage.data_ptr()] = (storage.nbytes(), kind)
-        return t
-
-    compute = COMPUTE_DTYPES[dtype]
-    with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-          torch.autocast("cpu", dtype=compute, enabled=compute != torch.float32)):
-        lm.checkpoint_blocks = checkpointing
-        loss = optim.cross_entropy(lm(x), y)
-    loss.backward()  # the saved tensors are really used: this fails if anything above broke the graph
-    total = {kind: sum(n for n, k in seen.values() if k == kind) for kind in ("float", "weight_copies", "other")}
-    return {**total, "float": total["float"] + total["weight_copies"]}
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Presets: GPT-2 sizes as the handout's transformer_accounting problem gives them, plus model.PRESETS
 # ---------------------------------------------------------------------------------------------------------------
 # (num_layers, d_model, num_heads) of the four GPT-2 sizes (Radford et al. 2019), as the handout's
@@ -632,7 +531,8 @@ def presets() -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Output: aligned tables with human units
+# Printing: aligned tables with human units, every table for one config (the text and --json views of the same
+# numbers), presets side by side, the FSDP table
 # ---------------------------------------------------------------------------------------------------------------
 
 def human(x: float, unit: str = "") -> str:
@@ -672,11 +572,6 @@ def describe(cfg) -> str:
     return (f"vocab_size V={cfg.vocab_size:,}  context_length={cfg.context_length:,}  d_model d={cfg.d_model:,}  "
             f"num_layers L={cfg.num_layers}  num_heads h={cfg.num_heads}  d_ff F={cfg.d_ff:,}\n{ablations}")
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Report: every table for one config (the text and --json views of the same numbers)
-# ---------------------------------------------------------------------------------------------------------------
-
 def summary(cfg, batch_size: int = 1, seq_len: int | None = None, gpu_mem: float | None = None,
             steps: int | None = None, gpu: str | None = None, mfu: float | None = None, dtype: str = "fp32",
             activations: str = DEFAULT_ACTIVATIONS, checkpointing: bool = False, fsdp: int | None = None) -> dict:
@@ -691,8 +586,7 @@ def summary(cfg, batch_size: int = 1, seq_len: int | None = None, gpu_mem: float
     out = {
         "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg)),
         "batch_size": batch_size, "seq_len": T,
-        "params_total": count_params(cfg),
-        "params": {name: n * k for name, _, n, k in param_rows(cfg)},
+        "params_total": count_params(cfg), "params": {name: n * k for name, _, n, k in param_rows(cfg)},
         "forward_flops_total": forward_flops(cfg, batch_size, T),
         "forward_flops": {label: f for _, label, _, f in forward_flop_rows(cfg, batch_size, T)},
         "train_flops_per_token": train_flops_per_token(cfg, T),
@@ -700,11 +594,8 @@ def summary(cfg, batch_size: int = 1, seq_len: int | None = None, gpu_mem: float
         "recompute_flops_per_token": recompute_flops(cfg, 1, T) / T if checkpointing else 0,
         "adamw_flops_per_step": ADAMW_FLOPS_PER_PARAM * count_params(cfg),
         "train_memory_bytes": train_memory(cfg, batch_size, T, **memory)["total"],
-        "train_memory_bytes_per_gpu": mem["total"],
-        "train_memory": mem,
-        "dtype": dtype,
-        "activations": activations,
-        "fsdp": fsdp,
+        "train_memory_bytes_per_gpu": mem["total"], "train_memory": mem,
+        "dtype": dtype, "activations": activations, "fsdp": fsdp,
         "activation_bytes_per_sequence": (train_memory(cfg, 1, T, **memory)["activations"]
                                           - train_memory(cfg, 0, T, **memory)["activations"]),
     }
@@ -825,8 +716,7 @@ def memory_table(cfg, s: dict) -> str:
     checkpointing = (", with activation checkpointing (block inputs kept, one block recomputed at a time)"
                      if s["activation_checkpointing"] else "")
     out = [f"Memory for AdamW training {precision} on {where}, B={B}{'' if n is None else ' per GPU'}, T={T:,}; "
-           f"activations "
-           f"{ACTIVATIONS_SAID[s['activations']]} (--activations {s['activations']}){checkpointing}",
+           f"activations {ACTIVATIONS_SAID[s['activations']]} (--activations {s['activations']}){checkpointing}",
            table(["", "formula", f"B={B}"], rows),
            f"total(B) = {' + '.join(fixed_parts)} + B · {per_seq:,} bytes = {human_bytes(fixed)} + B · "
            f"{human_bytes(per_seq)}"]
@@ -934,66 +824,6 @@ def positive_int(text: str) -> int:
 MEASURE_MAX_BYTES = 4e9  # --measure runs the model on this machine's CPU: refuse what a laptop could not hold
 
 
-def measure_report(cfg, batch_size: int, seq_len: int, checkpointing: bool = False, dtype: str = "fp32") -> str:
-    """--measure: the handout's activation formula, this implementation's, and the bytes autograd really saved,
-    for the from-scratch attention and the fused one; with checkpointing, of the checkpointed model, and one
-    block's recomputed activations as the difference of the two runs. A 16-bit dtype runs under CPU autocast."""
-    if COMPUTE_DTYPES[dtype] != torch.float32:
-        return measure_report_16bit(cfg, batch_size, seq_len, checkpointing, dtype)
-    B, T, nb = batch_size, seq_len, FP32_BYTES
-    analytic = nb * activation_elements(cfg, B, T, "handout", checkpointing)
-    manual_cfg, fused_cfg = (dataclasses.replace(cfg, attn_impl=a) for a in ("manual", "sdpa"))
-    rows = [[label, times(nb, formula), f"{nb * e:,}"]
-            for _, label, formula, e in activation_rows(manual_cfg, B, T, "manual", checkpointing)]
-    how = ", each block under torch.utils.checkpoint (non-reentrant)" if checkpointing else ""
-    out = [f"Activations autograd keeps for backward: B={B}, T={T:,}, fp32, model.py with attn_impl=manual{how}",
-           table(["tensor", "formula (bytes)", "bytes"], rows), ""]
-    rows = [["handout's enumeration (--activations handout)", f"{analytic:,}", human_bytes(analytic), "", "1.00"]]
-    other, recomputed = 0, []
-    for c in (manual_cfg, fused_cfg):
-        predicted = nb * activation_elements(c, B, T, c.attn_impl, checkpointing)
-        measured = measure_saved_activations(c, B, T, checkpointing=checkpointing)
-        other = max(other, measured["other"])
-        rows.append([f"model.py, attn_impl={c.attn_impl}: formula / measured", f"{predicted:,}",
-                     human_bytes(predicted), f"{measured['float']:,}", f"{measured['float'] / analytic:.2f}"])
-        if checkpointing:  # plain - checkpointed = L x (one block's rows, less its input that checkpoint keeps)
-            plain = measure_saved_activations(c, B, T)["float"]
-            block = (plain - measured["float"]) // c.num_layers + nb * B * T * c.d_model
-            formula = nb * sum(n for *_, n in recomputation_rows(c, B, T, c.attn_impl))
-            recomputed.append(f"{c.attn_impl}: formula {formula:,} bytes, measured {block:,} "
-                              "(= (without checkpointing - with) / L + one block input)")
-    out += ["Measured with torch.autograd.graph.saved_tensors_hooks (each storage once; parameters excluded)",
-            table(["", "formula", "", "measured", "measured / handout"], rows),
-            f"(not counted: up to {human_bytes(other)} of int64 token ids and bool masks)",
-            "The differences from the handout's enumeration are explained in saved_activations' docstring."]
-    if checkpointing:
-        out += ["During backward each block runs forward again and keeps one block's activations until its own "
-                "backward ends:", *[f"  {line}" for line in recomputed]]
-    return "\n".join(out)
-
-
-def measure_report_16bit(cfg, B: int, T: int, checkpointing: bool, dtype: str) -> str:
-    """--measure --dtype bf16|fp16: autocast's weight copies (exact) and the activations at ACTIVATION_BYTES each
-    (an approximation: the factor printed is how far off it is for this config)."""
-    na, rows = ACTIVATION_BYTES[dtype], []
-    for impl in ("manual", "sdpa"):
-        c = dataclasses.replace(cfg, attn_impl=impl)
-        measured = measure_saved_activations(c, B, T, checkpointing=checkpointing, dtype=dtype)
-        kept_copies = autocast_weight_bytes(c, dtype, checkpointing) - (
-            na * block_matmul_params(c) if checkpointing else 0)  # the recomputed block's come back in backward
-        predicted = na * activation_elements(c, B, T, impl, checkpointing)
-        acts = measured["float"] - measured["weight_copies"]
-        rows += [[f"attn_impl={impl}: autocast's weight copies kept", f"{kept_copies:,}",
-                  f"{measured['weight_copies']:,}", f"{measured['weight_copies'] / kept_copies:.2f}"],
-                 [f"attn_impl={impl}: activations at {na} bytes each", f"{predicted:,}", f"{acts:,}",
-                  f"{acts / predicted:.2f}"]]
-    how = ", each block under torch.utils.checkpoint" if checkpointing else ""
-    return "\n".join([f"Saved for backward under CPU torch.autocast({dtype}): B={B}, T={T:,}{how}",
-                      table(["", "formula (bytes)", "measured", "measured / formula"], rows),
-                      "The weight copies are exact; activations count 2 bytes per element by convention (fp32 "
-                      "RMSNorm tensors and the fp32 residual stream make autograd keep more: see ACTIVATION_BYTES)."])
-
-
 MODEL_SIZE_FLAGS = ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff")
 
 
@@ -1086,8 +916,9 @@ def output(args, cfg) -> str:
     if args.fsdp_table:
         return fsdp_table(args.gpu_mem or FSDP_TABLE_GPU_MEM, args.fsdp or FSDP_TABLE_GPUS, args.batch_size,
                           args.seq_len, args.dtype, args.activations)
-    if args.measure:
-        return measure_report(cfg, args.batch_size, T, args.activation_checkpointing, args.dtype)
+    if args.measure:  # runs the model: the measuring code lives in the package (it imports this file)
+        from lib import measure
+        return measure.measure_report(cfg, args.batch_size, T, args.activation_checkpointing, args.dtype)
     if args.compare:
         if args.json:
             return json.dumps({"presets": {n: summary(c, args.batch_size, **memory_args(args))

@@ -24,7 +24,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]  # the repo root (optim.py, cli.py, ...) and bench/ (bench_small.py)
 
-from accounting import machine_line  # noqa: E402
+from lib.measure import machine_line  # noqa: E402
 from bench_model import BATCH as PRESET_BATCH  # noqa: E402
 from bench_small import BATCH, OUR_D_FF, SIZE, alternated_times, our_step  # noqa: E402
 from lib.cli import OneLineParser  # noqa: E402

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: model.py, sample.py, train.py
 import sample  # noqa: E402
 import train  # noqa: E402
-from accounting import machine_line  # noqa: E402
+from lib.measure import machine_line  # noqa: E402
 from lib.cli import OneLineParser  # noqa: E402
 from model import PRESETS, TransformerLM  # noqa: E402
 

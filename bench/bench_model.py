@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: model.py, optim.py, accounting.py
 
-from accounting import machine_line, measure_matmul_flops, train_flops_per_token  # noqa: E402
+from accounting import train_flops_per_token  # noqa: E402
+from lib.measure import machine_line, measure_matmul_flops  # noqa: E402
 from lib.cli import OneLineParser  # noqa: E402
 from model import PRESETS, TransformerLM  # noqa: E402
 from optim import AdamW, cross_entropy  # noqa: E402
@@ -83,7 +84,7 @@ PEAK_REPEATS = 3
 
 
 def matmul_peak(dtype, seconds: float) -> float:
-    """FLOP/s: the median over PEAK_SIZES x PEAK_REPEATS of accounting.measure_matmul_flops (each the best timing
+    """FLOP/s: the median over PEAK_SIZES x PEAK_REPEATS of lib.measure.measure_matmul_flops (each the best timing
     of ~`seconds`). note: the median, so that one lucky size or one quiet moment on a shared machine does not set
     the denominator alone."""
     return statistics.median(measure_matmul_flops("cpu", dtype, n=n, seconds=seconds)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: model.py, sample.py, accounting.py
-from accounting import machine_line  # noqa: E402
+from lib.measure import machine_line  # noqa: E402
 from lib.cli import OneLineParser  # noqa: E402
 from model import PRESETS, TransformerLM  # noqa: E402
 from sample import generate_stream, next_logits, sample_next  # noqa: E402

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]  # the repo root (model.py, optim.py, ...) and bench/ (plain_gpt.py)
 
-from accounting import machine_line  # noqa: E402
+from lib.measure import machine_line  # noqa: E402
 from lib.cli import OneLineParser  # noqa: E402
 from model import RMSNorm, TransformerLM  # noqa: E402
 from optim import AdamW, clip_divisor, cross_entropy  # noqa: E402

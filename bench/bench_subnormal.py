@@ -76,7 +76,7 @@ def main():
         print(json.dumps(measure(sys.argv[2])))
         return
     sys.path.insert(0, str(ROOT))
-    from accounting import machine_line
+    from lib.measure import machine_line
     rows = []
     for mode in MODES:
         done = subprocess.run([sys.executable, __file__, "--mode", mode], capture_output=True, text=True, check=True)

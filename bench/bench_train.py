@@ -27,7 +27,8 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]  # the repo root (train.py, model.py, ...) and bench/ (bench_model.py)
 
 import train  # noqa: E402
-from accounting import machine_line, train_flops_per_token  # noqa: E402
+from accounting import train_flops_per_token  # noqa: E402
+from lib.measure import machine_line  # noqa: E402
 from bench_model import BATCH, DTYPES, build_ours, make_step, matmul_peak  # noqa: E402
 from lib.cli import OneLineParser  # noqa: E402
 from model import PRESETS  # noqa: E402

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import accounting  # noqa: E402
 import train  # noqa: E402
+from lib import measure  # noqa: E402
 from lib.cli import OneLineParser  # noqa: E402
 from model import PRESETS  # noqa: E402
 
@@ -76,7 +77,7 @@ def markdown(tests: tuple[bool, str], result: dict | None) -> str:
     name = torch.cuda.get_device_name()
     out = [f"### GPU check: {name}", "",
            f"Command: `python bench/gpu_check.py` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}); "
-           f"{accounting.machine_line()}; CUDA {torch.version.cuda}", ""]
+           f"{measure.machine_line()}; CUDA {torch.version.cuda}", ""]
     if tests is not None:
         out += [f"- CUDA-marked tests (`pytest -m cuda`): {'passed' if tests[0] else 'FAILED'}: {tests[1]}"]
     if result is not None:

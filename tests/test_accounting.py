@@ -5,7 +5,7 @@
 - forward FLOPs == torch.utils.flop_counter.FlopCounterMode on the model for several shapes and ablations, training
   FLOPs == the counter over forward + backward (backward = 2 x forward holds exactly for the matmuls); GPT-2 XL at
   batch 1, context 1024 == 4,513,336,524,800;
-- the activations autograd saves (saved_tensors_hooks) == model.py's rows (--activations sdpa / manual) exactly,
+- the activations autograd saves (saved_tensors_hooks, lib/measure.py) == model.py's rows (--activations sdpa / manual) exactly,
   with and without torch.utils.checkpoint around each block (and the recomputed block as the difference of the two),
   and the handout's coarser enumeration within a stated tolerance; the sdpa rows have no T² term;
 - under CPU autocast (bf16, fp16): autocast's weight copies exactly, the 2-bytes-per-element convention within a
@@ -15,9 +15,8 @@
   fully_shard run), memory per GPU falling with N, --fsdp-table's cells;
 - the corrected GPT-2 XL training time (2 FLOPs per multiply-add), the largest batch in 80 GB (the handout's count
   and the fused attention's), the MFU formula train.py uses;
-- hardware: machine_line's contents, measure_matmul_flops exactly on a fake clock and within 3x of a torch.mm timed
-  here, PEAK_FLOPS against the datasheets' printed figures (halved where "with sparsity"), gpu_peak_flops on real
-  CUDA device names;
+- hardware: PEAK_FLOPS against the datasheets' printed figures (halved where "with sparsity"), gpu_peak_flops on
+  real CUDA device names;
 - the CLI: headline figures, --json, --compare, model flags through ModelConfig.with_overrides, bad input -> one
   line and exit code 2.
 
@@ -26,15 +25,12 @@
                                                    # the FSDP2 shards of a real 2-rank run, ~25 s)
 """
 import dataclasses
-import itertools
 import json
 import math
 import os
-import platform
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -45,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import accounting
 import model
 import optim
+from lib import measure
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = accounting.presets()
@@ -67,15 +64,15 @@ def meta_model(cfg):
     return _META_MODELS[key]
 
 
-def counted_flops(cfg, batch_size, seq_len, device="cpu", backward=False, checkpointing=False):
+def counted_flops(cfg, batch_size, seq_len, device="cpu", backward=False, checkpointing=False, fast=False):
     """FLOPs FlopCounterMode sees in one forward (and backward) pass of the real model (with checkpointing: each
-    block under torch.utils.checkpoint, model.py's checkpoint_blocks).
+    block under torch.utils.checkpoint, model.py's checkpoint_blocks), on its readable path or (fast) lib/kernels.py's.
 
     subtle: we count with attn_impl="manual", the from-scratch attention. In torch 2.13 the CPU fused attention
     kernel behind F.scaled_dot_product_attention has no FLOP formula, so the counter silently reports QKᵀ and A V as
     zero (test_sdpa_attention_is_invisible_to_the_counter_on_cpu shows it)."""
     cfg = dataclasses.replace(cfg, attn_impl="manual")
-    lm = meta_model(cfg) if device == "meta" else model.TransformerLM(**dataclasses.asdict(cfg))
+    lm = meta_model(cfg) if device == "meta" else model.TransformerLM(**dataclasses.asdict(cfg), fast=fast)
     if device == "meta":
         # The id range check reads the ids back (int(tensor)), which meta tensors, having no data, cannot do.
         lm._check_input = lambda *args: None
@@ -84,7 +81,7 @@ def counted_flops(cfg, batch_size, seq_len, device="cpu", backward=False, checkp
         lm.checkpoint_blocks = checkpointing  # model.py's switch, what --activation-checkpointing sets
         logits = lm(ids[:, :-1])
         if backward:
-            optim.cross_entropy(logits, ids[:, 1:]).backward()
+            optim.cross_entropy(logits, ids[:, 1:], fast=fast).backward()
     return counter.get_total_flops()
 
 
@@ -132,6 +129,9 @@ def test_gpt2_xl_forward_flops_match_flop_counter():
     (dataclasses.replace(SMALL, norm="none", position="nope", tie_embeddings=True), 1, 50)])
 def test_forward_flops_match_flop_counter(cfg, B, T):
     assert counted_flops(cfg, B, T) == accounting.forward_flops(cfg, B, T)
+    # the fast path (lib/kernels.py, what train.py runs) does the same matmuls: the same count, forward and backward
+    assert counted_flops(cfg, B, T, fast=True) == accounting.forward_flops(cfg, B, T)
+    assert counted_flops(cfg, B, T, backward=True, fast=True) == counted_flops(cfg, B, T, backward=True)
 
 
 def test_forward_flops_match_flop_counter_at_gpt2_shapes_on_meta():
@@ -140,10 +140,11 @@ def test_forward_flops_match_flop_counter_at_gpt2_shapes_on_meta():
 
 
 def test_sdpa_attention_is_invisible_to_the_counter_on_cpu():
-    # Why counted_flops uses attn_impl="manual": with the fused kernel on CPU the counter misses exactly QKᵀ and A V.
-    # If a future torch gives the kernel a formula this fails, and the comment in counted_flops can go.
+    # Why counted_flops uses attn_impl="manual": with the fused kernel on CPU (the fast path's attn_impl="sdpa") the
+    # counter misses exactly QKᵀ and A V. If a future torch gives the kernel a formula this fails, and the comment in
+    # counted_flops can go.
     cfg = dataclasses.replace(SMALL, attn_impl="sdpa")
-    lm = model.TransformerLM(**dataclasses.asdict(cfg))
+    lm = model.TransformerLM(**dataclasses.asdict(cfg), fast=True)
     with FlopCounterMode(display=False) as counter:
         lm(torch.randint(0, cfg.vocab_size, (2, 64)))
     rows = accounting.forward_flops_by_id(cfg, 2, 64)
@@ -211,7 +212,7 @@ def test_gpt2_xl_training_days_with_two_flops_per_multiply_add():
 @pytest.mark.parametrize("attn_impl", ["manual", "sdpa"])
 def test_saved_activations_match_formula_exactly(changes, B, T, attn_impl):
     cfg = dataclasses.replace(SMALL, attn_impl=attn_impl, **changes)
-    measured = accounting.measure_saved_activations(cfg, B, T)
+    measured = measure.measure_saved_activations(cfg, B, T)
     assert measured["float"] == 4 * accounting.activation_elements(cfg, B, T, activations=attn_impl)
     assert 0 < measured["other"] < measured["float"] / 20  # token ids and masks: small, and not activations
 
@@ -227,13 +228,13 @@ def test_checkpointed_saved_activations_match_formula_exactly(changes, B, T, att
     # checkpoint keeps, and what lies outside the blocks (ln_final, lm_head, loss) — nothing inside a block.
     cfg = dataclasses.replace(SMALL, attn_impl=attn_impl, **changes)
     kept = accounting.activation_rows(cfg, B, T, attn_impl, checkpointing=True)
-    checkpointed = accounting.measure_saved_activations(cfg, B, T, checkpointing=True)
+    checkpointed = measure.measure_saved_activations(cfg, B, T, checkpointing=True)
     assert checkpointed["float"] == 4 * sum(n for *_, n in kept) == 4 * accounting.activation_elements(
         cfg, B, T, attn_impl, checkpointing=True)
     assert kept[0] == ("block_inputs", "block inputs (kept by checkpoint)", "L · B·T·d", cfg.num_layers * B * T * 64)
     # One block's activations, live again while it is recomputed: without checkpointing autograd keeps L of them;
     # with it, their inputs only. So the two runs differ by L x (one block's rows less that input), exactly.
-    plain = accounting.measure_saved_activations(cfg, B, T)["float"]
+    plain = measure.measure_saved_activations(cfg, B, T)["float"]
     block = sum(n for *_, n in accounting.recomputation_rows(cfg, B, T, attn_impl))
     assert plain - checkpointed["float"] == 4 * cfg.num_layers * (block - B * T * cfg.d_model)
 
@@ -264,9 +265,9 @@ def test_autocast_weight_copies_are_exact(changes, B, T, dtype):
     # Under torch.autocast each matmul keeps a 16-bit copy of its weight (W.T, not cached): 2·N_matmul bytes. With
     # checkpointing the blocks' copies go with the checkpoint: lm_head's is kept, one block's comes back in backward.
     cfg = dataclasses.replace(SMALL, **changes)
-    plain = accounting.measure_saved_activations(cfg, B, T, dtype=dtype)
+    plain = measure.measure_saved_activations(cfg, B, T, dtype=dtype)
     assert plain["weight_copies"] == accounting.autocast_weight_bytes(cfg, dtype) == 2 * accounting.matmul_params(cfg)
-    ckpt = accounting.measure_saved_activations(cfg, B, T, checkpointing=True, dtype=dtype)
+    ckpt = measure.measure_saved_activations(cfg, B, T, checkpointing=True, dtype=dtype)
     assert ckpt["weight_copies"] == 2 * cfg.vocab_size * cfg.d_model
     assert plain["weight_copies"] - ckpt["weight_copies"] == 2 * cfg.num_layers * accounting.block_matmul_params(cfg)
     assert accounting.autocast_weight_bytes(cfg, dtype, checkpointing=True) == 2 * (
@@ -281,7 +282,7 @@ def test_autocast_weight_copies_are_exact(changes, B, T, dtype):
 
 
 def test_fp32_measurement_has_no_weight_copies():
-    measured = accounting.measure_saved_activations(SMALL, 2, 32)
+    measured = measure.measure_saved_activations(SMALL, 2, 32)
     assert measured["weight_copies"] == 0 and measured["float"] == 4 * accounting.activation_elements(SMALL, 2, 32)
 
 
@@ -302,7 +303,7 @@ def test_gpt2_xl_memory_in_bf16():
 
 def handout_vs_measured(cfg) -> float:
     cfg = dataclasses.replace(cfg, attn_impl="manual")
-    measured = accounting.measure_saved_activations(cfg, 1, cfg.context_length)["float"]
+    measured = measure.measure_saved_activations(cfg, 1, cfg.context_length)["float"]
     return measured / (4 * accounting.activation_elements(cfg, 1, cfg.context_length, activations="handout"))
 
 
@@ -485,55 +486,7 @@ def test_memory_per_gpu_under_fsdp():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Hardware: the machine line, the measured matmul peak, the published GPU peaks
-
-def test_machine_line_names_cpu_torch_and_python():
-    line = accounting.machine_line()
-    for part in (f"{os.cpu_count()} cores", f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
-                 f"Python {platform.python_version()}"):
-        assert part in line, part
-    assert not line.startswith(",")  # some CPU name came first (/proc/cpuinfo's, or platform's fallback)
-
-
-def test_measure_matmul_flops_arithmetic_on_a_fake_clock(monkeypatch):
-    # torch.mm replaced by a call that takes a known time on a fake clock, so the result is exact: 2·n³ FLOPs over
-    # the fastest call's time.
-    n, clock = 64, [0.0]
-    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
-
-    def measure(durations):
-        durations = iter(durations)
-
-        def fake_mm(a, b):
-            assert a.shape == b.shape == (n, n)
-            clock[0] += next(durations)
-
-        monkeypatch.setattr(torch, "mm", fake_mm)
-        return accounting.measure_matmul_flops(n=n, seconds=0.05)
-
-    # the best of the repeats, not their mean or the last one
-    assert measure(itertools.cycle([3e-3, 1e-3, 2e-3])) == pytest.approx(2 * n**3 / 1e-3, rel=1e-9)
-    # calls shorter than MIN_TIMED_S are timed in growing groups, each group's time divided back to one call's
-    # (here the first, single calls are slower, so only the grouped ones give the best time)
-    assert 5e-4 < accounting.MIN_TIMED_S
-    assert measure(itertools.chain([5e-4] * 4, itertools.repeat(2e-4))) == pytest.approx(2 * n**3 / 2e-4, rel=1e-9)
-
-
-def test_measure_matmul_flops_agrees_with_a_directly_timed_mm():
-    # The same product timed here, call by call, best of 50: the two must agree to within noise (a factor of 3 on a
-    # shared machine). A slip in the FLOP count (n² for n³, ms for s) or in what is timed is far outside that.
-    n = 256
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    fastest = math.inf
-    for _ in range(50):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        fastest = min(fastest, time.perf_counter() - t0)
-    direct = 2 * n * n * n / fastest
-    peak = accounting.measure_matmul_flops(n=n, seconds=0.2)
-    assert direct / 3 < peak < 3 * direct, (peak, direct)
-
+# Hardware: the published GPU peaks (the machine line and the measured matmul peak: tests/test_measure.py)
 
 # The datasheets' own figures in TFLOPS (sources in accounting.py's PEAK_FLOPS comment), "*" marking those printed
 # "with sparsity" (2:4 structured sparsity), which dense training gets half of. PEAK_FLOPS must be these, halved
@@ -675,10 +628,10 @@ def test_cli_measure(capsys):
     accounting.main(small)
     out = capsys.readouterr().out
     cfg = dataclasses.replace(SMALL, context_length=256, attn_impl="manual")
-    assert f"{accounting.measure_saved_activations(cfg, 2, 32)['float']:,}" in out
+    assert f"{measure.measure_saved_activations(cfg, 2, 32)['float']:,}" in out
     accounting.main(small + ["--activation-checkpointing"])
     out = capsys.readouterr().out
-    measured = accounting.measure_saved_activations(cfg, 2, 32, checkpointing=True)["float"]
+    measured = measure.measure_saved_activations(cfg, 2, 32, checkpointing=True)["float"]
     assert f"{measured:,}  " in out and "block inputs (kept by checkpoint)" in out
     block = 4 * sum(n for *_, n in accounting.recomputation_rows(cfg, 2, 32, "manual"))
     assert f"manual: formula {block:,} bytes, measured {block:,}" in out
