@@ -2,15 +2,16 @@
 
 - parameter counts == sum(p.numel()) of model.TransformerLM for every preset (big ones built on the meta device)
   and every ablation, row by row; GPT-2 XL == 2,127,057,600;
-- forward FLOPs == torch.utils.flop_counter.FlopCounterMode on the model for several shapes and ablations, training
-  FLOPs == the counter over forward + backward (backward = 2 x forward holds exactly for the matmuls); GPT-2 XL at
-  batch 1, context 1024 == 4,513,336,524,800;
-- the activations autograd saves (saved_tensors_hooks, lib/measure.py) == model.py's rows (--activations sdpa / manual) exactly,
-  with and without torch.utils.checkpoint around each block (and the recomputed block as the difference of the two),
-  and the handout's coarser enumeration within a stated tolerance; the sdpa rows have no T² term;
+- forward FLOPs == torch.utils.flop_counter.FlopCounterMode on the model for several shapes and ablations (the
+  readable path and the fast one alike), training FLOPs == the counter over forward + backward (backward = 2 x
+  forward holds exactly for the matmuls); GPT-2 XL at batch 1, context 1024 == 4,513,336,524,800;
+- the activations autograd saves on the fast path (fast=True, what train.py runs; saved_tensors_hooks in
+  lib/measure.py) == model.py's rows (--activations sdpa / manual) exactly, with and without torch.utils.checkpoint
+  around each block (and the recomputed block as the difference of the two), and the handout's coarser enumeration
+  within a stated tolerance; the sdpa rows have no T² term;
 - under CPU autocast (bf16, fp16): autocast's weight copies exactly, the 2-bytes-per-element convention within a
-  stated band; checkpointing's recomputed FLOPs == FlopCounterMode (model.py's checkpoint_blocks; its loss and gradients equal
-  the plain model's in tests/test_scale.py);
+  stated band; checkpointing's recomputed FLOPs == FlopCounterMode (model.py's checkpoint_blocks; its loss and
+  gradients equal the plain model's in tests/test_scale.py);
 - FSDP2: fsdp_shard_bytes == torch.chunk of the real parameters for 1-8 ranks (and, slow, a real 2-rank gloo
   fully_shard run), memory per GPU falling with N, --fsdp-table's cells;
 - the corrected GPT-2 XL training time (2 FLOPs per multiply-add), the largest batch in 80 GB (the handout's count
