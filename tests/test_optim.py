@@ -1,8 +1,10 @@
-"""Tests for optim.py against PyTorch: cross_entropy vs F.cross_entropy (values and gradients, 2-D and 3-D, logits
-of 1e4 stay finite), AdamW vs torch.optim.AdamW over 100 steps (≤ 1e-6, several groups, with weight decay),
-the foreach and fused fast paths vs the plain loop, AdamW state_dict round-trips (resume == uninterrupted run) and
-older state dicts, cosine_lr at its boundary iterations, clip_grad_norm vs torch.nn.utils.clip_grad_norm_, and the
-SGD learning-rate toy's behaviours.
+"""Tests for optim.py and its speed layer lib/fused_optim.py against PyTorch: cross_entropy, plain and fast=True, vs
+F.cross_entropy (values and gradients, 2-D and 3-D, fp32/bf16/fp64, logits of 1e4 stay finite) and vs each other;
+AdamW's three paths (the plain loop, foreach=True, fused=True) vs torch.optim.AdamW over 100 steps (≤ 1e-6, several
+groups, with weight decay) and vs each other (a parameter without a gradient, bf16 parameters, grad_divisor); AdamW
+state_dict round-trips (resume == uninterrupted run), across paths and from older state dicts; cosine_lr at its
+boundary iterations and the handout's values; clip_grad_norm vs torch.nn.utils.clip_grad_norm_ and vs clip_divisor's
+divisor (the clipping folded into the fused step); the SGD learning-rate toy's behaviours.
 
     python -m pytest tests/test_optim.py            # these tests (all fast)
     python -m pytest -m slow                       # the slow end-to-end checks of the whole suite
@@ -13,21 +15,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from optim import (AdamW, _CrossEntropy, clip_divisor, clip_grad_norm, cosine_lr, cross_entropy, cross_entropy_reference,
-                   sgd_toy)
+from lib import fused_optim
+from lib.fused_optim import _CrossEntropy, clip_divisor
+from optim import AdamW, clip_grad_norm, cosine_lr, cross_entropy, sgd_toy
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # cross_entropy
 
 
+FAST = pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])  # cross_entropy's two paths
+
+
+@FAST
 @pytest.mark.parametrize("shape", [(12,), (3, 5)], ids=["2-D logits", "3-D logits"])
-def test_cross_entropy_matches_torch_values_and_grads(shape):
+def test_cross_entropy_matches_torch_values_and_grads(shape, fast):
     torch.manual_seed(0)
     V = 11
     logits = torch.randn(*shape, V, requires_grad=True)
     targets = torch.randint(0, V, shape)
-    ours = cross_entropy(logits, targets)
+    ours = cross_entropy(logits, targets, fast=fast)
     ref = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
     torch.testing.assert_close(ours, ref)
     (g_ours,) = torch.autograd.grad(ours, logits)
@@ -35,32 +42,41 @@ def test_cross_entropy_matches_torch_values_and_grads(shape):
     torch.testing.assert_close(g_ours, g_ref)
 
 
+def test_cross_entropy_default_is_the_readable_formula():
+    # The chapter's lines run unless fast=True: autograd differentiates them (no hand-written backward in the graph).
+    logits, targets = torch.randn(4, 7, requires_grad=True), torch.randint(0, 7, (4,))
+    assert "_CrossEntropy" not in type(cross_entropy(logits, targets).grad_fn).__name__
+    assert "_CrossEntropy" in type(cross_entropy(logits, targets, fast=True).grad_fn).__name__
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_cross_entropy_fused_kernels_match_the_readable_reference(dtype):
-    # The fast path (torch's fused log_softmax / softmax per chunk, the hand-written gradient) against the formula
-    # written out op by op and differentiated by autograd; huge logits too, where a sum without the max would overflow.
+def test_cross_entropy_fast_equals_plain(dtype):
+    # The fast path (lib/fused_optim.py: torch's fused log_softmax / softmax per chunk, the hand-written gradient)
+    # against the chapter's formula differentiated by autograd, and both against F.cross_entropy; huge logits too,
+    # where a sum without the max would overflow.
     torch.manual_seed(0)
     logits = (torch.randn(70, 13) * 6).to(dtype)
     logits[0, 3], logits[1] = 1e4, -1e4
     targets = torch.randint(0, 13, (70,))
-    torch.testing.assert_close(cross_entropy_reference(logits, targets),
-                               F.cross_entropy(logits.to(torch.promote_types(dtype, torch.float32)), targets))
-    fast_logits, ref_logits = logits.clone().requires_grad_(), logits.clone().requires_grad_()
-    fast, ref = cross_entropy(fast_logits, targets), cross_entropy_reference(ref_logits, targets)
-    assert fast.dtype == ref.dtype == torch.promote_types(dtype, torch.float32)
-    torch.testing.assert_close(fast, ref)
+    acc = torch.promote_types(dtype, torch.float32)
+    torch.testing.assert_close(cross_entropy(logits, targets), F.cross_entropy(logits.to(acc), targets))
+    fast_logits, plain_logits = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    fast, plain = cross_entropy(fast_logits, targets, fast=True), cross_entropy(plain_logits, targets)
+    assert fast.dtype == plain.dtype == acc
+    torch.testing.assert_close(fast, plain)
     fast.backward()
-    ref.backward()
-    assert fast_logits.grad.dtype == dtype
-    torch.testing.assert_close(fast_logits.grad, ref_logits.grad)
+    plain.backward()
+    assert fast_logits.grad.dtype == plain_logits.grad.dtype == dtype
+    torch.testing.assert_close(fast_logits.grad, plain_logits.grad)
 
 
 def test_cross_entropy_hand_written_gradient_passes_gradcheck():
-    # The closed-form backward against finite differences, in float64; 300 rows so that several chunks are used.
+    # The fast path's closed-form backward against finite differences, in float64; 300 rows so that several chunks
+    # are used.
     torch.manual_seed(0)
     logits = torch.randn(300, 5, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 5, (300,))
-    assert torch.autograd.gradcheck(lambda o: cross_entropy(o, targets), (logits,))
+    assert torch.autograd.gradcheck(lambda o: cross_entropy(o, targets, fast=True), (logits,))
 
 
 def test_cross_entropy_chunks_match_one_shot(monkeypatch):
@@ -70,16 +86,17 @@ def test_cross_entropy_chunks_match_one_shot(monkeypatch):
     torch.manual_seed(0)
     logits = (torch.randn(3, 101, 50) * 5).requires_grad_()  # N = 303 rows
     targets = torch.randint(0, 50, (3, 101))
-    ours = cross_entropy(logits, targets)
+    ours = cross_entropy(logits, targets, fast=True)
     ref = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
     torch.testing.assert_close(ours, ref)
     torch.testing.assert_close(torch.autograd.grad(ours, logits)[0], torch.autograd.grad(ref, logits)[0])
 
 
-def test_cross_entropy_is_stable_for_huge_logits():
+@FAST
+def test_cross_entropy_is_stable_for_huge_logits(fast):
     logits = torch.tensor([[1e4, 0.0, -1e4], [0.0, 1e4, 1e4]], requires_grad=True)
     targets = torch.tensor([1, 2])
-    loss = cross_entropy(logits, targets)
+    loss = cross_entropy(logits, targets, fast=fast)
     assert torch.isfinite(loss)
     # by hand: row 0 has loss 1e4 - 0 = 1e4 (up to e^-1e4); row 1 has ln 2 (two equal maxima)
     torch.testing.assert_close(loss, torch.tensor((1e4 + math.log(2)) / 2))
@@ -88,12 +105,13 @@ def test_cross_entropy_is_stable_for_huge_logits():
     assert torch.isfinite(logits.grad).all()
 
 
-def test_cross_entropy_bf16_logits_computed_in_fp32():
+@FAST
+def test_cross_entropy_bf16_logits_computed_in_fp32(fast):
     torch.manual_seed(0)
     logits = (torch.randn(8, 50) * 4).bfloat16()
     targets = torch.randint(0, 50, (8,))
     logits.requires_grad_()
-    loss = cross_entropy(logits, targets)
+    loss = cross_entropy(logits, targets, fast=fast)
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, F.cross_entropy(logits.float(), targets))
     loss.backward()
@@ -163,6 +181,80 @@ def test_adamw_fast_paths_equal_loop(impl):
         torch.testing.assert_close(sa["v"], sb["v"], atol=1e-7, rtol=1e-6)
 
 
+def test_adamw_default_runs_the_plain_loop(monkeypatch):
+    # AdamW(params) runs the chapter's loop; the speed layer only when asked for (foreach=True / fused=True).
+    def refuse(*args):
+        raise AssertionError("the default path called lib/fused_optim.py")
+
+    monkeypatch.setattr(fused_optim, "adamw_foreach", refuse)
+    monkeypatch.setattr(fused_optim, "adamw_fused", refuse)
+    params, loss_fn = make_problem()
+    opt = AdamW(params)
+    assert [(g["foreach"], g["fused"]) for g in opt.param_groups] == [(False, False)]
+    loss_fn(params, 0).backward()
+    opt.step(grad_divisor=torch.tensor(2.0))
+
+
+@pytest.mark.parametrize("divided", [False, True], ids=["no divisor", "grad_divisor"])
+def test_adamw_three_paths_equal_torch_with_a_frozen_param_and_grad_divisor(divided):
+    # The plain loop, foreach and fused against each other and torch.optim.AdamW: two groups, weight decay, a
+    # parameter that never gets a gradient (skipped: no state, unchanged), with and without grad_divisor (torch's
+    # AdamW is handed the gradients divided beforehand).
+    d = torch.tensor(3.0) if divided else None
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    results = {}
+    for impl in [*IMPLS, "torch"]:
+        params, loss_fn = make_problem()
+        frozen = torch.nn.Parameter(torch.ones(4))
+        groups = [{"params": params[:2] + [frozen]}, {"params": params[2:], "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, **kw) if impl == "torch" else AdamW(groups, **IMPLS[impl], **kw)
+        for step in range(30):
+            opt.zero_grad()
+            loss_fn(params, step).backward()
+            if impl == "torch" and divided:
+                for p in params:
+                    p.grad.div_(d)
+            opt.step() if impl == "torch" else opt.step(grad_divisor=d)
+        assert torch.equal(frozen, torch.ones(4)) and frozen not in opt.state
+        results[impl] = params
+    for impl in IMPLS:
+        for a, b in zip(results[impl], results["torch"]):
+            assert (a - b).abs().max().item() <= 1e-6
+        for a, b in zip(results[impl], results["loop"]):
+            torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_adamw_bf16_params(impl):
+    # bf16 parameters (and so bf16 m, v): every path matches torch.optim.AdamW's same path (fused: the same kernel,
+    # bit for bit; the loop and foreach within 2 bf16 ulps of the largest value, 2^-7 relative each: torch's loop
+    # writes the bias corrections differently), and the three paths agree within 4 such ulps: the loop and foreach
+    # round θ, m, v to bf16 after each op, the fused kernel once per element.
+    def bf16_run(factory):
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(8, 5, generator=g).bfloat16()),
+                  torch.nn.Parameter(torch.randn(5, generator=g).bfloat16())]
+        opt = factory(params)
+        for _ in range(10):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).bfloat16()
+            opt.step()
+        return params
+
+    kw = dict(lr=1e-2, weight_decay=0.1)
+    ours = bf16_run(lambda p: AdamW(p, **IMPLS[impl], **kw))
+    torch_kw = dict(IMPLS[impl]) or dict(foreach=False)
+    ref = bf16_run(lambda p: torch.optim.AdamW(p, **torch_kw, **kw))
+    loop = bf16_run(lambda p: AdamW(p, **kw))
+    for a, b, c in zip(ours, ref, loop):
+        assert a.dtype == torch.bfloat16
+        if impl == "fused":
+            assert torch.equal(a, b)
+        else:
+            assert (a.float() - b.float()).abs().max() <= 2**-6 * b.float().abs().max()
+        assert (a.float() - c.float()).abs().max() <= 2**-5 * c.float().abs().max()
+
+
 def test_adamw_weight_decay_is_decoupled():
     # With a zero gradient Adam's step is 0, so only the decay acts: θ ← (1 - αλ) θ exactly.
     p = torch.nn.Parameter(torch.ones(3))
@@ -212,8 +304,38 @@ def test_adamw_lr_set_through_param_groups():
     torch.testing.assert_close(p.detach(), torch.ones(4), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("saved_with,resumed_with", [(a, b) for a in sorted(IMPLS) for b in sorted(IMPLS) if a != b])
+def test_adamw_state_dict_resumes_on_another_path(tmp_path, saved_with, resumed_with):
+    # One state dict format on every path ("step" an int, "m", "v"): a checkpoint written with one resumes with any
+    # other (train.py writes with fused=True; `--plain` resumes with the loop), and the resumed optimizer keeps its
+    # own path, not the checkpoint's.
+    kw = dict(lr=1e-2, weight_decay=0.1)
+    uninterrupted, _ = run(lambda p: AdamW(p, **IMPLS[saved_with], **kw), steps=20)
+    params, loss_fn = make_problem()
+    opt = AdamW(params, **IMPLS[saved_with], **kw)
+    for step in range(10):
+        opt.zero_grad()
+        loss_fn(params, step).backward()
+        opt.step()
+    saved = opt.state_dict()
+    assert sorted(saved["state"][0]) == ["m", "step", "v"] and type(saved["state"][0]["step"]) is int
+    torch.save(saved, tmp_path / "opt.pt")
+    opt2 = AdamW(params, **IMPLS[resumed_with], **kw)
+    opt2.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    assert opt2.param_groups[0]["fused"] == (resumed_with == "fused")
+    assert opt2.param_groups[0]["foreach"] == (resumed_with == "foreach")
+    for step in range(10, 20):
+        opt2.zero_grad()
+        loss_fn(params, step).backward()
+        opt2.step()
+    assert opt2.state_dict()["state"][0]["step"] == 20
+    for a, b in zip(params, uninterrupted):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
+
+
 def test_adamw_loads_a_state_dict_saved_before_the_fused_path():
-    # optimizer state in checkpoints written before fused=True existed has no "fused" key in its groups
+    # optimizer state in checkpoints written before fused=True existed has no "fused" key in its groups; it loads,
+    # and the optimizer keeps the path it was built with (here the plain loop, though the checkpoint's was foreach)
     params, loss_fn = make_problem()
     opt = AdamW(params, foreach=True)
     loss_fn(params, 0).backward()
@@ -223,8 +345,10 @@ def test_adamw_loads_a_state_dict_saved_before_the_fused_path():
         del group["fused"]
     opt2 = AdamW(params)
     opt2.load_state_dict(old)
-    assert [g["fused"] for g in opt2.param_groups] == [False] and opt2.param_groups[0]["foreach"]
-    opt2.step()  # runs the saved group's path (foreach)
+    assert [(g["foreach"], g["fused"]) for g in opt2.param_groups] == [(False, False)]
+    assert opt2.state[params[0]]["step"] == 1
+    opt2.step()
+    assert opt2.state[params[0]]["step"] == 2
 
 
 def test_adamw_rejects_bad_hyperparameters():
@@ -301,25 +425,54 @@ def test_clip_grad_norm_matches_torch(max_norm):
         assert new_norm == pytest.approx(total, rel=1e-6)
 
 
+@pytest.mark.parametrize("max_norm", [0.5, 1e3], ids=["clipped", "untouched"])
+def test_clip_grad_norm_equals_clip_divisor_applied(max_norm):
+    # The readable clipping (one sum of squares, a factor) and lib/fused_optim.clip_divisor's (‖g‖, d) (foreach
+    # norms, a divisor): the same norm, and gradients scaled by the factor == gradients divided by d.
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 4)), torch.nn.Parameter(torch.randn(7)),
+              torch.nn.Parameter(torch.randn(3))]
+    for p in params[:2]:
+        p.grad = torch.randn_like(p) * 3
+    norm, d = clip_divisor(params, max_norm)
+    divided = [p.grad / d for p in params[:2]]
+    total = clip_grad_norm(params, max_norm)
+    torch.testing.assert_close(total, norm, atol=0, rtol=1e-6)
+    assert (d.item() > 1) == (max_norm == 0.5)
+    for p, g in zip(params[:2], divided):
+        torch.testing.assert_close(p.grad, g)
+    assert params[2].grad is None
+    assert clip_grad_norm([torch.nn.Parameter(torch.ones(2))], 1.0).item() == 0.0  # no gradients: nothing to clip
+
+
 @pytest.mark.parametrize("impl", sorted(IMPLS))
 def test_clipping_as_grad_divisor_equals_clip_then_step(impl):
-    # train.py hands clip_divisor's d to AdamW.step(grad_divisor=d) instead of clip_grad_norm + step: the fused
-    # kernel divides as it updates, the other paths divide first. The same bits either way, with the clip active.
+    # train.py hands clip_divisor's d to AdamW.step(grad_divisor=d) instead of clipping and then stepping: the fused
+    # kernel divides as it updates, the other paths divide first. The same bits as dividing by d and then stepping,
+    # with the clip active; and the same values as the readable clip_grad_norm followed by a step.
     params, loss_fn = make_problem()
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    readable = [torch.nn.Parameter(p.detach().clone()) for p in params]
     kw = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, **IMPLS[impl])
-    opt, twin_opt = AdamW(params, **kw), AdamW(twins, **kw)
+    opt, twin_opt, readable_opt = AdamW(params, **kw), AdamW(twins, **kw), AdamW(readable, **kw)
     for step in range(20):
-        for ps, o in ((params, opt), (twins, twin_opt)):
+        for ps, o in ((params, opt), (twins, twin_opt), (readable, readable_opt)):
             o.zero_grad()
             loss_fn(ps, step).backward()
         norm, d = clip_divisor(params, 0.05)
         assert d.item() == pytest.approx((norm.item() + 1e-6) / 0.05, rel=1e-6) and d.item() > 1  # clipped
         opt.step(grad_divisor=d)
-        assert clip_grad_norm(twins, 0.05).item() == norm.item()
+        twin_norm, twin_d = clip_divisor(twins, 0.05)
+        assert torch.equal(twin_norm, norm) and torch.equal(twin_d, d)
+        for p in twins:
+            p.grad.div_(twin_d)
         twin_opt.step()
         for a, b in zip(params, twins):
             assert torch.equal(a, b) and torch.equal(a.grad, b.grad)  # p.grad ends up divided in both
+        torch.testing.assert_close(clip_grad_norm(readable, 0.05), norm, atol=0, rtol=1e-6)
+        readable_opt.step()
+        for a, b in zip(params, readable):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     assert clip_divisor([torch.nn.Parameter(torch.ones(2))], 1.0) == (torch.tensor(0.0), None)  # no gradients
 
 
