@@ -163,7 +163,7 @@ class AdamW(torch.optim.Optimizer):
             m, v, t = state["m"], state["v"], state["step"]
             m.mul_(beta1).add_(g, alpha=1 - beta1)  # m ← β1 m + (1 - β1) g: the first moment
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)  # v ← β2 v + (1 - β2) g²: the second moment
-            alpha_t = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)  # α_t ← α sqrt(1 - β2^t) / (1 - β1^t): debiasing
+            alpha_t = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)  # α_t ← α √(1-β2^t) / (1-β1^t): bias correction
             p.mul_(1 - lr * wd)  # θ ← θ - α λ θ: decoupled weight decay, on θ_{t-1}
             p.addcdiv_(m, v.sqrt().add_(eps), value=-alpha_t)  # θ ← θ - α_t m / (sqrt(v) + ε): the Adam step
 
