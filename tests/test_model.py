@@ -1,14 +1,17 @@
 """Tests for model.py: every from-scratch module against its PyTorch built-in (F.linear, F.embedding, F.rms_norm,
-torch.softmax, F.scaled_dot_product_attention, F.silu) or an independent implementation (RoPE via complex numbers);
-the whole model's state-dict keys, parameter count formula, causality, fused-vs-manual attention (outputs and
-gradients), the KV cache (cached logits == full-sequence logits, both attention paths, any chunking), every
-ablation's parameters and keys, input checks, and a tiny model overfitting one batch.
+torch.softmax, F.scaled_dot_product_attention, F.silu) or an independent implementation (RoPE via complex numbers),
+on the plain path and the fast one (fast=True, lib/kernels.py; tests/test_kernels.py holds the two equal); the
+whole model's state-dict keys, parameter count formula, causality, fused-vs-manual attention (outputs and
+gradients), the KV cache (cached logits == full-sequence logits, every attention path, any chunking), every
+ablation's parameters and keys, input checks, a tiny model overfitting one batch, and the handout's rule on
+model.py's and optim.py's own text (no torch.nn.functional, no torch.optim but Optimizer, no private torch._ ops).
 
     python -m pytest tests/test_model.py            # these tests (all fast)
     python -m pytest -m slow                       # the slow end-to-end checks of the whole suite
 """
 import dataclasses
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from model import (PRESETS, CausalMultiHeadSelfAttention, Embedding, KVCache, Linear, ModelConfig, RMSNorm,
-                   RotaryPositionalEmbedding, SiLUFFN, SwiGLU, TransformerBlock, TransformerLM, _SwiGLUGate,
-                   causal_mask, fused_attention, scaled_dot_product_attention, silu, softmax)
+                   RotaryPositionalEmbedding, SiLUFFN, SwiGLU, TransformerBlock, TransformerLM, causal_mask,
+                   scaled_dot_product_attention, silu, softmax)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # A small but complete config: every code path (RoPE, several heads, several layers) at test speed.
 SMALL = dict(vocab_size=97, context_length=32, d_model=32, num_layers=2, num_heads=4, d_ff=48, rope_theta=10_000.0)
@@ -69,28 +74,30 @@ def test_linear_matches_f_linear_and_init():
     assert not any(name.endswith("bias") for name, _ in lin.named_parameters())
 
 
-def test_embedding_matches_f_embedding_and_init():
+@pytest.mark.parametrize("fast", [False, True])
+def test_embedding_matches_f_embedding_and_init(fast):
     torch.manual_seed(0)
-    emb = Embedding(1000, 64)
+    emb = Embedding(1000, 64, fast=fast)
     ids = torch.randint(0, 1000, (3, 7))
     torch.testing.assert_close(emb(ids), F.embedding(ids, emb.weight))
     assert emb(ids).shape == (3, 7, 64)
-    # the gradient (index_select's index_add_) equals plain indexing's, repeated ids summed
+    # the gradient equals F.embedding's, repeated ids summed
     ids = torch.tensor([[5, 5, 9], [5, 0, 9]])
     dy = torch.randn(2, 3, 64, dtype=torch.float64)
-    emb64 = Embedding(1000, 64, dtype=torch.float64)
+    emb64 = Embedding(1000, 64, dtype=torch.float64, fast=fast)
     weight = emb64.weight
     grad, = torch.autograd.grad(emb64(ids), weight, dy)
-    ref, = torch.autograd.grad(weight[ids], weight, dy)
+    ref, = torch.autograd.grad(F.embedding(ids, weight), weight, dy)
     torch.testing.assert_close(grad, ref)
     assert torch.equal(grad[5], dy[0, 0] + dy[0, 1] + dy[1, 0])
     assert emb.weight.abs().max().item() <= 3.0
     assert abs(emb.weight.std().item() - 0.9866) < 0.02
 
 
-def test_rmsnorm_matches_torch_and_upcasts():
+@pytest.mark.parametrize("fast", [False, True])
+def test_rmsnorm_matches_torch_and_upcasts(fast):
     torch.manual_seed(0)
-    norm = RMSNorm(64, eps=1e-5)
+    norm = RMSNorm(64, eps=1e-5, fast=fast)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(64))
     x = torch.randn(2, 5, 64) * 3
@@ -103,66 +110,20 @@ def test_rmsnorm_matches_torch_and_upcasts():
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 64), (7, 64), "transposed"])
-def test_rmsnorm_hand_written_backward_equals_autograd_of_the_reference(shape):
-    # forward runs _RMSNormFunction (its gradient written out); reference is the formula autograd differentiates.
-    torch.manual_seed(0)
-    norm = RMSNorm(64).double()
-    with torch.no_grad():
-        norm.weight.copy_(torch.randn(64))
-    if shape == "transposed":  # a non-contiguous input (backward flattens its rows with reshape, not view)
-        x = (torch.randn(5, 2, 64, dtype=torch.float64) * 3).transpose(0, 1).requires_grad_()
-        shape = x.shape
-    else:
-        x = (torch.randn(*shape, dtype=torch.float64) * 3).requires_grad_()
-    dy = torch.randn(*shape, dtype=torch.float64)
-    fast = torch.autograd.grad(norm(x), (x, norm.weight), dy)
-    ref = torch.autograd.grad(norm.reference(x), (x, norm.weight), dy)
-    torch.testing.assert_close(fast, ref)
-    assert torch.autograd.gradcheck(norm, (x,))  # and against finite differences
-    # bf16 in (autocast's case): the gradient comes back in bf16, the fp32 one rounded.
-    norm = norm.float()
-    xb = x.detach().bfloat16().requires_grad_()
-    x32 = xb.detach().float().requires_grad_()
-    grad_bf16, = torch.autograd.grad(norm(xb), xb, dy.bfloat16())
-    grad_fp32, = torch.autograd.grad(norm.reference(x32), x32, dy.bfloat16().float())
-    assert grad_bf16.dtype == torch.bfloat16
-    torch.testing.assert_close(grad_bf16, grad_fp32.bfloat16(), atol=1e-2, rtol=1e-2)
-
-
-def test_silu_and_ffns_match_reference_formulas():
+@pytest.mark.parametrize("fast", [False, True])
+def test_silu_and_ffns_match_reference_formulas(fast):
     torch.manual_seed(0)
     x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
-    torch.testing.assert_close(silu(x), F.silu(x))  # our definition is the fused kernel the FFNs call
+    torch.testing.assert_close(silu(x), F.silu(x))  # our definition is torch's fused kernel (the fast FFNs call it)
     torch.testing.assert_close(torch.autograd.grad(silu(x).sum(), x)[0], torch.autograd.grad(F.silu(x).sum(), x)[0])
     x = x.detach().float()
-    ffn = SwiGLU(16, 40)
+    ffn = SwiGLU(16, 40, fast=fast)
     assert (ffn.w1.weight.shape, ffn.w2.weight.shape, ffn.w3.weight.shape) == ((40, 16), (16, 40), (40, 16))
     ref = F.linear(F.silu(F.linear(x, ffn.w1.weight)) * F.linear(x, ffn.w3.weight), ffn.w2.weight)
     torch.testing.assert_close(ffn(x), ref)
-    plain = SiLUFFN(16, 64)
+    plain = SiLUFFN(16, 64, fast=fast)
     assert not hasattr(plain, "w3")
     torch.testing.assert_close(plain(x), F.linear(F.silu(F.linear(x, plain.w1.weight)), plain.w2.weight))
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_swiglu_gate_hand_written_backward_equals_autograd_of_the_product(dtype):
-    # SwiGLU runs _SwiGLUGate (SiLU(a) ⊙ b, gradient written out, SiLU(a) recomputed): against `F.silu(a) * b`.
-    torch.manual_seed(0)
-    a = (torch.randn(3, 7, 40, dtype=dtype) * 3).requires_grad_()
-    b = torch.randn(3, 7, 40, dtype=dtype).requires_grad_()
-    dh = torch.randn(3, 7, 40, dtype=dtype)
-    fast = _SwiGLUGate.apply(a, b)
-    ref = F.silu(a) * b
-    assert fast.dtype == dtype
-    torch.testing.assert_close(fast, ref, atol=0, rtol=0)  # the same two kernels, so the same bits
-    torch.testing.assert_close(torch.autograd.grad(fast, (a, b), dh), torch.autograd.grad(ref, (a, b), dh))
-    if dtype == torch.float64:
-        assert torch.autograd.gradcheck(_SwiGLUGate.apply, (a, b))  # and against finite differences
-    ffn = SwiGLU(16, 40).to(dtype)  # the module takes this path and matches the readable formula
-    x = torch.randn(2, 5, 16, dtype=dtype)
-    ref = F.linear(F.silu(F.linear(x, ffn.w1.weight)) * F.linear(x, ffn.w3.weight), ffn.w2.weight)
-    torch.testing.assert_close(ffn(x), ref, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("scale", [1.0, 1e4])
@@ -173,48 +134,6 @@ def test_softmax_matches_torch_including_large_inputs(scale):
         out = softmax(x, dim)
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out, torch.softmax(x, dim))
-
-
-@pytest.mark.parametrize("head_dim", [32, 128])
-def test_fused_attention_computes_16_bit_cpu_attention_in_fp32_up_to_head_dim_64(head_dim):
-    # model.fused_attention: on CPU in bf16 with head dim <= 64, F.sdpa on the fp32 inputs rounded back (torch's
-    # 16-bit CPU kernel is slower there); at 128 the bf16 kernel itself. Gradients come back in bf16 either way.
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 16, head_dim).bfloat16().requires_grad_() for _ in range(3))
-    out = fused_attention(q, k, v, is_causal=True)
-    fp32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).bfloat16()
-    bf16 = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, fp32 if head_dim <= 64 else bf16, atol=0, rtol=0)
-    torch.testing.assert_close(out, bf16, atol=2e-2, rtol=2e-2)  # the same attention, up to bf16 rounding
-    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
-    assert all(g.dtype == torch.bfloat16 for g in grads)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # inside autocast too (which would cast fp32 inputs back)
-        torch.testing.assert_close(fused_attention(q, k, v, is_causal=True), out, atol=0, rtol=0)
-    x = torch.randn(2, 3, 16, head_dim)  # fp32: torch's kernel, untouched
-    torch.testing.assert_close(fused_attention(x, x, x), F.scaled_dot_product_attention(x, x, x),
-                               atol=0, rtol=0)
-
-
-def test_attention_hands_rope_output_to_fp32_attention_unrounded(monkeypatch):
-    # Under CPU bf16 autocast with head dim <= 64 fused_attention computes in fp32, so RoPE passes q and k on in
-    # fp32 instead of rounding them to bf16 for attention to cast back: the result is that computation, exactly.
-    torch.manual_seed(0)
-    B, T, C, H = 2, 16, 32, 2
-    attn, x = CausalMultiHeadSelfAttention(C, H, T, 10_000.0), torch.randn(B, T, C)
-    sdpa, seen = F.scaled_dot_product_attention, []
-    monkeypatch.setattr(F, "scaled_dot_product_attention",
-                        lambda q, k, v, **kw: seen.append((q.dtype, k.dtype, v.dtype)) or sdpa(q, k, v, **kw))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = attn(x)
-        q, k, v = (proj(x).view(B, T, H, C // H) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))  # bf16
-    assert seen == [(torch.float32,) * 3]
-    positions = torch.arange(T)[:, None]
-    q, k = attn.rope(q.float(), positions), attn.rope(k.float(), positions)  # fp32 in, fp32 out: never rounded
-    by_hand = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.float().transpose(1, 2), is_causal=True).bfloat16()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        by_hand = attn.output_proj(by_hand.transpose(1, 2).reshape(B, T, C))
-    torch.testing.assert_close(out, by_hand, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("leading", [(6,), (2, 3)], ids=["3-D", "4-D"])
@@ -240,10 +159,11 @@ def test_causal_mask_alignment():
     assert causal_mask(2, 5).tolist() == [[True, True, True, True, False], [True] * 5]
 
 
-def test_rope_matches_complex_rotation():
+@pytest.mark.parametrize("fast", [False, True])
+def test_rope_matches_complex_rotation(fast):
     torch.manual_seed(0)
     theta, D, max_len = 10_000.0, 16, 64
-    rope = RotaryPositionalEmbedding(theta, D, max_len)
+    rope = RotaryPositionalEmbedding(theta, D, max_len, fast=fast)
     x = torch.randn(2, 3, 10, D)
     pos = torch.randint(0, max_len, (10,))
     # Independent implementation: pair (x[2k], x[2k+1]) is the complex number x[2k] + i x[2k+1], rotated by
@@ -263,28 +183,13 @@ def test_rope_matches_complex_rotation():
     assert "cos" not in rope.state_dict() and len(rope.state_dict()) == 0  # non-persistent cache
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_complex_fast_path_equals_the_readable_reference(monkeypatch, dtype):
-    # Eager forward runs _rotate_complex; under torch.compile the cos/sin lines run. Same values and gradients.
+@pytest.mark.parametrize("attn_impl", ["sdpa", "manual"])
+def test_attention_fused_equals_manual_outputs_and_grads(attn_impl):
+    # fast=True with attn_impl="sdpa" runs the fused kernel (and "manual" the chapter's attention after the fast
+    # RoPE); the plain path (fast=False) always runs the chapter's scaled_dot_product_attention.
     torch.manual_seed(0)
-    rope = RotaryPositionalEmbedding(10_000.0, 16, 64)
-    x = torch.randn(2, 10, 3, 16).to(dtype).requires_grad_()
-    pos = torch.randint(0, 64, (10, 1))  # (T, 1): broadcast over the heads, as the attention passes them
-    fast = rope(x, pos)
-    fast_grad, = torch.autograd.grad((fast.float() ** 2).sum(), x)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    ref = rope(x, pos)
-    ref_grad, = torch.autograd.grad((ref.float() ** 2).sum(), x)
-    assert fast.dtype == ref.dtype == dtype
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(fast, ref, **tol)
-    torch.testing.assert_close(fast_grad, ref_grad, **tol)
-
-
-def test_attention_fused_equals_manual_outputs_and_grads():
-    torch.manual_seed(0)
-    fused = CausalMultiHeadSelfAttention(32, 4, max_seq_len=16, theta=10_000.0, attn_impl="sdpa")
-    manual = CausalMultiHeadSelfAttention(32, 4, max_seq_len=16, theta=10_000.0, attn_impl="manual")
+    fused = CausalMultiHeadSelfAttention(32, 4, max_seq_len=16, theta=10_000.0, attn_impl=attn_impl, fast=True)
+    manual = CausalMultiHeadSelfAttention(32, 4, max_seq_len=16, theta=10_000.0, attn_impl="sdpa")
     manual.load_state_dict(fused.state_dict())
     x = torch.randn(3, 16, 32, requires_grad=True)
     out_f, out_m = fused(x), manual(x)
@@ -359,9 +264,12 @@ def test_logits_shape_dtype_and_init_loss():
     assert abs(loss.item() - math.log(97)) < 0.5
 
 
-@pytest.mark.parametrize("attn_impl", ["sdpa", "manual"])
-def test_causality(attn_impl):
-    lm = small_lm(attn_impl=attn_impl)
+PATHS = {"plain": dict(), "fast-sdpa": dict(fast=True), "fast-manual": dict(fast=True, attn_impl="manual")}
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_causality(path):
+    lm = small_lm(**PATHS[path])
     ids = torch.randint(0, 97, (2, 20))
     t = 11
     changed = ids.clone()
@@ -372,7 +280,7 @@ def test_causality(attn_impl):
 
 
 def test_fused_and_manual_models_agree_outputs_and_grads():
-    fused = small_lm(attn_impl="sdpa")
+    fused = small_lm(attn_impl="sdpa", fast=True)
     manual = small_lm(attn_impl="manual")
     manual.load_state_dict(fused.state_dict())
     ids = torch.randint(0, 97, (2, 32))
@@ -506,12 +414,12 @@ def test_tied_embeddings_share_one_tensor():
 # KV cache
 
 
-@pytest.mark.parametrize("attn_impl", ["sdpa", "manual"])
+@pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("chunks", [[1] * 12, [5, 1, 1, 1, 4], [3, 4, 5], [12]],
                          ids=["one-by-one", "prefill-then-steps", "multi-token-prefills", "single-prefill"])
 @pytest.mark.parametrize("position", ["rope", "nope"])
-def test_kv_cache_logits_equal_full_sequence(attn_impl, chunks, position):
-    lm = small_lm(attn_impl=attn_impl, position=position)
+def test_kv_cache_logits_equal_full_sequence(path, chunks, position):
+    lm = small_lm(**PATHS[path], position=position)
     ids = torch.randint(0, 97, (2, sum(chunks)))
     full = lm(ids)
     cache, start, outs = KVCache(), 0, []
@@ -558,8 +466,9 @@ def test_tiny_model_overfits_one_batch():
     assert loss.item() < 0.1, f"loss {loss.item():.3f} after {step} steps"
 
 
-def test_bf16_autocast_forward_backward():
-    lm = small_lm()
+@pytest.mark.parametrize("fast", [False, True])
+def test_bf16_autocast_forward_backward(fast):
+    lm = small_lm(fast=fast)
     ids = torch.randint(0, 97, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = lm(ids)
@@ -606,7 +515,46 @@ def test_with_overrides_replaces_given_fields_and_owns_the_silu_rule():
     ("optim.py", ["--steps", "0"], "--steps must be positive"),
 ])
 def test_model_and_optim_cli_errors_are_one_line_exit_2(script, argv, message):
-    root = Path(__file__).resolve().parent.parent
-    done = subprocess.run([sys.executable, str(root / script), *argv], capture_output=True, text=True, cwd=root)
+    done = subprocess.run([sys.executable, str(ROOT / script), *argv], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"{script}: error: ") and message in done.stderr
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The handout's rule (§1, "What you can use"), on the chapters' own text
+
+
+# What model.py and optim.py may not say: torch.nn.functional (imported or as `F.`), any torch.optim but the
+# Optimizer base class, a private torch._ op. The speed layer that needs them lives in lib/.
+FORBIDDEN = {"torch.nn.functional": re.compile(r"torch\.nn\.functional|\bnn\.functional\b|import\b.*\bfunctional\b"),
+             "F. (torch.nn.functional)": re.compile(r"(?<![\w.])F\.\w"),
+             "torch.optim other than torch.optim.Optimizer": re.compile(r"torch\.optim(?!\.Optimizer\b)|"
+                                                                       r"from torch import\b.*\boptim\b"),
+             "a private torch._ op": re.compile(r"torch\._\w")}
+
+
+def forbidden_uses(text: str) -> list[str]:
+    """'line N: what (the line)' for every use of a name the handout's rule forbids."""
+    return [f"line {number}: {what}: {line.strip()}" for number, line in enumerate(text.splitlines(), 1)
+            for what, pattern in FORBIDDEN.items() if pattern.search(line)]
+
+
+def test_forbidden_uses_finds_each_forbidden_name():
+    for bad in ("import torch.nn.functional as F", "y = F.silu(x)", "y = (F.gelu(x))",
+                "from torch.nn import functional", "torch.optim.AdamW(params)", "from torch.optim import SGD",
+                "from torch import nn, optim", "torch._foreach_mul_(xs, 2)", "torch._fused_adamw_(ps)"):
+        assert forbidden_uses(bad), bad
+    for fine in ("class AdamW(torch.optim.Optimizer):", "nn.Parameter(w)", "d_ff = F", "torch.utils.checkpoint",
+                 "nn.init.trunc_normal_(w)", "FFN(x) = W2 SiLU(W1 x)"):
+        assert not forbidden_uses(fine), fine
+
+
+def test_model_py_obeys_the_handouts_rule_in_its_own_text():
+    found = forbidden_uses((ROOT / "model.py").read_text(encoding="utf-8"))
+    assert not found, "model.py uses what the handout's rule forbids (move it to lib/kernels.py):\n" + "\n".join(found)
+
+
+def test_optim_py_obeys_the_handouts_rule_in_its_own_text():
+    found = forbidden_uses((ROOT / "optim.py").read_text(encoding="utf-8"))
+    assert not found, ("optim.py uses what the handout's rule forbids (issue 31: optim.py's owner moves it to "
+                       "lib/fused_optim.py):\n" + "\n".join(found))
