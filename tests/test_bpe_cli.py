@@ -23,6 +23,7 @@ import pytest
 
 import bpe
 from conftest import FailingFile
+from lib import datasets
 from test_faults_bpe import FAULTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -176,7 +177,7 @@ def test_prepare_resumes_a_cut_off_download(tmp_path, server):
 
 def test_prepare_owt_gzipped_via_env(tmp_path, server):
     srv, url = server
-    env = {**os.environ, bpe.BASE_URL_ENV: url}
+    env = {**os.environ, datasets.BASE_URL_ENV: url}
     r = run("prepare", "owt", "--out", tmp_path / "owt", "--vocab-size", 300, env=env)
     assert r.returncode == 0, r.stderr
     check_prepared(tmp_path / "owt", corpus(3, 200), corpus(4))
@@ -205,9 +206,9 @@ def test_prepare_resumes_a_download_stopped_by_a_write_fault(tmp_path, server, m
     (it is how the download resumes); the next run asks only for the rest and ends with the whole file."""
     srv, url = server
     name = "TinyStoriesV2-GPT4-train.txt"
-    monkeypatch.setattr(bpe, "DOWNLOAD_BLOCK", 4096)  # several writes, so some bytes are in before the fault
-    real_open_part = bpe._open_part
-    monkeypatch.setattr(bpe, "_open_part", lambda part, append: FailingFile(real_open_part(part, append), 10_000, err))
+    monkeypatch.setattr(datasets, "DOWNLOAD_BLOCK", 4096)  # several writes, so some bytes are in before the fault
+    real_open_part = datasets._open_part
+    monkeypatch.setattr(datasets, "_open_part", lambda part, append: FailingFile(real_open_part(part, append), 10_000, err))
     out = tmp_path / "ts"
     rc, stderr = prepare_in_process(out, url, capsys)
     part = out / (name + ".part")
@@ -218,7 +219,7 @@ def test_prepare_resumes_a_download_stopped_by_a_write_fault(tmp_path, server, m
     have = part.stat().st_size
     assert 0 < have < len(srv.files[name]) and part.read_bytes() == srv.files[name][:have]
 
-    monkeypatch.setattr(bpe, "_open_part", real_open_part)  # the disk has room again
+    monkeypatch.setattr(datasets, "_open_part", real_open_part)  # the disk has room again
     rc, stderr = prepare_in_process(out, url, capsys)
     assert rc == 0, stderr
     assert srv.ranges == [f"bytes={have}-"]  # resumed where it stopped

@@ -1,7 +1,7 @@
-"""Faults while bpe.py writes its files: a write that fails part-way, on a full disk (ENOSPC) or a failing one (EIO),
+"""Faults while bpe.py and lib/datasets.py write their files: a write that fails part-way, on a full disk (ENOSPC) or a failing one (EIO),
 never leaves a torn file or a temporary behind, and never costs the file that was there before.
 
-- The .npy of encode_file is written in one pass (header with a placeholder length, the ids, the header again) and
+- The .npy of datasets.encode_file is written in one pass (header with a placeholder length, the ids, the header again) and
   is byte for byte what np.save writes, uint16 and uint32, with 1 or 2 workers; np.load(mmap_mode="r") maps it.
 - encode_file and `bpe.py encode` with a write failing after N bytes (cli.open_for_write replaced by the fail_writes
   fixture below): one line `bpe.py: error: cannot write OUT.npy: CAUSE`, exit code 1 (cli.EXIT_ENVIRONMENT), no *.tmp,
@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 import bpe
-from lib import cli
+from lib import cli, datasets, fast_bpe
 
 EOT = "<|endoftext|>"
 FAULTS = [(errno.ENOSPC, "no space left on device"), (errno.EIO, "input/output error")]
@@ -56,13 +56,13 @@ def tok_dir(tmp_path_factory) -> Path:
     words = ["the", "cat", "sat", "on", "mat", "über", "日本", "it's", "ran"]
     (d / "corpus.txt").write_text(EOT.join(" ".join(rng.choice(words) for _ in range(30)) + ".\n" for _ in range(40)),
                                   encoding="utf-8")
-    bpe.Tokenizer(*bpe.train_bpe(d / "corpus.txt", 300, [EOT], num_workers=1), [EOT]).save_dir(d)
+    bpe.Tokenizer(*bpe.train_bpe(d / "corpus.txt", 300, [EOT], fast=True, num_workers=1), [EOT]).save_dir(d)
     return d
 
 
 @pytest.fixture(scope="module")
 def tok(tok_dir) -> bpe.Tokenizer:
-    return bpe.Tokenizer.from_dir(tok_dir)
+    return bpe.Tokenizer.from_dir(tok_dir, fast=True)  # as `bpe.py encode` loads it
 
 
 def text_of(n_lines: int, seed=1) -> str:
@@ -75,7 +75,7 @@ def text_of(n_lines: int, seed=1) -> str:
 @pytest.fixture
 def src(tmp_path, monkeypatch):
     """A ~25 kB text cut into 1 kB pieces, so the ids go out in many writes."""
-    monkeypatch.setattr(bpe, "PIECE_BYTES", 1000)
+    monkeypatch.setattr(fast_bpe, "PIECE_BYTES", 1000)
     path = tmp_path / "in.txt"
     path.write_text(text_of(400), encoding="utf-8")
     return path
@@ -102,10 +102,11 @@ def assert_old_npy_intact(path):
 @pytest.mark.parametrize("big_vocab", [False, True], ids=["uint16", "uint32"])
 def test_one_pass_npy_equals_np_save(tmp_path, tok, src, workers, big_vocab):
     if big_vocab:  # 70,000 tokens: ids need uint32
-        tok = bpe.Tokenizer(tok.vocab | {i: b"tok%d" % i for i in range(len(tok.vocab), 70_000)}, tok.merges, [EOT])
+        tok = bpe.Tokenizer(tok.vocab | {i: b"tok%d" % i for i in range(len(tok.vocab), 70_000)}, tok.merges, [EOT],
+                            fast=True)
     dtype = np.uint32 if big_vocab else np.uint16
     out = tmp_path / "out.npy"
-    n = bpe.encode_file(tok, src, out, num_workers=workers)
+    n = datasets.encode_file(tok, src, out, num_workers=workers)
     expected = io.BytesIO()
     np.save(expected, np.array(tok.encode(src.read_text(encoding="utf-8")), dtype=dtype))
     assert out.read_bytes() == expected.getvalue()  # header and ids, byte for byte
@@ -116,7 +117,7 @@ def test_one_pass_npy_equals_np_save(tmp_path, tok, src, workers, big_vocab):
 
 def test_npy_header_length_does_not_depend_on_the_length():
     for dtype in (np.uint16, np.uint32):
-        lengths = {len(bpe._npy_header(dtype, n)) for n in (0, 7, 10**9, bpe.MAX_TOKENS)}
+        lengths = {len(datasets._npy_header(dtype, n)) for n in (0, 7, 10**9, datasets.MAX_TOKENS)}
         assert lengths == {128}  # a multiple of 64, as the format asks
 
 
@@ -129,7 +130,7 @@ def test_npy_header_length_does_not_depend_on_the_length():
 def test_encode_file_write_fault(tok, src, old_npy, fail_writes, err, cause, workers):
     broken = fail_writes(err, after_bytes=5_000, name_contains="out.npy")
     with pytest.raises(cli.WriteFault, match=f"^cannot write {re.escape(str(old_npy))}: {cause}$"):
-        bpe.encode_file(tok, src, old_npy, num_workers=workers)
+        datasets.encode_file(tok, src, old_npy, num_workers=workers)
     assert broken == [old_npy.with_name("out.npy.tmp")]  # one file written: the .npy, not a raw copy first
     assert_old_npy_intact(old_npy)
 
@@ -156,7 +157,7 @@ def test_encode_output_dir_vanishes(tok, src, tmp_path, monkeypatch):
 
     monkeypatch.setattr(cli, "open_for_write", remove_dir_then_open)
     with pytest.raises(cli.WriteFault, match="cannot write .*out.npy: no such file or directory"):
-        bpe.encode_file(tok, src, out_dir / "out.npy", num_workers=1)
+        datasets.encode_file(tok, src, out_dir / "out.npy", num_workers=1)
 
 
 def test_input_faults_are_still_bad_input(tok, tok_dir, src, old_npy, capsys, monkeypatch):
@@ -172,23 +173,23 @@ def test_input_faults_are_still_bad_input(tok, tok_dir, src, old_npy, capsys, mo
     assert_old_npy_intact(old_npy)
 
     src.write_bytes(data)
-    real_bounds = bpe.find_piece_boundaries
+    real_bounds = fast_bpe.find_piece_boundaries
 
     def bounds_then_delete(path, *args):
         bounds = real_bounds(path, *args)
         Path(path).unlink()
         return bounds
 
-    monkeypatch.setattr(bpe, "find_piece_boundaries", bounds_then_delete)
+    monkeypatch.setattr(fast_bpe, "find_piece_boundaries", bounds_then_delete)
     with pytest.raises(cli.BadInputError, match=f"cannot read {re.escape(str(src))}: no such file or directory"):
-        bpe.encode_file(tok, src, old_npy, num_workers=1)
+        datasets.encode_file(tok, src, old_npy, num_workers=1)
     assert_old_npy_intact(old_npy)
 
 
 def test_corrupt_gzip_is_bad_input_not_a_write_fault(tmp_path):
     (tmp_path / "x.gz").write_bytes(b"not gzip at all")
     with pytest.raises(cli.BadInputError, match="x.gz is not a complete gzip file"):
-        bpe.gunzip(tmp_path / "x.gz", tmp_path / "x.txt")
+        datasets.gunzip(tmp_path / "x.gz", tmp_path / "x.txt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.gz"]
 
 
