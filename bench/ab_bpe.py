@@ -1,16 +1,19 @@
-"""Benchmark: the BPE merge loop of two versions of bpe.py, alternated run by run in one process (an A/B test).
+"""Benchmark: the fast BPE merge loop of two versions, alternated run by run in one process (an A/B test).
 
 The reason is ab_model.py's: on a noisy machine separate runs differ by 5-10% (the 32K merge loop on kernel-docs took
 2.8-4.1 s from run to run on one idle VM), so a change of a few percent only shows when both versions run under the
-same drift. Both versions merge the same words: the corpus's pre-token counts, computed once (by the new version).
+same drift. Both versions merge the same words: the corpus's pre-token counts, computed once (by this tree's
+lib/fast_bpe.py). A version is a file that has the fast merge loop (bpe_merges, _byte_words' words) and gc_paused:
+lib/fast_bpe.py, or bpe.py from before the loop moved there (a86aed4 and earlier).
 Each round runs bpe_merges of each version on a fresh copy of the words, the order swapped every round; the times
 are this process's CPU seconds. Reported: the paired ratio (the median over rounds of new / old) and the ratio of
 the two fastest runs. The two versions must produce the same merges. Run it with one file twice (an A/A test) to
 see the noise floor.
 
-    git show HEAD:bpe.py > /tmp/bpe_old.py
-    python bench/ab_bpe.py /tmp/bpe_old.py bpe.py                            # kernel-docs, vocab 32K, 10 rounds
-    python bench/ab_bpe.py /tmp/bpe_old.py bpe.py --vocab-size 10000 --rounds 6
+    git show HEAD:lib/fast_bpe.py > /tmp/fast_bpe_old.py
+    python bench/ab_bpe.py /tmp/fast_bpe_old.py lib/fast_bpe.py               # kernel-docs, vocab 32K, 10 rounds
+    git show a86aed4:bpe.py > /tmp/bpe_a86aed4.py                             # the loop before it moved to lib/
+    python bench/ab_bpe.py /tmp/bpe_a86aed4.py lib/fast_bpe.py --vocab-size 10000 --rounds 6
 
 Pre-tokenising is not in the timed part: it is the same code in both unless the change is there (then time
 train_bpe with bench_bpe.py instead).
@@ -24,8 +27,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]  # the repo root (cli.py, accounting.py) and bench/ (ab_model.py)
 
+import bpe  # noqa: E402
 from ab_model import load_module  # noqa: E402
-from accounting import machine_line  # noqa: E402
+from lib import fast_bpe  # noqa: E402
+from lib.measure import machine_line  # noqa: E402
 from lib.cli import OneLineParser  # noqa: E402
 
 EOT = "<|endoftext|>"
@@ -41,9 +46,9 @@ def timed_merges(module, words: list[str], freqs: list[int], num_merges: int) ->
 
 
 def main(argv=None) -> None:
-    parser = OneLineParser(description="The BPE merge loop of two bpe.py versions, alternated (A/B).")
-    parser.add_argument("old", help="path of the baseline bpe.py")
-    parser.add_argument("new", help="path of the changed bpe.py")
+    parser = OneLineParser(description="The fast BPE merge loop of two versions, alternated (A/B).")
+    parser.add_argument("old", help="path of the baseline (a lib/fast_bpe.py, or a bpe.py up to a86aed4)")
+    parser.add_argument("new", help="path of the changed version (e.g. lib/fast_bpe.py)")
     shared = Path(os.environ.get("CS336_SHARED", HERE.parent.parent / "shared"))
     parser.add_argument("--corpus", type=Path, default=shared / "data" / "kernel-docs-train.txt",
                         help="UTF-8 text with <|endoftext|> between documents (default: ../shared's kernel-docs)")
@@ -54,14 +59,14 @@ def main(argv=None) -> None:
         parser.error("--rounds must be >= 1 and --vocab-size > 257 (256 bytes + the special token)")
     for path in (args.old, args.new):
         if not Path(path).is_file():
-            parser.error(f"{path} is not a file; pass the paths of two bpe.py versions")
+            parser.error(f"{path} is not a file; pass the paths of two versions (lib/fast_bpe.py or an old bpe.py)")
     if not args.corpus.is_file():
         parser.error(f"{args.corpus} is not a file; pass --corpus, or put ../shared beside the repository")
 
     modules = {"old": load_module(args.old, "bpe_old"), "new": load_module(args.new, "bpe_new")}
-    with modules["new"].gc_paused():
-        counts = modules["new"].count_pretokens_file(args.corpus, [EOT])
-    words, freqs = modules["new"]._byte_words(counts)
+    with fast_bpe.gc_paused():
+        counts = fast_bpe.count_pretokens_file(args.corpus, [EOT], bpe.PRETOKEN_RE, bpe.special_pattern([EOT]))
+    words, freqs = fast_bpe._byte_words(counts)
     num_merges = args.vocab_size - 256 - 1
     print(f"{args.corpus.name}: {len(words):,} words, {num_merges:,} merges, {args.rounds} rounds", file=sys.stderr)
 

@@ -1,19 +1,21 @@
 """Benchmark bpe.py against the reference libraries, side by side in one run (issues 2 and 14's performance targets).
 
-Training: bpe.train_bpe vs Hugging Face `tokenizers` (BpeTrainer, the same GPT-2 regex split + byte-level alphabet)
+Training: bpe.train_bpe(..., fast=True) (lib/fast_bpe.py, what `bpe.py train` runs) vs Hugging Face `tokenizers` (BpeTrainer, the same GPT-2 regex split + byte-level alphabet)
 on the same file, vocab 10,000 and 32,000 with <|endoftext|>, same cores; wall time and peak RSS, each trial in a fresh
 forked process so neither inherits the other's memory. Encoding: Tokenizer.encode (one process, GPT-2 vocab, cold
-caches, then a second pass with warm ones) vs tiktoken built from the same GPT-2 files, on the first 10 MB and on the
-whole file; then `encode_file` with 1 and 2 workers.
+caches, then a second pass with warm ones; fast=True, as `bpe.py encode` runs it) vs tiktoken built from the same GPT-2
+files, on the first 10 MB and on the whole file; then lib/datasets.py's `encode_file` with 1 and 2 workers.
 Compression (bytes/token) of our 10K tokenizer and GPT-2's on the validation texts. Trials alternate and the medians
 and ratios are reported (the ratio of each pair of trials too: on a shared machine they are steadier than the times);
 the script ends with a Markdown block for BENCHMARKS.md. The scale benchmark (--synthetic) trains only, vocab 32K, on
-the ~110 MB file that bench/synth_corpus.py writes.
+the ~110 MB file that bench/synth_corpus.py writes. --readable times what the speed layer buys: bpe.py's readable
+trainer (train_bpe's default) against the fast one, one process each, on a slice of kernel-docs.
 
     python bench/bench_bpe.py                        # full run (~5 minutes on 2 cores)
     python bench/bench_bpe.py --skip-encode          # the training rows only (10K and 32K)
     python bench/bench_bpe.py --quick                # smoke run on small slices (~30 s)
     python bench/synth_corpus.py --out /tmp/synth.txt && python bench/bench_bpe.py --synthetic /tmp/synth.txt
+    python bench/bench_bpe.py --readable --readable-mb 5   # readable vs fast trainer, vocab 10K, 5 MB of kernel-docs
 """
 import argparse
 import multiprocessing
@@ -28,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import bpe  # noqa: E402
+from lib import datasets  # noqa: E402
 
 EOT = bpe.END_OF_TEXT
 
@@ -55,7 +58,7 @@ def trial(fn, *args) -> tuple[float, float]:
 
 
 def train_ours(path, vocab_size, workers, out_dir=None):
-    vocab, merges = bpe.train_bpe(path, vocab_size, [EOT], num_workers=workers)
+    vocab, merges = bpe.train_bpe(path, vocab_size, [EOT], fast=True, num_workers=workers)
     if out_dir:  # the first trial keeps its tokenizer for the compression table (~0.1 s of writing)
         bpe.Tokenizer(vocab, merges, [EOT]).save_dir(out_dir)
 
@@ -146,7 +149,7 @@ def compare_encoding(name: str, text: str, enc, vocab_path, merges_path, repeats
     size = len(text.encode("utf-8")) / 1e6
     cold, warm, tik = [], [], []
     for r in range(repeats):
-        tok = bpe.Tokenizer.from_files(vocab_path, merges_path, [EOT])  # fresh: cold caches
+        tok = bpe.Tokenizer.from_files(vocab_path, merges_path, [EOT], fast=True)  # fresh: cold caches
         t0 = time.perf_counter()
         ids = tok.encode(text)
         cold.append(time.perf_counter() - t0)
@@ -163,7 +166,7 @@ def compare_encoding(name: str, text: str, enc, vocab_path, merges_path, repeats
     return name, size, (median(cold), median(warm), median(tik)), ratios
 
 
-def main():
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shared", default=os.environ.get("CS336_SHARED", ROOT.parent / "shared"), type=Path)
     ap.add_argument("--quick", action="store_true", help="small slices, one repeat: a smoke run")
@@ -176,21 +179,62 @@ def main():
     ap.add_argument("--synthetic-vocab", type=int, default=32_000)
     ap.add_argument("--skip-encode", action="store_true", help="training only: no encoding or compression rows")
     ap.add_argument("--encode-repeats", type=int, help="trials of each encoding row (default: --repeats)")
+    ap.add_argument("--readable", action="store_true",
+                    help="only readable vs fast training (train_bpe's default vs fast=True), the first vocab size")
+    ap.add_argument("--readable-mb", type=float, default=5.0, help="--readable: MB of kernel-docs-train to train on")
     args = ap.parse_args()
     if args.repeats < 1 or (args.encode_repeats is not None and args.encode_repeats < 1):
         ap.error("--repeats and --encode-repeats must be >= 1")
+    return args
+
+
+def text_slice(path: Path, mb: float, tmp: Path) -> Path:
+    """The first `mb` MB of a text file, cut at a line end (valid UTF-8), as a file in tmp."""
+    raw = path.read_bytes()[:int(mb * 2**20)]
+    out = tmp / f"{path.stem}-{mb:g}MB.txt"
+    out.write_bytes(raw[:raw.rfind(b"\n") + 1])
+    return out
+
+
+def readable_main(args):
+    """--readable: what the speed layer buys in training: bpe.py's readable incremental trainer (one process) vs
+    lib/fast_bpe.py's (one worker, then --workers), alternating fresh-process trials, on a slice of kernel-docs."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench_bpe_"))
+    path = text_slice(args.shared / "data" / "kernel-docs-train.txt", args.readable_mb, tmp)
+    vocab_size, repeats = args.vocab_sizes[0], 1 if args.quick else args.repeats
+    runs = {"readable": {}, "fast, 1 worker": dict(fast=True, num_workers=1),
+            f"fast, {args.workers} workers": dict(fast=True, num_workers=args.workers)}
+    times = {name: [] for name in runs}
+    for r in range(repeats):
+        for name, kwargs in runs.items():
+            times[name].append(trial(train_with, path, vocab_size, kwargs)[0])
+        print(f"  trial {r}: " + " | ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), file=sys.stderr)
+    size_mb = path.stat().st_size / 1e6
+    print(header(f"python bench/bench_bpe.py --readable --readable-mb {args.readable_mb:g}", repeats, args.workers))
+    readable = median(times["readable"])
+    for name, ts in times.items():
+        print(f"| train {size_mb:.1f} MB kernel-docs, vocab {vocab_size:,}, {name} | {median(ts):.2f} s | readable "
+              f"{readable:.2f} s | {median(ts) / readable:.2f}x time | - |")
+
+
+def train_with(path, vocab_size, kwargs):
+    """bpe.train_bpe with <|endoftext|> and the keywords given (fast, num_workers), for trial()."""
+    bpe.train_bpe(path, vocab_size, [EOT], **kwargs)
+
+
+def main():
+    args = parse_args()
     if args.synthetic:
         return synthetic_main(args)
-    data, fixtures = args.shared / "data", args.shared / "fixtures"
+    if args.readable:
+        return readable_main(args)
+    data = args.shared / "data"
     repeats = 1 if args.quick else args.repeats
-    train_mb, vocab_sizes, encode_mb = (3, [2000], 2) if args.quick else (None, args.vocab_sizes, 10)
+    train_mb, vocab_sizes = (3, [2000]) if args.quick else (None, args.vocab_sizes)
     tmp = Path(tempfile.mkdtemp(prefix="bench_bpe_"))
-
     train_file = data / "kernel-docs-train.txt"
-    if train_mb:  # a slice cut at a line end (valid UTF-8)
-        raw = train_file.read_bytes()[:train_mb << 20]
-        train_file = tmp / "train-slice.txt"
-        train_file.write_bytes(raw[:raw.rfind(b"\n") + 1])
+    if train_mb:
+        train_file = text_slice(train_file, train_mb, tmp)
     size_mb = train_file.stat().st_size / 1e6
     print(f"training on {train_file} ({size_mb:.1f} MB), vocab {vocab_sizes}, {args.workers} workers, "
           f"{repeats} alternating trials", file=sys.stderr)
@@ -204,8 +248,17 @@ def main():
         print(header(f"python bench/bench_bpe.py{mode} --skip-encode", repeats, args.workers))
         print("\n".join(rows))
         return
+    encoding, encode_files, compression = encoding_results(args, tmp, train_mb, repeats)
+    print(header(f"python bench/bench_bpe.py{mode}", repeats, args.workers, args.encode_repeats))
+    print("\n".join(rows))
+    print_encoding_rows(encoding, encode_files, compression, vocab_sizes[0])
 
-    # Encoding throughput, GPT-2 vocab, one process: the first 10 MB and the whole file, cold, then warm.
+
+def encoding_results(args, tmp: Path, train_mb, repeats):
+    """The encoding trials (GPT-2 vocab, one process: the first 10 MB and the whole file, cold then warm), encode_file
+    with 1 and 2 workers, and the compression of our first tokenizer (tmp/tok) and GPT-2's."""
+    data, fixtures = args.shared / "data", args.shared / "fixtures"
+    encode_mb = 2 if args.quick else 10
     gpt2_vocab, gpt2_merges = fixtures / "gpt2_vocab.json", fixtures / "gpt2_merges.txt"
     raw = (data / "kernel-docs-train.txt").read_bytes()
     text = raw[:encode_mb * 10**6].decode("utf-8", errors="ignore")
@@ -213,7 +266,6 @@ def main():
     enc = gpt2_tiktoken(gpt2_vocab)
     encoding = [compare_encoding(name, t, enc, gpt2_vocab, gpt2_merges, args.encode_repeats or repeats)
                 for name, t in ((f"first {encode_mb} MB", text), ("whole file", whole))]
-    mb = len(text.encode("utf-8")) / 1e6
 
     # encode_file with 1 and 2 workers (the CLI path), same 10 MB as a file.
     src = tmp / "encode-slice.txt"
@@ -221,35 +273,35 @@ def main():
     t_w = {1: [], 2: []}
     for r in range(repeats):
         for w in (1, 2):
-            tok = bpe.Tokenizer.from_files(gpt2_vocab, gpt2_merges, [EOT])  # fresh: cold caches
+            tok = bpe.Tokenizer.from_files(gpt2_vocab, gpt2_merges, [EOT], fast=True)  # fresh: cold caches
             t0 = time.perf_counter()
-            bpe.encode_file(tok, src, tmp / f"w{w}.npy", num_workers=w)
+            datasets.encode_file(tok, src, tmp / f"w{w}.npy", num_workers=w)
             t_w[w].append(time.perf_counter() - t0)
         print(f"  encode_file trial {r}: 1 worker {t_w[1][-1]:.2f} s | 2 workers {t_w[2][-1]:.2f} s", file=sys.stderr)
 
-    # Compression.
-    ours_tok = bpe.Tokenizer.from_dir(tmp / "tok")  # the first vocab size's
-    gpt2 = bpe.Tokenizer.from_files(gpt2_vocab, gpt2_merges, [EOT])
+    ours_tok = bpe.Tokenizer.from_dir(tmp / "tok", fast=True)  # the first vocab size's
+    gpt2 = bpe.Tokenizer.from_files(gpt2_vocab, gpt2_merges, [EOT], fast=True)
     compression = []
     for name in ("kernel-docs-valid.txt", "tinyshakespeare.txt"):
         t = (data / name).read_text(encoding="utf-8")
         n = len(t.encode("utf-8"))
         compression.append((name, n / len(ours_tok.encode(t)), n / len(gpt2.encode(t))))
+    return encoding, (len(text.encode("utf-8")) / 1e6, median(t_w[1]), median(t_w[2])), compression
 
-    w1, w2 = median(t_w[1]), median(t_w[2])
-    print(header(f"python bench/bench_bpe.py{mode}", repeats, args.workers, args.encode_repeats))
-    print("\n".join(rows))
+
+def print_encoding_rows(encoding, encode_files, compression, vocab_size):
     for name, size, (cold, warm, tik), (cold_ratios, warm_ratios) in encoding:
         trials = [", ".join(f"{x:.2f}" for x in r) for r in (cold_ratios, warm_ratios)]
         print(f"| encode {name} ({size:.1f} MB), GPT-2 vocab, 1 process, cold caches | {size / cold:.1f} MB/s | "
               f"tiktoken {size / tik:.1f} MB/s | {tik / cold:.2f}x throughput (trials {trials[0]}) | >= 0.5x |")
         print(f"| same, second pass (warm caches) | {size / warm:.1f} MB/s | tiktoken {size / tik:.1f} MB/s | "
               f"{tik / warm:.2f}x throughput (trials {trials[1]}) | >= 1.0x |")
+    mb, w1, w2 = encode_files
     print(f"""\
 | `encode_file` {mb:.0f} MB, 1 vs 2 workers | 2 workers {w2:.2f} s | 1 worker {w1:.2f} s | \
 {w1 / w2:.2f}x speed-up | > 1x |
 
-| text | bytes/token, ours {vocab_sizes[0]:,} (trained on kernel-docs-train) | bytes/token, GPT-2 50K |
+| text | bytes/token, ours {vocab_size:,} (trained on kernel-docs-train) | bytes/token, GPT-2 50K |
 |---|---|---|""")
     for name, o, g in compression:
         print(f"| {name} | {o:.2f} | {g:.2f} |")
