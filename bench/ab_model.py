@@ -9,12 +9,16 @@ changes well below the noise of separate runs. Run it with the same file twice (
     python bench/ab_model.py /tmp/model_old.py model.py                 # bench_small.py's size, 300 rounds
     python bench/ab_model.py /tmp/model_old.py model.py --preset ts17m --steps 20 [--bf16]
 
-The step is bench/bench_small.py's our_step, train.train_step's work on a fixed batch: forward, optim.cross_entropy,
-backward, optim.clip_divisor, optim.AdamW(fused=True).step(grad_divisor), zero_grad. Both models start from the
-same seed; optim.py and the rest of the repository are shared by the two versions.
+The step is bench/bench_small.py's our_step, train.train_step's work on a fixed batch: forward, optim.cross_entropy
+(fast=True), backward, lib.fused_optim.clip_divisor, optim.AdamW(fused=True).step(grad_divisor), zero_grad. Each
+model is built on its fast path: TransformerLM(..., fast=True) where the version takes the switch (issue 31's
+layout), its default where it predates it (the speed layer was the default then). Both start from the same seed;
+optim.py, lib/ and the rest of the repository are shared by the two versions. A version from before lib/ (its
+`from cli import ...`) loads too: `cli` is pointed at lib/cli.py, where that file moved.
 """
 import dataclasses
 import importlib.util
+import inspect
 import statistics
 import sys
 from pathlib import Path
@@ -27,13 +31,15 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]  # the repo root (optim.py, cli.py,
 from lib.measure import machine_line  # noqa: E402
 from bench_model import BATCH as PRESET_BATCH  # noqa: E402
 from bench_small import BATCH, OUR_D_FF, SIZE, alternated_times, our_step  # noqa: E402
+from lib import cli  # noqa: E402
 from lib.cli import OneLineParser  # noqa: E402
-import train  # noqa: E402
+from lib.cpu_tuning import tune_process, tuning_line  # noqa: E402
 
 
 def load_module(path: str, name: str):
     """Import a file (a model.py, a bpe.py) from any path under its own module name, so two versions live side by
-    side."""
+    side. note: a version from before lib/ imports `cli`; it gets lib.cli, the same file moved."""
+    sys.modules.setdefault("cli", cli)
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # note: dataclasses look their module up in sys.modules while the file runs
@@ -69,12 +75,13 @@ def main(argv=None) -> None:
     steps = {}
     for who, module in modules.items():
         torch.manual_seed(0)  # both models start from the same weights
-        steps[who] = our_step(x, y, args.bf16, module.TransformerLM(**size))[1]
+        fast = {"fast": True} if "fast" in inspect.signature(module.TransformerLM).parameters else {}
+        steps[who] = our_step(x, y, args.bf16, module.TransformerLM(**size, **fast))[1]
     times = alternated_times(steps, args.steps, args.warmup)
 
     paired = statistics.median(n / o for n, o in zip(times["new"], times["old"]))
     print(f"Command: `python bench/ab_model.py {' '.join(argv if argv is not None else sys.argv[1:])}`  ")
-    print(f"Machine: {machine_line()}; {train.tuning_line()}; {args.preset}, batch {B} x {T}, "
+    print(f"Machine: {machine_line()}; {tuning_line()}; {args.preset}, batch {B} x {T}, "
           f"{'bf16 autocast' if args.bf16 else 'fp32'}, "
           f"{args.steps} rounds  ")
     print(" | ".join(f"{who} median {1e3 * statistics.median(t):.2f} ms" for who, t in times.items()))
@@ -82,5 +89,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    train.tune_process()  # first: time the step under the settings `python train.py` runs with
+    tune_process()  # first: time the step under the settings `python train.py` runs with
     main()

@@ -1,11 +1,12 @@
 """Benchmark: `sample.py --eval` (sample.evaluate) against train.py's validation loss on the same tokens.
 
 Both score the same non-overlapping full windows of random token ids with the same random-init model (speed does
-not depend on training), CPU, fp32: sample.evaluate(model, ids) with its defaults (stride = context_length, 16
+not depend on training), CPU, fp32, the fast path as the programs run it (TransformerLM(fast=True), the fast
+cross-entropy): sample.evaluate(model, ids, fast=True) with its defaults (stride = context_length, 16
 windows per forward), and train.evaluate over the same window starts with micro-batch 16, which is what a training
 run's validation does. The two alternate in one process; medians over --repeats. Reported: tokens scored per
 second each, the ratio sample / train (target: >= 1.0x within noise, as fast as training's evaluation), and the two
-losses (they must agree: both call train.loss_over_windows).
+losses (they must agree: both call lib.evaluation.loss_over_windows).
 
     python bench/bench_eval.py              # tiny and ts17m, 32 windows each (~1 minute on 2 idle cores)
     python bench/bench_eval.py --quick      # smoke run: tiny, 8 windows
@@ -25,6 +26,7 @@ import sample  # noqa: E402
 import train  # noqa: E402
 from lib.measure import machine_line  # noqa: E402
 from lib.cli import OneLineParser  # noqa: E402
+from lib.cpu_tuning import tune_process, tuning_line  # noqa: E402
 from model import PRESETS, TransformerLM  # noqa: E402
 
 BATCH = 16
@@ -37,10 +39,11 @@ def time_both(model, ids, repeats: int) -> dict:
     times = {"sample": [], "train": []}
     for _ in range(repeats):
         t0 = time.perf_counter()
-        sample_loss, n = sample.evaluate(model, ids, batch_size=BATCH)
+        sample_loss, n = sample.evaluate(model, ids, batch_size=BATCH, fast=True)
         times["sample"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        train_loss = train.evaluate(model, ids, starts, BATCH, ctx, torch.device("cpu"), contextlib.nullcontext())
+        train_loss = train.evaluate(model, ids, starts, BATCH, ctx, torch.device("cpu"), contextlib.nullcontext(),
+                                    fast=True)
         times["train"].append(time.perf_counter() - t0)
     model.eval()
     assert n == len(starts) * ctx, (n, len(starts), ctx)
@@ -62,14 +65,14 @@ def main() -> None:
     for name in configs:
         cfg = PRESETS[name]
         torch.manual_seed(0)
-        model = TransformerLM(**dataclasses.asdict(cfg)).eval()
+        model = TransformerLM(**dataclasses.asdict(cfg), fast=True).eval()
         ids = np.random.default_rng(0).integers(0, cfg.vocab_size, windows * cfg.context_length + 1, dtype=np.int64)
-        sample.evaluate(model, ids[:2 * cfg.context_length + 1], batch_size=BATCH)  # warm-up
+        sample.evaluate(model, ids[:2 * cfg.context_length + 1], batch_size=BATCH, fast=True)  # warm-up
         r = time_both(model, ids, repeats)
         rows.append((name, cfg, r))
         print(f"  {name}: sample {r['tokens'] / r['sample']:,.0f} tok/s | train {r['tokens'] / r['train']:,.0f} tok/s",
               file=sys.stderr)
-    print(f"\nCommand: `python {' '.join(sys.argv)}`  \nMachine: {machine_line()}; {train.tuning_line()}\n")
+    print(f"\nCommand: `python {' '.join(sys.argv)}`  \nMachine: {machine_line()}; {tuning_line()}\n")
     print("| config | tokens scored | sample.py --eval tokens/s | train.py validation tokens/s | sample / train "
           "| losses (sample, train) |")
     print("|---|---:|---:|---:|---:|---|")
@@ -80,5 +83,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    train.tune_process()  # first: time both as `python sample.py` and `python train.py` run
+    tune_process()  # first: time both as `python sample.py` and `python train.py` run
     main()

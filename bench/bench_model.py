@@ -6,11 +6,15 @@ num_heads, untied embeddings, rope_theta 10000, rms_norm_eps 1e-5, SDPA attentio
 equal), fed the same random batch, and timed step by step, alternating ours / HF (then the same under
 torch.autocast("cpu", dtype=torch.bfloat16)) in one process, so machine noise hits both alike. Reported: medians of
 tokens/s, the ratio ours / HF, and MFU = accounting.train_flops_per_token x tokens/s / a measured torch.mm peak.
-transformers is a benchmark-only dependency (requirements-dev.txt).
+"Ours" is the speed layer, as train.py runs it: TransformerLM(fast=True), AdamW(fused=True), cross_entropy(fast=True).
+--plain adds a third contestant, the chapters' readable code alone (fast=False everywhere: what `train.py --plain`
+runs), alternated with the other two, and a table of what the speed layer buys. transformers is a benchmark-only
+dependency (requirements-dev.txt).
 
     python bench/bench_model.py              # both configs, fp32 and bf16 autocast (~3 minutes on 2 idle cores)
     python bench/bench_model.py --quick      # smoke run: 2 timed steps each
     python bench/bench_model.py --configs ts17m --profile    # + torch.profiler op tables for one step of each
+    python bench/bench_model.py --configs ts17m --plain      # + the readable path: fast vs plain step
 """
 import dataclasses
 import os
@@ -27,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root
 from accounting import train_flops_per_token  # noqa: E402
 from lib.measure import machine_line, measure_matmul_flops  # noqa: E402
 from lib.cli import OneLineParser  # noqa: E402
+from lib.cpu_tuning import tune_process, tuning_line  # noqa: E402
 from model import PRESETS, TransformerLM  # noqa: E402
 from optim import AdamW, cross_entropy  # noqa: E402
-import train  # noqa: E402
 
 # The batch size of each preset (BENCHMARKS.md's tables): 16 x 256 and 8 x 256 tokens per step.
 BATCH = {"tiny": 16, "ts17m": 8}
@@ -39,9 +43,11 @@ BATCH = {"tiny": 16, "ts17m": 8}
 # The two contestants, built from one ModelConfig
 
 
-def build_ours(cfg):
-    model = TransformerLM(**dataclasses.asdict(cfg))  # attn_impl="sdpa", the default fast path
-    return model, AdamW(model.parameters(), fused=True)  # lr 1e-3, weight decay 0.01: torch's defaults too
+def build_ours(cfg, fast: bool = True):
+    """Our model and optimizer: the speed layer (lib/kernels.py, the fused AdamW step), or with fast=False the
+    chapters' readable code (the per-parameter AdamW loop)."""
+    model = TransformerLM(**dataclasses.asdict(cfg), fast=fast)  # attn_impl="sdpa": fused attention when fast
+    return model, AdamW(model.parameters(), fused=fast)  # lr 1e-3, weight decay 0.01: torch's defaults too
 
 
 def build_hf(cfg):
@@ -58,8 +64,9 @@ def build_hf(cfg):
     return model, torch.optim.AdamW(model.parameters())  # defaults: lr 1e-3, weight decay 0.01, CPU: per-tensor loop
 
 
-def make_step(model, opt, x, y, is_hf: bool, bf16: bool):
-    """A closure running one training step; both sides compute the loss the same way (fp32 logsumexp)."""
+def make_step(model, opt, x, y, is_hf: bool, bf16: bool, fast: bool = True):
+    """A closure running one training step; both sides compute the loss the same way (fp32 logsumexp); fast: our
+    loss's speed layer (lib/fused_optim.py's chunked fused softmax) or the readable formula."""
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -68,7 +75,7 @@ def make_step(model, opt, x, y, is_hf: bool, bf16: bool):
         if is_hf:
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # torch's fused log_softmax + nll
         else:
-            loss = cross_entropy(logits, y)  # ours: logsumexp - target logit, hand-written backward
+            loss = cross_entropy(logits, y, fast=fast)  # ours: logsumexp - target logit
         loss.backward()
         opt.step()
 
@@ -95,12 +102,17 @@ def matmul_peak(dtype, seconds: float) -> float:
 # Timing: alternate the contestants, take medians
 
 
-def bench_config(name: str, rounds: int, warmup: int, precisions: list[str], profile: bool) -> list[dict]:
+def bench_config(name: str, rounds: int, warmup: int, precisions: list[str], profile: bool,
+                 plain: bool = False) -> list[dict]:
     cfg = PRESETS[name]
     B, T = BATCH[name], cfg.context_length
     torch.manual_seed(0)
     ours, ours_opt = build_ours(cfg)
     hf, hf_opt = build_hf(cfg)
+    contestants = [("ours", ours, ours_opt), ("hf", hf, hf_opt)]
+    if plain:  # the chapters' readable code, from the same initial weights as ours
+        torch.manual_seed(0)
+        contestants.append(("plain", *build_ours(cfg, fast=False)))
     n_ours = sum(p.numel() for p in ours.parameters())
     n_hf = sum(p.numel() for p in hf.parameters())
     if n_ours != n_hf:
@@ -110,8 +122,8 @@ def bench_config(name: str, rounds: int, warmup: int, precisions: list[str], pro
     y = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
 
     # One entry per (precision, contestant); the order inside a round flips every round so neither always goes first.
-    steps = {(p, who): make_step(model, opt, x, y, who == "hf", p == "bf16")
-             for p in precisions for who, model, opt in (("ours", ours, ours_opt), ("hf", hf, hf_opt))}
+    steps = {(p, who): make_step(model, opt, x, y, who == "hf", p == "bf16", fast=who != "plain")
+             for p in precisions for who, model, opt in contestants}
     times = {key: [] for key in steps}
     for key, step in steps.items():
         for _ in range(warmup):
@@ -134,11 +146,12 @@ def bench_config(name: str, rounds: int, warmup: int, precisions: list[str], pro
     flops_per_token = train_flops_per_token(cfg, T)
     rows = []
     for p in precisions:
-        tok_s = {who: B * T / statistics.median(times[(p, who)]) for who in ("ours", "hf")}
+        tok_s = {who: B * T / statistics.median(times[(p, who)]) for who, *_ in contestants}
         # The ratio of each round's adjacent pair of steps, then the median: robust to load that drifts over a run.
-        paired = statistics.median(h / o for o, h in zip(times[(p, "ours")], times[(p, "hf")]))
-        rows.append(dict(config=name, batch=B, seq=T, precision=p, ours=tok_s["ours"], hf=tok_s["hf"],
-                         paired=paired, flops_per_token=flops_per_token, n_params=n_ours))
+        paired = {who: statistics.median(h / o for o, h in zip(times[(p, "ours")], times[(p, who)]))
+                  for who, *_ in contestants}
+        rows.append(dict(config=name, batch=B, seq=T, precision=p, **tok_s, paired=paired["hf"],
+                         paired_plain=paired.get("plain"), flops_per_token=flops_per_token, n_params=n_ours))
     return rows
 
 
@@ -154,6 +167,8 @@ def main(argv=None) -> None:
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast rows")
     parser.add_argument("--quick", action="store_true", help="smoke run: --rounds 2 --warmup 1, short peak timing")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables for one step of each")
+    parser.add_argument("--plain", action="store_true",
+                        help="also time the chapters' readable code (fast=False everywhere): what the speed layer buys")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.warmup = 2, 1
@@ -173,7 +188,7 @@ def main(argv=None) -> None:
     peak = {p: matmul_peak(DTYPES[p], seconds) for p in precisions}
     rows = []
     for name in args.configs:
-        rows += bench_config(name, args.rounds, args.warmup, precisions, args.profile)
+        rows += bench_config(name, args.rounds, args.warmup, precisions, args.profile, args.plain)
         print(f"done: {name}", file=sys.stderr)
     load_after = os.getloadavg()[0]
 
@@ -185,7 +200,7 @@ def main(argv=None) -> None:
     print("'paired' = the median over rounds of the ratio of adjacent steps (robust to drifting load).")
     print("MFU = accounting.train_flops_per_token x tokens/s / the measured torch.mm peak of that precision.\n")
     print(f"Command: `{command.strip()}`  ")
-    print(f"Machine: {machine_line()}; {train.tuning_line()}; load average {load_before:.2f} before, "
+    print(f"Machine: {machine_line()}; {tuning_line()}; load average {load_before:.2f} before, "
           f"{load_after:.2f} after  ")
     sizes = ", ".join(map(str, PEAK_SIZES))
     print(f"torch.mm peak (median of n = {sizes}, {PEAK_REPEATS} each): fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s"
@@ -206,8 +221,23 @@ def main(argv=None) -> None:
             print(f"- {name}: bf16 autocast / fp32 = {bf16['ours'] / fp32['ours']:.2f}x (ours), "
                   f"{bf16['hf'] / fp32['hf']:.2f}x (HF)")
     print("\nTargets: ours / HF >= 1.0x at both configs in fp32; bf16 autocast >= 2x our fp32 tokens/s.")
+    if args.plain:
+        print_plain_table(rows)
+
+
+def print_plain_table(rows: list[dict]) -> None:
+    """--plain: the speed layer (ours) against the chapters' readable code (plain), same steps, same process."""
+    print("\nWhat the speed layer buys: ours (TransformerLM(fast=True), AdamW(fused=True), cross_entropy(fast=True))")
+    print("vs the chapters' readable code (fast=False everywhere, as `train.py --plain`), alternated step by step.\n")
+    print("| config | batch x context | precision | plain tokens/s | ours tokens/s | ours / plain | ours / plain, "
+          "paired |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        precision = "fp32" if r["precision"] == "fp32" else "bf16 autocast"
+        print(f"| {r['config']} | {r['batch']} x {r['seq']} | {precision} | {r['plain']:,.0f} | {r['ours']:,.0f} "
+              f"| {r['ours'] / r['plain']:.2f}x | {r['paired_plain']:.2f}x |")
 
 
 if __name__ == "__main__":
-    train.tune_process()  # first: time the step under the settings `python train.py` runs with
+    tune_process()  # first: time the step under the settings `python train.py` runs with
     main()

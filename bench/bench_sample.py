@@ -1,7 +1,8 @@
 """Benchmark: generation speed of sample.py with the KV cache against the recompute-everything reference.
 
 Generates 512 new tokens from a 16-token prompt at the tiny and ts17m presets (context_length raised to 576 so the
-window never slides), batch 1 and 8, random-init weights (speed does not depend on training), fp32, CPU. Reports
+window never slides), batch 1 and 8, random-init weights (speed does not depend on training), fp32, CPU, the model's
+fast path as sample.py builds it (TransformerLM(fast=True)). Reports
 tokens/s with and without the cache, the speed-up (target >= 5x), and the cache's mean step latency over the first
 and last 64 tokens (target: flat, since each step attends over a longer cache but computes one position).
 
@@ -26,9 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: model.py, sample.py, accounting.py
 from lib.measure import machine_line  # noqa: E402
 from lib.cli import OneLineParser  # noqa: E402
+from lib.cpu_tuning import tune_process, tuning_line  # noqa: E402
 from model import PRESETS, TransformerLM  # noqa: E402
 from sample import generate_stream, next_logits, sample_next  # noqa: E402
-import train  # noqa: E402
 
 PROMPT_LEN = 16
 
@@ -90,7 +91,7 @@ def main() -> None:
     for name in configs:
         config = dataclasses.replace(PRESETS[name], context_length=PROMPT_LEN + new_tokens + 48)  # 576 at 512
         torch.manual_seed(0)
-        model = TransformerLM(**dataclasses.asdict(config)).eval()
+        model = TransformerLM(**dataclasses.asdict(config), fast=True).eval()  # as sample.py's CLI loads it
         for batch in args.batch_sizes:
             prompt = torch.randint(config.vocab_size, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
             time_cached(model, prompt, 8, seed=0)                               # warm-up
@@ -117,7 +118,7 @@ def main() -> None:
           f"weights, fp32, temperature 1; context_length {PROMPT_LEN + new_tokens + 48} so the window never slides. "
           f"No cache = sample.py's reference (full forward of the whole context each step; {ref_note}). "
           f"Step latency = one new token for every row of the batch. Median of {args.repeats} run(s).\n")
-    print(f"Machine: {machine_line()}; {train.tuning_line()}\n")
+    print(f"Machine: {machine_line()}; {tuning_line()}\n")
     print("| config | batch | no cache (tok/s) | KV cache (tok/s) | speed-up (target ≥ 5x) "
           "| cache step, first 64 (ms) | cache step, last 64 (ms) |")
     print("|---|---|---|---|---|---|---|")
@@ -127,5 +128,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    train.tune_process()  # first: time generation under the settings `python sample.py` runs with
+    tune_process()  # first: time generation under the settings `python sample.py` runs with
     main()

@@ -5,8 +5,9 @@ per-op overhead: kernel launches per block, Python work per parameter, allocatio
 from-scratch code costs there beyond what a PyTorch user would write.
 
 Both sides do the same work per step, the work of train.train_step on one fixed batch (no data loading, no logging):
-    ours:   model.TransformerLM (SwiGLU d_ff 344, RMSNorm, RoPE, SDPA) + optim.cross_entropy + backward
-            + optim.clip_divisor + optim.AdamW(fused=True, as train.py builds it).step(grad_divisor) + zero_grad
+    ours:   model.TransformerLM(fast=True) (SwiGLU d_ff 344, RMSNorm, RoPE, SDPA) + optim.cross_entropy(fast=True)
+            + backward + lib.fused_optim.clip_divisor + optim.AdamW(fused=True, as train.py builds it)
+            .step(grad_divisor) + zero_grad
     plain:  plain_gpt.PlainGPT (GELU MLP 4x, nn.LayerNorm, learned positions, SDPA) + F.cross_entropy + backward
             + torch.nn.utils.clip_grad_norm_ + torch.optim.AdamW (its defaults: the per-tensor loop on CPU) + zero_grad
 with train.py's defaults: lr 1e-3, betas (0.9, 0.95), weight decay 0.1, clipping at 1.0. The two models have the same
@@ -34,11 +35,12 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]  # the repo root (model.py, optim.p
 
 from lib.measure import machine_line  # noqa: E402
 from lib.cli import OneLineParser  # noqa: E402
+from lib.cpu_tuning import tune_process, tuning_line  # noqa: E402
+from lib.runs import DEFAULTS  # noqa: E402
 from model import RMSNorm, TransformerLM  # noqa: E402
-from optim import AdamW, clip_divisor, cross_entropy  # noqa: E402
-import train  # noqa: E402
+from lib.fused_optim import clip_divisor  # noqa: E402
+from optim import AdamW, cross_entropy  # noqa: E402
 from plain_gpt import PlainGPT  # noqa: E402
-from train import DEFAULTS  # noqa: E402
 
 SIZE = dict(vocab_size=256, context_length=64, d_model=128, num_layers=4, num_heads=4)
 OUR_D_FF = 344  # ≈ 8/3 x 128, rounded up to a multiple of 8: SwiGLU's three matrices ≈ the GELU MLP's two at 4x
@@ -55,7 +57,7 @@ def our_model(without: str | None = None, size: dict = SIZE, d_ff: int = OUR_D_F
     """Our TransformerLM at `size` (SIZE); without="rope": no position information (position="nope"); without="rmsnorm":
     each RMSNorm computed by torch's native F.layer_norm (gain, no bias) instead. Both are other models, only for
     measuring what one of our pieces costs against the plain model, which has neither RoPE nor RMSNorm."""
-    lm = TransformerLM(**size, d_ff=d_ff, position="nope" if without == "rope" else "rope")
+    lm = TransformerLM(**size, d_ff=d_ff, position="nope" if without == "rope" else "rope", fast=True)
     if without == "rmsnorm":
         for norm in (m for m in lm.modules() if isinstance(m, RMSNorm)):
             norm.forward = lambda x, norm=norm: F.layer_norm(x, x.shape[-1:], norm.weight, None, norm.eps)
@@ -69,7 +71,7 @@ def our_step(x, y, bf16: bool, model=None):
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = cross_entropy(model(x), y)
+            loss = cross_entropy(model(x), y, fast=True)
         loss.backward()
         _, divisor = clip_divisor(model.parameters(), GRAD_CLIP)  # clipping inside the fused update, as train.py
         opt.step(grad_divisor=divisor)
@@ -148,7 +150,7 @@ def main(argv=None) -> None:
     n = {who: sum(p.numel() for p in m.parameters()) for who, m in (("ours", ours), ("plain", plain))}
     print("\n## Small-model training step: ours vs plain PyTorch\n")
     print(f"Command: `{command}`  ")
-    print(f"Machine: {machine_line()}; {train.tuning_line()}; load average {load_before:.2f} before, "
+    print(f"Machine: {machine_line()}; {tuning_line()}; load average {load_before:.2f} before, "
           f"{load_after:.2f} after  ")
     swapped = {"rmsnorm": "; ours WITHOUT RMSNorm (F.layer_norm instead)", "rope": "; ours WITHOUT RoPE"}
     print(f"Model: {size}, batch {batch}, ours d_ff {d_ff}, {'bf16 autocast' if args.bf16 else 'fp32'}"
@@ -178,5 +180,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    train.tune_process()  # first: time the step under the settings `python train.py` runs with
+    tune_process()  # first: time the step under the settings `python train.py` runs with
     main()

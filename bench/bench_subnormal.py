@@ -1,4 +1,4 @@
-"""Benchmark: what subnormal floats cost on this CPU, and whether train.flush_subnormals() removes the cost.
+"""Benchmark: what subnormal floats cost on this CPU, and whether lib.cpu_tuning.flush_subnormals() removes the cost.
 
 A float32 below 1.18e-38 in magnitude is subnormal. x86 cores compute on subnormals in microcode, many times slower
 than on normal floats, unless the thread's FTZ/DAZ bits (flush-to-zero, denormals-are-zero) are set. A training run
@@ -8,7 +8,7 @@ Each mode runs in a fresh Python process (the FTZ/DAZ bits are per thread and ca
     off          torch's defaults (IEEE subnormals)
     late         torch.set_flush_denormal(True) after torch's OpenMP pool has started (after a first parallel op):
                  only the calling thread flushes, the pool's other threads do not
-    first        train.flush_subnormals() before any torch op, as `python train.py` does: every thread flushes
+    first        lib.cpu_tuning.flush_subnormals() before any torch op, as `python train.py` does: every thread flushes
 and times two things on subnormal inputs against the same work on normal ones:
     multiply     x * 1.0 over 4,194,304 floats (one elementwise pass, split across the threads)
     AdamW step   optim.AdamW(fused=True) on 1,315,968 parameters (the --cpu experiments' model size) whose
@@ -52,9 +52,9 @@ def measure(mode: str) -> dict:
     sys.path.insert(0, str(ROOT))
     import torch
     import optim
-    import train
+    from lib import cpu_tuning
     if mode == "first":
-        train.flush_subnormals()
+        cpu_tuning.flush_subnormals()
     x_sub, x_norm = torch.from_numpy(subnormal), torch.from_numpy(normal)
     _ = x_norm * 1.0  # starts the OpenMP pool
     if mode == "late":

@@ -31,6 +31,8 @@ from accounting import train_flops_per_token  # noqa: E402
 from lib.measure import machine_line  # noqa: E402
 from bench_model import BATCH, DTYPES, build_ours, make_step, matmul_peak  # noqa: E402
 from lib.cli import OneLineParser  # noqa: E402
+from lib.cpu_tuning import tune_process, tuning_line  # noqa: E402
+from lib.runs import read_log, resolve_args  # noqa: E402
 from model import PRESETS  # noqa: E402
 
 
@@ -57,10 +59,10 @@ def train_step_times(name, B, precision, warmup, steps, data, out) -> list[float
             "--max-iters", str(warmup + steps), "--warmup-iters", "0", "--log-interval", "1",
             "--eval-interval", str(10**9), "--eval-iters", "1", "--ckpt-interval", str(10**9), "--dtype", precision,
             "--device", "cpu", "--peak-flops", "0", "--out", str(out), "--overwrite"]
-    args, _ = train.resolve_args(argv)
+    args, _ = resolve_args(argv)
     with contextlib.redirect_stdout(io.StringIO()):
         train.train(args)
-    rows = [r for r in train.read_log(out / "log.jsonl") if "ms_per_step" in r]
+    rows = [r for r in read_log(out / "log.jsonl") if "ms_per_step" in r]
     return [r["ms_per_step"] / 1000 for r in rows[warmup:]]
 
 
@@ -73,7 +75,7 @@ def eval_batch_seconds(cfg, B, precision, data) -> float:
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
-        train.evaluate(model, data, starts, B, cfg.context_length, torch.device("cpu"), autocast)
+        train.evaluate(model, data, starts, B, cfg.context_length, torch.device("cpu"), autocast, fast=True)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -123,7 +125,7 @@ def main(argv=None) -> None:
     print("accounting.train_flops_per_token x tokens/s / the measured torch.mm peak. Evaluation is amortised")
     print("separately at the defaults (20 validation batches every 500 steps).\n")
     print(f"Command: `{command}`  ")
-    print(f"Machine: {machine_line()}; {train.tuning_line()}; load average {load_before:.2f} before, "
+    print(f"Machine: {machine_line()}; {tuning_line()}; load average {load_before:.2f} before, "
           f"{load_after:.2f} after\n")
     print("| preset | batch x context | precision | bare step tokens/s | train.py tokens/s | loop overhead "
           "| train.py MFU | + eval at defaults |")
@@ -137,5 +139,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    train.tune_process()  # first: time the step under the settings `python train.py` runs with
+    tune_process()  # first: time the step under the settings `python train.py` runs with
     main()

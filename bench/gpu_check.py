@@ -24,9 +24,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import accounting  # noqa: E402
-import train  # noqa: E402
 from lib import measure  # noqa: E402
 from lib.cli import OneLineParser  # noqa: E402
+from lib.runs import read_log  # noqa: E402
 from model import PRESETS  # noqa: E402
 
 BATCH, CONTEXT = 128, 256
@@ -58,7 +58,7 @@ def throughput(steps: int, work: Path) -> dict:
     done = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"gpu_check: the throughput run failed:\n{done.stderr[-3000:]}")
-    rows = [r for r in train.read_log(work / "run" / "log.jsonl") if "tokens_per_s" in r]
+    rows = [r for r in read_log(work / "run" / "log.jsonl") if "tokens_per_s" in r]
     steady = rows[len(rows) // 2:]  # the first rows include compilation and warm-up
     dtype = json.loads((work / "run" / "config.json").read_text())["dtype"]
     return {"dtype": dtype, "tokens_per_s": float(np.median([r["tokens_per_s"] for r in steady])),
