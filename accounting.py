@@ -216,9 +216,9 @@ def autocast_weight_bytes(cfg, dtype: str, checkpointing: bool = False) -> int:
 # Activations: what the forward pass keeps for backward, counted in elements for B sequences of T tokens. A row is
 # (id, label, formula, elements); each enumeration gives one block's rows and the rows outside the blocks, and
 # activation_rows multiplies the block's by L. Three enumerations (--activations):
-#   sdpa     model.py as train.py runs it (attn_impl="sdpa", the default): the fused attention kernel keeps its output
+#   sdpa     model.py as train.py runs it (fast=True, attn_impl="sdpa"): the fused attention kernel keeps its output
 #            and a logsumexp per row, never the T x T scores (flash attention's memory saving; Dao et al. 2022);
-#   manual   model.py with the from-scratch attention (attn_impl="manual"), which keeps the T x T matrices;
+#   manual   model.py's fast path with the from-scratch attention (attn_impl="manual"): the T x T matrices kept;
 #   handout  the handout's adamwAccounting enumeration: one tensor per step of the forward pass, including the
 #            T x T scores and probabilities, as if attention were computed unfused.
 # sdpa and manual are exact (== the bytes saved_tensors_hooks see in fp32, tests/test_accounting.py); handout is the
