@@ -268,8 +268,8 @@ def gpt2(gpt2_files):
 
 
 @pytest.fixture(scope="module")
-def gpt2_fast(gpt2_files):
-    return bpe.Tokenizer.from_files(*gpt2_files, special_tokens=[EOT], fast=True)
+def gpt2_fast(gpt2):
+    return bpe.Tokenizer(gpt2.vocab, gpt2.merges, [EOT], fast=True)
 
 
 def test_tiktoken_parity_gpt2(gpt2, gpt2_fast, gpt2_files):

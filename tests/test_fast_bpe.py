@@ -124,14 +124,20 @@ def test_queue_entries_sort_as_count_then_greater_bytes():
     assert [fast_bpe._entry_count(queue.entry(n, "\x00\x01")) for n in counts] == counts
 
 
+@pytest.fixture(scope="module")
+def rare_corpus(tmp_path_factory):
+    """A corpus and the teaching version's 300 merges on it (computed once for the three waiting-list cases)."""
+    rng = random.Random(11)
+    path = write(tmp_path_factory.mktemp("rare"), random_text(rng, 3000, alphabet="abcdefé", specials=[EOT]))
+    return path, bpe.train_bpe_naive(path, 256 + 1 + 300, [EOT])
+
+
 @pytest.mark.parametrize("rare", [0, 5, 1000])
-def test_rare_pair_waiting_list_does_not_change_merges(tmp_path, monkeypatch, rare):
+def test_rare_pair_waiting_list_does_not_change_merges(rare_corpus, monkeypatch, rare):
     """_PairQueue keeps pairs first seen at most RARE_PAIR_COUNT times out of the heap until the heap's top gets down
     to them: with none waiting (0), a flush two thirds of the way through the 300 merges (5) or at the second merge
     (1000), the merges are the teaching version's."""
-    rng = random.Random(11)
-    path = write(tmp_path, random_text(rng, 3000, alphabet="abcdefé", specials=[EOT]))
-    naive = bpe.train_bpe_naive(path, 256 + 1 + 300, [EOT])
+    path, naive = rare_corpus
     monkeypatch.setattr(fast_bpe, "RARE_PAIR_COUNT", rare)
     assert bpe.train_bpe(path, 256 + 1 + 300, [EOT], fast=True, num_workers=1) == naive
 
@@ -275,19 +281,20 @@ def test_batched_bpe_equals_bpe_by_rank(trained, gpt2):
     assert shifted._encoder._bpe_batch(words) == [tuple(i + 70_000 for i in ids) for ids in tok._encoder._bpe_batch(words)]
 
 
-def test_batched_cold_path_equals_plain_path(trained, gpt2_files, monkeypatch):
+def test_batched_cold_path_equals_plain_path(trained, gpt2, monkeypatch):
     """The batched cold path (_cache_chunks: one regex call for many chunks, _bpe_batch) equals the plain encode, on long
     multi-document texts whose first and last chunks start without or end with whitespace, for any batch threshold."""
     vocab, merges = trained
     rng = random.Random(13)
     texts = [EOT.join(random_unicode(rng, rng.randint(0, 400)) for _ in range(30)) for _ in range(20)]
     texts += ["x" + EOT + "  y  " + EOT + "\n", "only-one-chunk", "   ", EOT, ""]
-    for batch_min in (1, 64):
-        monkeypatch.setattr(fast_bpe.Encoder, "BATCH_MIN", batch_min)
-        for plain in (bpe.Tokenizer(vocab, merges, [EOT]), bpe.Tokenizer.from_files(*gpt2_files, special_tokens=[EOT])):
+    for plain in (bpe.Tokenizer(vocab, merges, [EOT]), gpt2):
+        expected = [plain.encode(text) for text in texts]
+        for batch_min in (1, 64):
+            monkeypatch.setattr(fast_bpe.Encoder, "BATCH_MIN", batch_min)
             fast = bpe.Tokenizer(plain.vocab, plain.merges, [EOT], fast=True)
-            for text in texts:
-                assert fast.encode(text) == plain.encode(text), text
+            for text, ids in zip(texts, expected):
+                assert fast.encode(text) == ids, text
 
 
 def test_encode_assembles_from_a_warm_cache_and_fills_it_only_for_new_chunks(trained):
