@@ -5,7 +5,7 @@ Linear → Embedding → RMSNorm → SwiGLU (SiLU) → softmax → attention →
 self-attention → block → LM, then the config and a small CLI. That readable code is what runs by default.
 `TransformerLM(..., fast=True)` (what train.py, sample.py and the benchmarks build) swaps in lib/kernels.py piece by
 piece, one visible `if self.fast:` line each: torch's fused attention kernel, hand-written backward passes, RoPE as
-one complex multiply. tests/test_model.py holds the two paths equal, values and gradients.
+one complex multiply. tests/test_kernels.py holds the two paths equal, values and gradients.
 
     python model.py                          # parameter counts of the presets and a forward pass on random ids
     python model.py --preset ts17m --norm post --position nope
@@ -315,19 +315,19 @@ class CausalMultiHeadSelfAttention(nn.Module):
         q = self.q_proj(x).view(B, T, H, D)
         k = self.k_proj(x).view(B, T, H, D)
         v = self.v_proj(x).view(B, T, H, D)
-        if self.fast and self.attn_impl == "sdpa":  # lib/kernels.py: the same steps, fused flash attention
-            out = kernels.attention(q, k, v, self.rope, token_positions, kv_cache, layer_idx, causal_mask)
-        else:
-            if self.rope is not None:
-                # note: rotate before moving the heads forward, while q and k are still contiguous; the positions
-                # get a trailing 1 to broadcast over the heads: (T,) -> (T, 1), (B, T) -> (B, T, 1).
-                q = self.rope(q, token_positions[..., None])  # (B, T, H, D)
-                k = self.rope(k, token_positions[..., None])  # (B, T, H, D)
-            # (B, T, H, D) -> (B, H, T, D): heads become a batch dim for attention.
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            if kv_cache is not None:
-                k, v = kv_cache.append(layer_idx, k, v)  # (B, H, S, D) each, S = cached + T
-            out = scaled_dot_product_attention(q, k, v, causal_mask(T, k.shape[-2], x.device))  # (B, H, T, D)
+        if self.fast and self.attn_impl == "sdpa":  # lib/kernels.py: the steps below with fused flash attention
+            out = kernels.attention(q, k, v, self.rope, token_positions, kv_cache, layer_idx, causal_mask)  # (B, T, C)
+            return self.output_proj(out)
+        if self.rope is not None:
+            # note: rotate before moving the heads forward, while q and k are still contiguous; the positions get a
+            # trailing 1 to broadcast over the heads: (T,) -> (T, 1), (B, T) -> (B, T, 1).
+            q = self.rope(q, token_positions[..., None])  # (B, T, H, D)
+            k = self.rope(k, token_positions[..., None])  # (B, T, H, D)
+        # (B, T, H, D) -> (B, H, T, D): heads become a batch dim for attention.
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.append(layer_idx, k, v)  # (B, H, S, D) each, S = cached + T
+        out = scaled_dot_product_attention(q, k, v, causal_mask(T, k.shape[-2], x.device))  # (B, H, T, D)
         # (B, H, T, D) -> (B, T, H, D) -> (B, T, C): concatenate the heads again.
         out = out.transpose(1, 2).reshape(B, T, C)
         return self.output_proj(out)  # (B, T, C)

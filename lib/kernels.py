@@ -163,9 +163,9 @@ CPU_FP32_ATTENTION_MAX_HEAD_DIM = 64  # see fused_attention
 
 def attention(q: Tensor, k: Tensor, v: Tensor, rope, token_positions: Tensor | None, kv_cache, layer_idx: int,
               causal_mask) -> Tensor:
-    """model.CausalMultiHeadSelfAttention's steps between the projections and the head concat, with the fused
-    kernel: q, k, v (B, T, H, D) -> (B, H, T, D). rope: the layer's RotaryPositionalEmbedding or None; kv_cache: a
-    model.KVCache or None (its append(layer_idx, k, v) is called); causal_mask: model.causal_mask.
+    """model.CausalMultiHeadSelfAttention's steps between the projections and output_proj, with the fused kernel:
+    q, k, v (B, T, H, D) -> the heads concatenated, (B, T, C). rope: the layer's RotaryPositionalEmbedding or None;
+    kv_cache: a model.KVCache or None (its append(layer_idx, k, v) is called); causal_mask: model.causal_mask.
 
     note: where fused_attention computes in fp32 (16-bit activations on CPU, small heads), RoPE, itself in fp32,
     hands q and k over in fp32 instead of rounding them to bf16 for attention to cast straight back (4 casts fewer
@@ -182,12 +182,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, rope, token_positions: Tensor | N
         k, v = kv_cache.append(layer_idx, k, v)  # (B, H, S, D) each, S = cached + T
     S = k.shape[-2]
     if S == T:
-        return fused_attention(q, k, v, is_causal=True)  # is_causal builds the lower triangle itself
-    if T == 1:  # one new token is the last position: it may attend to every cached key, so no mask at all
-        return fused_attention(q, k, v)  # (B, H, 1, D)
-    # Several new tokens after a cache: the bottom-right-aligned triangle (see model.causal_mask); is_causal would
-    # align it top-left.
-    return fused_attention(q, k, v, attn_mask=causal_mask(T, S, q.device))  # (B, H, T, D)
+        out = fused_attention(q, k, v, is_causal=True)  # is_causal builds the lower triangle itself
+    elif T == 1:  # one new token is the last position: it may attend to every cached key, so no mask at all
+        out = fused_attention(q, k, v)  # (B, H, 1, D)
+    else:  # several new tokens after a cache: the bottom-right-aligned triangle (model.causal_mask); is_causal
+        # would align it top-left
+        out = fused_attention(q, k, v, attn_mask=causal_mask(T, S, q.device))  # (B, H, T, D)
+    return out.transpose(1, 2).reshape(out.shape[0], T, -1)  # (B, H, T, D) -> (B, T, H, D) -> (B, T, C)
 
 
 def fused_attention(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
