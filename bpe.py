@@ -234,7 +234,9 @@ def bpe_merges(pretoken_counts: Counter, num_merges: int) -> list[tuple[bytes, b
     # Lazy invalidation: finding and updating a pair's entry inside the heap would cost a search, so when a merge
     # changes a pair's count we push a new entry and leave the old one where it is. A stale entry is recognised when
     # it is popped, because its count is no longer the pair's count, and skipped (pop_best). Every pair that occurs
-    # has an entry with its current count, so the first current entry popped is the true maximum.
+    # has an entry with its current count, so the first current entry popped is the true maximum. subtle: an old
+    # entry never looks current again, because once a pair exists its count only goes down: a merge creates only pairs
+    # that hold the new token.
     # Cost of one merge: re-counting the pairs of the words that hold the merged pair (their total length), plus
     # O(log heap) per changed pair pushed and per stale entry popped; never a pass over the whole corpus.
     pair_counts, pair_words = count_pairs(words, freqs)
@@ -277,7 +279,7 @@ def train_bpe(input_path, vocab_size: int, special_tokens=(), *, fast=False, num
     pre-tokenise; default one per CPU) and progress (lines on stderr)."""
     specials = check_training_args(input_path, vocab_size, special_tokens)
     num_merges = vocab_size - 256 - len(specials)
-    if fast:  # lib/fast_bpe.py: parallel pre-tokenisation by chunks; words as strs whose merges run in C; numpy
+    if fast:  # lib/fast_bpe.py, same merges: parallel pre-tokenisation, words as strs merged in C, numpy pair counts
         merges = fast_bpe.train(input_path, specials, num_merges, PRETOKEN_RE, special_pattern(specials),
                                 num_workers=num_workers, progress=progress)
     else:
