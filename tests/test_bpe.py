@@ -7,7 +7,7 @@ equals encode; vocab.json/merges.txt round-trips; and bad inputs (missing, empty
 and special tokens, malformed tokenizer files), each an error that names the problem. The fast trainer's and encoder's
 own machinery is tested in test_fast_bpe.py, encode_file in test_datasets.py.
 
-Run: python -m pytest tests/test_bpe.py (~10 s on 2 cores). This file has no slow tests; `python -m pytest -m slow`
+Run: python -m pytest tests/test_bpe.py (~15 s on 2 cores). This file has no slow tests; `python -m pytest -m slow`
 runs the project's slow end-to-end checks, which the default run skips.
 """
 import json

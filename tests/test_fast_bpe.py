@@ -5,7 +5,7 @@ against the plain GPT-2 regex (the chunk regex's whitespace set against regex's 
 pattern); and the fast encoder against the plain one (the hash table, batched BPE, the cold path for any batch size,
 the warm cache, flat memory while streaming).
 
-Run: python -m pytest tests/test_fast_bpe.py (~15 s on 2 cores). This file has no slow tests.
+Run: python -m pytest tests/test_fast_bpe.py (~20 s on 2 cores). This file has no slow tests.
 """
 import random
 import re
