@@ -129,5 +129,5 @@ def counting_data(tmp_path):
 
 def run_losses(run_dir) -> list[tuple]:
     """(step, train loss or None, val loss or None) of every row of a run's log.jsonl."""
-    import train
-    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in train.read_log(Path(run_dir) / "log.jsonl")]
+    from lib.runs import read_log
+    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in read_log(Path(run_dir) / "log.jsonl")]

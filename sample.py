@@ -17,8 +17,8 @@ context the reference no longer sees.
     python sample.py runs/demo/last.pt --num-samples 4 --seed 1 --max-new-tokens 100
     python sample.py runs/demo/last.pt --eval data/valid.npy      # per-token loss and perplexity over a file
 
-Layers: cli -> bpe -> model, optim -> accounting -> train -> sample. sample.py is the top: it reads checkpoints,
-picks the device and scores --eval files with train.py's functions, so each of those exists once.
+sample.py does not import train.py: it reads checkpoints and picks the device with lib/checkpoints.py, and --eval
+scores a file with lib/evaluation.py (the evaluator of train.py's validation loss), imported when it runs.
 """
 import codecs
 import dataclasses
@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import train  # the layer below: its checkpoint reader, device picker and loss-over-windows evaluator
 from bpe import END_OF_TEXT
 from lib.cli import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, OneLineParser
 from model import KVCache, TransformerLM
@@ -217,21 +216,22 @@ class TextStream:
 # Loading a checkpoint: the model and the tokenizer from the checkpoint alone
 
 
-def load_model(ckpt_path, device="cpu", tokenizer_dir=None):
+def load_model(ckpt_path, device="cpu", tokenizer_dir=None, *, fast: bool = False):
     """(model in eval mode, Tokenizer or None, the checkpoint dict) from a train.py checkpoint.
 
     The checkpoint carries everything: "model_config" rebuilds the architecture, "model" holds the weights,
     "tokenizer_dir" says where the tokenizer lives (tokenizer_dir overrides it; None in both = no tokenizer; see
-    train.checkpoint_tokenizer).
-    train.read_checkpoint loads it with weights_only=True: tensors and plain values, so loading cannot run code.
-    Every problem is a train.BadInputError (a ValueError) with one line saying what to do.
+    lib/checkpoints.checkpoint_tokenizer). It is read with torch.load(weights_only=True): tensors and plain values,
+    so loading cannot run code. Every problem is a BadInputError (a ValueError) with one line saying what to do.
+    fast=True (the CLI's choice) builds TransformerLM(fast=True) and the fast tokenizer: the same numbers, sooner.
     """
-    ckpt = train.read_checkpoint(ckpt_path)
-    config = train.checkpoint_config(ckpt, ckpt_path)
-    model = TransformerLM(**dataclasses.asdict(config), device=device)
-    train.load_checkpoint(ckpt, model, name=ckpt_path)
+    from lib import checkpoints  # reading checkpoint files: lib/checkpoints.py
+    ckpt = checkpoints.read_checkpoint(ckpt_path)
+    config = checkpoints.checkpoint_config(ckpt, ckpt_path)
+    model = TransformerLM(**dataclasses.asdict(config), device=device, fast=fast)
+    checkpoints.load_weights(model, ckpt, ckpt_path)
     model.eval()
-    return model, train.checkpoint_tokenizer(ckpt, tokenizer_dir, config.vocab_size), ckpt
+    return model, checkpoints.checkpoint_tokenizer(ckpt, tokenizer_dir, config.vocab_size, fast=fast), ckpt
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -239,16 +239,17 @@ def load_model(ckpt_path, device="cpu", tokenizer_dir=None):
 
 
 @torch.inference_mode()
-def evaluate(model, ids, stride: int | None = None, batch_size: int = 16) -> tuple[float, int]:
+def evaluate(model, ids, stride: int | None = None, batch_size: int = 16, *, fast: bool = False) -> tuple[float, int]:
     """(mean loss in nats per token, number of tokens scored) of model over the token sequence ids (N,).
 
     Every token after the first is scored exactly once. Windows of context_length tokens slide by `stride`; each
     scores only its last targets, those no earlier window scored, so (after the first window) every token is
     predicted from at least context_length - stride tokens of context. stride = context_length (the default) gives
     non-overlapping full windows: the same average over positions as the training loop's validation loss, computed
-    by the same code (train.loss_over_windows, batch_size windows per forward). A smaller stride gives each token
+    by the same code (lib/evaluation.loss_over_windows, batch_size windows per forward; fast: its cross-entropy). A smaller stride gives each token
     more context and a lower loss, at context_length/stride times the cost.
     """
+    from lib.evaluation import loss_over_windows  # the evaluator train.py's validation loss uses too
     ctx = model.config.context_length
     stride = ctx if stride is None else stride
     if not 1 <= stride <= ctx:
@@ -261,8 +262,8 @@ def evaluate(model, ids, stride: int | None = None, batch_size: int = 16) -> tup
     ends = np.array(list(range(ctx, n - 1, stride)) + [n - 1] if n - 1 > ctx else [n - 1])
     window = min(ctx, int(ends[0]))             # all windows are full, except a lone one on a short file
     scored = np.diff(ends, prepend=0)           # (windows,) targets that no earlier window scored
-    loss_sum, count = train.loss_over_windows(model, ids, ends - window, window, batch_size, _device_of(model),
-                                              vocab_size=model.config.vocab_size, scored=scored)
+    loss_sum, count = loss_over_windows(model, ids, ends - window, window, batch_size, _device_of(model),
+                                        vocab_size=model.config.vocab_size, scored=scored, fast=fast)
     return loss_sum / count, count
 
 
@@ -362,7 +363,7 @@ def _evaluate_file(args, model, tokenizer, ckpt) -> None:
     print(f"# eval {path}: {len(ids):,} tokens · {args.ckpt} (iteration {ckpt.get('iteration', '?')}) · "
           f"windows of {ctx} tokens, stride {stride}")
     try:
-        loss, n = evaluate(model, ids, stride=stride)
+        loss, n = evaluate(model, ids, stride=stride, fast=True)
     except ValueError as e:
         raise ValueError(f"--eval {path}: {e}") from None
     print(f"loss {loss:.4f} nats/token · perplexity {math.exp(loss):.3f} · {n:,} tokens scored")
@@ -395,8 +396,10 @@ def main(argv=None) -> None:
             raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
         if args.num_samples < 1:
             raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
-        device = train.pick_device(args.device)
-        model, tokenizer, ckpt = load_model(args.ckpt, device, tokenizer_dir=args.tokenizer)
+        from lib.checkpoints import pick_device
+        device = pick_device(args.device)
+        # fast=True: TransformerLM's speed layer (lib/kernels.py) and the fast encoder, the same tokens sooner
+        model, tokenizer, ckpt = load_model(args.ckpt, device, tokenizer_dir=args.tokenizer, fast=True)
         if args.eval:
             _evaluate_file(args, model, tokenizer, ckpt)
         else:
@@ -411,5 +414,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    train.tune_process()  # first: the CPU settings python train.py runs under (subnormals, freed memory kept)
+    from lib.cpu_tuning import tune_process
+    tune_process()  # first: the CPU settings python train.py runs under (subnormals, freed memory kept)
     main()

@@ -4,7 +4,7 @@ accounting), one command per study, at two sizes.
 Every training run is one `train.py` command line, printed before it runs (as a subprocess), so each run in
 EXPERIMENTS.md is a command a reader can repeat by hand; the final model is then scored on the whole validation
 split here, with train.py's own `evaluate` (`sample.py RUN/last.pt --eval valid.npy` runs the same evaluator,
-train.loss_over_windows, and gives the same number). `--quick` fits a 2-core
+lib/evaluation.loss_over_windows, and gives the same number). `--quick` fits a 2-core
 CPU (kernel-docs from ../shared/data, a 10K BPE tokenizer, a model with 0.8M non-embedding parameters, 1-2 minutes
 per run); `--full` is the handout's scale on one GPU (TinyStories,
 the 17M model, 327,680,000 tokens per run) and is meant to be printed with `--dry-run` unless a GPU is at hand.
@@ -226,8 +226,8 @@ def train_command(scale: str, runs: Path, name: str, **changes) -> tuple[Path, l
 def summarize_log(run_dir: Path) -> dict:
     """What the tables need from a run's log.jsonl: last train loss, first and last val loss on the fixed windows,
     median ms/step (the first log interval, which includes warm-up, left out), wall time, MFU."""
-    import train
-    rows = train.read_log(run_dir / "log.jsonl")
+    from lib.runs import read_log
+    rows = read_log(run_dir / "log.jsonl")
     steps = [r for r in rows if "loss" in r]  # training-step rows (step 0 has only val fields)
     val = [r for r in rows if "val_loss" in r]
     peak = max(steps, key=lambda r: r["loss"]) if steps else {"loss": None, "step": None}
@@ -262,12 +262,12 @@ def whole_split_loss(ckpt: Path, valid: Path, device: str) -> float:
     import torch
     import sample
     import train
-    model, _, _ = sample.load_model(ckpt, device)
+    model, _, _ = sample.load_model(ckpt, device, fast=True)
     T = model.config.context_length
     data = train.load_tokens(valid)
     starts = train.eval_starts(len(data), T, len(data))  # n_windows >= all windows: the whole split
     return train.evaluate(model, data, starts, 64, T, torch.device(device), contextlib.nullcontext(),
-                          model.config.vocab_size)
+                          model.config.vocab_size, fast=True)
 
 
 SPIKE_NATS = 1.0  # a training loss this far above the untrained model's is a blow-up, not noise
@@ -369,10 +369,10 @@ def finish_study(study: str, scale: str, runs: Path, run: Runner, records: list[
 
 
 def machine_line(scale: str) -> str:
-    """A results file's machine line: accounting.machine_line() (CPU, cores, torch, threads, Python), the scale's
+    """A results file's machine line: lib.measure.machine_line() (CPU, cores, torch, threads, Python), the scale's
     training device, and when the results were written."""
-    import accounting
-    return (f"Machine: {accounting.machine_line()}; device {SCALES[scale]['device']}; "
+    from lib import measure
+    return (f"Machine: {measure.machine_line()}; device {SCALES[scale]['device']}; "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.")
 
 
@@ -665,14 +665,15 @@ def study_generate(scale, runs, run, force=False) -> None:
 
 def study_accounting(scale, runs, run, force=False) -> None:
     """accounting.py --compare (the GPT-2 family), then predicted vs measured step time of this scale's runs:
-    predicted = train_flops_per_token x tokens/step / measured matmul peak (accounting.measure_matmul_flops)."""
+    predicted = train_flops_per_token x tokens/step / measured matmul peak (lib.measure.measure_matmul_flops)."""
     _, compare = run(["python", "accounting.py", "--compare"])
     if run.dry_run:
         return
     import torch
     import accounting
+    from lib import measure
     from model import ModelConfig
-    peak = statistics.median(accounting.measure_matmul_flops(device=SCALES[scale]["device"], dtype=torch.float32)
+    peak = statistics.median(measure.measure_matmul_flops(device=SCALES[scale]["device"], dtype=torch.float32)
                              for _ in range(3))
     rows = ["| run | train FLOPs/token | tokens/step | predicted ms/step | measured ms/step (median) | "
             "predicted / measured |", "|---|---:|---:|---:|---:|---:|"]
@@ -687,7 +688,7 @@ def study_accounting(scale, runs, run, force=False) -> None:
                         f"{predicted / r['ms_per_step']:.2f} |")
     text = (f"<!-- written by `python experiments/run.py accounting --{scale}` -->\n{machine_line(scale)}\n\n"
             f"`python accounting.py --compare`:\n\n```\n{compare.strip()}\n```\n\n"
-            f"Measured fp32 matmul peak (median of 3 x `accounting.measure_matmul_flops`, best-of-1 s each): "
+            f"Measured fp32 matmul peak (median of 3 x `lib.measure.measure_matmul_flops`, best-of-1 s each): "
             f"{peak / 1e9:.1f} GFLOP/s.\n\n" + "\n".join(rows) + "\n")
     save_result("accounting", scale, text)
 

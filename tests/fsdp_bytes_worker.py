@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_scale.py: shard a small TransformerLM with train.shard_model, take one AdamW step,
+"""Run under torchrun by tests/test_scale.py: shard a small TransformerLM with lib/distributed.shard_model, take one AdamW step,
 and write what this rank really holds (bytes of its parameter shards and of AdamW's m and v) to OUT/rank<R>.json."""
 import dataclasses
 import json
@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import train  # noqa: E402
+from lib import distributed  # noqa: E402
 from model import ModelConfig, TransformerLM  # noqa: E402
 from optim import AdamW, cross_entropy  # noqa: E402
 
@@ -23,7 +23,7 @@ def main(out: Path, config: dict) -> None:
     cfg = ModelConfig(**config)
     model = TransformerLM(**dataclasses.asdict(cfg))
     run = argparse_free_run(cfg)
-    train.shard_model(model, run)
+    distributed.shard_model(model, run)
     optimizer = AdamW(model.parameters(), lr=1e-3, foreach=True)
     ids = torch.randint(0, cfg.vocab_size, (2, cfg.context_length + 1))
     cross_entropy(model(ids[:, :-1]), ids[:, 1:]).backward()
@@ -36,7 +36,7 @@ def main(out: Path, config: dict) -> None:
 
 
 def argparse_free_run(cfg):
-    """The two fields of train.Run that shard_model reads."""
+    """The two fields of lib.runs.Run that shard_model reads."""
     class Run:
         device = torch.device("cpu")
         world_size = dist.get_world_size()
@@ -46,4 +46,4 @@ def argparse_free_run(cfg):
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), json.loads(sys.argv[2]))
-    train.exit_skipping_teardown(0)  # as train.py's ranks end (gloo can abort in the interpreter's teardown)
+    distributed.exit_skipping_teardown(0)  # as train.py's ranks end (gloo can abort in the interpreter's teardown)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import train
+import lib.runs
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "experiments" / "run.py"
@@ -48,8 +48,8 @@ def test_full_dry_run_commands_are_valid_train_py_invocations(run_py, capsys, tm
     assert len(lines) >= 15
     budgets, ablations = set(), set()
     for line in lines:
-        args, ckpt = train.resolve_args(shlex.split(line)[2:])
-        cfg = train.resolve_model_config(args, ckpt, None)
+        args, ckpt = lib.runs.resolve_args(shlex.split(line)[2:])
+        cfg = lib.runs.resolve_model_config(args, ckpt, None)
         budgets.add(args["batch_size"] * cfg.context_length * args["max_iters"])
         ablations.add((cfg.norm, cfg.position, cfg.ffn))
         assert cfg.d_ff == (4 * cfg.d_model if cfg.ffn == "silu" else run_py.SCALES["full"]["model"]["d_ff"])
@@ -72,8 +72,8 @@ def test_cpu_dry_run_sweeps_every_arm_at_3m_tokens(run_py, capsys, tmp_path):
     lines = [line[2:] for line in out.splitlines() if line.startswith("$ python train.py --")]
     lines_of, runs_of = {}, {}
     for line in lines:
-        args, ckpt = train.resolve_args(shlex.split(line)[2:])
-        cfg = train.resolve_model_config(args, ckpt, None)
+        args, ckpt = lib.runs.resolve_args(shlex.split(line)[2:])
+        cfg = lib.runs.resolve_model_config(args, ckpt, None)
         assert args["batch_size"] * cfg.context_length * args["max_iters"] >= 3_000_000
         assert args["data"].endswith("kernel-docs-2k")  # train.py takes the vocab size (2,048) from its tokenizer
         assert lines_of.setdefault(args["out"], line) == line  # a reused name is the same run
@@ -92,9 +92,9 @@ def test_cpu_dry_run_sweeps_every_arm_at_3m_tokens(run_py, capsys, tmp_path):
 
 
 def test_machine_line_is_accountings_plus_device_and_time(run_py):
-    import accounting
+    from lib import measure
     line = run_py.machine_line("full")
-    assert line.startswith(f"Machine: {accounting.machine_line()}; device cuda; ")
+    assert line.startswith(f"Machine: {measure.machine_line()}; device cuda; ")
     assert re.search(r"; \d{4}-\d\d-\d\d \d\d:\d\d UTC\.$", line)
 
 

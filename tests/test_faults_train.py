@@ -30,6 +30,8 @@ import torch
 
 from lib import cli
 import train
+import lib.checkpoints
+import lib.runs
 from conftest import TINY_RUN, run_losses
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,14 +62,14 @@ def test_failed_checkpoint_write_stops_cleanly_and_resumes(counting_data, tmp_pa
     common = ["--data", counting_data, "--max-iters", 12, "--ckpt-interval", 4, "--eval-interval", 6, *TINY]
     assert run_main(["--out", tmp_path / "ref", *common], capsys)[0] == 0
     out = tmp_path / "run"
-    real_save = train.save_checkpoints
+    real_save = lib.runs.save_checkpoints
 
     def save_then_break(run, trainer, progress, *, last, best):  # the checkpoints of step 8 fail 1,000 bytes in
         if progress.step == 8:
             fail_writes(err, after_bytes=1000, name_contains=".pt")
         real_save(run, trainer, progress, last=last, best=best)
 
-    monkeypatch.setattr(train, "save_checkpoints", save_then_break)
+    monkeypatch.setattr(lib.runs, "save_checkpoints", save_then_break)
     rc, _, stderr = run_main(["--out", out, *common], capsys)
     assert rc == 1
     assert stderr.splitlines() == [stderr.strip()]  # one line
@@ -82,14 +84,14 @@ def test_failed_checkpoint_write_stops_cleanly_and_resumes(counting_data, tmp_pa
 
 def test_last_is_written_before_best_and_best_is_a_link_of_the_same_step(counting_data, tmp_path, capsys, monkeypatch):
     written = []
-    real_write = train.write_checkpoint
-    monkeypatch.setattr(train, "write_checkpoint", lambda name, *a, **k: (written.append(name), real_write(name, *a, **k)))
+    real_write = lib.runs.write_checkpoint
+    monkeypatch.setattr(lib.runs, "write_checkpoint", lambda name, *a, **k: (written.append(name), real_write(name, *a, **k)))
     out = tmp_path / "run"
     assert run_main(["--data", counting_data, "--out", out, "--max-iters", 9, "--ckpt-interval", 3, "--eval-interval", 2,
                      *TINY], capsys)[0] == 0
     # what must have been written, step by step: last.pt every 3 steps; best.pt at each evaluation that improved,
     # as its own write, or (at steps that also write last.pt) after it, as a link: never serialised twice
-    vals = {r["step"]: r["val_loss"] for r in train.read_log(out / "log.jsonl") if "val_loss" in r and r["step"]}
+    vals = {r["step"]: r["val_loss"] for r in lib.runs.read_log(out / "log.jsonl") if "val_loss" in r and r["step"]}
     expected, best = [], float("inf")
     for step in range(1, 10):
         is_best = step in vals and vals[step] < best
@@ -108,7 +110,7 @@ def test_best_and_last_of_one_step_are_one_file(counting_data, tmp_path, capsys)
     out = tmp_path / "run"
     assert run_main(["--data", counting_data, "--out", out, "--max-iters", 4, "--eval-interval", 4, *TINY], capsys)[0] == 0
     assert os.stat(out / "best.pt").st_ino == os.stat(out / "last.pt").st_ino  # a hard link: no second write
-    assert train.read_checkpoint(out / "best.pt")["iteration"] == 4
+    assert lib.checkpoints.read_checkpoint(out / "best.pt")["iteration"] == 4
 
 
 def test_best_is_a_copy_where_hard_links_fail(counting_data, tmp_path, capsys, monkeypatch):
@@ -131,7 +133,7 @@ def test_early_warning_when_the_next_checkpoint_will_not_fit(counting_data, tmp_
         real = real_usage(path)
         return real if state["free"] is None else shutil._ntuple_diskusage(real.total, real.total - 1000, 1000)
 
-    real_write = train.write_checkpoint
+    real_write = lib.runs.write_checkpoint
 
     def write_then_fill(name, *a, **k):
         real_write(name, *a, **k)
@@ -140,7 +142,7 @@ def test_early_warning_when_the_next_checkpoint_will_not_fit(counting_data, tmp_
     opened = []
     real_open = cli.open_for_write
     monkeypatch.setattr(shutil, "disk_usage", usage)
-    monkeypatch.setattr(train, "write_checkpoint", write_then_fill)
+    monkeypatch.setattr(lib.runs, "write_checkpoint", write_then_fill)
     monkeypatch.setattr(cli, "open_for_write", lambda path: (opened.append(Path(path).name), real_open(path))[1])
     rc, _, stderr = run_main(["--data", counting_data, "--out", out, "--max-iters", 8, "--ckpt-interval", 4,
                               "--eval-interval", 100, *TINY], capsys)
@@ -183,7 +185,7 @@ def test_a_failing_log_is_reported_once_and_training_goes_on(counting_data, tmp_
 def test_a_failing_log_stops_the_run_when_checkpoints_cannot_be_written_either(counting_data, tmp_path, capsys,
                                                                               fail_writes, monkeypatch):
     fail_writes(errno.ENOSPC, after_bytes=0, name_contains="log.jsonl")
-    monkeypatch.setattr(train, "space_problem", lambda path, needed: "no space left on device: 1 MB needed, 0 B free")
+    monkeypatch.setattr(lib.runs, "space_problem", lambda path, needed: "no space left on device: 1 MB needed, 0 B free")
     out = tmp_path / "run"
     rc, _, stderr = run_main(["--data", counting_data, "--out", out, "--max-iters", 10, *TINY], capsys)
     assert rc == 1 and stderr.count("\n") == 1

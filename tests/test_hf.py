@@ -31,6 +31,9 @@ import torch
 import bpe
 import sample
 import train
+import lib.checkpoints
+import lib.runs
+from lib import datasets, tokenizer_formats
 from model import ModelConfig, TransformerLM
 from test_bpe import PARITY_TEXTS, random_text, random_unicode
 
@@ -151,7 +154,7 @@ def test_the_printed_tiktoken_one_liner_works(tmp_path):
 
 def test_tokenizer_json_reads_back_into_the_same_tokenizer(tmp_path):
     tok = trained_tokenizer(tmp_path)
-    back = bpe.tokenizer_from_hf_json(bpe.hf_tokenizer_json(tok), "tokenizer.json")
+    back = tokenizer_formats.tokenizer_from_hf_json(tokenizer_formats.hf_tokenizer_json(tok), "tokenizer.json")
     assert (back.vocab, back.merges, back.special_tokens) == (tok.vocab, tok.merges, tok.special_tokens)
 
 
@@ -167,7 +170,7 @@ def test_a_tokenizer_json_written_by_hugging_face_reads_back_with_the_same_ids(t
     hf.add_special_tokens([tokenizers.AddedToken(EOT, special=True, normalized=False)])
     obj = json.loads(hf.to_str())
     obj["model"]["merges"] = [" ".join(m) for m in obj["model"]["merges"]]  # the older file format
-    back = bpe.tokenizer_from_hf_json(obj, "tokenizer.json")
+    back = tokenizer_formats.tokenizer_from_hf_json(obj, "tokenizer.json")
     rng = random.Random(3)
     for text in PARITY_TEXTS + [random_unicode(rng, 60) for _ in range(300)]:
         assert back.encode(text) == hf.encode(text).ids, text
@@ -198,26 +201,26 @@ NOT_GPT2_REGEX = {"type": "Split", "pattern": {"Regex": r"\s+|\S+"}, "behavior":
     (edit(["added_tokens", 0, "lstrip"], True), r"added token '<\|endoftext\|>' strips spaces"),
 ])
 def test_tokenizer_json_that_encodes_differently_is_refused(tmp_path, change, message):
-    obj = bpe.hf_tokenizer_json(trained_tokenizer(tmp_path))
+    obj = tokenizer_formats.hf_tokenizer_json(trained_tokenizer(tmp_path))
     change(obj)
     with pytest.raises(ValueError, match=r"^tokenizer\.json: .*" + message):
-        bpe.tokenizer_from_hf_json(obj, "tokenizer.json")
+        tokenizer_formats.tokenizer_from_hf_json(obj, "tokenizer.json")
 
 
 def test_a_special_token_hugging_face_would_decode_wrongly_is_refused():
     tok = bpe.Tokenizer({i: bytes([i]) for i in range(256)}, [], ["<|é|>"])
     with pytest.raises(ValueError, match=r"special token '<\|é\|>' would decode wrongly in Hugging Face tokenizers"):
-        bpe.hf_tokenizer_json(tok)
+        tokenizer_formats.hf_tokenizer_json(tok)
 
 
 def test_tiktoken_refuses_merge_orders_it_cannot_express():
     byte_vocab = {i: bytes([i]) for i in range(256)}
     out_of_order = bpe.Tokenizer({**byte_vocab, 256: b"ab", 257: b"bc"}, [(b"b", b"c"), (b"a", b"b")])
     with pytest.raises(ValueError, match=r"merge 1 \(a b\) makes token id 256, not above the previous merge's 257"):
-        bpe.tiktoken_ranks(out_of_order)
+        tokenizer_formats.tiktoken_ranks(out_of_order)
     stray = bpe.Tokenizer({**byte_vocab, 256: b"xyz"}, [])
     with pytest.raises(ValueError, match=r"token id 256 \(xyz\) is made by no merge"):
-        bpe.tiktoken_ranks(stray)
+        tokenizer_formats.tiktoken_ranks(stray)
 
 
 def test_bpe_export_bad_input_is_one_line(tmp_path, capsys):
@@ -305,7 +308,7 @@ def save_hf_dir(model, tok_dir, path, weights="safetensors"):
     if weights == "bin":
         (path / "model.safetensors").unlink()
         torch.save(model.state_dict(), path / "pytorch_model.bin")
-    bpe.save_hf_tokenizer(bpe.Tokenizer.from_dir(tok_dir), path)
+    tokenizer_formats.save_hf_tokenizer(bpe.Tokenizer.from_dir(tok_dir), path)
     return path
 
 
@@ -339,7 +342,7 @@ def test_export_import_export_round_trips_bit_for_bit(hf, tok_dir, tmp_path):
     assert files == sorted(p.name for p in (tmp_path / "hf2").iterdir())
     for name in files:
         assert (tmp_path / "hf1" / name).read_bytes() == (tmp_path / "hf2" / name).read_bytes(), name
-    imported = train.read_checkpoint(tmp_path / "run" / "last.pt")
+    imported = lib.checkpoints.read_checkpoint(tmp_path / "run" / "last.pt")
     assert imported["model_config"] == dataclasses.asdict(ours.config)
     for key, value in ours.state_dict().items():
         assert torch.equal(imported["model"][key], value), key
@@ -462,14 +465,14 @@ def encoded_data(tmp_path, tok_dir, name="data", tokenizer_beside=True):
     rng = random.Random(5)
     for split, words in (("train", 3000), ("valid", 600)):
         (d / f"{split}.txt").write_text(random_text(rng, words, alphabet="abcdefghij", specials=[EOT]))
-        bpe.encode_file(tok, d / f"{split}.txt", d / f"{split}.npy", num_workers=1)
+        datasets.encode_file(tok, d / f"{split}.txt", d / f"{split}.npy", num_workers=1)
     if tokenizer_beside:
         tok.save_dir(d)
     return d
 
 
 def log_rows(run_dir):
-    return train.read_log(run_dir / "log.jsonl")
+    return lib.runs.read_log(run_dir / "log.jsonl")
 
 
 def test_init_from_starts_a_new_run_from_the_weights(tok_dir, tmp_path, capsys):
@@ -481,7 +484,7 @@ def test_init_from_starts_a_new_run_from_the_weights(tok_dir, tmp_path, capsys):
     assert log_rows(second)[0]["step"] == 0
     assert log_rows(second)[0]["val_loss"] == log_rows(first)[-1]["val_loss"]
     # A fresh optimizer, schedule and step counter: 10 steps, not 20, and AdamW's own step count 10.
-    ckpt = train.read_checkpoint(second / "last.pt")
+    ckpt = lib.checkpoints.read_checkpoint(second / "last.pt")
     assert ckpt["iteration"] == 10 and [r["step"] for r in log_rows(second)] == [0, 5, 10]
     assert all(state["step"] == 10 for state in ckpt["optimizer"]["state"].values())
     assert ckpt["train_args"]["init_from"] == str(first / "last.pt")
@@ -497,7 +500,7 @@ def test_an_imported_model_fine_tunes_with_init_from(hf, tok_dir, tmp_path, caps
     assert train.main(argv) == 0
     rows = log_rows(tmp_path / "tuned")
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]
-    ckpt = train.read_checkpoint(tmp_path / "tuned" / "last.pt")
+    ckpt = lib.checkpoints.read_checkpoint(tmp_path / "tuned" / "last.pt")
     assert ckpt["tokenizer_dir"] == str((tmp_path / "imported").resolve())  # the model's tokenizer, for sample.py
 
 

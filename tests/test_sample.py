@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import sample
-import train
+from lib.cli import BadInputError
 from bpe import Tokenizer, train_bpe
 from model import KVCache, ModelConfig, TransformerLM
 from sample import (TextStream, check_sampling_args, evaluate, generate, generate_stream, load_model, next_logits,
@@ -361,32 +361,32 @@ def test_load_model_rebuilds_model_and_tokenizer(tiny_run):
 
 
 def test_load_model_errors(tiny_run, tmp_path):
-    # sample.py reads checkpoints with train.read_checkpoint: one set of one-line messages (train.BadInputError,
+    # sample.py reads checkpoints with lib/checkpoints.read_checkpoint: one set of one-line messages (BadInputError,
     # a ValueError, which the CLI turns into exit code 2)
     ckpt_path, tok_dir = tiny_run
-    with pytest.raises(train.BadInputError, match="nope.pt does not exist: pass a .pt file train.py wrote"):
+    with pytest.raises(BadInputError, match="nope.pt does not exist: pass a .pt file train.py wrote"):
         load_model(tmp_path / "nope.pt", "cpu")
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(train.BadInputError, match="garbage.pt is corrupt or not a train.py checkpoint"):
+    with pytest.raises(BadInputError, match="garbage.pt is corrupt or not a train.py checkpoint"):
         load_model(tmp_path / "garbage.pt", "cpu")
     (tmp_path / "truncated.pt").write_bytes(ckpt_path.read_bytes()[:5000])
-    with pytest.raises(train.BadInputError, match="truncated.pt is corrupt or not a train.py checkpoint"):
+    with pytest.raises(BadInputError, match="truncated.pt is corrupt or not a train.py checkpoint"):
         load_model(tmp_path / "truncated.pt", "cpu")
     torch.save({"iteration": 3}, tmp_path / "no_model.pt")
-    with pytest.raises(train.BadInputError, match="no 'model'/'iteration' entries"):
+    with pytest.raises(BadInputError, match="no 'model'/'iteration' entries"):
         load_model(tmp_path / "no_model.pt", "cpu")
     ckpt = torch.load(ckpt_path, weights_only=True)
     torch.save({k: v for k, v in ckpt.items() if k != "model_config"}, tmp_path / "no_config.pt")
-    with pytest.raises(train.BadInputError, match="no 'model_config' entry"):
+    with pytest.raises(BadInputError, match="no 'model_config' entry"):
         load_model(tmp_path / "no_config.pt", "cpu")
     torch.save(ckpt | dict(tokenizer_dir=str(tmp_path / "gone")), tmp_path / "moved.pt")
-    with pytest.raises(train.BadInputError, match="has no vocab.json and merges.txt: pass --tokenizer DIR"):
+    with pytest.raises(BadInputError, match="has no vocab.json and merges.txt: pass --tokenizer DIR"):
         load_model(tmp_path / "moved.pt", "cpu")
     _, tokenizer, _ = load_model(tmp_path / "moved.pt", "cpu", tokenizer_dir=tok_dir)   # the override fixes it
     assert tokenizer.vocab_size == ckpt["model_config"]["vocab_size"]
     bad = dict(ckpt, model_config=ckpt["model_config"] | dict(d_model=64))
     torch.save(bad, tmp_path / "mismatch.pt")
-    with pytest.raises(train.BadInputError, match="mismatch.pt: weights do not match the model .*size mismatch"):
+    with pytest.raises(BadInputError, match="mismatch.pt: weights do not match the model .*size mismatch"):
         load_model(tmp_path / "mismatch.pt", "cpu")
 
 

@@ -20,6 +20,8 @@ import torch
 
 import accounting
 import train
+import lib.checkpoints
+import lib.runs
 from conftest import TINY_RUN, run_losses
 from model import PRESETS, ModelConfig, TransformerLM
 from optim import cross_entropy
@@ -36,7 +38,7 @@ def run_main(argv, capsys):
 
 
 def log(run_dir):
-    return train.read_log(Path(run_dir) / "log.jsonl")
+    return lib.runs.read_log(Path(run_dir) / "log.jsonl")
 
 
 losses = run_losses
@@ -100,11 +102,11 @@ def test_fp16_resume_is_exact(counting_data, tmp_path, capsys, monkeypatch):
 
 
 def test_automatic_dtype_choice():
-    assert train.pick_dtype(None, torch.device("cpu")) == ("fp32", train.pick_dtype(None, torch.device("cpu"))[1])
-    assert train.pick_dtype("fp16", torch.device("cpu")) == ("fp16", "--dtype")
+    assert lib.checkpoints.pick_dtype(None, torch.device("cpu")) == ("fp32", lib.checkpoints.pick_dtype(None, torch.device("cpu"))[1])
+    assert lib.checkpoints.pick_dtype("fp16", torch.device("cpu")) == ("fp16", "--dtype")
     if torch.cuda.is_available():
         native = torch.cuda.is_bf16_supported(including_emulation=False)
-        assert train.pick_dtype(None, torch.device("cuda"))[0] == ("bf16" if native else "fp16")
+        assert lib.checkpoints.pick_dtype(None, torch.device("cuda"))[0] == ("bf16" if native else "fp16")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -257,7 +259,7 @@ def test_fsdp_without_torchrun_is_one_line(counting_data, tmp_path, capsys):
 
 def test_a_torchrun_rank_ends_with_its_exit_code_and_all_its_output(counting_data, tmp_path):
     # Under torchrun (WORLD_SIZE set) train.py ends through os._exit, skipping the interpreter's teardown where gloo
-    # can abort (train.exit_skipping_teardown): the exit code and every line printed to a pipe must still come out.
+    # can abort (lib.distributed.exit_skipping_teardown): the exit code and every line printed to a pipe must still come out.
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, "WORLD_SIZE": "1"}  # stdout buffered
     common = [sys.executable, TRAIN_PY, *TINY, "--max-iters", 4, "--eval-interval", 2, "--log-interval", 1]
     done = subprocess.run([*map(str, common), "--data", str(counting_data), "--out", str(tmp_path / "run")], env=env,

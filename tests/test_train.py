@@ -23,6 +23,8 @@ import pytest
 import torch
 
 import train
+import lib.demo
+import lib.runs
 from model import PRESETS, ModelConfig, TransformerLM
 from optim import AdamW
 
@@ -69,7 +71,7 @@ def run_main(argv, capsys):
 
 
 def losses(run_dir):
-    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in train.read_log(Path(run_dir) / "log.jsonl")]
+    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in lib.runs.read_log(Path(run_dir) / "log.jsonl")]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -204,18 +206,18 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 def test_config_file_sets_defaults_and_the_command_line_wins(tmp_path):
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"lr": 0.5, "batch-size": 4, "preset": "tiny", "ffn": "silu", "d_model": 64}))
-    args, ckpt = train.resolve_args(["--config", str(cfg), "--lr", "0.25", "--data", "x.npy"])
+    args, ckpt = lib.runs.resolve_args(["--config", str(cfg), "--lr", "0.25", "--data", "x.npy"])
     assert ckpt is None and args["lr"] == 0.25 and args["batch_size"] == 4 and args["max_iters"] == 5000
-    model_cfg = train.resolve_model_config(args, None, None)
+    model_cfg = lib.runs.resolve_model_config(args, None, None)
     # the tiny preset, with d_model from the file and the SiLU FFN's d_ff = 4 * d_model
     assert (model_cfg.d_model, model_cfg.d_ff, model_cfg.num_layers, model_cfg.ffn) == (64, 256, 4, "silu")
 
 
 def test_presets_and_ablation_flags_reach_model_config():
     # tiny, not ts17m: ModelConfig's defaults are ts17m, so an ignored --preset ts17m would go unnoticed
-    args, _ = train.resolve_args(["--preset", "tiny", "--norm", "post", "--position", "nope", "--tie-embeddings",
+    args, _ = lib.runs.resolve_args(["--preset", "tiny", "--norm", "post", "--position", "nope", "--tie-embeddings",
                                   "--attn-impl", "manual"])
-    cfg = train.resolve_model_config(args, None, None)
+    cfg = lib.runs.resolve_model_config(args, None, None)
     assert cfg == ModelConfig(d_model=256, num_heads=8, d_ff=688, norm="post", position="nope", tie_embeddings=True,
                               attn_impl="manual")
     assert cfg == dataclasses.replace(PRESETS["tiny"], norm="post", position="nope", tie_embeddings=True,
@@ -232,7 +234,7 @@ def test_tiny_run_loss_falls_and_writes_the_run_directory(data_dir, tmp_path, ca
     rc, stdout, _ = run_main(["--data", str(data_dir), "--out", str(out), "--max-iters", "30", "--eval-interval",
                               "15", "--log-interval", "5", "--eval-iters", "4", *TINY], capsys)
     assert rc == 0, stdout
-    rows = train.read_log(out / "log.jsonl")
+    rows = lib.runs.read_log(out / "log.jsonl")
     vals = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     assert [s for s, _ in vals] == [0, 15, 30]  # step 0, every --eval-interval, the end
     assert abs(vals[0][1] - np.log(32)) < 0.5  # untrained: about ln V
@@ -248,8 +250,8 @@ def test_tiny_run_loss_falls_and_writes_the_run_directory(data_dir, tmp_path, ca
     assert ckpt["iteration"] == 30 and ckpt["model_config"]["d_model"] == 32
     assert json.loads((out / "config.json").read_text())["max_iters"] == 30
     # the resolved config.json is itself a --config file that repeats the run
-    again, _ = train.resolve_args(["--config", str(out / "config.json"), "--out", str(tmp_path / "again")])
-    assert train.resolve_model_config(again, None, None) == ModelConfig(**ckpt["model_config"])
+    again, _ = lib.runs.resolve_args(["--config", str(out / "config.json"), "--out", str(tmp_path / "again")])
+    assert lib.runs.resolve_model_config(again, None, None) == ModelConfig(**ckpt["model_config"])
     assert again["max_iters"] == 30 and again["data"] == str(data_dir)
 
 
@@ -257,10 +259,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, c
     calls = {"n": 0}
     real_ce = train.cross_entropy
 
-    def ce_that_breaks(logits, targets):  # finite for the first 12 training steps, then nan
-        calls["n"] += 1
-        loss = real_ce(logits, targets)
-        return loss * float("nan") if calls["n"] > 12 + 1 else loss  # +1: the step-0 evaluation
+    def ce_that_breaks(logits, targets, fast=False):  # finite for the first 12 training steps, then nan
+        calls["n"] += 1  # (evaluation scores with lib/evaluation.py's own cross_entropy: only training steps count)
+        loss = real_ce(logits, targets, fast=fast)
+        return loss * float("nan") if calls["n"] > 12 else loss
 
     monkeypatch.setattr(train, "cross_entropy", ce_that_breaks)
     out = tmp_path / "run"
@@ -290,7 +292,7 @@ def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, capsys, monkeypatc
 
 def test_no_arguments_runs_the_demo(monkeypatch):
     seen = {}
-    monkeypatch.setattr(train, "demo", lambda out, quick=False: seen.update(out=out, quick=quick))
+    monkeypatch.setattr(lib.demo, "demo", lambda out, quick=False, plain=False: seen.update(out=out, quick=quick))
     assert train.main([]) == 0
     assert seen == {"out": Path("runs/demo"), "quick": False}
 
@@ -364,7 +366,7 @@ def test_a_second_signal_stops_at_once_without_saving(data_dir, tmp_path, capsys
 
 
 def test_train_leaves_its_args_unchanged(data_dir, tmp_path, capsys):
-    args, _ = train.resolve_args(["--data", str(data_dir), "--out", str(tmp_path / "run"), "--max-iters", "2",
+    args, _ = lib.runs.resolve_args(["--data", str(data_dir), "--out", str(tmp_path / "run"), "--max-iters", "2",
                                   "--eval-iters", "1", *TINY])
     before = dict(args)
     train.train(args)
@@ -374,10 +376,10 @@ def test_train_leaves_its_args_unchanged(data_dir, tmp_path, capsys):
 FLUSH_CHECK = """
 import numpy as np, sys, torch
 sys.path.insert(0, {root!r})
-import train
+from lib import cpu_tuning
 x = torch.from_numpy(np.full(1 << 20, 1e-39, dtype=np.float32))  # subnormal, made before any flushing
 if {first}:
-    assert train.flush_subnormals()
+    assert cpu_tuning.flush_subnormals()
 _ = x * 1.0  # the first parallel op: torch's thread pool starts here
 if not {first}:
     torch.set_flush_denormal(True)
@@ -401,9 +403,10 @@ def test_flush_subnormals_reaches_every_thread_only_when_called_first(first):
 KEEP_CHECK = """
 import resource, sys, torch
 sys.path.insert(0, {root!r})
-import train
+import train  # the process python train.py is: its imports first, as before
+from lib import cpu_tuning
 if {keep}:
-    assert train.keep_freed_memory()
+    assert cpu_tuning.keep_freed_memory()
 def page_faults_of_a_fresh_100_mib_tensor():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t = torch.ones(25 << 20)  # 100 MiB, every page written
@@ -456,7 +459,7 @@ def start_run(data_dir, out, extra=()):
 
 def wait_for_step(proc, log, step):
     while proc.poll() is None:
-        rows = train.read_log(log) if log.is_file() else []
+        rows = lib.runs.read_log(log) if log.is_file() else []
         if rows and rows[-1]["step"] >= step:
             return
         time.sleep(0.005)
@@ -484,7 +487,7 @@ def test_resume_after_sigkill_and_sigterm_is_bitwise_identical(data_dir, tmp_pat
     stop_step = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)["iteration"]
     assert 24 <= stop_step < 60
     assert ref.wait() == 0, ref.stderr.read()
-    killed_at = max(r["step"] for r in train.read_log(tmp_path / "killed" / "log.jsonl"))
+    killed_at = max(r["step"] for r in lib.runs.read_log(tmp_path / "killed" / "log.jsonl"))
     assert killed_at < 60  # it really was killed mid-run
     for run in ("killed", "stopped"):
         done = resume(tmp_path / run)
@@ -500,7 +503,7 @@ def test_two_sigterms_stop_a_real_run_within_a_second_or_two(data_dir, tmp_path)
            "1", "--peak-flops", "0", "--device", "cpu"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_step(proc, out / "log.jsonl", 1)
-    step_seconds = train.read_log(out / "log.jsonl")[-1]["ms_per_step"] / 1000
+    step_seconds = lib.runs.read_log(out / "log.jsonl")[-1]["ms_per_step"] / 1000
     proc.send_signal(signal.SIGTERM)  # step 2 has just begun: it would finish, save and exit...
     time.sleep(min(0.5, step_seconds / 4))
     proc.send_signal(signal.SIGTERM)  # ...but the second signal stops it now
@@ -558,7 +561,7 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     # the printed sample is what the checkpoint generates with the demo's settings, and it is not empty
     import sample
     model, tok, _ = sample.load_model(out / "run" / "last.pt")
-    ids = sample.generate(model, tok.encode("The "), train.DEMO["quick"]["new_tokens"], temperature=0.8, top_p=0.95,
+    ids = sample.generate(model, tok.encode("The "), lib.demo.DEMO["quick"]["new_tokens"], temperature=0.8, top_p=0.95,
                           eos_id=tok.special_token_ids["<|endoftext|>"], generator=torch.Generator().manual_seed(0))
     text = tok.decode(ids.tolist())
     assert len(ids) > 0 and text.strip() and f"\n\nThe {text}\n" in done.stdout
