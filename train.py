@@ -12,7 +12,7 @@ Everything a reader can skip is in lib/: flags, --config, --resume, the run dire
 checkpoint files (checkpoints.py), torchrun's DDP / FSDP2 (distributed.py), Hugging Face export / import
 (hf_export.py), the offline demo and `plot` (demo.py).
 
-    python train.py                                        # offline demo: BPE, encode, train, sample (~1 min on CPU)
+    python train.py                                        # offline demo: BPE, encode, train, sample (CPU)
     python train.py --data data/tinystories --preset ts17m --device cuda --out runs/ts17m   # --resume runs/ts17m
     torchrun --nproc_per_node 8 train.py --data data/owt --preset ts17m --batch-size 256 --compile
 """
@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from lib.cli import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, BadInputError, EnvironmentFault
 from lib.fused_optim import clip_divisor
@@ -246,6 +245,7 @@ def train_step(run, trainer, progress) -> torch.Tensor:
 def train(args: dict, ckpt: dict | None = None) -> Path:
     """Run (or resume) training as `args` say; returns the run directory. `args` itself is left unchanged."""
     from lib import runs  # the run's set-up, log, checkpoint files and signals (lib/runs.py)
+    from lib.distributed import end_process_group, wait_for_all_ranks
     run, init = runs.setup_run(args, ckpt)
     trainer, progress = build_trainer(run, ckpt, init)
     resumed = ckpt is not None
@@ -291,18 +291,11 @@ def train(args: dict, ckpt: dict | None = None) -> Path:
                     print(f"{stop.requested}: saved {run.out}/last.pt at step {step}; continue with "
                           f"`python train.py --resume {run.out}`")
                 break
-        if dist.is_initialized():
-            # Every rank waits here for the others before tearing the process group down. Without it a rank that
-            # finishes first (rank 0 still writing last.pt) and exits could die in gloo's teardown ("terminate
-            # called without an active exception", SIGABRT after the last step: 8 of 45 two-rank runs on a busy
-            # 2-core machine, 0 of 60 with the barrier). Only when the loop ended normally (done, or a stop all
-            # ranks agreed on), never in `finally`: after an error on one rank the others would wait here forever.
-            dist.barrier()
+        wait_for_all_ranks()  # torchrun: only after a normal end (see lib/distributed.py)
     finally:
         stop.restore()
         log.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        end_process_group()
     return run.out
 
 

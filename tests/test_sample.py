@@ -509,3 +509,22 @@ def test_cli_runs_as_a_script(tiny_run):
                              "--seed", "0"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "=== end of sample 1/1:" in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# layers: sample.py stands on lib/checkpoints.py, not on train.py (and train.py does not reach up to sample.py)
+
+
+IMPORTS = """
+import sys
+sys.path.insert(0, {root!r})
+import {module}
+print(" ".join(sorted(m for m in ("train", "sample", "lib.runs", "lib.demo", "lib.evaluation") if m in sys.modules)))
+"""
+
+
+@pytest.mark.parametrize("module, loaded", [("sample", "sample"), ("train", "train")])
+def test_importing_a_chapter_loads_no_chapter_above_it_and_no_run_management(module, loaded):
+    done = subprocess.run([sys.executable, "-c", IMPORTS.format(root=str(ROOT), module=module)], capture_output=True,
+                          text=True, check=True)
+    assert done.stdout.split() == [loaded]

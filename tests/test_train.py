@@ -255,6 +255,43 @@ def test_tiny_run_loss_falls_and_writes_the_run_directory(data_dir, tmp_path, ca
     assert again["max_iters"] == 30 and again["data"] == str(data_dir)
 
 
+def test_plain_trains_with_the_chapters_code_to_nearly_the_same_losses(data_dir, tmp_path, capsys, monkeypatch):
+    """--plain: model.py's own lines, optim.py's AdamW loop, readable cross-entropy and clip_grad_norm; no fused
+    kernel anywhere. The two paths compute the same function, so the loss curves agree up to rounding."""
+    seen = {}
+    real_build, real_ce = train.build_trainer, train.cross_entropy
+
+    def build_and_record(run, *a, **k):
+        trainer, progress = real_build(run, *a, **k)
+        seen.setdefault(run.args["plain"], {}).update(
+            model_fast={getattr(m, "fast", False) for m in trainer.model.modules()} - {False},
+            optimizer={(g["fused"], g["foreach"]) for g in trainer.optimizer.param_groups})
+        return trainer, progress
+
+    def ce_recording(logits, targets, fast=False):
+        seen.setdefault("ce_fast", set()).add(fast)
+        return real_ce(logits, targets, fast=fast)
+
+    def no_clip_divisor(*a, **k):
+        raise AssertionError("--plain must clip with optim.clip_grad_norm, not the fused step's divisor")
+
+    monkeypatch.setattr(train, "build_trainer", build_and_record)
+    monkeypatch.setattr(train, "cross_entropy", ce_recording)
+    common = ["--data", str(data_dir), "--max-iters", "12", "--eval-interval", "6", "--log-interval", "3",
+              "--eval-iters", "2", *TINY]
+    assert run_main([*common, "--out", str(tmp_path / "fast")], capsys)[0] == 0
+    assert seen[False] == {"model_fast": {True}, "optimizer": {(True, False)}} and seen.pop("ce_fast") == {True}
+    monkeypatch.setattr(train, "clip_divisor", no_clip_divisor)
+    assert run_main([*common, "--out", str(tmp_path / "plain"), "--plain"], capsys)[0] == 0
+    assert seen[True] == {"model_fast": set(), "optimizer": {(False, False)}} and seen["ce_fast"] == {False}
+    assert json.loads((tmp_path / "plain" / "config.json").read_text())["plain"] is True
+    fast, plain = losses(tmp_path / "fast"), losses(tmp_path / "plain")
+    assert [r[0] for r in fast] == [r[0] for r in plain]
+    for (_, a, va), (_, b, vb) in zip(fast, plain):  # fp32, 12 steps: rounding differences only (~1e-7 seen)
+        assert (a is None) == (b is None) and (a is None or abs(a - b) < 1e-4)
+        assert (va is None) == (vb is None) and (va is None or abs(va - vb) < 1e-4)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, capsys, monkeypatch):
     calls = {"n": 0}
     real_ce = train.cross_entropy
