@@ -246,8 +246,8 @@ def evaluate(model, ids, stride: int | None = None, batch_size: int = 16, *, fas
     scores only its last targets, those no earlier window scored, so (after the first window) every token is
     predicted from at least context_length - stride tokens of context. stride = context_length (the default) gives
     non-overlapping full windows: the same average over positions as the training loop's validation loss, computed
-    by the same code (lib/evaluation.loss_over_windows, batch_size windows per forward; fast: its cross-entropy). A smaller stride gives each token
-    more context and a lower loss, at context_length/stride times the cost.
+    by the same code (lib/evaluation.loss_over_windows, batch_size windows per forward). A smaller stride gives each
+    token more context and a lower loss, at context_length/stride times the cost. fast: the fast cross-entropy.
     """
     from lib.evaluation import loss_over_windows  # the evaluator train.py's validation loss uses too
     ctx = model.config.context_length

@@ -59,4 +59,6 @@ def tune_process() -> dict:
 def tuning_line() -> str:
     """For benchmark reports: which of tune_process's settings this process runs under."""
     on = [name for name, took in PROCESS_TUNING.items() if took]
-    return f"train.tune_process(): {', '.join(on) or 'nothing took effect'}" if PROCESS_TUNING else "process untuned"
+    if not PROCESS_TUNING:
+        return "process untuned"
+    return f"lib.cpu_tuning.tune_process(): {', '.join(on) or 'nothing took effect'}"

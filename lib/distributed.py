@@ -57,6 +57,7 @@ def gradient_sync(run, trainer, last: bool):
 # ---------------------------------------------------------------------------------------------------------------
 # FSDP2 (--fsdp): parameters, gradients and AdamW state sharded over the ranks
 # ---------------------------------------------------------------------------------------------------------------
+# DDP keeps a full copy of the model, its gradients and AdamW's two moments on every GPU: 16 bytes per parameter in
 # fp32 (34 GB for GPT-2 XL) before any activation. FSDP2 (torch.distributed.fsdp.fully_shard) splits every parameter
 # along dim 0 over the N ranks, so each keeps 1/N of all of that. Before a unit's forward (and again for its
 # backward) its full parameters are all-gathered, and its gradients are reduce-scattered (averaged) after. Each
@@ -65,7 +66,6 @@ def gradient_sync(run, trainer, last: bool):
 # bf16/fp16 for the compute, gradients reduced in fp32) instead of autocast. Checkpoints gather the full state to
 # rank 0, in the single-process layout, so last.pt is the same file either way: it resumes with or without FSDP and
 # on any number of ranks.
-
 
 
 def shard_model(model: torch.nn.Module, run) -> None:

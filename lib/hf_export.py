@@ -36,7 +36,7 @@ def export_hf(ckpt_path, out_dir, tokenizer_dir=None) -> Path:
     safetensors_torch = cli.optional_import("safetensors.torch", "safetensors", "writing model.safetensors")
     eot = tok.special_token_ids.get(bpe.END_OF_TEXT)  # BOS and EOS, as GPT-2's <|endoftext|> is both
     try:
-        tokenizer_formats.hf_tokenizer_json(tok)  # a tokenizer that tokenizer.json cannot hold is refused before anything is written
+        tokenizer_formats.hf_tokenizer_json(tok)  # one tokenizer.json cannot hold is refused before any write
     except ValueError as e:
         raise BadInputError(f"tokenizer of {ckpt_path}: {e}") from None
     out = Path(out_dir)

@@ -44,10 +44,10 @@ from optim import AdamW, cosine_lr
 # ---------------------------------------------------------------------------------------------------------------
 # Configuration: flags, --config JSON, presets, resume
 # ---------------------------------------------------------------------------------------------------------------
+# Every flag has one resolved value, taken from the first of: the command line, --config FILE.json, the checkpoint
 # being resumed, DEFAULTS. The model's shape is a ModelConfig: a preset (or ModelConfig's defaults, the handout's
 # 17M TinyStories model) with any model flag given replacing its field; vocab_size comes from --vocab-size, else the
 # tokenizer beside the data, else the preset. On --resume the model is the checkpoint's; model flags must agree.
-
 
 MODEL_FLAGS = [f.name for f in dataclasses.fields(ModelConfig)]  # vocab_size, context_length, d_model, ...
 
