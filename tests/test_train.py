@@ -2,8 +2,9 @@
 weights_only, no compile prefix, atomic under a crash, corrupt files, the pre-"progress" format), flag/config
 resolution, a tiny run whose loss falls, exact resume after SIGKILL and after SIGTERM (bitwise identical losses on
 CPU), a second signal stopping at once, the NaN stop, 2-process gloo DDP against one process, the shared
-loss-over-windows evaluator, plots, the offline demo in its quick mode, and bad input (one line, exit code 2,
-nothing lost).
+loss-over-windows evaluator, plots, the offline demo in its quick mode, --plain against the default path, and bad
+input (one line, exit code 2, nothing lost). Through train.py's commands they also cover what it reaches in lib/:
+runs.py (flags, --config, resume, Stop), checkpoints.py, evaluation.py, demo.py and cpu_tuning.py.
 
     python -m pytest tests/test_train.py            # the default (fast) tests
     python -m pytest -m slow tests/test_train.py    # the slow end-to-end checks (SIGKILL/SIGTERM resume)
