@@ -68,6 +68,15 @@ def test_compile_matches_eager(counting_data, tmp_path):
             assert s1 == s2 and (a is None or abs(a - b) < 1e-3)  # TF32 matmuls and fused kernels: close
 
 
+def test_plain_matches_the_default_fast_path(counting_data, tmp_path):
+    common = ["--data", counting_data, "--dtype", "fp32", "--max-iters", 10, "--eval-interval", 5, *TINY]
+    run("--out", tmp_path / "fast", *common)
+    run("--out", tmp_path / "plain", "--plain", *common)
+    for (s1, l1, v1), (s2, l2, v2) in zip(losses(tmp_path / "fast"), losses(tmp_path / "plain")):
+        for a, b in ((l1, l2), (v1, v2)):
+            assert s1 == s2 and (a is None or abs(a - b) < 1e-3)  # TF32 matmuls and fused kernels: close
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_sdpa_equals_the_manual_attention_on_gpu(dtype):
     torch.manual_seed(0)
@@ -75,7 +84,8 @@ def test_fused_sdpa_equals_the_manual_attention_on_gpu(dtype):
     outs = {}
     for impl in ("sdpa", "manual"):
         torch.manual_seed(0)
-        lm = TransformerLM(**dataclasses.asdict(dataclasses.replace(SMALL, attn_impl=impl)), device="cuda")
+        # fast=True: attn_impl "sdpa" is then lib/kernels.py's fused kernel, "manual" the readable lines
+        lm = TransformerLM(**dataclasses.asdict(dataclasses.replace(SMALL, attn_impl=impl)), device="cuda", fast=True)
         with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
             loss = cross_entropy(lm(ids[:, :-1]), ids[:, 1:])
         loss.backward()
@@ -94,9 +104,10 @@ def test_batches_are_pinned_and_non_blocking():
     torch.testing.assert_close(x.cpu(), x_cpu)
 
 
-def test_kv_cache_sampling_on_gpu_equals_the_reference():
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+def test_kv_cache_sampling_on_gpu_equals_the_reference(fast):
     torch.manual_seed(0)
-    lm = TransformerLM(**dataclasses.asdict(SMALL), device="cuda").eval()
+    lm = TransformerLM(**dataclasses.asdict(SMALL), device="cuda", fast=fast).eval()
     seq = torch.randint(0, SMALL.vocab_size, (2, 85), device="cuda")  # past the 64-token window
     cache = None
     with torch.inference_mode():
