@@ -280,11 +280,11 @@ def test_stream_equals_one_shot_decode_on_random_bytes():
 # KV cache: equal to the reference at every step
 
 
-def small_model(seed=0, **overrides):
+def small_model(seed=0, fast=False, **overrides):
     config = ModelConfig(vocab_size=64, context_length=128, d_model=32, num_layers=2, num_heads=4, d_ff=64)
     config = dataclasses.replace(config, **overrides)
     torch.manual_seed(seed)
-    return TransformerLM(**dataclasses.asdict(config)).eval()
+    return TransformerLM(**dataclasses.asdict(config), fast=fast).eval()
 
 
 @pytest.mark.parametrize("overrides, batch", [
@@ -294,8 +294,9 @@ def small_model(seed=0, **overrides):
     (dict(), 3),                               # three different prompts at once
     (dict(context_length=32), 2),              # 105 tokens > 32: re-encodes the last window past the limit
 ])
-def test_cache_logits_equal_the_reference_at_every_step(overrides, batch):
-    model = small_model(**overrides)
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])  # the CLI samples with fast=True
+def test_cache_logits_equal_the_reference_at_every_step(overrides, batch, fast):
+    model = small_model(fast=fast, **overrides)
     prompts = torch.randint(64, (batch, 5), generator=torch.Generator().manual_seed(1))
     new = generate(model, prompts, 100, generator=torch.Generator().manual_seed(2))  # sampled with the cache
     assert new.shape == (batch, 100)
@@ -358,6 +359,18 @@ def test_load_model_rebuilds_model_and_tokenizer(tiny_run):
     ids = torch.tensor([tokenizer.encode("Once upon a time")])
     torch.testing.assert_close(model(ids), reference(ids))
     assert tokenizer.decode(tokenizer.encode(TEXT)) == TEXT
+
+
+def test_load_model_fast_is_the_same_model_and_tokenizer_sooner(tiny_run):
+    ckpt_path, _ = tiny_run
+    plain, plain_tok, _ = load_model(ckpt_path, "cpu")
+    fast, fast_tok, _ = load_model(ckpt_path, "cpu", fast=True)  # what `python sample.py` loads
+    assert {getattr(m, "fast", False) for m in plain.modules()} == {False} and not plain_tok.fast
+    assert True in {getattr(m, "fast", False) for m in fast.modules()} and fast_tok.fast
+    assert fast_tok.encode(TEXT) == plain_tok.encode(TEXT)
+    ids = torch.tensor([plain_tok.encode("Once upon a time")])
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(ids), plain(ids), rtol=1e-5, atol=1e-5)
 
 
 def test_load_model_errors(tiny_run, tmp_path):
