@@ -17,8 +17,8 @@ context the reference no longer sees.
     python sample.py runs/demo/last.pt --num-samples 4 --seed 1 --max-new-tokens 100
     python sample.py runs/demo/last.pt --eval data/valid.npy      # per-token loss and perplexity over a file
 
-sample.py does not import train.py: it reads checkpoints and picks the device with lib/checkpoints.py, and --eval
-scores a file with lib/evaluation.py (the evaluator of train.py's validation loss), imported when it runs.
+sample.py does not import train.py: it reads checkpoints and picks the device with lib/checkpoints.py; --eval scores
+a file with lib/evaluation.py, the evaluator of train.py's validation loss (which reads windows with train.batch_at).
 """
 import codecs
 import dataclasses

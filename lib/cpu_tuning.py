@@ -2,7 +2,8 @@
 
 Two settings, both set once, first thing in the process: subnormal floats flushed to zero in every thread, and
 glibc's malloc told to keep the memory a training step frees for the next one. Neither changes what is computed
-beyond a subnormal's last bits; both only remove a slowdown (BENCHMARKS.md has the figures).
+beyond a subnormal's last bits; both only remove a slowdown (BENCHMARKS.md has the figures). A lower-floor module:
+it imports no chapter, so train.py and sample.py call it first thing under `if __name__ == "__main__":`.
 """
 import ctypes
 import sys
