@@ -18,7 +18,8 @@ context the reference no longer sees.
     python sample.py runs/demo/last.pt --eval data/valid.npy      # per-token loss and perplexity over a file
 
 sample.py does not import train.py: it reads checkpoints and picks the device with lib/checkpoints.py; --eval scores
-a file with lib/evaluation.py, the evaluator of train.py's validation loss (which reads windows with train.batch_at).
+a file with lib/evaluation.py, the evaluator of train.py's validation loss (it reads windows with lib/batches.py, as
+train.get_batch does).
 """
 import codecs
 import dataclasses

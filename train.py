@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lib.batches import batch_at
 from lib.cli import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, BadInputError, EnvironmentFault
 from lib.fused_optim import clip_divisor
 from model import TransformerLM
@@ -35,7 +36,7 @@ from optim import AdamW, clip_grad_norm, cross_entropy
 # ---------------------------------------------------------------------------------------------------------------
 # Data: token ids on disk -> (x, y) batches
 # ---------------------------------------------------------------------------------------------------------------
-# A dataset is a 1-D array of token ids saved by bpe.encode_file (np.save format, uint16, or uint32 for vocabularies
+# A dataset is a 1-D array of token ids saved by lib/datasets.encode_file (`bpe.py encode`; np.save format, uint16, or uint32 for vocabularies
 # over 65,536). np.load(mmap_mode="r") maps the file without reading it: only the pages under the sampled windows
 # are ever read, so a 5 GB OpenWebText file costs no RAM and no start-up time. For the same reason nothing here
 # scans the whole file: token ids are checked against vocab_size on every batch, which costs B*(T+1) comparisons.
@@ -54,7 +55,7 @@ def load_tokens(path) -> np.ndarray:
         raise BadInputError(f"{path} is not a readable .npy array of token ids ({e})") from None
     if data.ndim != 1 or data.dtype not in TOKEN_DTYPES:
         raise BadInputError(f"{path} holds a {data.dtype} array of shape {data.shape}; expected 1-D uint16 or uint32 "
-                            f"token ids as written by bpe.encode_file")
+                            f"token ids as written by `bpe.py encode`")
     return data
 
 
@@ -65,52 +66,16 @@ def get_batch(data, batch_size: int, context_length: int, device, generator: tor
     Start offsets are uniform over every valid position. With world_size > 1 (DDP) every rank draws the same
     batch_size * world_size offsets from an identically seeded generator and keeps its own slice, so the global
     batch is exactly the one a single process would draw (and the ranks never read the same window).
-    An unavailable device raises DeviceUnavailableError (a RuntimeError) from the copy itself: nothing is checked
+    An unavailable device raises lib.batches.DeviceUnavailableError (a RuntimeError) from the copy itself: nothing is checked
     per batch that the copy does not check anyway."""
     if len(data) <= context_length:
         raise BadInputError(f"data has {len(data)} tokens, fewer than context_length + 1 = {context_length + 1}")
     # Valid starts are 0 .. len - T - 1, so the target of the last input (position s + T) is still in the data.
     starts = torch.randint(len(data) - context_length, (batch_size * world_size,), generator=generator)
     starts = starts[rank * batch_size:(rank + 1) * batch_size].numpy()
+    # lib/batches.py reads data[s : s+T+1] for each start s (memmap fancy indexing: just these ids), checks the ids
+    # against vocab_size and splits each window into inputs x = ids[:-1] and targets y = ids[1:]: y is x shifted by one.
     return batch_at(data, starts, context_length, torch.device(device), vocab_size)
-
-
-def batch_at(data: np.ndarray, starts: np.ndarray, context_length: int, device, vocab_size: int | None = None):
-    """The windows data[s : s+T+1] for each start s, split into inputs x = ids[:-1] and targets y = ids[1:].
-
-    Returns two int64 tensors of shape (B, T) on `device`; y is x shifted left by one token."""
-    idx = starts[:, None] + np.arange(context_length + 1)  # (B, T+1) positions
-    window = data[idx]  # (B, T+1) fancy indexing on the memmap reads just these ids
-    if vocab_size is not None:
-        check_ids(window, starts, data, vocab_size)
-    window = torch.from_numpy(window.astype(np.int64))
-    try:
-        if device.type == "cuda":
-            # CUDA extra: page-locked host memory lets the copy run asynchronously (non_blocking) beside the GPU's work.
-            window = window.pin_memory().to(device, non_blocking=True)
-        else:
-            window = window.to(device)
-    except (RuntimeError, AssertionError) as e:  # a CPU-only torch raises AssertionError for "cuda"
-        raise DeviceUnavailableError(f"cannot put a batch on device {device} ({str(e).splitlines()[0]}): pick an "
-                                     f"available device, e.g. cpu") from None
-    return window[:, :-1], window[:, 1:]  # x (B, T), y (B, T)
-
-
-def check_ids(window: np.ndarray, starts: np.ndarray, data, vocab_size: int) -> None:
-    """Every id of the (B, T+1) windows in [0, vocab_size), else a BadInputError naming the first bad id and where
-    it is: data encoded by another tokenizer would otherwise index past the embedding table."""
-    if not window.size or (int(window.max()) < vocab_size and int(window.min()) >= 0):
-        return
-    row, col = np.argwhere((window >= vocab_size) | (window < 0))[0]
-    name = getattr(data, "filename", None) or "the data array"
-    raise BadInputError(f"token id {int(window[row, col])} at position {int(starts[row]) + int(col)} of {name} is "
-                        f"outside the model's vocabulary [0, {vocab_size}): the data was encoded with another "
-                        f"tokenizer (use matching data, or the tokenizer's --vocab-size)")
-
-
-class DeviceUnavailableError(RuntimeError):
-    """A batch could not be moved to the requested device (no CUDA here, or no such GPU index). A RuntimeError,
-    which is what torch raises there and what code written against the handout's get_batch expects."""
 
 
 def eval_starts(n_tokens: int, context_length: int, n_windows: int) -> np.ndarray:

@@ -98,7 +98,7 @@ def main(argv=None) -> None:
         tmp = Path(tmp)
         for name in a.configs:
             cfg, B = PRESETS[name], BATCH[name]
-            # random ids, enough for every window; uint16 as bpe.encode_file writes them
+            # random ids, enough for every window; uint16 as lib/datasets.encode_file writes them
             data_path = tmp / f"{name}.npy"
             np.save(data_path, np.random.default_rng(0).integers(0, cfg.vocab_size, 200_000, dtype=np.uint16))
             data = np.load(data_path, mmap_mode="r")

@@ -2,7 +2,8 @@
 
 One evaluator: train.py's validation loss (fixed windows, all ranks sharing them) and sample.py --eval (a file's
 perplexity, windows sliding by a stride) both call `loss_over_windows`, so the two numbers are computed by the same
-lines. It sits here, not in train.py, so that sample.py never imports train.py.
+lines. It sits here, not in train.py, and reads its windows with lib/batches.py, so that sample.py --eval never
+loads train.py.
 """
 import contextlib
 
@@ -10,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from optim import cross_entropy
-from train import batch_at
+from lib.batches import batch_at
 
 
 @torch.no_grad()

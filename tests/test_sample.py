@@ -541,3 +541,71 @@ def test_importing_a_chapter_loads_no_chapter_above_it_and_no_run_management(mod
     done = subprocess.run([sys.executable, "-c", IMPORTS.format(root=str(ROOT), module=module)], capture_output=True,
                           text=True, check=True)
     assert done.stdout.split() == [loaded]
+
+
+EVALUATES = """
+import sys
+sys.path.insert(0, {root!r})
+import numpy as np, sample
+from model import TransformerLM
+model = TransformerLM(vocab_size=32, context_length=8, d_model=16, num_layers=1, num_heads=2, d_ff=32)
+loss, n = sample.evaluate(model, np.arange(40) % 32)
+print(n, "train" in sys.modules)
+"""
+
+
+def test_scoring_a_file_never_loads_train_py():
+    # sample.py --eval goes through lib/evaluation.py and lib/batches.py, which stand below train.py
+    done = subprocess.run([sys.executable, "-c", EVALUATES.format(root=str(ROOT))], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.split() == ["39", "False"]
+
+
+LOWER_FLOOR = ("lib.cli", "lib.kernels", "lib.fused_optim", "lib.fast_bpe", "lib.batches", "lib.cpu_tuning")
+CHAPTERS = ("bpe", "model", "optim", "accounting", "train", "sample")
+
+
+def project_imports(path: Path, top_level_only: bool) -> set[str]:
+    """The project modules (chapters and lib.X) a file imports: at its top level, or anywhere in it."""
+    import ast
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = set()
+    for node in (tree.body if top_level_only else ast.walk(tree)):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            if node.module == "lib":
+                names.update(f"lib.{a.name}" for a in node.names)
+    return names & ({p.stem for p in ROOT.glob("*.py")} | {f"lib.{p.stem}" for p in (ROOT / "lib").glob("*.py")})
+
+
+def module_files() -> dict[str, Path]:
+    return {**{p.stem: p for p in ROOT.glob("*.py")}, **{f"lib.{p.stem}": p for p in (ROOT / "lib").glob("*.py")}}
+
+
+def test_the_top_level_import_graph_has_no_cycle():
+    # A chapter's CLI may reach an operations module of lib/ inside its command function (that module imports the
+    # chapter back); what loads at import time must be a tree of layers.
+    graph = {name: project_imports(path, top_level_only=True) for name, path in module_files().items()}
+    done, path = set(), []
+
+    def visit(name):
+        assert name not in path, f"import cycle: {' -> '.join(path[path.index(name):] + [name])}"
+        if name not in done:
+            path.append(name)
+            for dep in sorted(graph.get(name, ())):
+                visit(dep)
+            path.pop()
+            done.add(name)
+
+    for name in sorted(graph):
+        visit(name)
+
+
+def test_the_speed_layer_imports_no_chapter():
+    # lib/'s lower floor takes what it needs as arguments: importing a chapter from it, even inside a function,
+    # would make the chapters and their speed layer depend on each other.
+    files = module_files()
+    for name in LOWER_FLOOR:
+        assert not project_imports(files[name], top_level_only=False) & set(CHAPTERS), name
