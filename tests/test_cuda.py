@@ -59,20 +59,12 @@ def test_automatic_dtype_is_native_bf16_or_fp16(counting_data, tmp_path):
     assert f"precision: {expected} (automatic" in out
 
 
-def test_compile_matches_eager(counting_data, tmp_path):
+@pytest.mark.parametrize("flag", ["--compile", "--plain"])
+def test_compiled_and_plain_runs_match_the_default_fast_path(flag, counting_data, tmp_path):
     common = ["--data", counting_data, "--dtype", "fp32", "--max-iters", 10, "--eval-interval", 5, *TINY]
-    run("--out", tmp_path / "eager", *common)
-    run("--out", tmp_path / "compiled", "--compile", *common)
-    for (s1, l1, v1), (s2, l2, v2) in zip(losses(tmp_path / "eager"), losses(tmp_path / "compiled")):
-        for a, b in ((l1, l2), (v1, v2)):
-            assert s1 == s2 and (a is None or abs(a - b) < 1e-3)  # TF32 matmuls and fused kernels: close
-
-
-def test_plain_matches_the_default_fast_path(counting_data, tmp_path):
-    common = ["--data", counting_data, "--dtype", "fp32", "--max-iters", 10, "--eval-interval", 5, *TINY]
-    run("--out", tmp_path / "fast", *common)
-    run("--out", tmp_path / "plain", "--plain", *common)
-    for (s1, l1, v1), (s2, l2, v2) in zip(losses(tmp_path / "fast"), losses(tmp_path / "plain")):
+    run("--out", tmp_path / "default", *common)
+    run("--out", tmp_path / "variant", flag, *common)
+    for (s1, l1, v1), (s2, l2, v2) in zip(losses(tmp_path / "default"), losses(tmp_path / "variant")):
         for a, b in ((l1, l2), (v1, v2)):
             assert s1 == s2 and (a is None or abs(a - b) < 1e-3)  # TF32 matmuls and fused kernels: close
 

@@ -400,13 +400,19 @@ def test_cosine_lr_edge_cases():
 # clip_grad_norm
 
 
-@pytest.mark.parametrize("max_norm", [0.5, 1e3], ids=["clipped", "untouched"])
-def test_clip_grad_norm_matches_torch(max_norm):
+def params_with_grads() -> list[torch.nn.Parameter]:
+    """Three seeded parameters, the first two with gradients (norm well above 0.5), the third without."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(5, 4)), torch.nn.Parameter(torch.randn(7)),
               torch.nn.Parameter(torch.randn(3))]
     for p in params[:2]:
         p.grad = torch.randn_like(p) * 3
+    return params
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e3], ids=["clipped", "untouched"])
+def test_clip_grad_norm_matches_torch(max_norm):
+    params = params_with_grads()
     # params[2] has no gradient: it is skipped, as torch does
     ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
     for r, p in zip(ref, params):
@@ -429,11 +435,7 @@ def test_clip_grad_norm_matches_torch(max_norm):
 def test_clip_grad_norm_equals_clip_divisor_applied(max_norm):
     # The readable clipping (one sum of squares, a factor) and lib/fused_optim.clip_divisor's (‖g‖, d) (foreach
     # norms, a divisor): the same norm, and gradients scaled by the factor == gradients divided by d.
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(5, 4)), torch.nn.Parameter(torch.randn(7)),
-              torch.nn.Parameter(torch.randn(3))]
-    for p in params[:2]:
-        p.grad = torch.randn_like(p) * 3
+    params = params_with_grads()
     norm, d = clip_divisor(params, max_norm)
     divided = [p.grad / d for p in params[:2]]
     total = clip_grad_norm(params, max_norm)
