@@ -445,15 +445,27 @@ def init_tokenizer(init: dict, found: Path | None, src) -> str | None:
     return theirs
 
 
+RUN_FILES = ("config.json", "log.jsonl", "last.pt", "best.pt")  # all a run writes into its directory (config first)
+
+
+def remove_debris(out: Path) -> None:
+    """Remove the partial writes a killed run left (SIGKILL, power loss): NAME.tmp for the run's own files only, and
+    only in a run directory (one holding config.json). Any other *.tmp in the directory is someone else's: kept."""
+    if not (out / "config.json").is_file():
+        return
+    for debris in (out / f"{name}.tmp" for name in RUN_FILES):
+        if debris.is_file():
+            debris.unlink()
+            print(f"removed {debris}: a partial write left by an interrupted run (the file it was replacing is intact)")
+
+
 def open_run_dir(run: Run, progress: Progress, model: TransformerLM, resumed: bool) -> None:
     """Rank 0: make the run directory, clear the debris of an interrupted write, write config.json, cut log.jsonl
     back to the checkpoint's step when resuming, print the header line."""
     if not run.master:
         return
     run.out.mkdir(parents=True, exist_ok=True)
-    for debris in sorted(run.out.glob("*.tmp")):  # a process killed mid-write (SIGKILL, power loss) leaves these
-        debris.unlink()
-        print(f"removed {debris}: a partial write left by an interrupted run (the file it was replacing is intact)")
+    remove_debris(run.out)
     # every resolved flag (model fields included): `--config RUN/config.json --out NEW` repeats this run
     atomic_write_text(run.out / "config.json", json.dumps(run.args, indent=2, default=str) + "\n")
     path = run.out / "log.jsonl"

@@ -267,3 +267,19 @@ def test_a_run_directory_that_cannot_be_made_is_one_line_exit_1(counting_data, t
     blocker.write_text("not a directory")
     rc, _, stderr = run_main(["--data", counting_data, "--out", blocker / "run", "--max-iters", 2, *TINY], capsys)
     assert rc == 1 and stderr.count("\n") == 1 and stderr.startswith("train.py: stopped: ") and "a-file" in stderr
+
+
+def test_only_the_runs_own_partial_writes_are_removed(counting_data, tmp_path, capsys):
+    # A user's files that merely end in .tmp survive a fresh run and a resume; last.pt.tmp, a checkpoint write that
+    # a killed run left, is removed on resume.
+    out = tmp_path / "run"
+    out.mkdir()
+    theirs = {"draft.tmp": "notes", "notes.pt.tmp": "mine", "last.pt.tmp.tmp": "also mine"}
+    for name, text in theirs.items():
+        (out / name).write_text(text)
+    flags = ["--data", counting_data, "--out", out, "--max-iters", 4, "--ckpt-interval", 2, *TINY_RUN]
+    assert run_main(flags, capsys)[0] == 0
+    (out / "last.pt.tmp").write_bytes(b"half a checkpoint")
+    rc, stdout, _ = run_main(["--resume", out, "--max-iters", 6], capsys)
+    assert rc == 0 and f"removed {out / 'last.pt.tmp'}" in stdout
+    assert debris(out) == sorted(theirs) and all((out / n).read_text() == t for n, t in theirs.items())
