@@ -138,21 +138,34 @@ def read_config_file(path, parser) -> dict:
         raise BadInputError(f"--config file {path} is not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise BadInputError(f"--config file {path} must hold a JSON object of flag names to values")
-    types = {action.dest: action.type for action in parser._actions}
-    choices = {action.dest: action.choices for action in parser._actions if action.choices}
+    actions = {action.dest: action for action in parser._actions}
     out = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
         if name not in DEFAULTS:
             raise BadInputError(f"--config {path}: unknown key {key!r} (keys are flag names such as 'd_model')")
-        if value is not None and types.get(name) in (int, float) and (
-                isinstance(value, bool) or not isinstance(value, (int, float))
-                or (types[name] is int and value != int(value))):
-            raise BadInputError(f"--config {path}: {key} must be {'an integer' if types[name] is int else 'a number'}")
-        if name in choices and value not in choices[name]:
-            raise BadInputError(f"--config {path}: {key} must be one of {', '.join(choices[name])}, got {value!r}")
+        problem = config_value_problem(actions[name], value) if name in actions else None
+        if problem:
+            raise BadInputError(f"--config {path}: {key} {problem}")
         out[name] = value
     return out
+
+
+def config_value_problem(action: argparse.Action, value) -> str | None:
+    """Why a --config value cannot stand for its flag (None if it can): the command line's types and choices, and
+    a switch only as JSON true or false (the string "false" would be taken as true)."""
+    if value is None:
+        return None
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return None if isinstance(value, bool) else f"must be JSON true or false, got {value!r}"
+    if action.type in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (action.type is int and value != int(value)):
+            return "must be an integer" if action.type is int else "must be a number"
+    elif not isinstance(value, str):
+        return f"must be a string, got {value!r}"
+    if action.choices and value not in action.choices:
+        return f"must be one of {', '.join(action.choices)}, got {value!r}"
+    return None
 
 
 def resolve_args(argv) -> tuple[dict, dict | None]:

@@ -687,6 +687,30 @@ def test_bad_config_file(tmp_path, capsys):
     one_line_error(*run_main(["--config", str(cfg)], capsys)[::2], "dtype must be one of bf16, fp16, fp32")
 
 
+@pytest.mark.parametrize("values, words", [
+    ({"tie_embeddings": "false"}, "tie_embeddings must be JSON true or false, got 'false'"),
+    ({"activation_checkpointing": "false"}, "activation_checkpointing must be JSON true or false"),
+    ({"fsdp": "no"}, "fsdp must be JSON true or false, got 'no'"),
+    ({"compile": 1}, "compile must be JSON true or false, got 1"),
+    ({"wandb": 5}, "wandb must be a string, got 5"),
+    ({"data": 5}, "data must be a string, got 5"),
+    ({"lr": True}, "lr must be a number"),
+])
+def test_config_values_are_typed_like_the_command_line(values, words, counting_data, tmp_path, capsys):
+    # A string "false" is truthy: taken as a switch it would silently turn the feature on. Nothing is written.
+    cfg, out = tmp_path / "c.json", tmp_path / "run"
+    cfg.write_text(json.dumps({"data": str(counting_data), "out": str(out), "max_iters": 2, **values}))
+    one_line_error(*run_main(["--config", str(cfg)], capsys)[::2], words)
+    assert not out.exists()
+
+
+def test_config_switches_take_json_booleans(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"tie_embeddings": False, "activation_checkpointing": True}))
+    args, _ = lib.runs.resolve_args(["--config", str(cfg)])
+    assert args["tie_embeddings"] is False and args["activation_checkpointing"] is True
+
+
 def test_missing_data_from_the_command_line_exits_2_without_traceback(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", str(tmp_path / "nope.npy")],
                           cwd=tmp_path, capture_output=True, text=True)
