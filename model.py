@@ -83,7 +83,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fast:  # lib/kernels.py: the gradient written out, 6 passes over (..., C) for autograd's ~17 ops
+        # lib/kernels.py: the gradient written out, 6 passes over (..., C) for autograd's ~17 ops (torch.compile
+        # fuses the readable lines below instead: it need not see our backward)
+        if self.fast and not torch.compiler.is_compiling():
             return kernels.rms_norm(x, self.weight, self.eps)
         # note: squaring in bf16/fp16 overflows or loses precision, so compute in fp32 (float64 stays) and cast back.
         in_dtype, x = x.dtype, x.to(torch.promote_types(x.dtype, torch.float32))
@@ -200,8 +202,10 @@ class RotaryPositionalEmbedding(nn.Module):
     def forward(self, x: Tensor, token_positions: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """x (..., T, D), token_positions (..., T) ints, broadcastable to x.shape[:-1] -> (..., T, D); the result
         in `dtype`, by default x's."""
-        if self.fast:  # lib/kernels.py: the rotation as one complex multiply, one kernel forward and one backward
-            return kernels.rope(x, token_positions, self.rotations, self.cos, self.sin, dtype or x.dtype)
+        # lib/kernels.py: the rotation as one complex multiply, one kernel forward and one backward (torch.compile,
+        # which cannot generate complex ops, fuses the readable lines below instead)
+        if self.fast and not torch.compiler.is_compiling():
+            return kernels.rope(x, token_positions, self.rotations, dtype or x.dtype)
         # subtle: the cache is fp32; cast to x's dtype so bf16 activations stay bf16 (HF Llama does the same).
         cos = self.cos[token_positions].to(x.dtype)  # (..., T, D): (c0, c0, c1, c1, ...)
         sin = self.sin[token_positions].to(x.dtype)  # (..., T, D): (-s0, s0, -s1, s1, ...)

@@ -41,12 +41,8 @@ def embedding(weight: Tensor, token_ids: Tensor) -> Tensor:
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """model.RMSNorm's x / RMS(x) * g, computed in fp32 (or float64) and cast back to x's dtype, as _RMSNormFunction;
-    under torch.compile the readable formula (compile fuses its ops; it need not see our backward)."""
-    if torch.compiler.is_compiling():
-        in_dtype, x = x.dtype, x.to(_at_least_fp32(x.dtype))
-        inv_rms = torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)  # (..., C) -> (..., 1)
-        return (x * inv_rms * weight.to(x.dtype)).to(in_dtype)
+    """model.RMSNorm's x / RMS(x) * g, computed in fp32 (or float64) and cast back to x's dtype, as _RMSNormFunction.
+    (Under torch.compile model.RMSNorm runs its readable lines instead: compile fuses them.)"""
     return _RMSNormFunction.apply(x, weight, eps)
 
 
@@ -132,8 +128,7 @@ class _SwiGLUGate(torch.autograd.Function):
 # RoPE
 
 
-def rope(x: Tensor, token_positions: Tensor, rotations: Tensor, cos: Tensor, sin: Tensor,
-         dtype: torch.dtype) -> Tensor:
+def rope(x: Tensor, token_positions: Tensor, rotations: Tensor, dtype: torch.dtype) -> Tensor:
     """model.RotaryPositionalEmbedding's rotation of adjacent pairs, x (..., T, D) -> (..., T, D) in `dtype`, as one
     complex multiply (RoFormer §3.4.2; Meta's Llama code): a pair (x0, x1) is the number x0 + i·x1, and rotating it
     by an angle is multiplying by e^(i·angle).
@@ -142,12 +137,8 @@ def rope(x: Tensor, token_positions: Tensor, rotations: Tensor, cos: Tensor, sin
     multiplies and an add (each a pass over q or k), and the same again in backward. Computed in fp32 (there is no
     bf16 complex type) and cast to `dtype`. The factors are one lookup in the `rotations` table, (max_seq_len, D/2,
     2) = (cos, sin) pairs, which view_as_complex reads as complex numbers without a copy (building them from the cos
-    and sin rows took five ops). Under torch.compile (which cannot generate complex ops) the readable rotation with
-    the cos (c0, c0, c1, c1, ...) and signed sin (-s0, s0, -s1, s1, ...) tables."""
-    if torch.compiler.is_compiling():
-        cos, sin = cos[token_positions].to(x.dtype), sin[token_positions].to(x.dtype)  # (..., T, D)
-        swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
-        return (x * cos + swapped * sin).to(dtype)  # (..., T, D)
+    and sin rows took five ops). (Under torch.compile, which cannot generate complex ops, model.py runs its readable
+    rotation instead.)"""
     rotation = torch.view_as_complex(rotations.float())[token_positions]  # (..., T, D/2): e^(i·angle)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (..., T, D/2, 2) -> (..., T, D/2) complex
     rotated = pairs * rotation  # (..., T, D/2) * (..., T, D/2): each pair turned by its angle

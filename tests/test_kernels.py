@@ -194,6 +194,9 @@ def test_kernels_under_torch_compile_fall_back_to_the_readable_ops(monkeypatch):
     norm_fast.load_state_dict(norm_plain.state_dict())
     assert torch.equal(norm_fast(x), norm_plain(x))
     assert torch.equal(norm_fast(x.bfloat16()), norm_plain(x.bfloat16()))
+    xg = x.clone().requires_grad_()  # the same autograd graph too: the readable lines ran, not the kernels
+    assert rope_fast(xg, pos).grad_fn.name() == rope_plain(xg, pos).grad_fn.name() == "AddBackward0"
+    assert norm_fast(xg).grad_fn.name() == norm_plain(xg).grad_fn.name() == "MulBackward0"
     a, b = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8)
     assert kernels.swiglu_gate(a, b).grad_fn.name() == "MulBackward0"  # autograd's product, not _SwiGLUGate
 
