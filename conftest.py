@@ -2,6 +2,7 @@
 offers fixtures for the optional data beside the project (../shared), which a fresh clone does not have, and the
 fault-injection tools: FailingFile, `fail_writes` (writes that fail with ENOSPC/EIO part-way) and `tmpfs` (a real
 small disk, root on Linux only)."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -131,3 +132,86 @@ def run_losses(run_dir) -> list[tuple]:
     """(step, train loss or None, val loss or None) of every row of a run's log.jsonl."""
     from lib.runs import read_log
     return [(r["step"], r.get("loss"), r.get("val_loss")) for r in read_log(Path(run_dir) / "log.jsonl")]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The bad-input tables (tests/test_bad_input_*.py): one row = a command, what it is given, the exit code, the exact
+# one-line message, and the files that must not exist or must be unchanged afterwards. The CLI runs in-process
+# (its main(argv)), so a row costs milliseconds, not a Python start-up; nothing in a row depends on timing.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class BadInput:
+    """One row. `argv` and `message` may hold {d} (the row's scratch directory). `message` is the whole stderr line,
+    word for word; <*> stands for a part that legitimately varies (an OS message, a JSON parser's position).
+    `setup(d)` builds the bad input; `absent` are paths (under d) that must not exist afterwards; `unchanged` are
+    paths whose bytes (or, for a directory, whose listing and bytes) must be the same afterwards."""
+    id: str
+    argv: list
+    code: int
+    message: str
+    setup: object = None
+    absent: tuple = ()
+    unchanged: tuple = ()
+
+
+def run_cli(main, argv, capsys) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of a CLI's main(argv), run in-process; SystemExit and a returned code alike."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return (0 if code is None else code), out.out, out.err
+
+
+def message_matches(line: str, pattern: str) -> bool:
+    """Whole-line match, with <*> matching any text (possibly none)."""
+    import re
+    return re.fullmatch(".*".join(re.escape(p) for p in pattern.split("<*>")), line) is not None
+
+
+def snapshot(path: Path):
+    """Bytes of a file, or {relative name: bytes} of a directory tree, or None if absent: to compare before/after."""
+    if path.is_dir():
+        return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else None) for p in sorted(path.rglob("*"))}
+    return path.read_bytes() if path.exists() else None
+
+
+def check_bad_input(row: BadInput, main, d: Path, capsys) -> None:
+    """Run one row in scratch directory d and assert everything it promises."""
+    if row.setup is not None:
+        row.setup(d)
+    before = {p: snapshot(d / p.format(d=d)) for p in row.unchanged}
+    code, _, err = run_cli(main, [a.format(d=d) if isinstance(a, str) else a for a in row.argv], capsys)
+    expected = row.message.format(d=d)
+    assert "Traceback" not in err, err
+    lines = err.strip("\n").split("\n")
+    assert len(lines) == 1 and message_matches(lines[0], expected), f"\n got: {err!r}\nwant: {expected!r}"
+    assert code == row.code, f"exit code {code}, want {row.code}: {err}"
+    for p in row.absent:
+        assert not (d / p.format(d=d)).exists(), f"{p} exists after the failed command"
+    for p, old in before.items():
+        assert snapshot(d / p.format(d=d)) == old, f"{p} changed"
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory) -> Path:
+    """`train.py demo --quick` once per session: DIR/data (train/valid .txt and .npy, the 300-token tokenizer) and
+    DIR/run (config.json, log.jsonl, last.pt, best.pt). Treat it as read-only: copy what a test changes
+    (`copy_demo`)."""
+    from lib import demo
+    out = tmp_path_factory.mktemp("quick_demo")
+    demo.demo(out, quick=True)
+    return out
+
+
+@pytest.fixture
+def copy_demo(quick_demo, tmp_path):
+    """A private copy of the quick demo under tmp_path/name (default tmp_path/demo), for tests that change it."""
+    import shutil
+
+    def copy(name: str = "demo") -> Path:
+        return Path(shutil.copytree(quick_demo, tmp_path / name))
+    return copy
