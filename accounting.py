@@ -828,7 +828,8 @@ MODEL_SIZE_FLAGS = ("vocab_size", "context_length", "d_model", "num_layers", "nu
 
 
 def build_parser() -> OneLineParser:
-    parser = OneLineParser(description="Parameters, FLOPs, memory and training time of a Transformer LM "
+    parser = OneLineParser(prog="accounting.py",
+                           description="Parameters, FLOPs, memory and training time of a Transformer LM "
                                        "(CS336 assignment 1, transformer_accounting and adamwAccounting).")
     parser.add_argument("--preset", default="gpt2-xl", help="one of the presets (default gpt2-xl); see --compare")
     for field in MODEL_SIZE_FLAGS:
@@ -852,7 +853,7 @@ def build_parser() -> OneLineParser:
                              "N ways (--batch-size is then per GPU)")
     parser.add_argument("--gpu-mem", type=parse_bytes, help="GPU memory, e.g. 80GB: print the largest batch")
     parser.add_argument("--steps", type=positive_int, help="training steps, for the time estimate")
-    parser.add_argument("--gpu", help=f"accelerator for the time estimate: {', '.join(PEAK_FLOPS)}")
+    parser.add_argument("--gpu", type=str.lower, help=f"accelerator for the time estimate: {', '.join(PEAK_FLOPS)}")
     parser.add_argument("--mfu", type=float, help="model FLOPs utilisation in (0, 1], e.g. 0.5")
     parser.add_argument("--dtype", choices=COMPUTE_DTYPES, default="fp32",
                         help="what the matmuls compute in (default fp32): the published peak the time estimate uses, "
@@ -886,22 +887,44 @@ def check_args(args, cfg) -> None:
         raise ValueError(f"--seq-len {args.seq_len} exceeds context_length {cfg.context_length}")
     if args.mfu is not None and not 0 < args.mfu <= 1:
         raise ValueError(f"--mfu must be in (0, 1], got {args.mfu}")
-    timed = [args.steps is not None, args.gpu is not None, args.mfu is not None]
-    if any(timed) and not all(timed):
-        raise ValueError("the time estimate needs all of --steps, --gpu and --mfu")
-    if args.gpu is not None:
+    if args.gpu is not None:  # before the check below: a misspelt GPU is the problem to name, not --steps
         peak_flops(args.gpu, args.dtype)
-    if args.fsdp_table and (args.measure or args.compare or args.json or args.activation_checkpointing):
-        raise ValueError("--fsdp-table prints its own Markdown table (with and without checkpointing); drop "
-                         "--measure, --compare, --json and --activation-checkpointing")
-    if args.measure and args.fsdp is not None:
-        raise ValueError("--measure runs one process on this CPU; drop --fsdp (fsdp_shard_bytes is checked against "
-                         "real FSDP2 ranks in tests/test_accounting.py)")
+    timed = {"--steps": args.steps, "--gpu": args.gpu, "--mfu": args.mfu}
+    missing = [flag for flag, value in timed.items() if value is None]
+    if 0 < len(missing) < len(timed):
+        raise ValueError(f"the time estimate needs --steps, --gpu and --mfu together; add {' and '.join(missing)} "
+                         "(e.g. --steps 400000 --gpu a100 --mfu 0.5)")
     if args.measure:
         need = train_memory(cfg, args.batch_size, _seq_len(cfg, args.seq_len))["total"]  # bound: no AdamW runs
         if need > MEASURE_MAX_BYTES:
             raise ValueError(f"--measure runs the model on CPU and would need ~{human_bytes(need)}; "
                              "pick a small config (e.g. --preset tiny)")
+
+
+# What each mode other than the single-preset tables ignores: given with it, a flag would be dropped silently (the
+# user believes, say, that --compare used their --d-model), so check_mode_flags refuses it instead.
+MODEL_FLAGS = ("preset", *MODEL_SIZE_FLAGS, "rope_theta", "norm", "position", "ffn", "tie_embeddings")
+TIME_FLAGS = ("steps", "gpu", "mfu")
+MODE_IGNORES = {  # mode -> (what it prints, the flags it does not read)
+    "fsdp_table": ("its own Markdown table (the GPT-2 family, with and without checkpointing)",
+                   ("measure", "compare", "json", "activation_checkpointing", *MODEL_FLAGS, *TIME_FLAGS)),
+    "measure": ("the activations of one CPU run of the model",
+                ("compare", "json", "fsdp", "activations", "gpu_mem", *TIME_FLAGS)),
+    "compare": ("every preset at its own size and context length",
+                (*MODEL_FLAGS, "seq_len", "gpu_mem", *TIME_FLAGS)),
+}
+
+
+def check_mode_flags(args, parser) -> None:
+    """ValueError naming the flags that --fsdp-table, --measure or --compare would ignore (a flag counts as given
+    when its value is not the parser's default)."""
+    for mode, (prints, ignored) in MODE_IGNORES.items():
+        if not getattr(args, mode):
+            continue
+        given = ["--" + f.replace("_", "-") for f in ignored if getattr(args, f) != parser.get_default(f)]
+        if given:
+            raise ValueError(f"--{mode.replace('_', '-')} prints {prints} and does not use {', '.join(given)}; "
+                             f"drop {'it' if len(given) == 1 else 'them'}")
 
 
 def memory_args(args) -> dict:
@@ -935,6 +958,7 @@ def main(argv=None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_mode_flags(args, parser)  # first: a flag the mode ignores is the problem, whatever its value
         cfg = resolve_config(args)
         check_args(args, cfg)
     except ValueError as e:

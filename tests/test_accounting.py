@@ -645,15 +645,16 @@ def test_cli_measure(capsys):
     (["--norm", "bad"], "argument --norm: invalid choice: 'bad'"),
     (["--ffn", "gelu"], "argument --ffn: invalid choice: 'gelu'"),
     (["--gpu", "tpu", "--steps", "10", "--mfu", "0.5"], "unknown GPU 'tpu'"),
-    (["--steps", "10"], "needs all of --steps, --gpu and --mfu"),
+    (["--steps", "10"], "needs --steps, --gpu and --mfu together; add --gpu and --mfu"),
     (["--gpu-mem", "lots"], "bad memory size"),
     (["--activations", "flash"], "argument --activations: invalid choice: 'flash'"),
     (["--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
     (["--fsdp", "0"], "argument --fsdp: must be a positive integer, got '0'"),
     (["--fsdp", "two"], "argument --fsdp: must be a positive integer, got 'two'"),
-    (["--preset", "tiny", "--measure", "--fsdp", "2"], "--measure runs one process on this CPU; drop --fsdp"),
+    (["--preset", "tiny", "--measure", "--fsdp", "2"], "--measure prints the activations of one CPU run of the model "
+                                                      "and does not use --fsdp; drop it"),
     (["--fsdp-table", "--json"], "--fsdp-table prints its own Markdown table"),
-    (["--fsdp-table", "--activation-checkpointing"], "--fsdp-table prints its own Markdown table"),
+    (["--fsdp-table", "--activation-checkpointing"], "does not use --activation-checkpointing; drop it"),
     (["--preset", "gpt2-xl", "--measure"], "pick a small config"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(argv, message, capsys):
