@@ -33,7 +33,7 @@ import regex
 
 from lib import fast_bpe  # the fast trainer and encoder (fast=True); it imports no chapter
 from lib.cli import (EXIT_BAD_INPUT, EXIT_ENVIRONMENT, BadInputError, EnvironmentFault, OneLineParser, atomic_file,
-                     atomic_write_text)
+                     atomic_write_text, check_dir_target, check_file_target, describe_os_error, output_dir)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Pre-tokenisation
@@ -259,8 +259,10 @@ def bpe_merges(pretoken_counts: Counter, num_merges: int) -> list[tuple[bytes, b
 def check_training_args(input_path, vocab_size: int, special_tokens) -> list[str]:
     """Validate the arguments of train_bpe; returns the special tokens de-duplicated in order."""
     path = Path(input_path)
+    if path.is_dir():
+        raise IsADirectoryError(f"input file {path} is a directory; give a text file")
     if not path.is_file():
-        raise FileNotFoundError(f"input file {path} does not exist" if not path.exists() else f"{path} is not a file")
+        raise FileNotFoundError(f"input file {path} does not exist")
     if path.stat().st_size == 0:
         raise ValueError(f"input file {path} is empty; give a text file with some content")
     specials = unique_special_tokens(special_tokens)
@@ -332,6 +334,8 @@ def str_to_token(s: str, where: str) -> bytes:
 def check_output_dir(path) -> None:
     """Raise FileNotFoundError (naming it) unless the directory that `path` goes into exists; it is never created."""
     parent = Path(path).parent
+    if parent.exists() and not parent.is_dir():
+        raise NotADirectoryError(f"output directory {parent} is a file; give a path inside a directory")
     if not parent.is_dir():
         raise FileNotFoundError(f"output directory {parent} does not exist; create it first")
 
@@ -374,17 +378,18 @@ def save_tokenizer(vocab: dict[int, bytes], merges: list, vocab_path, merges_pat
 def load_tokenizer_files(vocab_path, merges_path) -> tuple[dict[int, bytes], list]:
     """Read what save_tokenizer writes (and OpenAI's GPT-2 files); raise ValueError naming the bad line."""
     try:
-        raw = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
+        raw = json.loads(read_text(vocab_path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{vocab_path} is not valid JSON ({e}); expected {{token: id}}") from None
-    if not isinstance(raw, dict) or not all(isinstance(i, int) and i >= 0 for i in raw.values()):
-        raise ValueError(f"{vocab_path} must map token strings to non-negative integer ids")
+    # ids below 2**32: what a .npy of ids holds (lib/datasets.py); no real vocab comes near it
+    if not isinstance(raw, dict) or not all(type(i) is int and 0 <= i < 1 << 32 for i in raw.values()):
+        raise ValueError(f"{vocab_path} must map token strings to integer ids from 0 to 2**32 - 1")
     vocab = {i: str_to_token(s, str(vocab_path)) for s, i in raw.items()}
     if len(vocab) != len(raw):
         raise ValueError(f"{vocab_path} gives the same id to two tokens")
     known = set(vocab.values())
     merges = []
-    for n, line in enumerate(Path(merges_path).read_text(encoding="utf-8").split("\n"), start=1):
+    for n, line in enumerate(read_text(merges_path).split("\n"), start=1):
         if not line or (n == 1 and line.startswith("#version")):
             continue
         parts = line.split(" ")
@@ -466,9 +471,12 @@ class Tokenizer:
                 specials = json.loads((d / "special_tokens.json").read_text(encoding="utf-8"))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{d / 'special_tokens.json'} is not valid JSON ({e}); expected a list of strings") from None
-            if not isinstance(specials, list) or not all(isinstance(s, str) for s in specials):
-                raise ValueError(f"{d / 'special_tokens.json'} must be a JSON list of strings")
-        return cls.from_files(d / "vocab.json", d / "merges.txt", specials, fast=fast)
+            if not isinstance(specials, list) or not all(isinstance(s, str) and s for s in specials):
+                raise ValueError(f"{d / 'special_tokens.json'} must be a JSON list of non-empty strings")
+        try:
+            return cls.from_files(d / "vocab.json", d / "merges.txt", specials, fast=fast)
+        except ValueError as e:  # one that does not say where (a byte missing from the vocab): name the directory
+            raise (e if str(d) in str(e) else ValueError(f"tokenizer {d}: {e}")) from None
 
     def save_dir(self, directory) -> None:
         """What from_dir reads: vocab.json, merges.txt and special_tokens.json, all three or (write_text_files) none."""
@@ -579,10 +587,11 @@ def train_command(args) -> None:
     t0 = time.perf_counter()
     out = Path(args.out)
     check_output_dir(out)
-    vocab, merges = train_bpe(args.input, args.vocab_size, args.special_tokens, fast=True, num_workers=args.workers,
-                              progress=True)
-    out.mkdir(exist_ok=True)
-    Tokenizer(vocab, merges, args.special_tokens).save_dir(out)
+    check_dir_target(out, "--out", "the tokenizer directory")
+    with output_dir(out):  # made before training, so a directory that cannot be made fails first
+        vocab, merges = train_bpe(args.input, args.vocab_size, args.special_tokens, fast=True,
+                                  num_workers=args.workers, progress=True)
+        Tokenizer(vocab, merges, args.special_tokens).save_dir(out)
     longest = max(vocab.values(), key=len)
     print(f"trained {len(vocab):,} tokens in {time.perf_counter() - t0:.1f} s, peak memory "
           f"{_peak_rss_mib():.0f} MiB, longest token {longest.decode('utf-8', 'replace')!r} "
@@ -594,6 +603,7 @@ def encode_command(args) -> None:
     from lib import datasets  # parallel encoding into a .npy (operations: imported only here)
     t0 = time.perf_counter()
     tok = Tokenizer.from_dir(args.tokenizer, fast=True)
+    check_file_target(args.output, "--output", "the .npy of token ids", "ids.npy")
     n = datasets.encode_file(tok, args.input, args.output, args.workers, progress=True)
     dt, size = time.perf_counter() - t0, os.path.getsize(args.input)
     print(f"{n:,} tokens, {size / max(n, 1):.2f} bytes/token, {size / 1e6 / dt:.1f} MB/s -> {args.output}")
@@ -616,12 +626,14 @@ def export_command(args) -> None:
     out = Path(args.out)
     check_output_dir(out)
     if args.format == "hf":
-        out.mkdir(exist_ok=True)
-        formats.save_hf_tokenizer(tok, out)
+        check_dir_target(out, "--out", "the Hugging Face tokenizer directory")
+        with output_dir(out):
+            formats.save_hf_tokenizer(tok, out)
         print(f"wrote {out}/tokenizer.json and tokenizer_config.json; in Python: "
               f"transformers.AutoTokenizer.from_pretrained({str(out)!r}) or tokenizers.Tokenizer.from_file("
               f"{str(out / 'tokenizer.json')!r})")
     else:
+        check_file_target(out, "--out", "the .tiktoken file", "tokenizer.tiktoken")
         atomic_write_text(out, formats.tiktoken_file_text(tok))
         print(f"wrote {out}; in Python:\n  {formats.tiktoken_one_liner(tok, out)}")
 
@@ -629,7 +641,7 @@ def export_command(args) -> None:
 def build_parser() -> OneLineParser:
     """The subcommands; each sets args.command_fn, the function that runs it."""
     from lib import datasets  # the names of the datasets `prepare` knows
-    parser = OneLineParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="bpe.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a tokenizer and write DIR/{vocab.json,merges.txt,special_tokens.json}")
     p.add_argument("--input", required=True)
@@ -671,9 +683,13 @@ def main(argv=None) -> int:
     except EnvironmentFault as e:  # not the user's input: a failed write (a full disk), a failed download
         print(f"bpe.py: error: {e}", file=sys.stderr)
         return EXIT_ENVIRONMENT
-    except (ValueError, OSError) as e:  # bad input: missing/unreadable files, bad arguments, bad file contents
+    except ValueError as e:  # bad input: bad arguments, bad file contents
         print(f"bpe.py: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as e:  # a wrong path is the user's (2); permissions, a full or failing disk the machine's (1)
+        code, line = describe_os_error(e)
+        print(f"bpe.py: error: {line}", file=sys.stderr)
+        return code
     return 0
 
 

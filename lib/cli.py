@@ -180,6 +180,77 @@ def atomic_write_text(path, text: str) -> None:
         f.write(data)
 
 
+@contextlib.contextmanager
+def output_dir(path):
+    """`with output_dir(out): ...write files into out...`: creates directory `path` if it is absent (its parent must
+    exist) and, if the body fails, removes it again when this call created it and it is still empty, so a failed
+    command leaves no new empty directory behind. A directory that was there, and anything written into one, stay."""
+    path = Path(path)
+    created = not path.exists()
+    path.mkdir(exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):  # not empty (say, a download kept to resume): leave it
+                path.rmdir()
+        raise
+
+
+def check_dir_target(path, flag: str, writes: str) -> None:
+    """BadInputError when `path` (given as `flag`) is a file where the command writes a directory: say so before any
+    work, instead of an "[Errno 17] File exists" after it."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise BadInputError(f"{flag} {path} is a file, but {writes} goes there; give a directory (new or existing)")
+
+
+def check_file_target(path, flag: str, writes: str, example: str) -> None:
+    """BadInputError when `path` (given as `flag`) is a directory where the command writes one file."""
+    if Path(path).is_dir():
+        raise BadInputError(f"{flag} {path} is a directory, but {writes} goes there; give a file path such as "
+                            f"{Path(path) / example}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# An OSError that reaches a CLI's main: whose fault it is, and one line that names the path and what to do
+# ---------------------------------------------------------------------------------------------------------------
+# errno -> (what is wrong with the path, what to do, exit code). A wrong path (missing, a file where a directory
+# is expected, ...) is the user's to fix: exit 2. Permissions, a read-only or full disk and I/O errors are the
+# machine's: exit 1, as for a failed write (WriteFault).
+OS_ERRORS = {
+    errno.ENOENT: ("does not exist", "check the path", EXIT_BAD_INPUT),
+    errno.EISDIR: ("is a directory", "give a file path", EXIT_BAD_INPUT),
+    errno.ENOTDIR: ("is not a directory (or a part of the path is a file)", "check the path", EXIT_BAD_INPUT),
+    errno.EEXIST: ("already exists", "remove it or choose another path", EXIT_BAD_INPUT),
+    errno.ENAMETOOLONG: ("is too long a name", "choose a shorter path", EXIT_BAD_INPUT),
+    errno.EACCES: ("cannot be accessed: permission denied", "check its permissions (ls -l) or choose another path",
+                   EXIT_ENVIRONMENT),
+    errno.EPERM: ("cannot be accessed: operation not permitted", "check its permissions (ls -l) or choose another "
+                  "path", EXIT_ENVIRONMENT),
+    errno.EROFS: ("is on a read-only file system", "choose a path on a writable disk", EXIT_ENVIRONMENT),
+    errno.ENOSPC: ("cannot be written: no space left on device", "free some space or choose another disk",
+                   EXIT_ENVIRONMENT),
+    errno.EDQUOT: ("cannot be written: disk quota exceeded", "free some space or choose another disk",
+                   EXIT_ENVIRONMENT),
+    errno.EIO: ("cannot be read or written: input/output error", "the disk may be failing: check it (dmesg) or use "
+                "another", EXIT_ENVIRONMENT),
+}
+
+
+def describe_os_error(error: OSError, path=None) -> tuple[int, str]:
+    """(exit code, one line) for an OSError at a CLI's edge, naming `path` (default: the error's own filename) and
+    the fix, never a bare "[Errno N] ...". An OSError without an errno was raised by a check with a message of its
+    own ("input file x does not exist", gzip's "Not a gzipped file"): a problem with the input, exit 2.
+    describe_os_error(PermissionError(13, "Permission denied", "out")) ==
+        (1, "out cannot be accessed: permission denied; check its permissions (ls -l) or choose another path")"""
+    if error.errno is None:
+        return EXIT_BAD_INPUT, str(error)
+    path = path if path is not None else error.filename
+    what, fix, code = OS_ERRORS.get(error.errno, ((error.strerror or str(error)).lower(), "", EXIT_ENVIRONMENT))
+    line = f"{path} {what}" if path is not None else what
+    return code, line + (f"; {fix}" if fix else "")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Optional dependencies: imported only by the command that needs them
 # ---------------------------------------------------------------------------------------------------------------

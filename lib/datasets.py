@@ -14,6 +14,7 @@ import os
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from http import HTTPStatus
@@ -24,7 +25,8 @@ import numpy as np
 
 import bpe
 from lib import fast_bpe
-from lib.cli import BadInputError, EnvironmentFault, WriteFault, atomic_file, describe_fault
+from lib.cli import (BadInputError, EnvironmentFault, WriteFault, atomic_file, check_dir_target, describe_fault,
+                     output_dir)
 
 # The output is np.save's format, so np.load(mmap_mode="r") maps it: a header giving the dtype and the length, then
 # the ids. It is written in one pass, piece by piece as the workers hand the ids back: the header first, for a
@@ -86,6 +88,8 @@ def encode_file(tokenizer: bpe.Tokenizer, input_path, output_path, num_workers=N
 
 def _check_encode_paths(input_path: Path, output_path: Path) -> None:
     """Fail before any work when the input is missing or empty, or the output's directory is missing."""
+    if input_path.is_dir():
+        raise IsADirectoryError(f"input file {input_path} is a directory; give a text file")
     if not input_path.is_file():
         raise FileNotFoundError(f"input file {input_path} does not exist")
     if input_path.stat().st_size == 0:
@@ -216,7 +220,11 @@ def _read_block(response, url: str, part: Path) -> bytes:
 def _download_failed(url: str, part: Path, error: BaseException) -> DownloadError:
     """The one line for a download that the network or the server broke off, saying whether it can resume."""
     kept = f"; partial data kept in {part}, re-run to resume" if part.is_file() and part.stat().st_size else ""
-    return DownloadError(f"download of {url} failed: {getattr(error, 'reason', error)}{kept}")
+    reason = getattr(error, "reason", error)  # a URLError wraps the OSError (a refused connection) as its reason
+    if isinstance(reason, OSError) and reason.strerror:  # its words, without "[Errno 111]"
+        reason = reason.strerror.lower()
+    return DownloadError(f"download of {url} failed: {reason}{kept}; check the network and --base-url "
+                         f"(or ${BASE_URL_ENV})")
 
 
 def gunzip(src: Path, dest: Path) -> Path:
@@ -242,9 +250,21 @@ def prepare(name: str, out_dir, base_url=None, vocab_size=None, num_workers=None
     """Download a dataset's train/valid text, train its tokenizer on train, encode both splits into out_dir."""
     spec = DATASETS[name]
     base_url = base_url or os.environ.get(BASE_URL_ENV) or spec["base_url"]
+    if urllib.parse.urlsplit(base_url).scheme not in ("http", "https", "file"):
+        raise BadInputError(f"base URL {base_url!r} (--base-url or ${BASE_URL_ENV}) is not an http(s):// or file:// "
+                            f"URL; give one like {spec['base_url']}")
+    if vocab_size is not None and vocab_size < 257:  # before the download, not after it
+        raise BadInputError(f"--vocab-size {vocab_size} is smaller than 256 bytes + 1 special token "
+                            f"({bpe.END_OF_TEXT}); use at least 257")
     out = Path(out_dir)
     bpe.check_output_dir(out)
-    out.mkdir(exist_ok=True)
+    check_dir_target(out, "--out", "the dataset directory")
+    with output_dir(out):  # a failed first download leaves no empty directory (a partial one is kept to resume)
+        return _prepare_in(spec, out, base_url, vocab_size, num_workers, progress)
+
+
+def _prepare_in(spec: dict, out: Path, base_url: str, vocab_size, num_workers, progress) -> dict:
+    """prepare's steps, in the existing directory out: download, train the tokenizer, encode both splits."""
     texts = {}
     for split, filename in spec["files"].items():
         txt = out / filename.removesuffix(".gz")
