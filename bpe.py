@@ -468,7 +468,7 @@ class Tokenizer:
         specials = []
         if (d / "special_tokens.json").is_file():
             try:
-                specials = json.loads((d / "special_tokens.json").read_text(encoding="utf-8"))
+                specials = json.loads(read_text(d / "special_tokens.json"))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{d / 'special_tokens.json'} is not valid JSON ({e}); expected a list of strings") from None
             if not isinstance(specials, list) or not all(isinstance(s, str) and s for s in specials):

@@ -150,6 +150,9 @@ ROWS = [
     BadInput("encode-empty-special-token", [*ENCODE, "--input", "{d}/text.txt", "--output", "{d}/ids.npy"], 2,
              E + "{d}/tok/special_tokens.json must be a JSON list of non-empty strings",
              setup=write("tok/special_tokens.json", b'["<|endoftext|>", ""]'), absent=("ids.npy",)),
+    BadInput("encode-special-tokens-not-utf8", [*ENCODE, "--input", "{d}/text.txt", "--output", "{d}/ids.npy"], 2,
+             E + "{d}/tok/special_tokens.json is not valid UTF-8 at byte 2 (invalid start byte); re-save it as UTF-8",
+             setup=write("tok/special_tokens.json", b'["\xff"]'), absent=("ids.npy",)),
     # encode: the input ("does not exist" for a directory, before)
     BadInput("encode-input-is-a-directory", [*ENCODE, "--input", "{d}/tok", "--output", "{d}/ids.npy"], 2,
              E + "input file {d}/tok is a directory; give a text file", absent=("ids.npy",)),
@@ -199,6 +202,10 @@ ROWS = [
     BadInput("perm-encode-unreadable-vocab", [*ENCODE, "--input", "{d}/text.txt", "--output", "{d}/ids.npy"], 1,
              E + "{d}/tok/vocab.json " + PERMISSION, setup=lambda d: (d / "tok" / "vocab.json").chmod(0),
              absent=("ids.npy",)),
+    BadInput("perm-train-unreadable-input", [*TRAIN, "--input", "{d}/text.txt", "--out", "{d}/out"], 1,
+             E + "{d}/text.txt " + PERMISSION, setup=lambda d: (d / "text.txt").chmod(0), absent=("out",)),
+    BadInput("perm-encode-unreadable-input", [*ENCODE, "--input", "{d}/text.txt", "--output", "{d}/ids.npy"], 1,
+             E + "{d}/text.txt " + PERMISSION, setup=lambda d: (d / "text.txt").chmod(0), absent=("ids.npy",)),
     BadInput("perm-train-into-read-only-directory", [*TRAIN, "--input", "{d}/text.txt", "--out", "{d}/ro/tok"], 1,
              E + "{d}/ro/tok " + PERMISSION, setup=write("ro/", mode=0o555), absent=("ro/tok",)),
 
