@@ -87,7 +87,8 @@ def encode_file(tokenizer: bpe.Tokenizer, input_path, output_path, num_workers=N
 
 
 def _check_encode_paths(input_path: Path, output_path: Path) -> None:
-    """Fail before any work when the input is missing or empty, or the output's directory is missing."""
+    """Fail before any work when the input is missing or empty, the output's directory is missing, or the output is
+    the input (the ids would replace the text they came from)."""
     if input_path.is_dir():
         raise IsADirectoryError(f"input file {input_path} is a directory; give a text file")
     if not input_path.is_file():
@@ -95,6 +96,9 @@ def _check_encode_paths(input_path: Path, output_path: Path) -> None:
     if input_path.stat().st_size == 0:
         raise ValueError(f"input file {input_path} is empty")
     bpe.check_output_dir(output_path)
+    if output_path.exists() and output_path.samefile(input_path):
+        raise BadInputError(f"the output {output_path} is the input file; give another path for the ids (a .npy "
+                            f"file)")
 
 
 def _encoded_pieces(tokenizer: bpe.Tokenizer, input_path: Path, dtype, num_workers) -> Iterator[tuple[int, np.ndarray]]:

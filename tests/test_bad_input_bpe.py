@@ -162,6 +162,10 @@ ROWS = [
     BadInput("encode-output-is-a-directory", [*ENCODE, "--input", "{d}/text.txt", "--output", "{d}/tok"], 2,
              E + "--output {d}/tok is a directory, but the .npy of token ids goes there; give a file path such as "
                  "{d}/tok/ids.npy", unchanged=("tok",)),
+    # the output was the input: the text was replaced by its ids
+    BadInput("encode-output-is-the-input", [*ENCODE, "--input", "{d}/text.txt", "--output", "{d}/text.txt"], 2,
+             E + "the output {d}/text.txt is the input file; give another path for the ids (a .npy file)",
+             unchanged=("text.txt",)),
     BadInput("encode-output-in-a-missing-directory", [*ENCODE, "--input", "{d}/text.txt", "--output",
                                                       "{d}/no/ids.npy"], 2,
              E + "output directory {d}/no does not exist; create it first", absent=("no",)),
