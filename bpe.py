@@ -21,7 +21,6 @@ import heapq
 import json
 import os
 import re
-import resource
 import sys
 import time
 from collections import Counter, defaultdict
@@ -576,25 +575,20 @@ class Tokenizer:
 # CLI
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _peak_rss_mib() -> float:
-    """Peak resident memory of this process and of its (finished) worker processes, whichever is larger."""
-    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-               resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024  # Linux reports KiB
-
-
 def train_command(args) -> None:
     """bpe.py train: train on --input and write the tokenizer directory --out."""
     t0 = time.perf_counter()
     out = Path(args.out)
     check_output_dir(out)
     check_dir_target(out, "--out", "the tokenizer directory")
-    with output_dir(out):  # made before training, so a directory that cannot be made fails first
+    from lib.memory import TreePeak  # the largest sum over this process and its workers alive at once
+    with output_dir(out), TreePeak() as peak:  # out is made before training: one that cannot be made fails first
         vocab, merges = train_bpe(args.input, args.vocab_size, args.special_tokens, fast=True,
                                   num_workers=args.workers, progress=True)
         Tokenizer(vocab, merges, args.special_tokens).save_dir(out)
     longest = max(vocab.values(), key=len)
     print(f"trained {len(vocab):,} tokens in {time.perf_counter() - t0:.1f} s, peak memory "
-          f"{_peak_rss_mib():.0f} MiB, longest token {longest.decode('utf-8', 'replace')!r} "
+          f"{peak.bytes / 2**20:.0f} MiB, longest token {longest.decode('utf-8', 'replace')!r} "
           f"({len(longest)} bytes) -> {out}")
 
 
