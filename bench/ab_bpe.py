@@ -3,11 +3,12 @@
 The reason is ab_model.py's: on a noisy machine separate runs differ by 5-10% (the 32K merge loop on kernel-docs took
 2.8-4.1 s from run to run on one idle VM), so a change of a few percent only shows when both versions run under the
 same drift. Both versions merge the same words: the corpus's pre-token counts, computed once (by this tree's
-lib/fast_bpe.py). A version is a file that has the fast merge loop (bpe_merges, _byte_words' words) and gc_paused:
-lib/fast_bpe.py, or bpe.py from before the loop moved there (a86aed4 and earlier).
-Each round runs bpe_merges of each version on a fresh copy of the words, the order swapped every round; the times
-are this process's CPU seconds. Reported: the paired ratio (the median over rounds of new / old) and the ratio of
-the two fastest runs. The two versions must produce the same merges. Run it with one file twice (an A/A test) to
+lib/fast_bpe.py). A version is a file that has the fast merge loop (bpe_merges) and gc_paused: lib/fast_bpe.py (its
+bpe_merges takes a PretokenTable since issue 33; before, the words as strs and their frequencies, from _byte_words),
+or bpe.py from before the loop moved there (a86aed4 and earlier).
+Each round runs bpe_merges of each version on the same counts (a fresh copy of the words for the older versions),
+the order swapped every round; the times are this process's CPU seconds. Reported: the paired ratio (the median over
+rounds of new / old) and the ratio of the two fastest runs. The two versions must produce the same merges. Run it with one file twice (an A/A test) to
 see the noise floor.
 
     git show HEAD:lib/fast_bpe.py > /tmp/fast_bpe_old.py
@@ -36,12 +37,17 @@ from lib.cli import OneLineParser  # noqa: E402
 EOT = "<|endoftext|>"
 
 
-def timed_merges(module, words: list[str], freqs: list[int], num_merges: int) -> tuple[float, list]:
-    """(CPU seconds, merges) of one version's merge loop on a copy of the words (the loop rewrites its words)."""
-    words = list(words)
+def timed_merges(module, table, num_merges: int) -> tuple[float, list]:
+    """(CPU seconds, merges) of one version's merge loop on the pre-token counts `table` (a PretokenTable)."""
+    if hasattr(module, "PretokenTable"):
+        inputs = (table,)
+    else:  # a version from before issue 33: the words as strs (one character per byte), on a copy it may rewrite
+        keep = table.lengths > 1
+        words = [w.decode("latin-1") for w, _ in table.items()]
+        inputs = ([w for w, k in zip(words, keep) if k], table.counts[keep].tolist())
     with module.gc_paused():  # as train_bpe runs it
         t0 = time.process_time()
-        _, merges = module.bpe_merges(words, freqs, num_merges)
+        _, merges = module.bpe_merges(*inputs, num_merges)
         return time.process_time() - t0, merges
 
 
@@ -65,15 +71,15 @@ def main(argv=None) -> None:
 
     modules = {"old": load_module(args.old, "bpe_old"), "new": load_module(args.new, "bpe_new")}
     with fast_bpe.gc_paused():
-        counts = fast_bpe.count_pretokens_file(args.corpus, [EOT], bpe.PRETOKEN_RE, bpe.special_pattern([EOT]))
-    words, freqs = fast_bpe._byte_words(counts)
+        table = fast_bpe.count_pretokens_file(args.corpus, [EOT], bpe.PRETOKEN_RE, bpe.special_pattern([EOT]))
     num_merges = args.vocab_size - 256 - 1
-    print(f"{args.corpus.name}: {len(words):,} words, {num_merges:,} merges, {args.rounds} rounds", file=sys.stderr)
+    print(f"{args.corpus.name}: {int((table.lengths > 1).sum()):,} words, {num_merges:,} merges, {args.rounds} rounds",
+          file=sys.stderr)
 
     times, merges = {"old": [], "new": []}, {}
     for r in range(args.rounds):
         for who in (("old", "new") if r % 2 == 0 else ("new", "old")):
-            seconds, merges[who] = timed_merges(modules[who], words, freqs, num_merges)
+            seconds, merges[who] = timed_merges(modules[who], table, num_merges)
             times[who].append(seconds)
         if merges["old"] != merges["new"]:
             sys.exit("ab_bpe.py: error: the two versions made different merges; the change is not a pure speed-up")

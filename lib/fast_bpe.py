@@ -200,24 +200,36 @@ def read_piece(path, start: int, end: int) -> str:
                             f"re-save it as UTF-8") from None
 
 
-def _count_pieces(args) -> Counter:
-    """Worker: pre-token counts of a list of pieces. Each worker opens the file and reads only its own pieces, so
-    memory holds one piece of text at a time plus the counts (which scale with unique pre-tokens)."""
+class PretokenTable(NamedTuple):
+    """Pre-tokens and their counts, packed: what a worker sends back and what the merge loop starts from. note: ~20
+    bytes a pre-token plus its text, where a Counter of strs takes ~120 (a str object, a dict slot, an int); at
+    OpenWebText's size (~7M distinct pre-tokens) that is the difference between ~0.2 and ~1 GB per copy."""
+    text: bytes           # the pre-tokens' UTF-8, end to end
+    lengths: np.ndarray   # (n,) int64, each pre-token's bytes
+    counts: np.ndarray    # (n,) int64, how often each occurs
+
+    @classmethod
+    def pack(cls, counts: dict) -> "PretokenTable":
+        """{pre-token (str or UTF-8 bytes): count} -> a table, in the dict's order."""
+        keys = [k.encode("utf-8") for k in counts] if counts and isinstance(next(iter(counts)), str) else list(counts)
+        return cls(b"".join(keys), np.fromiter(map(len, keys), np.int64, len(keys)),
+                   np.fromiter(counts.values(), np.int64, len(keys)))
+
+    def items(self) -> Iterator[tuple[bytes, int]]:
+        """(pre-token as UTF-8 bytes, count) pairs, one bytes object at a time."""
+        ends = np.cumsum(self.lengths)
+        keys = map(self.text.__getitem__, map(slice, (ends - self.lengths).tolist(), ends.tolist()))
+        return zip(keys, self.counts.tolist())
+
+
+def _count_pieces(args) -> PretokenTable:
+    """Worker: pre-token counts of a list of pieces, packed. Each worker opens the file and reads only its own pieces,
+    so memory holds one piece of text at a time plus the counts (which scale with unique pre-tokens)."""
     path, ranges, pretoken_re, special_re = args
     chunk_counts = Counter()
     for start, end in ranges:
         count_chunks(read_piece(path, start, end), special_re, chunk_counts)
-    return chunks_to_pretokens(chunk_counts, pretoken_re)  # once per worker: unique chunks repeat across pieces
-
-
-def _split_evenly(items: list, n: int) -> list[list]:
-    """[1, 2, 3, 4, 5] in 2 -> [[1, 2, 3], [4, 5]] (contiguous, so each worker reads one stretch of the file)."""
-    k, r = divmod(len(items), n)
-    out, i = [], 0
-    for j in range(n):
-        out.append(items[i:i + k + (j < r)])
-        i += k + (j < r)
-    return [o for o in out if o]
+    return PretokenTable.pack(chunks_to_pretokens(chunk_counts, pretoken_re))  # unique chunks repeat across pieces
 
 
 def _num_workers(requested: int | None) -> int:
@@ -248,19 +260,46 @@ def _map_pieces(fn, jobs: list, num_workers: int | None, initializer=None, inita
         yield from pool.imap(fn, jobs)  # leaving the `with` (done, failed or closed) terminates the workers
 
 
-def count_pretokens_file(input_path, special_tokens, pretoken_re, special_re, num_workers=None) -> Counter:
-    """Pre-token counts of a whole file, pre-tokenised in parallel by `num_workers` processes (one stretch of
-    pieces each, so each worker turns its chunk counts into pre-token counts once). special_re: bpe.special_pattern
-    of the special tokens (None if there are none); pretoken_re: bpe.PRETOKEN_RE."""
+# The workers' memory: a worker's counts grow with the unique pre-tokens of the text it has counted, which for a
+# long text is most of the file's (the common ones are everywhere), so a worker that counted a whole stretch of an
+# OpenWebText-sized file held ~2.5 GB, and N workers N times that. Instead the file is cut into jobs of at most
+# JOB_TEXT_BYTES / N bytes each: the N jobs in flight then hold about as much as one job of JOB_TEXT_BYTES would,
+# whatever N is, and each job's counts come back packed (PretokenTable) to the one table of the whole file, in the
+# main process. The cost: the unique chunks of each job go through the slow regex once per job rather than once per
+# worker. note: 512 MiB keeps that under ~10% of the time at 12 GB (BENCHMARKS.md, issue 33).
+JOB_TEXT_BYTES = 512 << 20
+
+
+def _jobs(ranges: list[tuple[int, int]], num_workers: int) -> list[list[tuple[int, int]]]:
+    """The pieces in contiguous groups of at most ~JOB_TEXT_BYTES / num_workers bytes (at least one piece each, and
+    never fewer groups than workers while there are pieces for them)."""
+    total = ranges[-1][1] - ranges[0][0] if ranges else 0
+    per_job = max(1, min(total / num_workers, JOB_TEXT_BYTES / num_workers))
+    jobs, job, size = [], [], 0
+    for start, end in ranges:
+        if job and size + (end - start) > per_job:
+            jobs.append(job)
+            job, size = [], 0
+        job.append((start, end))
+        size += end - start
+    return jobs + [job] if job else jobs
+
+
+def count_pretokens_file(input_path, special_tokens, pretoken_re, special_re, num_workers=None) -> PretokenTable:
+    """Pre-token counts of a whole file (as UTF-8 bytes), pre-tokenised in parallel by `num_workers` processes, in
+    jobs of bounded size (see above). special_re: bpe.special_pattern of the special tokens (None if there are none);
+    pretoken_re: bpe.PRETOKEN_RE."""
     num_workers = _num_workers(num_workers)
     bounds = find_piece_boundaries(input_path, PIECE_BYTES, special_tokens)
-    ranges = list(zip(bounds[:-1], bounds[1:]))
-    jobs = [(str(input_path), group, pretoken_re, special_re) for group in _split_evenly(ranges, num_workers)]
-    parts = _map_pieces(_count_pieces, jobs, num_workers)
-    total = next(parts)
-    for part in parts:
-        total.update(part)
-    return total
+    jobs = [(str(input_path), group, pretoken_re, special_re)
+            for group in _jobs(list(zip(bounds[:-1], bounds[1:])), num_workers)]
+    total = {}  # pre-token (bytes) -> count: the one full table, ~100 bytes a pre-token while it is a dict
+    get = total.get
+    for part in _map_pieces(_count_pieces, jobs, num_workers):
+        for pretoken, n in part.items():
+            total[pretoken] = get(pretoken, 0) + n
+        del part
+    return PretokenTable.pack(total)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -278,40 +317,33 @@ def _inverted(token: bytes) -> str:
     return token.decode("latin-1").translate(_INVERT) + "\u0101"
 
 
-def _byte_words(counts: Counter) -> tuple[list[str], list[int]]:
-    """Pre-token counts -> (words, their frequencies), a word being a str with one character per token: chr(id).
-    _byte_words(Counter({"hé": 2, "a": 5})) == (["h\\xc3\\xa9"], [2])"""
-    # At the start id == byte value, so decoding the UTF-8 bytes as Latin-1 gives exactly that (b"\xc3\xa9" ->
-    # "\xc3\xa9", two tokens). Strings let the merge loop find and rewrite the pair with str methods that run in C,
-    # with no Python-level step per token: a merge is `word.replace(chr(a) + chr(b), chr(new))`, whose non-overlapping
-    # left-to-right rule is exactly BPE's. Single-byte words have no pairs and are dropped.
-    words, freqs = [], []
-    for pretoken, n in counts.items():
-        w = pretoken.encode("utf-8").decode("latin-1")
-        if len(w) > 1:
-            words.append(w)
-            freqs.append(n)
-    return words, freqs
+def byte_words(table: PretokenTable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The merge loop's words: the pre-tokens of two bytes or more (a single byte has no pair), as (ids, lengths,
+    freqs): every word's token ids end to end, (total,) uint8 (at the start a token id is its byte), each word's
+    length, (num_words,) int64, and frequency, (num_words,) int64.
+    byte_words(PretokenTable.pack({"hé": 2, "a": 5})) == ([104, 195, 169], [3], [2])"""
+    keep = table.lengths > 1
+    ids = np.frombuffer(table.text, np.uint8)[np.repeat(keep, table.lengths)]
+    return ids, table.lengths[keep], table.counts[keep]
 
 
-def count_pairs(words: list[str], freqs: list[int]) -> tuple[defaultdict, defaultdict]:
-    """Initial pair counts and pair -> word indices (an int32 array each), vectorised with numpy (a word is a str of
-    token ids, see _byte_words; here every id is still a byte, < 256). A pair is the 2-character str of its two ids.
-    count_pairs(["abab", "ba"], [3, 1]) -> ({"ab": 6, "ba": 4}, {"ab": array([0]), "ba": array([0, 1])})"""
-    lengths = np.fromiter(map(len, words), dtype=np.int32, count=len(words))
-    flat = np.frombuffer("".join(words).encode("latin-1"), dtype=np.uint8).astype(np.int32)  # chr(i) -> byte i
-    word_of = np.repeat(np.arange(len(words), dtype=np.int32), lengths)  # the word index of each position
-    inside = word_of[:-1] == word_of[1:]  # adjacent positions in the same word form a pair
-    code = (flat[:-1] * 256 + flat[1:])[inside].astype(np.uint16)  # note: numpy sorts 16-bit keys by radix sort
-    where = word_of[:-1][inside]
-    del flat, word_of, inside  # note: these arrays are ~10 MB each on a 27 MB corpus; free them before the lists
-    if len(code) == 0:  # every word is a single byte: nothing to merge
+def count_pairs(ids: np.ndarray, lengths: np.ndarray, freqs: np.ndarray) -> tuple[defaultdict, defaultdict]:
+    """Initial pair counts and pair -> word indices (an int32 array each), vectorised with numpy, from byte_words'
+    arrays (every id still a byte, < 256, every word at least 2 long). A pair is the 2-character str of its two ids.
+    count_pairs(b"ababba" as ids, [4, 2], [3, 1]) -> ({"ab": 6, "ba": 4}, {"ab": array([0]), "ba": array([0, 1])})"""
+    # Position k and k + 1 form a pair unless k is the last position of a word; a word of length n has n - 1 pairs.
+    inside = np.ones(max(ids.size - 1, 0), bool)
+    inside[np.cumsum(lengths)[:-1] - 1] = False
+    code = (ids[:-1].astype(np.uint16) << 8 | ids[1:])[inside]  # (pairs,) note: numpy sorts 16-bit keys by radix sort
+    del inside
+    where = np.repeat(np.arange(lengths.size, dtype=np.int32), lengths - 1)  # (pairs,) the word of each pair
+    if code.size == 0:  # no word of two bytes: nothing to merge
         return defaultdict(int), defaultdict(list)
     order = np.argsort(code, kind="stable")
     code, where = code[order], where[order]
-    weight = np.asarray(freqs, dtype=np.int64)[where]
+    del order  # note: 8 bytes a pair, the largest array here; free it before the next ones
     starts = np.flatnonzero(np.r_[True, code[1:] != code[:-1]])
-    totals = np.add.reduceat(weight, starts).tolist()
+    totals = np.add.reduceat(freqs[where], starts).tolist()
     # A word that holds a pair twice ("abab") is listed once: after the stable sort, its positions are neighbours.
     once = np.r_[True, (code[1:] != code[:-1]) | (where[1:] != where[:-1])]
     code, where = code[once], where[once]
@@ -327,11 +359,9 @@ def count_pairs(words: list[str], freqs: list[int]) -> tuple[defaultdict, defaul
 PROGRESS_MERGES = 1000  # with progress=True, bpe_merges prints a line every this many merges
 
 
-def bpe_merges(words: list[str], freqs: list[int], num_merges: int, *, progress=False,
-               t0=None) -> tuple[list[bytes], list]:
-    """The merge loop: words (see _byte_words; the loop rewrites them) and their frequencies -> (tokens by id,
-    merges as id pairs), at most num_merges of them.
-    bpe_merges(["ab", "abc"], [2, 1], 2) -> ([..256 bytes.., b"ab", b"abc"], [(97, 98), (256, 99)])"""
+def bpe_merges(table: PretokenTable, num_merges: int, *, progress=False, t0=None) -> tuple[list[bytes], list]:
+    """The merge loop: pre-token counts -> (tokens by id, merges as id pairs), at most num_merges of them.
+    bpe_merges(PretokenTable.pack({"ab": 2, "abc": 1}), 2) -> ([..256 bytes.., b"ab", b"abc"], [(97, 98), (256, 99)])"""
     t0 = time.perf_counter() if t0 is None else t0
 
     # The bookkeeping (what makes a merge cheap). A pair (a, b) is the 2-character str chr(a) + chr(b):
@@ -349,8 +379,10 @@ def bpe_merges(words: list[str], freqs: list[int], num_merges: int, *, progress=
     # Cost of one merge: O(total length of the words that contain the pair) to rewrite them and update the counts of
     # their neighbouring pairs, plus O(log heap) per pushed or re-pushed entry; never a pass over the whole corpus.
     # The count changes of one merge are first summed per neighbour token, then applied once per changed pair.
-    pair_counts, pair_words = count_pairs(words, freqs)
-    corpus = _Words(words, freqs)
+    ids, lengths, freqs = byte_words(table)
+    pair_counts, pair_words = count_pairs(ids, lengths, freqs)
+    corpus = _Words(_FlatWords(ids, lengths), freqs)
+    del ids
     vocab = [bytes([i]) for i in range(256)]
     keys = [_inverted(t) for t in vocab]
     queue = _PairQueue(pair_counts, keys)
@@ -515,16 +547,16 @@ def _neighbour_counts(word_lists: dict, freqs: list[int]) -> dict:
 class _Words:
     """The words the merge loop rewrites, in whichever form is faster: first _FlatWords, one array for all of them
     (the first merges list thousands of words each), then, from the first time that stops paying, the words as strs
-    and _rewrite_words (most later merges list a few dozen words)."""
+    with one character per token, chr(id), and _rewrite_words (most later merges list a few dozen words)."""
 
-    def __init__(self, words: list[str], freqs: list[int]):
-        self.words, self.freqs = words, freqs
-        self.flat, self.freq_of = _FlatWords(words), np.asarray(freqs, np.int64)  # None once the array phase is over
+    def __init__(self, flat: "_FlatWords", freq_of: np.ndarray):
+        self.flat, self.freq_of = flat, freq_of  # flat is None once the array phase is over
+        self.words = self.freqs = None  # the str phase's words and frequencies (lists)
 
     def merge(self, word_ids, pair: str, new: str) -> _NeighbourTally:
         """Merge `pair` into `new` in the listed words; tally the neighbours of the merged occurrences."""
         if self.flat is not None and not self.flat.worth_it(len(word_ids)):
-            self.words[:], self.flat = self.flat.words(), None
+            self.words, self.freqs, self.flat = self.flat.words(), self.freq_of.tolist(), None
             # One int object per word for the lists made from here on (an object array hands out the objects it
             # holds): a fresh int per list entry would cost 28 bytes x millions of entries.
             self.word_objs = np.array(list(range(len(self.words))), dtype=object)
@@ -542,17 +574,14 @@ class _FlatWords:
     listed words and 2x from 1,000; the 32K merge loop takes 0.65x the time on a 1M-word corpus, and ~0.96x on
     kernel-docs, whose merges list fewer words (BENCHMARKS.md). Each word keeps a slot of its length at the start
     plus one: its tokens, then END, the room its merges free up filling with END too.
-    _FlatWords(["ab", "b"]).tokens == [97, 98, END, 98, END]."""
+    _FlatWords(ids of b"abb", lengths [2, 1]).tokens == [97, 98, END, 98, END]."""
 
     END = np.iinfo(np.uint32).max  # not a token id: no pair can span two words, and a word's neighbours are known
     MIN_WORDS = 150  # the words per merge below which _rewrite_words is faster (measured on kernel-docs, 32K)
 
-    def __init__(self, words: list[str]):
-        # note: the UTF-32 of a word is its ids (a word character is chr(id)); surrogatepass lets the ids 0xD800 to
-        # 0xDFFF through, which are chrs like any other here
-        lengths = np.fromiter(map(len, words), np.int64, len(words))
-        ids = np.frombuffer("".join(words).encode("utf-32-le", "surrogatepass"), np.uint32)  # (total,)
-        self.tokens = np.insert(ids, np.cumsum(lengths), self.END)  # (total + num_words,) every slot, END after each
+    def __init__(self, ids: np.ndarray, lengths: np.ndarray):
+        """ids: (total,) the words' token ids end to end; lengths: (num_words,) int64."""
+        self.tokens = np.insert(ids.astype(np.uint32), np.cumsum(lengths), self.END)  # (total + num_words,)
         self.size = lengths + 1  # (num_words,) each slot's size, fixed
         self.start = np.cumsum(self.size) - self.size  # (num_words,) where each slot begins
         self.average_words = None  # words listed per merge, a moving average (see worth_it)
@@ -608,7 +637,8 @@ class _FlatWords:
         return _NeighbourTally(left_words, left_counts, right_words, right_counts, int(freq[overlaps].sum()))
 
     def words(self) -> list[str]:
-        """The words as strs again (see _byte_words), for the rest of the merge loop."""
+        """The words as strs again, one character per token, chr(id), for the rest of the merge loop. note: ids 0xD800
+        to 0xDFFF are surrogate code points, which surrogatepass lets through."""
         in_use = self.tokens != self.END
         lengths = np.add.reduceat(in_use, self.start)
         text = self.tokens[in_use].tobytes().decode("utf-32-le", "surrogatepass")
@@ -737,15 +767,13 @@ def train(input_path, special_tokens: list[str], num_merges: int, pretoken_re, s
                          f"most {MAX_TRAIN_VOCAB:,} tokens besides the special tokens; use a smaller one")
     t0 = time.perf_counter()
     with gc_paused():
-        counts = count_pretokens_file(input_path, special_tokens, pretoken_re, special_re, num_workers)
+        table = count_pretokens_file(input_path, special_tokens, pretoken_re, special_re, num_workers)
         if progress:
             dt = time.perf_counter() - t0
             mb = os.path.getsize(input_path) / 1e6
-            print(f"pre-tokenised {mb:.1f} MB in {dt:.1f} s ({mb / dt:.1f} MB/s), {len(counts):,} unique pre-tokens",
-                  file=sys.stderr)
-        words, freqs = _byte_words(counts)  # a word is a str with one character per token, chr(id)
-        del counts  # note: ~20 MB on kernel-docs that the merge loop, whose memory peaks at its end, no longer needs
-        vocab, merges = bpe_merges(words, freqs, num_merges, progress=progress, t0=t0)
+            print(f"pre-tokenised {mb:.1f} MB in {dt:.1f} s ({mb / dt:.1f} MB/s), {table.counts.size:,} unique "
+                  f"pre-tokens", file=sys.stderr)
+        vocab, merges = bpe_merges(table, num_merges, progress=progress, t0=t0)
     return [(vocab[a], vocab[b]) for a, b in merges]
 
 
