@@ -44,10 +44,16 @@ HF_MODEL_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.b
                   "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
                   "chat_template.jinja", "chat_template.json")
 
+# Names that mark a directory train.py or bpe.py wrote (HF's special-tokens file is special_tokens_map.json).
+PROJECT_FILES = ("last.pt", "log.jsonl", "special_tokens.json")
+
 
 def export_hf(ckpt_path, out_dir, tokenizer_dir=None, force: bool = False) -> Path:
     """A train.py checkpoint -> a Hugging Face Llama directory that from_pretrained loads with no custom code.
     Everything is written beside `out_dir` first, then moved in (install), so a failure leaves `out_dir` as it was."""
+    if Path(ckpt_path).is_dir():
+        raise BadInputError(f"{ckpt_path} is a directory, not a checkpoint: pass a .pt file in it, e.g. "
+                            f"{Path(ckpt_path) / 'best.pt'}")
     ckpt = read_checkpoint(ckpt_path)
     cfg = checkpoint_config(ckpt, ckpt_path)
     tensors = to_hf_llama_state_dict(cfg, ckpt["model"])  # refuses the ablations HF Llama cannot express
@@ -79,8 +85,8 @@ def export_hf(ckpt_path, out_dir, tokenizer_dir=None, force: bool = False) -> Pa
 def export_replaces(out: Path, force: bool) -> list[str]:
     """The names in `out` that an export removes before moving its own files in: all of an earlier export (it is
     replaced whole), or with --force the Hugging Face model files (HF_MODEL_FILES) of any other directory. A
-    non-empty directory that is not an earlier export is refused without --force; so is a bpe.py tokenizer
-    directory even with it, since --force would delete its vocab.json and merges.txt."""
+    non-empty directory that is not an earlier export is refused without --force; so, even with it, is a run or
+    tokenizer directory of this project, whose config.json, vocab.json and merges.txt --force would replace."""
     if out.exists() and not out.is_dir():
         raise BadInputError(f"{out} is a file, not a directory: pass a new or empty directory as --out")
     try:
@@ -90,9 +96,10 @@ def export_replaces(out: Path, force: bool) -> list[str]:
     foreign = [n for n in names if n not in (export_mark(out / HF_WEIGHTS[0]) or [])]
     if not foreign:
         return names
-    if "special_tokens.json" in names:  # bpe.py writes it (HF's is special_tokens_map.json)
-        raise BadInputError(f"{out} is a bpe.py tokenizer directory, whose vocab.json and merges.txt an export would "
-                            f"delete: pass a new or empty directory as --out")
+    own = [name for name in PROJECT_FILES if name in names]
+    if own:
+        raise BadInputError(f"{out} holds {own[0]}: it is a run or tokenizer directory of this project, whose files "
+                            f"an export would replace or delete; pass a new or empty directory as --out")
     if not force:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise BadInputError(f"{out} is not empty and not an earlier export (it holds {shown}): pass --force to "
