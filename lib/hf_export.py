@@ -117,7 +117,8 @@ def export_mark(weights: Path) -> list[str] | None:
             header = json.loads(f.read(size)) if size < 10_000_000 else None
     except (OSError, ValueError):  # absent, unreadable, or not a safetensors file: not ours
         return None
-    mark = ((header or {}).get("__metadata__") or {}).get(EXPORT_MARK) if isinstance(header, dict) else None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    mark = metadata.get(EXPORT_MARK) if isinstance(metadata, dict) else None
     return mark.split(",") if isinstance(mark, str) else None
 
 
@@ -245,6 +246,8 @@ def read_hf_weights(src: Path) -> dict:
         for path in files:
             try:
                 tensors.update(load(path))
+            except PermissionError as e:  # the machine's fault, not the file's
+                raise EnvironmentFault(f"cannot read {path}: {describe_fault(e, path)}") from None
             except Exception as e:  # truncated, not a weights file, or a pickle of more than tensors
                 raise BadInputError(f"{path} is corrupt or not a weights file ({error_summary(e)})") from None
         return tensors
@@ -279,8 +282,9 @@ def export_main(argv) -> None:
                         "tokenizer_config.json are replaced, the files from which transformers would load another "
                         "model or tokenizer are removed (*.safetensors and their index, pytorch_model*.bin, "
                         "special_tokens_map.json, added_tokens.json, vocab.json, merges.txt, tokenizer.model, ...), "
-                        "and everything else (README.md, .git, ...) is kept. Without it, DIR must be new, empty or "
-                        "an earlier export, which is replaced whole")
+                        "and everything else (README.md, .git, ...) is kept; a run or tokenizer directory of this "
+                        "project is refused even so. Without it, DIR must be new, empty or an earlier export, which "
+                        "is replaced whole")
     a = p.parse_args(argv)
     out = export_hf(a.ckpt, a.out, a.tokenizer, a.force)
     print(f"wrote {out}/ (config.json, model.safetensors, tokenizer.json, ...): "

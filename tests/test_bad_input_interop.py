@@ -412,6 +412,10 @@ def test_permission_faults_name_the_path_and_exit_1(scratch, capsys, monkeypatch
     code, _, err = run_cli(train.main, ["export", str(scratch / "demo/run/last.pt"), "--out", str(scratch / "new")],
                            capsys)
     assert (code, err) == (1, f"{STOPPED}cannot write {scratch}/new: permission denied\n")
+    import safetensors.torch
+    monkeypatch.setattr(safetensors.torch, "load_file", denied)
+    code, _, err = run_cli(train.main, ["import", str(scratch / "hf"), "--out", str(scratch / "run")], capsys)
+    assert (code, err) == (1, f"{STOPPED}cannot read {scratch}/hf/model.safetensors: permission denied\n")
     monkeypatch.setattr(Path, "read_text", denied)
     code, _, err = run_cli(train.main, ["import", str(scratch / "hf"), "--out", str(scratch / "run")], capsys)
     assert (code, err) == (1, f"{STOPPED}cannot read {scratch}/hf/config.json: permission denied\n")
