@@ -6,6 +6,11 @@ and the vLLM and llama.cpp converters read. The conversions live with what they 
 permutation and the config in lib/hf_llama.py; tokenizer.json in lib/tokenizer_formats.py); here are only the
 files. The safetensors package is optional: these commands import it, nothing else does.
 
+Neither command loses a file it did not write. Both write everything into a fresh directory beside --out first and
+move it in only when all of it is written, so a failure changes nothing there. export's --out must be new, empty or
+an earlier export (replaced whole); --force lets it into another directory, replacing only the Hugging Face model
+and tokenizer files. import replaces a run's checkpoint or tokenizer only with --overwrite.
+
     python train.py export runs/ts17m/best.pt --out hf/ts17m
     python train.py import hf/ts17m --out runs/imported
 """

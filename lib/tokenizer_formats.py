@@ -220,7 +220,8 @@ def check_hf_tokenizer_json(obj, where: str) -> None:
         if not is_int(i, 0):
             raise ValueError(field_problem(where, f"model.vocab[{json_shown(token)}]", "an integer id >= 0", i))
         if owner.setdefault(i, token) != token:
-            raise ValueError(f"{where}: model.vocab gives id {i} to both {json_shown(owner[i])} and {json_shown(token)}")
+            raise ValueError(f"{where}: model.vocab gives id {i} to both {json_shown(owner[i])} and "
+                             f"{json_shown(token)}")
     merges = model.get("merges", [])
     if not isinstance(merges, list):
         raise ValueError(field_problem(where, "model.merges", "a list of merges", merges))

@@ -9,7 +9,6 @@ with an earlier export and with --force, and that a failed write or a permission
     python -m pytest tests/test_bad_input_interop.py -q
 """
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -260,7 +259,8 @@ IMPORT_ROWS = [
     BadInput("rope-parameters-theta-0", IMPORT, 2,
              E + CONFIG + ": rope_parameters.rope_theta must be a positive number, got 0",
              setup=set_config(rope_parameters={"rope_type": "default", "rope_theta": 0}), absent=("run",)),
-    BadInput("rope-parameters-a-list", IMPORT, 2, E + CONFIG + ": rope_parameters must be null or an object, got a list",
+    BadInput("rope-parameters-a-list", IMPORT, 2,
+             E + CONFIG + ": rope_parameters must be null or an object, got a list",
              setup=set_config(rope_parameters=[]), absent=("run",)),
     BadInput("model-type-a-number", IMPORT, 2, E + CONFIG + ": model_type must be a string, got 5",
              setup=set_config(model_type=5), absent=("run",)),
