@@ -371,17 +371,15 @@ def test_an_earlier_export_is_replaced_whole(scratch, capsys):
 
 
 def test_force_replaces_the_model_files_and_keeps_the_rest(scratch, capsys):
-    transformers = pytest.importorskip("transformers")
+    """(tests/test_hf.py checks that AutoTokenizer then has the model's tokens, not those of the removed files.)"""
     other = scratch / "other"
-    files({"other/README.md": "# card", "other/special_tokens_map.json": json.dumps(
-        {"additional_special_tokens": ["<a>", "<b>", "<c>"]}), "other/pytorch_model.bin": "x",
-        "other/added_tokens.json": '{"<a>": 300}'})(scratch)
+    files({"other/README.md": "# card", "other/special_tokens_map.json": '{"pad_token": "<pad>"}',
+           "other/pytorch_model.bin": "x", "other/added_tokens.json": '{"<a>": 300}'})(scratch)
     code, out, err = run_cli(train.main, ["export", str(scratch / "demo/run/last.pt"), "--out", str(other), "--force"],
                              capsys)
     assert code == 0, err
     assert sorted(p.name for p in other.iterdir()) == sorted(hf_export.EXPORT_FILES + ("README.md",))
     assert (other / "README.md").read_text() == "# card"
-    assert len(transformers.AutoTokenizer.from_pretrained(other)) == 300  # the issue's example had 303
 
 
 def test_a_failed_export_leaves_the_earlier_one_and_no_debris(scratch, capsys, monkeypatch):
