@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from lib.cli import BadInputError
+from lib.tokenizer_formats import MISSING, field_problem, is_int, json_shown
 from model import RMS_NORM_EPS, ModelConfig, TransformerLM
 
 # TransformerLM with norm="pre", position="rope", ffn="swiglu" is Llama's architecture (Touvron et al. 2023):
@@ -86,15 +87,14 @@ def to_hf_llama_config(cfg: ModelConfig, bos_token_id: int | None, eos_token_id:
 def from_hf_llama_config(hf: dict, where: str) -> ModelConfig:
     """The ModelConfig of a Hugging Face Llama config.json (`where` names it in errors); what TransformerLM cannot
     represent (grouped-query attention, biases, rope scaling, another activation or eps) is a BadInputError."""
-    def get(key, default=KeyError):
-        if key not in hf and default is KeyError:
-            raise BadInputError(f"{where} has no {key!r}: is it a Hugging Face Llama config.json?")
-        return hf.get(key, default)
-
+    check_hf_llama_config(hf, where)
+    get = hf.get
     if get("model_type") != "llama":
         raise BadInputError(f"{where}: model_type {hf['model_type']!r} is not 'llama'; only LlamaForCausalLM "
                             f"directories can be imported")
     heads, d_model = get("num_attention_heads"), get("hidden_size")
+    if d_model % heads:
+        raise BadInputError(f"{where}: hidden_size {d_model} is not divisible by num_attention_heads {heads}")
     kv_heads, head_dim = get("num_key_value_heads", heads), get("head_dim", None)
     theta = _hf_rope_theta(hf, where)
     problems = [(kv_heads != heads, f"grouped-query attention (num_key_value_heads {kv_heads} < "
@@ -113,9 +113,45 @@ def from_hf_llama_config(hf: dict, where: str) -> ModelConfig:
         return ModelConfig(vocab_size=get("vocab_size"), context_length=get("max_position_embeddings"),
                            d_model=d_model, num_layers=get("num_hidden_layers"), num_heads=heads,
                            d_ff=get("intermediate_size"), rope_theta=theta,
-                           tie_embeddings=bool(get("tie_word_embeddings", False))).validate()
+                           tie_embeddings=get("tie_word_embeddings", False)).validate()
     except ValueError as e:
         raise BadInputError(f"{where}: {e}") from None
+
+
+# Every config.json field from_hf_llama_config reads, and what it must be: checked first, so a damaged or hand-edited
+# file is one line naming the field (not a TypeError or ZeroDivisionError from deep inside the conversion). JSON's
+# true/false are not integers here, "2" is not 2, and 0 heads or layers is meaningless. The first group is required.
+POSITIVE_INT, POSITIVE_NUMBER = "an integer >= 1", "a positive number"
+HF_CONFIG_REQUIRED = {"model_type": "a string", "vocab_size": POSITIVE_INT, "hidden_size": POSITIVE_INT,
+                      "intermediate_size": POSITIVE_INT, "num_hidden_layers": POSITIVE_INT,
+                      "num_attention_heads": POSITIVE_INT, "max_position_embeddings": POSITIVE_INT}
+HF_CONFIG_OPTIONAL = {"num_key_value_heads": POSITIVE_INT, "head_dim": POSITIVE_INT + " or null",
+                      "rope_theta": POSITIVE_NUMBER, "rms_norm_eps": POSITIVE_NUMBER,
+                      "rope_scaling": "null or an object", "rope_parameters": "null or an object",
+                      "tie_word_embeddings": "true or false", "attention_bias": "true or false",
+                      "mlp_bias": "true or false", "hidden_act": "a string"}
+HF_CONFIG_TESTS = {"a string": lambda v: isinstance(v, str),
+                   POSITIVE_INT: lambda v: is_int(v, 1),
+                   POSITIVE_INT + " or null": lambda v: v is None or is_int(v, 1),
+                   POSITIVE_NUMBER: lambda v: is_int(v, 1) or isinstance(v, float) and 0 < v < float("inf"),
+                   "null or an object": lambda v: v is None or isinstance(v, dict),
+                   "true or false": lambda v: isinstance(v, bool)}
+
+
+def check_hf_llama_config(hf, where: str) -> None:
+    """BadInputError naming the first field of a config.json (parsed) that is missing or of the wrong type or range."""
+    if not isinstance(hf, dict):
+        raise BadInputError(f"{where} holds {json_shown(hf)}, not a JSON object: is it a Hugging Face config.json?")
+    for key in HF_CONFIG_REQUIRED:
+        if key not in hf:
+            raise BadInputError(f"{where} has no {key!r}: is it a Hugging Face Llama config.json?")
+    fields = {**HF_CONFIG_REQUIRED, **{k: v for k, v in HF_CONFIG_OPTIONAL.items() if k in hf}}
+    for key, expected in fields.items():
+        if not HF_CONFIG_TESTS[expected](hf[key]):
+            raise BadInputError(field_problem(where, key, expected, hf[key]))
+    theta = (hf.get("rope_parameters") or {}).get("rope_theta", MISSING)  # where transformers 5.x keeps rope_theta
+    if theta is not MISSING and not HF_CONFIG_TESTS[POSITIVE_NUMBER](theta):
+        raise BadInputError(field_problem(where, "rope_parameters.rope_theta", POSITIVE_NUMBER, theta))
 
 
 HF_DEFAULT_ROPE_THETA = 10_000.0  # LlamaConfig's default when config.json names none

@@ -120,9 +120,10 @@ def tiktoken_one_liner(tok: Tokenizer, path) -> str:
 def tokenizer_from_hf_json(obj: dict, where: str, *, fast=False) -> Tokenizer:
     """A Tokenizer from a Hugging Face tokenizer.json (parsed): byte-level BPE behind the GPT-2 regex, as GPT-2's and
     hf_tokenizer_json's are. What Tokenizer would encode differently is a ValueError naming it, e.g. a SentencePiece
-    (Metaspace / byte-fallback) tokenizer, a normalizer, another split regex or ignore_merges (Llama 3's).
-    fast: as Tokenizer's."""
-    model = obj.get("model") or {}
+    (Metaspace / byte-fallback) tokenizer, a normalizer, another split regex or ignore_merges (Llama 3's); so is a
+    file of the wrong shape (check_hf_tokenizer_json). fast: as Tokenizer's."""
+    check_hf_tokenizer_json(obj, where)
+    model = obj["model"]
     if model.get("type") != "BPE":
         raise ValueError(f"{where}: the model is {model.get('type')!r}, not BPE: only byte-level BPE tokenizers can be "
                          f"imported")
@@ -136,8 +137,7 @@ def tokenizer_from_hf_json(obj: dict, where: str, *, fast=False) -> Tokenizer:
     # content is plain text, not byte-level characters.
     added = {a["id"]: a for a in obj.get("added_tokens") or []}
     vocab = {i: str_to_token(s, where) for s, i in model["vocab"].items() if i not in added}
-    merges = [tuple(str_to_token(p, where) for p in (m.split(" ") if isinstance(m, str) else m))
-              for m in model.get("merges", [])]
+    merges = [tuple(str_to_token(p, where) for p in merge_pair(m)) for m in model.get("merges") or []]
     for i, a in sorted(added.items()):
         if any(a.get(flag) for flag in ("lstrip", "rstrip", "single_word")):
             raise ValueError(f"{where}: added token {a['content']!r} strips spaces or matches whole words only, "
@@ -170,3 +170,84 @@ def _check_hf_byte_level(obj: dict, where: str) -> None:
         raise ValueError(f"{where}: the tokenizer has a normalizer ({obj['normalizer'].get('type')}), which "
                          f"bpe.Tokenizer does not")
 
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The shape of a tokenizer.json, checked before it is read: a file from the Hub, another tool or a hand edit is one
+# line naming the field and what it must be, never a TypeError or KeyError from deep inside the conversion.
+# ---------------------------------------------------------------------------------------------------------------------
+
+MISSING = object()  # a key the file does not have (None would be JSON's null)
+
+
+def json_shown(value) -> str:
+    """A JSON value as an error names it: null, 0, "2", true as written; a list or an object by its kind."""
+    if value is MISSING:
+        return "nothing (the key is missing)"
+    if isinstance(value, (list, dict)):
+        return "a list" if isinstance(value, list) else "an object"
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:36] + '..."'
+
+
+def field_problem(where: str, field: str, expected: str, value) -> str:
+    """'hf/config.json: rope_theta must be a positive number, got null': the one line of a field of the wrong type."""
+    return f"{where}: {field} must be {expected}, got {json_shown(value)}"
+
+
+def is_int(value, minimum: int) -> bool:
+    """A JSON integer >= minimum; JSON's true/false are bools, which Python counts as ints, so they are excluded."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def merge_pair(merge) -> list:
+    """A merge as tokenizer.json writes it, "a b" (older files) or ["a", "b"], as its two token strings."""
+    return merge.split(" ") if isinstance(merge, str) else merge
+
+
+def check_hf_tokenizer_json(obj, where: str) -> None:
+    """ValueError naming the first field tokenizer_from_hf_json reads that has the wrong type or range."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where} holds {json_shown(obj)}, not a JSON object: is it a Hugging Face tokenizer.json?")
+    model = obj.get("model", MISSING)
+    if not isinstance(model, dict):
+        raise ValueError(field_problem(where, "model", 'an object (the BPE model: "type", "vocab", "merges")', model))
+    vocab = model.get("vocab", MISSING)
+    if not isinstance(vocab, dict):
+        raise ValueError(field_problem(where, "model.vocab", "an object of token -> id", vocab))
+    owner = {}
+    for token, i in vocab.items():
+        if not is_int(i, 0):
+            raise ValueError(field_problem(where, f"model.vocab[{json_shown(token)}]", "an integer id >= 0", i))
+        if owner.setdefault(i, token) != token:
+            raise ValueError(f"{where}: model.vocab gives id {i} to both {json_shown(owner[i])} and "
+                             f"{json_shown(token)}")
+    merges = model.get("merges", [])
+    if not isinstance(merges, list):
+        raise ValueError(field_problem(where, "model.merges", "a list of merges", merges))
+    for rank, merge in enumerate(merges):
+        pair = merge_pair(merge) if isinstance(merge, (str, list)) else None
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) and p for p in pair)):
+            raise ValueError(field_problem(where, f"model.merges[{rank}]", '"a b" or ["a", "b"]', merge))
+    check_hf_added_tokens(obj.get("added_tokens", []), where)
+    for key in ("pre_tokenizer", "decoder", "normalizer"):
+        if not isinstance(obj.get(key), (dict, type(None))):
+            raise ValueError(field_problem(where, key, "an object or null", obj[key]))
+    steps = (obj.get("pre_tokenizer") or {}).get("pretokenizers", [])
+    if not (isinstance(steps, list) and all(isinstance(step, dict) for step in steps)):
+        raise ValueError(field_problem(where, "pre_tokenizer.pretokenizers", "a list of objects", steps))
+
+
+def check_hf_added_tokens(added, where: str) -> None:
+    """added_tokens: null or a list of {"id": int >= 0, "content": non-empty str}, flags true/false if present."""
+    if added is None:
+        return
+    if not isinstance(added, list):
+        raise ValueError(field_problem(where, "added_tokens", "a list of objects", added))
+    for k, a in enumerate(added):
+        if not (isinstance(a, dict) and is_int(a.get("id"), 0) and isinstance(a.get("content"), str) and a["content"]):
+            raise ValueError(field_problem(where, f"added_tokens[{k}]", 'an object with an integer "id" >= 0 and a '
+                                           'non-empty string "content"', a))
+        for flag in ("lstrip", "rstrip", "single_word"):
+            if not isinstance(a.get(flag, False), bool):
+                raise ValueError(field_problem(where, f"added_tokens[{k}].{flag}", "true or false", a[flag]))

@@ -331,6 +331,17 @@ def test_imported_hf_llama_gives_its_logits(hf, tok_dir, tmp_path, weights, over
         torch.testing.assert_close(ours(ids), theirs.float()(ids).logits, atol=1e-4, rtol=0)
 
 
+def test_export_with_force_leaves_no_other_models_tokenizer_files(hf, tok_dir, tmp_path):
+    """Issue 32's example: another model's special_tokens_map.json beside the export gave AutoTokenizer 3 tokens too
+    many. Without --force such a directory is refused (tests/test_bad_input_interop.py); with it the file goes."""
+    our_checkpoint(tmp_path / "ckpt.pt", tok_dir)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "special_tokens_map.json").write_text(json.dumps({"additional_special_tokens": ["<a>", "<b>",
+                                                                                                      "<c>"]}))
+    assert train.main(["export", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "hf"), "--force"]) == 0
+    assert len(hf.AutoTokenizer.from_pretrained(tmp_path / "hf")) == bpe.Tokenizer.from_dir(tok_dir).vocab_size
+
+
 def test_export_import_export_round_trips_bit_for_bit(hf, tok_dir, tmp_path):
     ours = our_checkpoint(tmp_path / "ckpt.pt", tok_dir, tie_embeddings=True)
     assert train.main(["export", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "hf1")]) == 0
