@@ -9,6 +9,7 @@ with a clean stop (never a torn file) when the disk fills, and Ctrl-C / SIGTERM 
 
     python train.py --data data/tinystories --preset ts17m --device cuda --out runs/ts17m
     python train.py --resume runs/ts17m                    # continue exactly where it stopped (Ctrl-C saves first)
+    python train.py --resume runs/ts17m/best.pt            # continue the run from its best.pt instead
     python train.py --config runs/ts17m/config.json --out runs/again   # the same flags again
 """
 import argparse
@@ -104,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out", help="run directory (default runs/<date-time>)")
     a("--wandb", metavar="PROJECT", help="also log to Weights & Biases (pip install wandb; WANDB_MODE=offline works)")
     a("--wandb-run", metavar="NAME", help="the W&B run's name (default: W&B picks one)")
-    a("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    a("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt (RUN_DIR/best.pt: from that "
+                                          "checkpoint instead)")
     a("--init-from", metavar="CKPT", help="a new run that starts from CKPT's weights (fresh optimizer, schedule and "
                                           "step; the model config is CKPT's), e.g. to fine-tune an imported model")
     a("--overwrite", action=argparse.BooleanOptionalAction, help="start afresh in an --out that has a checkpoint")
