@@ -346,3 +346,21 @@ def test_plot_skips_unreadable_rows_and_says_how_many(scratch, capsys):
     assert code == 0 and out == f"wrote {png}\n"
     assert err == f"train.py: warning: {run}/log.jsonl: skipped 4 unreadable rows (lines 2, 3, 4, 5)\n"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("first_step_nan, lrs, words", [
+    (True, [0.0, 1e-3, 1e-3], "the loss was nan/inf at step 11, before any update: the starting weights (the checkpoint "
+                              "resumed at step 10) or the data are bad, not the learning rate"),
+    (False, [0.0, 0.0, 0.0], "the loss became nan/inf by step 13 with every update at lr 0: the starting weights (the "
+                             "checkpoint resumed at step 10) or the data are bad, not the learning rate"),
+    (False, [0.0, 1e-3, 1e-3], "loss became nan/inf by step 13 (lr 1.00e-03): the learning rate is probably too high, "
+                               "try --lr 0.0001; RUN/last.pt (step 10) is the last good checkpoint"),
+])
+def test_a_lower_lr_is_suggested_only_after_updates_at_lr_above_0(first_step_nan, lrs, words):
+    from types import SimpleNamespace
+    from lib.runs import Progress, nonfinite_cause
+    progress = Progress(step=10, last_saved_step=10).begin(torch.device("cpu"))  # resumed at step 10
+    progress.first_step_nonfinite.fill_(first_step_nan)
+    progress.step = 13  # three updates, at lrs[0], lrs[1], lrs[2]
+    run = SimpleNamespace(out="RUN", args={"lr": 1e-3, "init_from": None}, lr_at=lambda it: lrs[it - 10])
+    assert nonfinite_cause(run, progress, lr=1e-3) == words
