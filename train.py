@@ -215,9 +215,8 @@ def train(args: dict, ckpt: dict | None = None) -> Path:
     trainer, progress = build_trainer(run, ckpt, init)
     resumed = ckpt is not None
     del ckpt, init  # the loaded copies of weights and optimizer state: the model and optimizer hold their own now
-    runs.open_run_dir(run, progress, trainer.model, resumed=resumed)
+    log = runs.open_run_dir(run, progress, trainer.model, resumed=resumed)  # config.json, log.jsonl: a RunLog
     progress.checkpoint_size = runs.expected_checkpoint_bytes(trainer)
-    log = runs.RunLog(run, progress)
     progress.begin(run.device)
     stop = runs.Stop(run.out)
     try:
@@ -257,6 +256,9 @@ def train(args: dict, ckpt: dict | None = None) -> Path:
                           f"`python train.py --resume {run.out}`")
                 break
         wait_for_all_ranks()  # torchrun: only after a normal end (see lib/distributed.py)
+    except BaseException:
+        log.abandon()  # a run that fails before its first step leaves no files behind
+        raise
     finally:
         stop.restore()
         log.close()

@@ -122,19 +122,30 @@ def load_weights_only(src):
     return torch.load(src, map_location="cpu", weights_only=True)
 
 
-def read_checkpoint(src) -> dict:
+def read_checkpoint(src, corrupt_hint=None) -> dict:
     """torch.load(weights_only=True) onto the CPU, with a one-line BadInputError for a missing or corrupt file, or
-    one that is not a checkpoint of this project (it needs at least "model" and "iteration")."""
+    one that is not a checkpoint of this project (it needs at least "model" and "iteration"). corrupt_hint: a
+    function giving what to do about a corrupt file (called only then: --resume's reads the other checkpoint)."""
     if isinstance(src, (str, os.PathLike)) and not Path(src).is_file():
         raise BadInputError(f"checkpoint {src} does not exist: pass a .pt file train.py wrote (e.g. RUN/last.pt)")
     try:
         ckpt = load_weights_only(src)
     except Exception as e:  # truncated, not a torch file, or a pickle that is more than tensors and plain values
+        hint = corrupt_hint() if corrupt_hint else other_checkpoint_note(src)
         raise BadInputError(f"checkpoint {src} is corrupt or not a train.py checkpoint ({error_summary(e)}); "
-                            f"try best.pt beside it") from None
+                            f"{hint}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "iteration" not in ckpt:
         raise BadInputError(f"checkpoint {src} is not a train.py checkpoint (no 'model'/'iteration' entries)")
     return ckpt
+
+
+def other_checkpoint_note(damaged) -> str:
+    """The fix for a corrupt checkpoint where no flag resumes a run: point at the run's other checkpoint, if any."""
+    if isinstance(damaged, (str, os.PathLike)) and Path(damaged).name in ("last.pt", "best.pt"):
+        other = Path(damaged).with_name("best.pt" if Path(damaged).name == "last.pt" else "last.pt")
+        if other.is_file():
+            return f"{other} may be intact: pass that one"
+    return "pass a checkpoint train.py wrote (RUN/last.pt or RUN/best.pt)"
 
 
 def checkpoint_config(ckpt: dict, src) -> ModelConfig:

@@ -9,6 +9,7 @@ The demo takes the fast paths as every program does; `train.py demo --plain` run
     python train.py demo --quick                           # seconds, for CI
     python train.py plot runs/a runs/b -o curves.png       # loss vs step and vs wall time
 """
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import sample
 import train
 from lib import cli, datasets
 from lib.cli import BadInputError, OneLineParser, atomic_file, atomic_write_text
-from lib.runs import read_log
+from lib.runs import line_numbers, parse_log
 
 
 DEMO = {  # full: about a minute on 2 CPU cores; quick: seconds, for CI
@@ -107,15 +108,14 @@ def plot(run_dirs, out_png) -> None:
     """Train (solid) and validation (dashed) loss against optimizer step and wall-clock time, one colour per run."""
     cli.optional_import("matplotlib", "matplotlib", "plotting").use("Agg")  # files only: no display needed
     plt = cli.optional_import("matplotlib.pyplot", "matplotlib", "plotting")
+    image_format = check_image_path(Path(out_png))  # before any work
+    logs = [run_log(Path(run)) for run in run_dirs]
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for run in run_dirs:
-        rows = read_log(Path(run) / "log.jsonl")
-        if not rows:
-            raise BadInputError(f"{run} has no log.jsonl rows to plot (is it a train.py run directory?)")
+    for run, rows in zip(run_dirs, logs):
         name = Path(run).name
         for ax, x_key in ((by_step, "step"), (by_time, "time")):
-            train = [(r[x_key], r["loss"]) for r in rows if "loss" in r]
-            val = [(r[x_key], r["val_loss"]) for r in rows if "val_loss" in r]
+            train = [(r[x_key], r["loss"]) for r in rows if "loss" in r and x_key in r]
+            val = [(r[x_key], r["val_loss"]) for r in rows if "val_loss" in r and x_key in r]
             (line,) = ax.plot(*zip(*train), label=f"{name} train") if train else ax.plot([], [])
             if val:
                 ax.plot(*zip(*val), "--o", markersize=3, color=line.get_color(), label=f"{name} val")
@@ -126,8 +126,38 @@ def plot(run_dirs, out_png) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_file(out_png) as f:  # all or nothing, like every file the project writes
-        fig.savefig(f, dpi=120, format=Path(out_png).suffix.lstrip(".") or "png")
+        fig.savefig(f, dpi=120, format=image_format)
     print(f"wrote {out_png}")
+
+
+def check_image_path(out: Path) -> str:
+    """The image format -o names (its suffix; none: png), refused if matplotlib cannot write it or the file cannot
+    be made there."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    supported = FigureCanvasAgg.get_supported_filetypes()
+    image_format = out.suffix.lstrip(".").lower() or "png"
+    if image_format not in supported:
+        raise BadInputError(f"-o {out}: unknown image format '.{image_format}'; name the file with one of "
+                            f"{', '.join('.' + name for name in sorted(supported))}")
+    if out.is_dir():
+        raise BadInputError(f"-o {out} is a directory: name the image file, e.g. -o {out / 'curves.png'}")
+    if not out.parent.is_dir():
+        raise BadInputError(f"-o {out}: directory {out.parent} does not exist; make it or pick another -o")
+    return image_format
+
+
+def run_log(run: Path) -> list[dict]:
+    """A run's readable log rows; the unreadable ones are skipped, and how many is said in one line."""
+    path = run / "log.jsonl"
+    rows, damaged = parse_log(path)
+    if not rows and damaged:
+        raise BadInputError(f"{path} has no readable rows to plot ({line_numbers(damaged)} damaged)")
+    if not rows:
+        raise BadInputError(f"{run} has no log.jsonl rows to plot (is it a train.py run directory?)")
+    if damaged:
+        print(f"train.py: warning: {path}: skipped {len(damaged)} unreadable row{'s' * (len(damaged) > 1)} "
+              f"({line_numbers(damaged)})", file=sys.stderr)
+    return rows
 
 
 def plot_main(argv) -> None:

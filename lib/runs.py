@@ -9,6 +9,7 @@ with a clean stop (never a torn file) when the disk fills, and Ctrl-C / SIGTERM 
 
     python train.py --data data/tinystories --preset ts17m --device cuda --out runs/ts17m
     python train.py --resume runs/ts17m                    # continue exactly where it stopped (Ctrl-C saves first)
+    python train.py --resume runs/ts17m/best.pt            # continue the run from its best.pt instead
     python train.py --config runs/ts17m/config.json --out runs/again   # the same flags again
 """
 import argparse
@@ -18,6 +19,7 @@ import datetime
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -34,7 +36,7 @@ from train import eval_starts, load_tokens
 from lib import cli
 from lib.checkpoints import (AUTOCAST_DTYPES, checkpoint_config, checkpoint_dict, checkpoint_file_bytes,
                              link_or_copy, pick_device, pick_dtype, read_checkpoint, rng_state, write_checkpoint_file)
-from lib.cli import (BadInputError, EnvironmentFault, OneLineParser, WriteFault, atomic_write_text, describe_fault,
+from lib.cli import (BadInputError, EnvironmentFault, OneLineParser, WriteFault, atomic_file, describe_fault,
                      space_problem)
 from lib.distributed import full_state, process_ranks
 from model import ATTN_IMPLS, FFNS, NORMS, POSITIONS, PRESETS, ModelConfig, TransformerLM
@@ -103,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out", help="run directory (default runs/<date-time>)")
     a("--wandb", metavar="PROJECT", help="also log to Weights & Biases (pip install wandb; WANDB_MODE=offline works)")
     a("--wandb-run", metavar="NAME", help="the W&B run's name (default: W&B picks one)")
-    a("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    a("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt (RUN_DIR/best.pt: from that "
+                                          "checkpoint instead)")
     a("--init-from", metavar="CKPT", help="a new run that starts from CKPT's weights (fresh optimizer, schedule and "
                                           "step; the model config is CKPT's), e.g. to fine-tune an imported model")
     a("--overwrite", action=argparse.BooleanOptionalAction, help="start afresh in an --out that has a checkpoint")
@@ -177,15 +180,13 @@ def resolve_args(argv) -> tuple[dict, dict | None]:
     given.pop("config", None)
     ckpt = None
     if given.get("resume"):
-        run_dir = Path(given["resume"])
         if given.get("init_from"):
             raise BadInputError("--init-from starts a new run and --resume continues one: give only one of them")
-        if not (run_dir / "last.pt").is_file():
-            raise BadInputError(f"--resume {run_dir}: no checkpoint {run_dir / 'last.pt'} to resume from")
-        ckpt = read_checkpoint(run_dir / "last.pt")
+        run_dir, path = resume_paths(given["resume"])
+        ckpt = read_checkpoint(path, corrupt_hint=lambda: other_checkpoint_hint(path))
         if "rng" not in ckpt:  # e.g. one that train.py import wrote
-            raise BadInputError(f"--resume {run_dir}: {run_dir / 'last.pt'} holds weights but no training state; "
-                                f"start a new run from it with --init-from {run_dir / 'last.pt'}")
+            raise BadInputError(f"--resume {given['resume']}: {path} holds weights but no training state; "
+                                f"start a new run from it with --init-from {path}")
         base = {k: v for k, v in ckpt.get("train_args", {}).items() if k in DEFAULTS and k not in MODEL_FLAGS}
         base["preset"] = None
         args = {**DEFAULTS, **base, **given, "out": str(run_dir)}
@@ -193,6 +194,33 @@ def resolve_args(argv) -> tuple[dict, dict | None]:
         args = {**DEFAULTS, **given}
     args.pop("resume", None)
     return args, ckpt
+
+
+def resume_paths(arg) -> tuple[Path, Path]:
+    """--resume RUN (its last.pt) or --resume RUN/NAME.pt (another checkpoint of the run, e.g. best.pt when last.pt
+    is damaged) -> (the run directory, the checkpoint to continue from)."""
+    path = Path(arg)
+    if path.is_file():
+        if not (path.parent / "config.json").is_file():
+            raise BadInputError(f"--resume {path}: {path.parent} is not a run directory (no config.json); start a "
+                                f"new run from this checkpoint's weights with --init-from {path}")
+        return path.parent, path
+    if not (path / "last.pt").is_file():
+        raise BadInputError(f"--resume {path}: no checkpoint {path / 'last.pt'} to resume from")
+    return path, path / "last.pt"
+
+
+def other_checkpoint_hint(damaged: Path) -> str:
+    """What to do when the checkpoint --resume reads is damaged: continue from the run's other one (best.pt for
+    last.pt, and back) if that is intact. Not always: best.pt is a hard link of last.pt when they hold the same
+    step, and is then damaged with it."""
+    for other in (damaged.with_name(name) for name in ("last.pt", "best.pt") if name != damaged.name):
+        if other.is_file():
+            with contextlib.suppress(BadInputError):
+                step = read_checkpoint(other)["iteration"]
+                return f"{other} (step {step}) is intact: continue from it with `python train.py --resume {other}`"
+    return (f"no intact checkpoint is left to resume: start the run again with `python train.py --config "
+            f"{damaged.parent / 'config.json'} --overwrite`")
 
 
 def resolve_model_config(args: dict, ckpt: dict | None, tokenizer_dir, init: dict | None = None) -> ModelConfig:
@@ -244,11 +272,27 @@ def check_args(args: dict, world_size: int) -> None:
                             "train.py ... --fsdp` (or pass --no-fsdp, e.g. to resume an FSDP run in one process)")
     if args["wandb_run"] is not None and args["wandb"] is None:
         raise BadInputError("--wandb-run names a run of --wandb PROJECT: give --wandb too")
+    for name in ("wandb", "wandb_run"):  # an empty name would log to W&B's default project, or nowhere
+        if args[name] is not None and not args[name].strip():
+            raise BadInputError(f"--{name.replace('_', '-')} names a W&B {'project' if name == 'wandb' else 'run'}: "
+                                f"got {args[name]!r}; give a name (e.g. --wandb cs336), or leave the flag out")
     if args["wandb"] is not None:
         cli.optional_import("wandb", "wandb", "--wandb")  # a missing package fails now, before any work
     if args["data"] is None:
         raise BadInputError("--data is required: a .npy of token ids or a `bpe.py prepare` directory "
                             "(or run `python train.py` with no arguments for the offline demo)")
+    blocker = file_in_the_way(Path(args["out"])) if args["out"] is not None else None
+    if blocker is not None:  # found now, not when the run directory is made after the data and model are ready
+        where = f"--out {blocker}" if blocker == Path(args["out"]) else f"--out {args['out']}: {blocker}"
+        raise BadInputError(f"{where} is a file, not a directory; pick another --out (a directory, made if missing)")
+
+
+def file_in_the_way(path: Path) -> Path | None:
+    """The file that keeps `path` from being (or being made) a directory: path itself or an ancestor; else None."""
+    for p in (path, *path.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
 
 
 def peak_flops(args, device, world_size) -> float | None:
@@ -329,6 +373,8 @@ class Progress:
     started: float = 0.0                # time.time() when this process started training
     last_log_time: float = 0.0          # ms/step and tokens/s are measured from here
     nonfinite: torch.Tensor | None = None  # device flag: a loss was nan/inf since the last check
+    first_step_nonfinite: torch.Tensor | None = None  # device flag: ... at this process's first step (no update yet)
+    start_step: int = 0                 # the step this process started from (0, or the resumed checkpoint's)
     checkpoint_size: int = 0            # bytes the next checkpoint needs (the last one's size, or an estimate)
     space_warned: bool = False          # the "next checkpoint will not fit" warning is given once
 
@@ -340,6 +386,8 @@ class Progress:
         self.loss_sum = torch.full((), float(self.loss_sum), device=device)
         self.skipped_steps = torch.full((), int(self.skipped_steps), device=device)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self.first_step_nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self.start_step = self.step
         self.started = self.last_log_time = time.time()
         return self
 
@@ -350,6 +398,8 @@ class Progress:
     def add_loss(self, loss: torch.Tensor) -> None:
         self.loss_sum += loss
         self.nonfinite |= ~torch.isfinite(loss)
+        if self.step == self.start_step:  # the first step's loss comes from the starting weights: kept apart
+            self.first_step_nonfinite |= ~torch.isfinite(loss)
 
     def state_dict(self) -> dict:
         # note: float(loss_sum) reads the tensor back (a sync); only at checkpoints
@@ -458,7 +508,8 @@ def init_tokenizer(init: dict, found: Path | None, src) -> str | None:
     return theirs
 
 
-RUN_FILES = ("config.json", "log.jsonl", "last.pt", "best.pt")  # all a run writes into its directory (config first)
+RUN_FILES = ("config.json", "log.jsonl", "last.pt", "best.pt",  # all a run writes into its directory (config first)
+             "log.jsonl.damaged")  # log rows that could not be read when it was resumed (see keep_log_rows)
 
 
 def remove_debris(out: Path) -> None:
@@ -472,23 +523,107 @@ def remove_debris(out: Path) -> None:
             print(f"removed {debris}: a partial write left by an interrupted run (the file it was replacing is intact)")
 
 
-def open_run_dir(run: Run, progress: Progress, model: TransformerLM, resumed: bool) -> None:
-    """Rank 0: make the run directory, clear the debris of an interrupted write, write config.json, cut log.jsonl
-    back to the checkpoint's step when resuming, print the header line."""
+def open_run_dir(run: Run, progress: Progress, model: TransformerLM, resumed: bool) -> "RunLog":
+    """Make the run directory, clear the debris of an interrupted write, write config.json, cut log.jsonl back to
+    the checkpoint's step when resuming, print the header line (rank 0); return the run's RunLog. Until the run's
+    first step is done, RunLog.abandon puts the directory back as it was: a run that fails early leaves nothing."""
     if not run.master:
-        return
-    run.out.mkdir(parents=True, exist_ok=True)
-    remove_debris(run.out)
-    # every resolved flag (model fields included): `--config RUN/config.json --out NEW` repeats this run
-    atomic_write_text(run.out / "config.json", json.dumps(run.args, indent=2, default=str) + "\n")
-    path = run.out / "log.jsonl"
-    kept = [row for row in read_log(path) if row["step"] <= progress.step] if resumed else []
-    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
+        return RunLog(run, progress)
+    changes = DirectoryChanges(run.out)
+    try:
+        changes.make_dir()
+        remove_debris(run.out)
+        # every resolved flag (model fields included): `--config RUN/config.json --out NEW` repeats this run
+        changes.write("config.json", json.dumps(run.args, indent=2, default=str) + "\n")
+        kept = keep_log_rows(run.out, progress.step, changes) if resumed else []
+        changes.write("log.jsonl", "".join(json.dumps(row) + "\n" for row in kept))
+        if run.args["wandb"]:
+            changes.will_make("wandb")  # W&B's own directory, RUN/wandb
+        log = RunLog(run, progress, changes)
+    except BaseException:
+        changes.undo()
+        raise
     n_params = sum(p.numel() for p in model.parameters())
     a = run.args
     print(f"{'resuming' if resumed else 'training'} {n_params / 1e6:.2f}M params on {run.device} ({a['dtype']}"
           f"{', compiled' if a['compile'] else ''}{', FSDP' if a['fsdp'] else ''}, {run.world_size} rank(s)) from step "
           f"{progress.step} to {a['max_iters']}; {run.tokens_per_step:,} tokens/step; run dir {run.out}")
+    return log
+
+
+def keep_log_rows(out: Path, step: int, changes: "DirectoryChanges") -> list[dict]:
+    """A resumed run's log rows up to its checkpoint's step (the later ones are redone). Damaged lines do not stop
+    the run: they are moved, as they were, to log.jsonl.damaged (added to what an earlier resume put there), and
+    reported in one line once the run has taken a step (until then a failure puts them back)."""
+    path = out / "log.jsonl"
+    rows, damaged = parse_log(path)
+    if damaged:
+        aside = out / "log.jsonl.damaged"
+        earlier = aside.read_bytes() if aside.is_file() else b""
+        changes.write(aside.name, earlier + b"".join(line + b"\n" for _, line in damaged))
+        changes.notes.append(f"train.py: warning: {path}: {len(damaged)} damaged row{'s' * (len(damaged) > 1)} "
+                             f"({line_numbers(damaged)}) moved to {aside}; the run resumed from its checkpoint")
+    return [row for row in rows if row["step"] <= step]
+
+
+class DirectoryChanges:
+    """What this invocation made or rewrote in the run directory, so a run that fails before its first step can
+    leave it as it found it: the directories it made, and each file it wrote with the bytes it had before (None:
+    it is new). Only names the run writes are ever removed or put back; nothing else in the directory is touched.
+    `notes`: warnings about the changes, true only if they stay (RunLog prints them once the run has taken a step)."""
+
+    def __init__(self, out: Path):
+        self.out, self.made, self.before, self.notes = out, None, {}, []
+
+    def report(self) -> None:
+        for note in self.notes:
+            print(note, file=sys.stderr)
+        self.notes = []
+
+    def make_dir(self) -> None:
+        missing = [p for p in (self.out, *self.out.parents) if not p.exists()]
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # (a file in the way was refused earlier, in check_args)
+            raise EnvironmentFault(f"cannot make the run directory {self.out}: {describe_fault(e, self.out)}; "
+                                   f"pick another --out") from None
+        self.made = missing[-1] if missing else None
+
+    def write(self, name: str, content: str | bytes) -> None:
+        path = self.out / name
+        if name not in self.before:
+            self.before[name] = path.read_bytes() if path.is_file() else None
+        atomic_write_bytes(path, content.encode("utf-8") if isinstance(content, str) else content)
+
+    def will_make(self, name: str) -> None:
+        """A file or directory another writer is about to make (W&B's); removed by undo if it is new."""
+        if not (self.out / name).exists():
+            self.before[name] = None
+
+    def undo(self) -> None:
+        """Put back every file as it was, remove what is new, then the directories made (if nothing else is in
+        them). Best effort: the error that ended the run is the one reported."""
+        self.notes = []
+        for name, old in self.before.items():
+            path = self.out / name
+            with contextlib.suppress(OSError):
+                if old is not None:
+                    atomic_write_bytes(path, old)
+                elif path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+        if self.made is not None:
+            for d in (self.out, *self.out.parents):
+                with contextlib.suppress(OSError):
+                    d.rmdir()  # only an empty directory: anything someone else put there stays
+                if d == self.made:
+                    break
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_file(path, needed=len(data)) as f:
+        f.write(data)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -502,10 +637,12 @@ class RunLog:
     A row that cannot be written (a full disk, an I/O error) is reported once and training goes on: the log is a
     record, the checkpoints are the work. The console line is still printed; log.jsonl lacks the rows from there on
     (read_log tolerates a torn last line). Whether the checkpoints can still be written is checked by the caller.
-    With --wandb every row also goes to a Weights & Biases run, which gets the resolved flags as its config."""
+    With --wandb every row also goes to a Weights & Biases run, which gets the resolved flags as its config.
+    `changes`: what open_run_dir did to the run directory, undone by abandon() if the run fails before a step."""
 
-    def __init__(self, run: Run, progress: Progress):
-        self.run, self.progress = run, progress
+    def __init__(self, run: Run, progress: Progress, changes: DirectoryChanges | None = None):
+        self.run, self.progress, self.changes = run, progress, changes
+        self.first_step = progress.step  # where this process starts
         self.path = run.out / "log.jsonl"
         self.wandb = start_wandb(run) if run.master and run.args["wandb"] else None
         self.file = cli.open_for_append(self.path) if run.master else None  # (cli.: a seam for fault tests)
@@ -514,6 +651,7 @@ class RunLog:
     def write(self, row: dict, suffix: str = "") -> None:
         if not self.run.master:
             return
+        self.report_changes()
         if self.failed is None:
             try:
                 self.file.write(json.dumps(row) + "\n")
@@ -530,12 +668,26 @@ class RunLog:
             self.wandb.log(row, step=row["step"])
         print(format_row(row) + suffix, flush=True)
 
+    def report_changes(self) -> None:
+        """open_run_dir's warnings, once they hold: after the first step (before it, abandon() undoes the changes)."""
+        if self.changes is not None and self.progress.step > self.first_step:
+            self.changes.report()
+
     def close(self) -> None:
+        self.report_changes()
         if self.file is not None:
             with contextlib.suppress(OSError):  # a failed flush was reported already
                 self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+        self.file = self.wandb = None
+
+    def abandon(self) -> None:
+        """After an error: a run that has not finished a step leaves the run directory as it found it (no new
+        config.json, log.jsonl or directory; a resumed run's files as they were). Later, the log is the record."""
+        if self.changes is not None and self.progress.step == self.first_step:
+            self.close()
+            self.changes.undo()
 
 
 def start_wandb(run: Run):
@@ -565,10 +717,25 @@ def check_finite(run: Run, progress: Progress, lr: float) -> None:
     """Stop with FloatingPointError once a loss was nan/inf. The flag is read (.item(), a sync) only when logging
     or saving, so no step waits for the GPU; no checkpoint is written after a NaN, so last.pt is the last good one."""
     if progress.nonfinite.item():
+        raise FloatingPointError(nonfinite_cause(run, progress, lr))
+
+
+def nonfinite_cause(run: Run, progress: Progress, lr: float) -> str:
+    """What a nan/inf loss says, and what to do: only an update at lr > 0 can turn finite weights into ones that
+    give nan. A loss that was nan before any update (or with every update at lr 0) points at the starting weights
+    or the data; a lower --lr would not help."""
+    if progress.first_step_nonfinite.item():
+        when = f"the loss was nan/inf at step {progress.start_step + 1}, before any update"
+    elif not any(run.lr_at(it) > 0 for it in range(progress.start_step, progress.step)):
+        when = f"the loss became nan/inf by step {progress.step} with every update at lr 0"
+    else:
         kept = (f"{run.out}/last.pt (step {progress.last_saved_step}) is the last good checkpoint"
                 if progress.last_saved_step else "no checkpoint")
-        raise FloatingPointError(f"loss became nan/inf by step {progress.step} (lr {lr:.2e}): the learning rate is "
-                                 f"probably too high, try --lr {run.args['lr'] / 10:g}; {kept}")
+        return (f"loss became nan/inf by step {progress.step} (lr {lr:.2e}): the learning rate is probably too "
+                f"high, try --lr {run.args['lr'] / 10:g}; {kept}")
+    weights = (f"the checkpoint resumed at step {progress.start_step}" if progress.start_step else
+               f"--init-from {run.args['init_from']}" if run.args["init_from"] else "a fresh initialisation")
+    return f"{when}: the starting weights ({weights}) or the data are bad, not the learning rate"
 
 
 def log_row(run: Run, progress: Progress, lr: float, grad_norm: torch.Tensor) -> dict:
@@ -604,15 +771,56 @@ MAX_LOG_PERPLEXITY = 50  # exp(50) ≈ 5e21: far above any real perplexity (ln o
 
 
 def read_log(path) -> list[dict]:
-    """log.jsonl rows; a torn last line (a process killed mid-write) is skipped."""
-    rows = []
-    if Path(path).is_file():
-        for line in Path(path).read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return rows
+    """The readable rows of a log.jsonl (see parse_log; the damaged ones are left out)."""
+    return parse_log(path)[0]
+
+
+def parse_log(path) -> tuple[list[dict], list[tuple[int, bytes]]]:
+    """log.jsonl -> (its rows, its damaged lines as (line number, bytes)). A row is a JSON object of numbers with
+    an integer "step", as RunLog writes them; any other line is damaged (garbage, a value that is not a number,
+    bytes that are not UTF-8), except a torn last line without its newline (a process killed mid-append): that
+    one is dropped. The log is a record, never needed to train: callers report the damaged lines, not fail."""
+    path = Path(path)
+    if not path.is_file():
+        return [], []
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError as e:
+        raise EnvironmentFault(f"cannot read {path}: {describe_fault(e, path)}") from None
+    torn = lines.pop()  # b"" when the file ends with a newline, as every complete append does
+    rows, damaged = [], []
+    for number, line in enumerate(lines, 1):
+        row = parse_row(line)
+        if row is not None:
+            rows.append(row)
+        elif line.strip():  # (a blank line holds nothing to keep)
+            damaged.append((number, line))
+    last = parse_row(torn)
+    if last is not None:  # a whole row that only lacks its newline
+        rows.append(last)
+    return rows, damaged
+
+
+def parse_row(line: bytes) -> dict | None:
+    """One line of log.jsonl as a row, or None if it is not one."""
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not (isinstance(row, dict) and all(is_number(v) for v in row.values()) and isinstance(row.get("step"), int)):
+        return None
+    return row
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)  # (True is an int to Python)
+
+
+def line_numbers(damaged: list[tuple[int, bytes]], shown: int = 5) -> str:
+    """'line 4' or 'lines 4, 9, 12 and 3 more': where the damaged lines are, short enough for one line."""
+    numbers = [str(n) for n, _ in damaged]
+    more = f" and {len(numbers) - shown} more" if len(numbers) > shown else ""
+    return f"line{'s' * (len(numbers) > 1)} {', '.join(numbers[:shown])}{more}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
