@@ -459,10 +459,10 @@ def continued_tokenizer(ckpt: dict, given: str | None, found: Path | None, src) 
     candidates = {}  # where it came from -> directory
     if given is not None and given != theirs:
         candidates["--tokenizer"] = given
-    if own is not None:
+    elif own is not None:
         candidates["the checkpoint's tokenizer_dir"] = own
-    if found is not None and (own is None or found.resolve() != Path(own).resolve()):
-        candidates["the data directory"] = found
+    if found is not None and all(found.resolve() != Path(c).resolve() for c in candidates.values()):
+        candidates["the data directory"] = found  # the data's ids are that tokenizer's
     for named_by, directory in candidates.items():
         check_tokenizer(ckpt, src, read_tokenizer(directory, named_by), directory, named_by)
     chosen = candidates.get("--tokenizer") or own or (str(found.resolve()) if found is not None else theirs)
