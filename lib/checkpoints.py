@@ -144,7 +144,8 @@ def read_checkpoint(src) -> dict:
     except Exception as e:  # truncated, not a torch file, or a pickle that is more than tensors and plain values
         if isinstance(e, OSError) and e.errno in READ_FAULTS:  # the machine's fault, not the file's contents
             raise EnvironmentFault(f"cannot read checkpoint {src}: {e.strerror.lower()}") from None
-        raise BadInputError(f"checkpoint {src} is corrupt or not a train.py checkpoint ({error_summary(e)}); "
+        summary = f"{type(e).__name__}: {e.strerror}" if isinstance(e, OSError) and e.strerror else error_summary(e)
+        raise BadInputError(f"checkpoint {src} is corrupt or not a train.py checkpoint ({summary}); "
                             f"try best.pt beside it") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "iteration" not in ckpt:
         raise BadInputError(f"checkpoint {src} is not a train.py checkpoint (no 'model'/'iteration' entries)")
