@@ -451,8 +451,8 @@ def setup_run(given: dict, ckpt: dict | None) -> tuple[Run, dict | None]:
 
 def continued_tokenizer(ckpt: dict, given: str | None, found: Path | None, src) -> str | None:
     """The tokenizer of a run that continues a checkpoint's model (--resume, --init-from): --tokenizer, else the
-    checkpoint's own directory, else the one beside the data. Every one of them that is there must be the
-    checkpoint's tokenizer (lib/checkpoints.check_tokenizer): the data's ids and the model's embedding rows must
+    checkpoint's own directory, else the one beside the data. The one taken and the one beside the data must both be
+    the checkpoint's tokenizer (lib/checkpoints.check_tokenizer): the data's ids and the model's embedding rows must
     mean the same tokens. (On --resume, `given` is the run's recorded --tokenizer: the checkpoint's own.)"""
     theirs = ckpt.get("tokenizer_dir")
     own = theirs if theirs is not None and Path(theirs).is_dir() else None

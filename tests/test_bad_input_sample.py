@@ -240,3 +240,27 @@ def test_a_vocabulary_padded_past_its_tokenizer_samples(tmp_path, capsys, quick_
                                            "--seed", "0", "--no-stop-on-eos"], capsys)
     assert code == 0 and err == "", err
     assert "40 new tokens" in out
+
+
+def test_a_checkpoint_that_cannot_be_read_is_the_machines_fault(tmp_path, capsys, quick_demo, other_tokenizer,
+                                                               monkeypatch):
+    # (the tests may run as root, which reads any file: the fault is injected at the one torch.load)
+    import lib.checkpoints
+
+    def denied(src):
+        raise PermissionError(13, "Permission denied", str(src))
+    monkeypatch.setattr(lib.checkpoints, "load_weights_only", denied)
+    scratch(tmp_path, quick_demo, other_tokenizer)
+    code, _, err = run_cli(sample.main, [tmp_path / "run" / "last.pt"], capsys)
+    assert (code, err) == (1, f"sample.py: error: cannot read checkpoint {tmp_path}/run/last.pt: permission denied\n")
+
+
+def test_an_eval_file_that_cannot_be_read_is_the_machines_fault(tmp_path, capsys, quick_demo, other_tokenizer,
+                                                                monkeypatch):
+    def denied(path, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(np, "load", denied)
+    scratch(tmp_path, quick_demo, other_tokenizer)
+    ids = tmp_path / "data" / "valid.npy"
+    code, _, err = run_cli(sample.main, [tmp_path / "run" / "last.pt", "--device", "cpu", "--eval", ids], capsys)
+    assert (code, err) == (1, f"sample.py: error: cannot read {ids}: permission denied\n")
