@@ -217,20 +217,37 @@ def tokenizer_fingerprint(tokenizer: bpe.Tokenizer) -> str:
     serialised canonically (bytes as hex, compact JSON): the same tokenizer gives the same fingerprint whatever
     files or format it was read from, and one changed merge gives another."""
     canonical = json.dumps({"vocab": [[i, tokenizer.vocab[i].hex()] for i in sorted(tokenizer.vocab)],
-                            "merges": [[a.hex(), b.hex()] for a, b in tokenizer.merges],
+                            "merges": [a.hex() + " " + b.hex() for a, b in tokenizer.merges],
                             "special_tokens": tokenizer.special_tokens}, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens.json")  # what bpe.Tokenizer.from_dir reads
+_identities: dict[tuple, dict] = {}  # (directory, its files' stamps) -> tokenizer_identity: a changed file, a new key
 
 
 def tokenizer_identity(tokenizer_dir) -> dict:
     """The checkpoint entries that say what the tokenizer in tokenizer_dir is (fingerprint and size); none when it
     cannot be read: a checkpoint is never lost over its tokenizer's files (it then loads as an unverified one).
-    note: read at every checkpoint, a few milliseconds, which the checkpoint write itself dwarfs."""
+    Read once per version of the files (a 32K-token tokenizer takes seconds to read), not at every checkpoint."""
     try:
-        tokenizer = bpe.Tokenizer.from_dir(tokenizer_dir)
+        key = (str(Path(tokenizer_dir).resolve()), tuple(file_stamp(Path(tokenizer_dir) / f) for f in TOKENIZER_FILES))
+        if key not in _identities:
+            tokenizer = bpe.Tokenizer.from_dir(tokenizer_dir)
+            _identities[key] = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+                                "tokenizer_vocab_size": tokenizer.vocab_size}
+        return dict(_identities[key])
     except (OSError, ValueError):
         return {}
-    return {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "tokenizer_vocab_size": tokenizer.vocab_size}
+
+
+def file_stamp(path: Path) -> tuple | None:
+    """(inode, size, modification time in ns) of a file, or None if there is none: it changes when the file does."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def read_tokenizer(tokenizer_dir, named_by: str, fast: bool = False) -> bpe.Tokenizer:

@@ -21,10 +21,9 @@ import torch
 import bpe
 import train
 from conftest import BadInput, check_bad_input, run_cli
-from lib.checkpoints import tokenizer_fingerprint
+from lib.checkpoints import TOKENIZER_FILES, tokenizer_fingerprint
 from model import ModelConfig, TransformerLM
 
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens.json")
 QUICK = ["--max-iters", "1", "--warmup-iters", "0", "--eval-iters", "1", "--log-interval", "1", "--batch-size", "2",
          "--device", "cpu", "--peak-flops", "0"]  # a run of one step, for the commands that should work
 
