@@ -93,9 +93,9 @@ def eval_starts(n_tokens: int, context_length: int, n_windows: int) -> np.ndarra
 # ---------------------------------------------------------------------------------------------------------------
 # What the handout asks for: model, optimizer and iteration in one file, and back. A checkpoint is a dict of tensors
 # and plain values (loaded with weights_only=True, so loading a file cannot run code); it also carries the model's
-# config and its tokenizer's fingerprint, so sample.py rebuilds the model from the file alone and knows its tokenizer. The file operations a real run needs on top (an
-# atomic write, a size check, one-line errors for a corrupt file, best.pt, the random streams for exact resume)
-# are in lib/checkpoints.py; these two functions call through to it.
+# config, so sample.py rebuilds the model from the file alone, and its tokenizer's fingerprint. The file operations a
+# real run needs on top (an atomic write, a size check, one-line errors for a corrupt file, best.pt, the random
+# streams for exact resume) are in lib/checkpoints.py; these two functions call through to it.
 
 
 def save_checkpoint(model, optimizer, iteration: int, out, *, tokenizer_dir: str | None = None, **extra) -> None:

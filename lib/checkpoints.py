@@ -10,9 +10,9 @@ A checkpoint is a dict of tensors and plain Python values only (no pickled class
 torch.load(weights_only=True) and sample.py can rebuild model and tokenizer from it alone:
   model (state dict), optimizer (state dict), iteration (optimizer steps done), model_config (asdict(ModelConfig)),
   tokenizer_dir (str or None) with tokenizer_fingerprint and tokenizer_vocab_size (what that tokenizer is: see
-  "The tokenizer a checkpoint was trained with"), and for exact resume: train_args (the resolved flags), rng (RNG states), scaler and
-  progress (the loop's bookkeeping, Progress.state_dict()). `read_checkpoint` is the one place a checkpoint is
-  read from disk; train.py's resume, sample.py and the tests all go through it.
+  "The tokenizer a checkpoint was trained with"), and for exact resume: train_args (the resolved flags), rng (RNG
+  states), scaler and progress (the loop's bookkeeping, Progress.state_dict()). `read_checkpoint` is the one place
+  a checkpoint is read from disk; train.py's resume, sample.py and the tests all go through it.
 """
 import contextlib
 import dataclasses
@@ -164,7 +164,7 @@ def checkpoint_config(ckpt: dict, src) -> ModelConfig:
 
 
 def checkpoint_tokenizer(ckpt: dict, tokenizer_dir, vocab_size: int, fast: bool = False,
-                         src="the checkpoint") -> bpe.Tokenizer | None:
+                         src=None) -> bpe.Tokenizer | None:
     """--tokenizer DIR, else the directory the checkpoint names, else None (the model then works on ids only);
     refused unless it is the tokenizer the checkpoint was trained with (check_tokenizer), and refused when it has
     more tokens than the model, or fewer and nothing vouches for it (see tokenizer_size_problem). sample.py and
@@ -313,8 +313,9 @@ def tokenizer_size_problem(ckpt: dict, tokenizer: bpe.Tokenizer, vocab_size: int
 def note_if_unverified(ckpt: dict, src, tokenizer_dir) -> None:
     """The one-line note for a checkpoint without a tokenizer fingerprint (older ones): it loads, unverified."""
     if tokenizer_dir is not None and "tokenizer_fingerprint" not in ckpt:
-        print(f"note: checkpoint {src} records no tokenizer fingerprint (older checkpoints do not): cannot verify "
-              f"that {tokenizer_dir} is the tokenizer it was trained with", file=sys.stderr)
+        checkpoint = f"checkpoint {src}" if src is not None else "the checkpoint"
+        print(f"note: {checkpoint} records no tokenizer fingerprint (older checkpoints do not): cannot verify that "
+              f"{tokenizer_dir} is the tokenizer it was trained with", file=sys.stderr)
 
 
 def check_same_model(ckpt: dict, ckpt_path) -> None:

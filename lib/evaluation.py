@@ -2,8 +2,8 @@
 
 One evaluator: train.py's validation loss (fixed windows, all ranks sharing them) and sample.py --eval (a file's
 perplexity, windows sliding by a stride) both call `loss_over_windows`, so the two numbers are computed by the same
-lines; `read_eval_ids` reads sample.py --eval's file. It sits here, not in train.py, and reads its windows with lib/batches.py, so that sample.py --eval never
-loads train.py.
+lines; `read_eval_ids` reads sample.py --eval's file. It sits here, not in train.py, and reads its windows with
+lib/batches.py, so that sample.py --eval never loads train.py.
 """
 import contextlib
 from pathlib import Path

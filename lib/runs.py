@@ -419,8 +419,9 @@ def setup_run(given: dict, ckpt: dict | None) -> tuple[Run, dict | None]:
     train_path, val_path, found_tokenizer = find_data(args["data"], args["val_data"])
     init = read_checkpoint(args["init_from"]) if ckpt is None and args["init_from"] else None
     if ckpt is not None or init is not None:  # the model's tokenizer: the checkpoint's, checked
+        where = f"{args['out']}/last.pt" if ckpt is not None else args["init_from"]
         args["tokenizer"] = continued_tokenizer(ckpt if ckpt is not None else init, args["tokenizer"],
-                                                found_tokenizer, f"{args['out']}/last.pt" if ckpt else args["init_from"])
+                                                found_tokenizer, where)
     elif args["tokenizer"] is None and found_tokenizer is not None:
         args["tokenizer"] = str(found_tokenizer.resolve())
     cfg = resolve_model_config(args, ckpt, args["tokenizer"], init)

@@ -158,7 +158,8 @@ ROWS = [
                  "python bpe.py encode", setup=write_bytes("ids.npy", b"garbage\n")),
     BadInput("eval-npy-truncated", [*SAMPLE, "--eval", "{d}/cut.npy"], 2,
              E + "--eval {d}/cut.npy is not a readable .npy array of token ids (ValueError: mmap length is greater "
-                 "than file size): write one with python bpe.py encode", setup=truncated("data/valid.npy", "cut.npy", 200)),
+                 "than file size): write one with python bpe.py encode",
+             setup=truncated("data/valid.npy", "cut.npy", 200)),
     BadInput("eval-npy-empty-file", [*SAMPLE, "--eval", "{d}/empty.npy"], 2,
              E + "--eval {d}/empty.npy is not a readable .npy array of token ids (EOFError: No data left in file): "
                  "write one with python bpe.py encode", setup=write_bytes("empty.npy", b"")),
