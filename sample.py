@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from bpe import END_OF_TEXT
-from lib.cli import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, OneLineParser
+from lib.cli import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, EnvironmentFault, OneLineParser
 from model import KVCache, TransformerLM
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -144,11 +144,12 @@ def _device_of(model) -> torch.device:
 @torch.inference_mode()
 def generate_stream(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                     top_k: int | None = None, eos_id: int | None = None, generator: torch.Generator | None = None,
-                    use_cache: bool = True):
+                    use_cache: bool = True, n_tokens: int | None = None):
     """Yield the next token of every row, (B,) int64, one step at a time (for streaming).
 
     A row that has produced eos_id keeps yielding eos_id (padding) while other rows go on; the loop ends when
-    every row has produced it, or after max_new_tokens steps. eos_id=None never stops early.
+    every row has produced it, or after max_new_tokens steps. eos_id=None never stops early. n_tokens: only ids
+    below it are sampled (a vocabulary padded past its tokenizer's size: the ids past it decode to nothing).
     """
     check_sampling_args(temperature, top_p, top_k)
     if max_new_tokens < 0:
@@ -159,6 +160,7 @@ def generate_stream(model, prompt_ids, max_new_tokens: int, temperature: float =
     for _ in range(max_new_tokens):
         # crop to the window and take the last position's logits (with or without the cache)
         logits, cache = next_logits(model, idx, cache)                      # (B, V)
+        logits = logits[:, :n_tokens]                                       # (B, n_tokens); None keeps all
         # temperature → top-k → top-p → sample (greedy when temperature is 0)
         next_id = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
         if eos_id is not None:
@@ -217,7 +219,7 @@ class TextStream:
 # Loading a checkpoint: the model and the tokenizer from the checkpoint alone
 
 
-def load_model(ckpt_path, device="cpu", tokenizer_dir=None, *, fast: bool = False):
+def load_model(ckpt_path, device="cpu", tokenizer_dir=None, *, fast: bool = False, with_tokenizer: bool = True):
     """(model in eval mode, Tokenizer or None, the checkpoint dict) from a train.py checkpoint.
 
     The checkpoint carries everything: "model_config" rebuilds the architecture, "model" holds the weights,
@@ -225,6 +227,7 @@ def load_model(ckpt_path, device="cpu", tokenizer_dir=None, *, fast: bool = Fals
     lib/checkpoints.checkpoint_tokenizer). It is read with torch.load(weights_only=True): tensors and plain values,
     so loading cannot run code. Every problem is a BadInputError (a ValueError) with one line saying what to do.
     fast=True (the CLI's choice) builds TransformerLM(fast=True) and the fast tokenizer: the same numbers, sooner.
+    with_tokenizer=False: no tokenizer is read (None), for work on token ids only.
     """
     from lib import checkpoints  # reading checkpoint files: lib/checkpoints.py
     ckpt = checkpoints.read_checkpoint(ckpt_path)
@@ -232,7 +235,9 @@ def load_model(ckpt_path, device="cpu", tokenizer_dir=None, *, fast: bool = Fals
     model = TransformerLM(**dataclasses.asdict(config), device=device, fast=fast)
     checkpoints.load_weights(model, ckpt, ckpt_path)
     model.eval()
-    return model, checkpoints.checkpoint_tokenizer(ckpt, tokenizer_dir, config.vocab_size, fast=fast), ckpt
+    tokenizer = (checkpoints.checkpoint_tokenizer(ckpt, tokenizer_dir, config.vocab_size, fast=fast, src=ckpt_path)
+                 if with_tokenizer else None)
+    return model, tokenizer, ckpt
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -303,7 +308,7 @@ def stream_samples(args, model, tokenizer, prompt_ids, eos_id, generator) -> tup
     print(f"\n=== sample 1/{args.num_samples} ===")
     print(args.prompt, end="", flush=True)
     for step in generate_stream(model, batch, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
-                                eos_id, generator, use_cache=not args.no_cache):
+                                eos_id, generator, use_cache=not args.no_cache, n_tokens=tokenizer.vocab_size):
         for row, token in enumerate(step.tolist()):                         # .tolist() syncs: once per step
             if ended[row]:
                 continue
@@ -345,20 +350,10 @@ def _sample(args, model, tokenizer, ckpt, device) -> None:
 
 
 def _evaluate_file(args, model, tokenizer, ckpt) -> None:
-    """--eval FILE: a .npy of token ids (bpe.py encode_file), or text that the tokenizer encodes."""
+    """--eval FILE: the loss and perplexity of the model over a file's token ids."""
+    from lib.evaluation import read_eval_ids
     path = Path(args.eval)
-    if not path.is_file():
-        raise FileNotFoundError(f"--eval file {path} not found")
-    if path.suffix == ".npy":
-        ids = np.load(path, mmap_mode="r")                                  # memmap: windows are read as needed
-        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"--eval {path}: expected a 1-D array of integer token ids, "
-                             f"got shape {ids.shape} dtype {ids.dtype}")
-    else:
-        if tokenizer is None:
-            raise ValueError(f"--eval {path} is text and the checkpoint names no tokenizer_dir: pass --tokenizer DIR "
-                             "(or a .npy of token ids)")
-        ids = np.array(tokenizer.encode(path.read_text(encoding="utf-8")), dtype=np.int64)
+    ids = read_eval_ids(path, tokenizer)
     ctx = model.config.context_length
     stride = ctx if args.eval_stride is None else args.eval_stride
     print(f"# eval {path}: {len(ids):,} tokens · {args.ckpt} (iteration {ckpt.get('iteration', '?')}) · "
@@ -400,18 +395,23 @@ def main(argv=None) -> None:
         from lib.checkpoints import pick_device
         device = pick_device(args.device)
         # fast=True: TransformerLM's speed layer (lib/kernels.py) and the fast encoder, the same tokens sooner
-        model, tokenizer, ckpt = load_model(args.ckpt, device, tokenizer_dir=args.tokenizer, fast=True)
+        ids_only = args.eval is not None and Path(args.eval).suffix == ".npy" and args.tokenizer is None
+        model, tokenizer, ckpt = load_model(args.ckpt, device, tokenizer_dir=args.tokenizer, fast=True,
+                                            with_tokenizer=not ids_only)  # a .npy of ids needs no tokenizer
         if args.eval:
             _evaluate_file(args, model, tokenizer, ckpt)
         else:
             _sample(args, model, tokenizer, ckpt, device)
     except (ValueError, FileNotFoundError) as e:
         parser.exit(EXIT_BAD_INPUT, f"{parser.prog}: error: {e}\n")
-    except FloatingPointError as e:
+    except (FloatingPointError, EnvironmentFault) as e:
         parser.exit(EXIT_ENVIRONMENT, f"{parser.prog}: error: {e}\n")
     except BrokenPipeError:  # the reader went away (`sample.py ... | head`): stop quietly, no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())    # so the exit-time flush cannot fail
         sys.exit(1)
+    except OSError as e:  # the machine's fault, not the input's (a file that cannot be read: permissions, I/O)
+        where = f"cannot read {e.filename}: " if e.filename else ""
+        parser.exit(EXIT_ENVIRONMENT, f"{parser.prog}: error: {where}{(e.strerror or str(e)).lower()}\n")
 
 
 if __name__ == "__main__":

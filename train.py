@@ -93,9 +93,9 @@ def eval_starts(n_tokens: int, context_length: int, n_windows: int) -> np.ndarra
 # ---------------------------------------------------------------------------------------------------------------
 # What the handout asks for: model, optimizer and iteration in one file, and back. A checkpoint is a dict of tensors
 # and plain values (loaded with weights_only=True, so loading a file cannot run code); it also carries the model's
-# config, so sample.py rebuilds the model from the file alone. The file operations a real run needs on top (an
-# atomic write, a size check, one-line errors for a corrupt file, best.pt, the random streams for exact resume)
-# are in lib/checkpoints.py; these two functions call through to it.
+# config, so sample.py rebuilds the model from the file alone, and its tokenizer's fingerprint. The file operations a
+# real run needs on top (an atomic write, a size check, one-line errors for a corrupt file, best.pt, the random
+# streams for exact resume) are in lib/checkpoints.py; these two functions call through to it.
 
 
 def save_checkpoint(model, optimizer, iteration: int, out, *, tokenizer_dir: str | None = None, **extra) -> None:
@@ -140,7 +140,7 @@ def build_trainer(run, ckpt: dict | None, init: dict | None = None):
     model = TransformerLM(**dataclasses.asdict(run.cfg), device=run.device, fast=run.fast)
     model.checkpoint_blocks = args["activation_checkpointing"]  # recompute block activations in backward
     if ckpt is not None:
-        load_checkpoint(ckpt, model, name=f"{run.out}/last.pt")
+        load_checkpoint(ckpt, model, name=ckpt.get("read_from", f"{run.out}/last.pt"))  # the run's last.pt or best.pt
     elif init is not None:  # only the weights: optimizer, schedule, step and random streams start afresh
         load_checkpoint(init, model, name=args["init_from"])
     if args["fsdp"]:

@@ -9,22 +9,27 @@ device a checkpoint runs on. sample.py reads checkpoints through here, so it nee
 A checkpoint is a dict of tensors and plain Python values only (no pickled classes), so it loads with
 torch.load(weights_only=True) and sample.py can rebuild model and tokenizer from it alone:
   model (state dict), optimizer (state dict), iteration (optimizer steps done), model_config (asdict(ModelConfig)),
-  tokenizer_dir (str or None), and for exact resume: train_args (the resolved flags), rng (RNG states), scaler and
-  progress (the loop's bookkeeping, Progress.state_dict()). `read_checkpoint` is the one place a checkpoint is
-  read from disk; train.py's resume, sample.py and the tests all go through it.
+  tokenizer_dir (str or None) with tokenizer_fingerprint and tokenizer_vocab_size (what that tokenizer is: see
+  "The tokenizer a checkpoint was trained with"), and for exact resume: train_args (the resolved flags), rng (RNG
+  states), scaler and progress (the loop's bookkeeping, Progress.state_dict()). `read_checkpoint` is the one place
+  a checkpoint is read from disk; train.py's resume, sample.py and the tests all go through it.
 """
 import contextlib
 import dataclasses
+import errno
+import hashlib
+import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import bpe
-from lib.cli import QUOTED_ERROR_CHARS, BadInputError, atomic_file, error_summary
+from lib.cli import QUOTED_ERROR_CHARS, BadInputError, EnvironmentFault, atomic_file, error_summary
 from model import ModelConfig
 
 
@@ -50,6 +55,8 @@ def checkpoint_dict(model_state: dict, optimizer_state: dict | None, iteration: 
     """What a checkpoint holds (see the banner): state dicts, the iteration, model config, tokenizer and `extra`."""
     ckpt = {"model": model_state, "optimizer": optimizer_state, "iteration": int(iteration),
             "tokenizer_dir": tokenizer_dir}
+    if tokenizer_dir is not None:
+        ckpt |= tokenizer_identity(tokenizer_dir)  # what the tokenizer is, not only where it was
     if model_config is not None:
         ckpt["model_config"] = dataclasses.asdict(model_config)
     return ckpt | extra
@@ -122,18 +129,25 @@ def load_weights_only(src):
     return torch.load(src, map_location="cpu", weights_only=True)
 
 
+READ_FAULTS = (errno.EACCES, errno.EPERM, errno.EIO)  # (a truncated file is an OSError too: EINVAL, the input's)
+
+
 def read_checkpoint(src, corrupt_hint=None) -> dict:
     """torch.load(weights_only=True) onto the CPU, with a one-line BadInputError for a missing or corrupt file, or
     one that is not a checkpoint of this project (it needs at least "model" and "iteration"). corrupt_hint: a
     function giving what to do about a corrupt file (called only then: --resume's reads the other checkpoint)."""
+    if isinstance(src, (str, os.PathLike)) and Path(src).is_dir():
+        raise BadInputError(f"checkpoint {src} is a directory: pass a .pt file train.py wrote (e.g. {src}/last.pt)")
     if isinstance(src, (str, os.PathLike)) and not Path(src).is_file():
         raise BadInputError(f"checkpoint {src} does not exist: pass a .pt file train.py wrote (e.g. RUN/last.pt)")
     try:
         ckpt = load_weights_only(src)
     except Exception as e:  # truncated, not a torch file, or a pickle that is more than tensors and plain values
+        if isinstance(e, OSError) and e.errno in READ_FAULTS:  # the machine's fault, not the file's contents
+            raise EnvironmentFault(f"cannot read checkpoint {src}: {e.strerror.lower()}") from None
+        summary = f"{type(e).__name__}: {e.strerror}" if isinstance(e, OSError) and e.strerror else error_summary(e)
         hint = corrupt_hint() if corrupt_hint else other_checkpoint_note(src)
-        raise BadInputError(f"checkpoint {src} is corrupt or not a train.py checkpoint ({error_summary(e)}); "
-                            f"{hint}") from None
+        raise BadInputError(f"checkpoint {src} is corrupt or not a train.py checkpoint ({summary}); {hint}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "iteration" not in ckpt:
         raise BadInputError(f"checkpoint {src} is not a train.py checkpoint (no 'model'/'iteration' entries)")
     return ckpt
@@ -159,21 +173,23 @@ def checkpoint_config(ckpt: dict, src) -> ModelConfig:
     return ModelConfig(**ckpt["model_config"])
 
 
-def checkpoint_tokenizer(ckpt: dict, tokenizer_dir, vocab_size: int, fast: bool = False) -> bpe.Tokenizer | None:
-    """--tokenizer DIR, else the directory the checkpoint names, else None (the model then works on ids only).
-    sample.py and train.py export read a checkpoint's tokenizer through here (fast: the fast encoder)."""
-    source = "the tokenizer_dir argument (--tokenizer)" if tokenizer_dir is not None else "the checkpoint"
+def checkpoint_tokenizer(ckpt: dict, tokenizer_dir, vocab_size: int, fast: bool = False,
+                         src=None) -> bpe.Tokenizer | None:
+    """--tokenizer DIR, else the directory the checkpoint names, else None (the model then works on ids only);
+    refused unless it is the tokenizer the checkpoint was trained with (check_tokenizer), and refused when it has
+    more tokens than the model, or fewer and nothing vouches for it (see tokenizer_size_problem). sample.py and
+    train.py export read a checkpoint's tokenizer through here (fast: the fast encoder; src: the checkpoint's path)."""
+    named_by = "--tokenizer" if tokenizer_dir is not None else "the checkpoint's tokenizer_dir"
     tokenizer_dir = tokenizer_dir if tokenizer_dir is not None else ckpt.get("tokenizer_dir")
     if tokenizer_dir is None:
         return None
-    tok_path = Path(tokenizer_dir)
-    if not ((tok_path / "vocab.json").is_file() and (tok_path / "merges.txt").is_file()):
-        raise BadInputError(f"tokenizer directory {tok_path} (named by {source}) has no vocab.json and "
-                            "merges.txt: pass --tokenizer DIR (a directory bpe.py train/prepare wrote)")
-    tokenizer = bpe.Tokenizer.from_dir(tok_path, fast=fast)
-    if tokenizer.vocab_size > vocab_size:
-        raise BadInputError(f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens but the model only "
-                            f"{vocab_size}: wrong --tokenizer for this checkpoint?")
+    tokenizer = read_tokenizer(tokenizer_dir, named_by, fast=fast)
+    check_tokenizer(ckpt, src, tokenizer, tokenizer_dir, named_by)
+    problem = tokenizer_size_problem(ckpt, tokenizer, vocab_size)
+    if problem:
+        raise BadInputError(f"{named_by} {tokenizer_dir} has {tokenizer.vocab_size} tokens but the model's "
+                            f"vocabulary has {vocab_size}: {problem}")
+    note_if_unverified(ckpt, src, tokenizer_dir)
     return tokenizer
 
 
@@ -185,6 +201,157 @@ def load_weights(model: torch.nn.Module, ckpt: dict, where) -> None:
     except RuntimeError as e:
         raise BadInputError(f"checkpoint {where}: weights do not match the model "
                             f"({str(e).strip().splitlines()[-1].strip()[:QUOTED_ERROR_CHARS]})") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The tokenizer a checkpoint was trained with, and the model a run was started with
+# ---------------------------------------------------------------------------------------------------------------
+# A model's embedding rows and logits mean the tokens of one tokenizer. A checkpoint names that tokenizer's
+# directory, but a directory can be replaced or deleted, and --tokenizer or a data directory can name another; so
+# the checkpoint also records what the tokenizer *is*: a fingerprint of its vocab, merges and special tokens, and its
+# size. Every command that pairs a checkpoint with a tokenizer checks the fingerprint (check_tokenizer). Checkpoints
+# written before fingerprints were recorded are compared with the tokenizer their directory holds now, if any, and
+# load with a note that this cannot be verified.
+
+TOKENIZER_FIXES = {  # how to fix a tokenizer that is not the checkpoint's, by where it came from
+    "--tokenizer": "drop --tokenizer, or pass the tokenizer it was trained with",
+    "the checkpoint's tokenizer_dir": "its files changed since the checkpoint was written: restore them, or pass "
+                                      "--tokenizer with the tokenizer it was trained with",
+    "the data directory": "point --data at data encoded with the checkpoint's tokenizer "
+                          "(python bpe.py encode --tokenizer DIR ...)",
+}
+
+
+def tokenizer_fingerprint(tokenizer: bpe.Tokenizer) -> str:
+    """16 hex digits of a sha256 over the vocab (id -> bytes, in id order), the merges and the special tokens,
+    serialised canonically (bytes as hex, compact JSON): the same tokenizer gives the same fingerprint whatever
+    files or format it was read from, and one changed merge gives another."""
+    canonical = json.dumps({"vocab": [[i, tokenizer.vocab[i].hex()] for i in sorted(tokenizer.vocab)],
+                            "merges": [a.hex() + " " + b.hex() for a, b in tokenizer.merges],
+                            "special_tokens": tokenizer.special_tokens}, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens.json")  # what bpe.Tokenizer.from_dir reads
+_identities: dict[tuple, dict] = {}  # (directory, its files' stamps) -> tokenizer_identity: a changed file, a new key
+
+
+def tokenizer_identity(tokenizer_dir) -> dict:
+    """The checkpoint entries that say what the tokenizer in tokenizer_dir is (fingerprint and size); none when it
+    cannot be read: a checkpoint is never lost over its tokenizer's files (it then loads as an unverified one).
+    Read once per version of the files (a 32K-token tokenizer takes seconds to read), not at every checkpoint."""
+    try:
+        key = (str(Path(tokenizer_dir).resolve()), tuple(file_stamp(Path(tokenizer_dir) / f) for f in TOKENIZER_FILES))
+        if key not in _identities:
+            tokenizer = bpe.Tokenizer.from_dir(tokenizer_dir)
+            _identities[key] = {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+                                "tokenizer_vocab_size": tokenizer.vocab_size}
+        return dict(_identities[key])
+    except (OSError, ValueError):
+        return {}
+
+
+def file_stamp(path: Path) -> tuple | None:
+    """(inode, size, modification time in ns) of a file, or None if there is none: it changes when the file does."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def read_tokenizer(tokenizer_dir, named_by: str, fast: bool = False) -> bpe.Tokenizer:
+    """bpe.Tokenizer.from_dir, or a one-line BadInputError naming the directory and where it came from."""
+    path = Path(tokenizer_dir)
+    if not ((path / "vocab.json").is_file() and (path / "merges.txt").is_file()):
+        raise BadInputError(f"tokenizer directory {path} (named by {named_by}) has no vocab.json and merges.txt: "
+                            "pass --tokenizer DIR (a directory bpe.py train/prepare wrote)")
+    try:
+        return bpe.Tokenizer.from_dir(path, fast=fast)
+    except ValueError as e:  # damaged files: bpe.py's one-line reason
+        raise BadInputError(f"tokenizer directory {path} (named by {named_by}): {e}") from None
+    except OSError as e:
+        raise EnvironmentFault(f"cannot read tokenizer directory {path}: {(e.strerror or str(e)).lower()}") from None
+
+
+def expected_tokenizer(ckpt: dict) -> tuple[str, int | None] | None:
+    """(fingerprint, size) of the tokenizer the checkpoint was trained with: the recorded one, or for a checkpoint
+    from before fingerprints, the tokenizer its tokenizer_dir holds now; None where there is neither."""
+    if "tokenizer_fingerprint" in ckpt:
+        return ckpt["tokenizer_fingerprint"], ckpt.get("tokenizer_vocab_size")
+    theirs = ckpt.get("tokenizer_dir")
+    if theirs is not None and Path(theirs).is_dir():
+        tokenizer = read_tokenizer(theirs, "the checkpoint's tokenizer_dir")
+        return tokenizer_fingerprint(tokenizer), tokenizer.vocab_size
+    return None
+
+
+def check_tokenizer(ckpt: dict, src, tokenizer: bpe.Tokenizer, tokenizer_dir, named_by: str) -> None:
+    """Refuse (one line, exit 2) a tokenizer that is not the one the checkpoint was trained with, naming both
+    fingerprints and where each came from. named_by: a key of TOKENIZER_FIXES, where tokenizer_dir came from."""
+    expected = expected_tokenizer(ckpt)
+    got = tokenizer_fingerprint(tokenizer)
+    if expected is None or got == expected[0]:
+        return
+    (want, size), theirs = expected, ckpt.get("tokenizer_dir")
+    checkpoint = f"checkpoint {src}" if src is not None else "the checkpoint"
+    if "tokenizer_fingerprint" not in ckpt:  # an older checkpoint: compared with what its directory holds now
+        trained = f"{checkpoint}'s tokenizer_dir {theirs} holds tokenizer {want} ({size} tokens)"
+    elif theirs is None or named_by == "the checkpoint's tokenizer_dir":
+        trained = f"{checkpoint} was trained with tokenizer {want} ({size} tokens)"
+    else:
+        gone = "" if Path(theirs).is_dir() else ", now gone"
+        trained = f"{checkpoint} was trained with tokenizer {want} ({size} tokens, from {theirs}{gone})"
+    raise BadInputError(f"{named_by} {tokenizer_dir} holds tokenizer {got} ({tokenizer.vocab_size} tokens) but "
+                        f"{trained}: {TOKENIZER_FIXES[named_by]}")
+
+
+def tokenizer_size_problem(ckpt: dict, tokenizer: bpe.Tokenizer, vocab_size: int) -> str | None:
+    """Why a tokenizer of this size cannot serve a model with vocab_size ids, or None. More tokens: ids with no
+    embedding row. Fewer: the checkpoint's own tokenizer is fine (the vocabulary was padded on purpose, with
+    --vocab-size or by an imported model; sample.py never samples the ids past the tokenizer), but one nothing
+    vouches for (no fingerprint, no tokenizer_dir to compare with) is refused: the model could sample an id it
+    cannot decode, mid-output."""
+    if tokenizer.vocab_size > vocab_size:
+        return "wrong --tokenizer for this checkpoint?"
+    if tokenizer.vocab_size < vocab_size and expected_tokenizer(ckpt) is None:
+        return (f"the model could sample ids {tokenizer.vocab_size}..{vocab_size - 1}, which it cannot decode, and "
+                f"the checkpoint records no tokenizer to check it against: pass the tokenizer it was trained with")
+    return None
+
+
+def note_if_unverified(ckpt: dict, src, tokenizer_dir) -> None:
+    """The one-line note for a checkpoint without a tokenizer fingerprint (older ones): it loads, unverified."""
+    if tokenizer_dir is not None and "tokenizer_fingerprint" not in ckpt:
+        checkpoint = f"checkpoint {src}" if src is not None else "the checkpoint"
+        print(f"note: {checkpoint} records no tokenizer fingerprint (older checkpoints do not): cannot verify that "
+              f"{tokenizer_dir} is the tokenizer it was trained with", file=sys.stderr)
+
+
+def check_same_model(ckpt: dict, ckpt_path) -> None:
+    """--resume: the checkpoint must hold the model the run's config.json (beside it) describes. A last.pt copied in
+    from another run (a NoPE ablation, another width) would otherwise be resumed as this run: config.json rewritten
+    to its model, and log.jsonl continuing one model's curve with another's."""
+    ckpt_path = Path(ckpt_path)
+    config_path = ckpt_path.parent / "config.json"
+    if "model_config" not in ckpt or not config_path.is_file():
+        return  # nothing to compare (checkpoint_config refuses a checkpoint without a model config later)
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadInputError(f"{config_path} is not valid JSON ({error_summary(e)}): restore it, or remove it to "
+                            f"resume {ckpt_path} as it is") from None
+    except OSError as e:
+        raise EnvironmentFault(f"cannot read {config_path}: {(e.strerror or str(e)).lower()}") from None
+    if not isinstance(config, dict):
+        raise BadInputError(f"{config_path} is not a JSON object of flags: restore it, or remove it to resume "
+                            f"{ckpt_path} as it is")
+    diff = [f"{name} {value} in {ckpt_path.name}, {config[name]} in config.json"
+            for name, value in ckpt["model_config"].items() if name in config and config[name] != value]
+    if diff:
+        raise BadInputError(f"{ckpt_path} holds another model than {config_path} describes ({'; '.join(diff)}): put "
+                            f"this run's own checkpoint back, or start a new run from that one with --init-from "
+                            f"{ckpt_path} --out NEW_DIR")
 
 
 # ---------------------------------------------------------------------------------------------------------------

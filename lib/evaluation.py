@@ -2,11 +2,13 @@
 
 One evaluator: train.py's validation loss (fixed windows, all ranks sharing them) and sample.py --eval (a file's
 perplexity, windows sliding by a stride) both call `loss_over_windows`, so the two numbers are computed by the same
-lines. It sits here, not in train.py, and reads its windows with lib/batches.py, so that sample.py --eval never
-loads train.py.
+lines; `read_eval_ids` reads sample.py --eval's file. It sits here, not in train.py, and reads its windows with
+lib/batches.py, so that sample.py --eval never loads train.py.
 """
 import contextlib
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -45,3 +47,29 @@ def loss_over_windows(model, data, starts, window: int, batch_size: int, device,
         dist.all_reduce(both)
         loss_sum, count = both[0], int(both[1].item())
     return loss_sum.item(), count  # note: .item() waits for the device (fine: once per evaluation)
+
+
+def read_eval_ids(path: Path, tokenizer) -> np.ndarray:
+    """--eval FILE's token ids: a .npy of ids as it is (it needs no tokenizer), or text that the tokenizer encodes."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--eval file {path} does not exist: pass a .npy of token ids (bpe.py encode) or a "
+                                "text file")
+    if path.suffix == ".npy":
+        try:
+            ids = np.load(path, mmap_mode="r")                              # memmap: windows are read as needed
+        except (ValueError, EOFError) as e:  # not a .npy file, a truncated one, or one of pickled objects
+            raise ValueError(f"--eval {path} is not a readable .npy array of token ids ({type(e).__name__}: {e}): "
+                             "write one with python bpe.py encode") from None
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"--eval {path}: expected a 1-D array of integer token ids, "
+                             f"got shape {ids.shape} dtype {ids.dtype}")
+        return ids
+    if tokenizer is None:
+        raise ValueError(f"--eval {path} is text and the checkpoint names no tokenizer_dir: pass --tokenizer DIR "
+                         "(or a .npy of token ids)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--eval {path} is not UTF-8 text ({e.reason} at byte {e.start}): pass UTF-8 text, or a "
+                         ".npy of token ids") from None
+    return np.array(tokenizer.encode(text), dtype=np.int64)

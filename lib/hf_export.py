@@ -62,7 +62,7 @@ def export_hf(ckpt_path, out_dir, tokenizer_dir=None, force: bool = False) -> Pa
     ckpt = read_checkpoint(ckpt_path)
     cfg = checkpoint_config(ckpt, ckpt_path)
     tensors = to_hf_llama_state_dict(cfg, ckpt["model"])  # refuses the ablations HF Llama cannot express
-    tok = checkpoint_tokenizer(ckpt, tokenizer_dir, cfg.vocab_size)
+    tok = checkpoint_tokenizer(ckpt, tokenizer_dir, cfg.vocab_size, src=ckpt_path)
     if tok is None:
         raise BadInputError(f"checkpoint {ckpt_path} names no tokenizer_dir: pass --tokenizer DIR")
     safetensors_torch = cli.optional_import("safetensors.torch", "safetensors", "writing model.safetensors")

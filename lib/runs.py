@@ -34,8 +34,9 @@ import bpe
 import train
 from train import eval_starts, load_tokens
 from lib import cli
-from lib.checkpoints import (AUTOCAST_DTYPES, checkpoint_config, checkpoint_dict, checkpoint_file_bytes,
-                             link_or_copy, pick_device, pick_dtype, read_checkpoint, rng_state, write_checkpoint_file)
+from lib.checkpoints import (AUTOCAST_DTYPES, check_same_model, check_tokenizer, checkpoint_config, checkpoint_dict,
+                             checkpoint_file_bytes, link_or_copy, note_if_unverified, pick_device, pick_dtype,
+                             read_checkpoint, read_tokenizer, rng_state, write_checkpoint_file)
 from lib.cli import (BadInputError, EnvironmentFault, OneLineParser, WriteFault, atomic_file, describe_fault,
                      space_problem)
 from lib.distributed import full_state, process_ranks
@@ -184,6 +185,8 @@ def resolve_args(argv) -> tuple[dict, dict | None]:
             raise BadInputError("--init-from starts a new run and --resume continues one: give only one of them")
         run_dir, path = resume_paths(given["resume"])
         ckpt = read_checkpoint(path, corrupt_hint=lambda: other_checkpoint_hint(path))
+        ckpt["read_from"] = str(path)  # for messages: RUN/last.pt, or RUN/best.pt (in memory only; never saved)
+        check_same_model(ckpt, path)  # not another run's last.pt copied in
         if "rng" not in ckpt:  # e.g. one that train.py import wrote
             raise BadInputError(f"--resume {given['resume']}: {path} holds weights but no training state; "
                                 f"start a new run from it with --init-from {path}")
@@ -229,7 +232,7 @@ def resolve_model_config(args: dict, ckpt: dict | None, tokenizer_dir, init: dic
     if args["preset"] is not None and args["preset"] not in PRESETS:
         raise BadInputError(f"unknown preset {args['preset']!r}: choose one of {', '.join(PRESETS)}")
     source = ckpt if ckpt is not None else init  # the checkpoint whose model this run continues, if any
-    where = f"{args['out']}/last.pt" if ckpt is not None else args["init_from"]
+    where = ckpt["read_from"] if ckpt is not None else args["init_from"]
     if source is not None:
         base = checkpoint_config(source, where)
         if args["preset"] is not None:  # an explicit preset must agree with the checkpoint (vocab aside)
@@ -466,8 +469,12 @@ def setup_run(given: dict, ckpt: dict | None) -> tuple[Run, dict | None]:
     args["dtype"], dtype_reason = pick_dtype(args["dtype"], device)
     train_path, val_path, found_tokenizer = find_data(args["data"], args["val_data"])
     init = read_checkpoint(args["init_from"]) if ckpt is None and args["init_from"] else None
-    args["tokenizer"] = args["tokenizer"] or (init_tokenizer(init, found_tokenizer, args["init_from"]) if init else
-                                              str(found_tokenizer.resolve()) if found_tokenizer else None)
+    if ckpt is not None or init is not None:  # the model's tokenizer: the checkpoint's, checked
+        where = ckpt["read_from"] if ckpt is not None else args["init_from"]
+        args["tokenizer"] = continued_tokenizer(ckpt if ckpt is not None else init, args["tokenizer"],
+                                                found_tokenizer, where)
+    elif args["tokenizer"] is None and found_tokenizer is not None:
+        args["tokenizer"] = str(found_tokenizer.resolve())
     cfg = resolve_model_config(args, ckpt, args["tokenizer"], init)
     args.update({name: getattr(cfg, name) for name in MODEL_FLAGS})
     train_data, val_data = open_data(train_path, val_path, cfg.context_length)
@@ -494,18 +501,25 @@ def setup_run(given: dict, ckpt: dict | None) -> tuple[Run, dict | None]:
     return run, init
 
 
-def init_tokenizer(init: dict, found: Path | None, src) -> str | None:
-    """An --init-from run's tokenizer: the checkpoint's (its model's ids), which a tokenizer found beside the data
-    must equal, or the data's ids would mean other tokens to the model."""
-    theirs = init.get("tokenizer_dir")
-    if theirs is None or not Path(theirs).is_dir():
-        return str(found.resolve()) if found else None
-    if found is not None:
-        a, b = bpe.Tokenizer.from_dir(theirs), bpe.Tokenizer.from_dir(found)
-        if (a.vocab, a.merges, a.special_tokens) != (b.vocab, b.merges, b.special_tokens):
-            raise BadInputError(f"--init-from {src}: its tokenizer {theirs} is not the one beside the data ({found}); "
-                                f"encode the data with it: python bpe.py encode --tokenizer {theirs} ...")
-    return theirs
+def continued_tokenizer(ckpt: dict, given: str | None, found: Path | None, src) -> str | None:
+    """The tokenizer of a run that continues a checkpoint's model (--resume, --init-from): --tokenizer, else the
+    checkpoint's own directory, else the one beside the data. The one taken and the one beside the data must both be
+    the checkpoint's tokenizer (lib/checkpoints.check_tokenizer): the data's ids and the model's embedding rows must
+    mean the same tokens. (On --resume, `given` is the run's recorded --tokenizer: the checkpoint's own.)"""
+    theirs = ckpt.get("tokenizer_dir")
+    own = theirs if theirs is not None and Path(theirs).is_dir() else None
+    candidates = {}  # where it came from -> directory
+    if given is not None and given != theirs:
+        candidates["--tokenizer"] = given
+    elif own is not None:
+        candidates["the checkpoint's tokenizer_dir"] = own
+    if found is not None and all(found.resolve() != Path(c).resolve() for c in candidates.values()):
+        candidates["the data directory"] = found  # the data's ids are that tokenizer's
+    for named_by, directory in candidates.items():
+        check_tokenizer(ckpt, src, read_tokenizer(directory, named_by), directory, named_by)
+    chosen = candidates.get("--tokenizer") or own or (str(found.resolve()) if found is not None else theirs)
+    note_if_unverified(ckpt, src, chosen)
+    return chosen
 
 
 RUN_FILES = ("config.json", "log.jsonl", "last.pt", "best.pt",  # all a run writes into its directory (config first)

@@ -162,7 +162,7 @@ EXPORT_ROWS = [
              setup=checkpoint("bare.pt", lambda c: {k: v for k, v in c.items() if k != "tokenizer_dir"}),
              absent=("new",)),
     BadInput("tokenizer-directory-without-tokenizer", ["export", CKPT, "--out", "{d}/new", "--tokenizer", "{d}/hf"],
-             2, E + "tokenizer directory {d}/hf (named by the tokenizer_dir argument (--tokenizer)) has no vocab.json "
+             2, E + "tokenizer directory {d}/hf (named by --tokenizer) has no vocab.json "
                     "and merges.txt: pass --tokenizer DIR (a directory bpe.py train/prepare wrote)", absent=("new",)),
     BadInput("nope-ablation", ["export", "{d}/demo/run/nope.pt", "--out", "{d}/new"], 2,
              E + "cannot export position='nope': Hugging Face Llama always has RoPE in every attention layer "

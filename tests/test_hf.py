@@ -531,7 +531,8 @@ def test_init_from_refusals_are_one_line(tok_dir, tmp_path, capsys):
     elsewhere = encoded_data(tmp_path, other, name="elsewhere")
     err = one_line_error(capsys, ["--data", str(elsewhere), "--out", str(tmp_path / "new"), "--init-from",
                                   str(first / "last.pt"), *RUN])
-    assert f"its tokenizer {data.resolve()} is not the one beside the data ({elsewhere})" in err
+    assert f"the data directory {elsewhere} holds tokenizer " in err  # the tokenizers' fingerprints: their own test
+    assert f"was trained with tokenizer " in err and f"from {data.resolve()}): point --data at data encoded" in err
     missing = ["--data", str(data), "--out", str(tmp_path / "new"), "--init-from", str(tmp_path / "none.pt"), *RUN]
     assert f"checkpoint {tmp_path / 'none.pt'} does not exist" in one_line_error(capsys, missing)
     assert not (tmp_path / "new").exists()

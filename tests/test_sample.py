@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import sample
 from lib.cli import BadInputError
+from lib.checkpoints import tokenizer_identity
 from bpe import Tokenizer, train_bpe
 from model import KVCache, ModelConfig, TransformerLM
 from sample import (TextStream, check_sampling_args, evaluate, generate, generate_stream, load_model, next_logits,
@@ -345,7 +346,7 @@ def tiny_run(tmp_path_factory):
     torch.manual_seed(0)
     model = TransformerLM(**dataclasses.asdict(config))
     ckpt = dict(model=model.state_dict(), optimizer={}, iteration=7, model_config=dataclasses.asdict(config),
-                train_args={}, rng={}, tokenizer_dir=str(tok_dir))
+                train_args={}, rng={}, tokenizer_dir=str(tok_dir), **tokenizer_identity(tok_dir))  # as train.py
     torch.save(ckpt, root / "last.pt")
     return root / "last.pt", tok_dir
 
