@@ -6,7 +6,7 @@ Why it is faster:
   once, ASCII chunks through an equivalent stdlib regex) and reads the file in pieces, one stretch per worker process;
 - the merge loop keeps words as strs of token ids (merges are str.replace in C), counts the first pairs with numpy,
   rewrites the first (big) merges as numpy array operations (_FlatWords), and keeps a leaner heap (_PairQueue:
-  one-string entries, rare pairs waiting outside);
+  one-string entries; rare pairs not tracked until they could matter);
 - encoding caches chunk -> ids and pre-token -> ids and merges many new pre-tokens at once in numpy (_bpe_batch),
   looking merges up in a vectorised hash table.
 A lower-floor module: it imports no chapter. What the teaching needs (the GPT-2 regex, the special-token pattern, the
@@ -328,16 +328,22 @@ def byte_words(table: PretokenTable) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def count_pairs(ids: np.ndarray, lengths: np.ndarray, freqs: np.ndarray) -> tuple[defaultdict, defaultdict]:
-    """Initial pair counts and pair -> word indices (an int32 array each), vectorised with numpy, from byte_words'
-    arrays (every id still a byte, < 256, every word at least 2 long). A pair is the 2-character str of its two ids.
+    """Pair counts and pair -> word indices (an int32 array each, naming a word once), vectorised with numpy: every
+    word's token ids end to end (ids), each word's length and frequency. A pair is the 2-character str of its two ids.
+    Run on byte_words' arrays at the start, and once more on the current words if the loop gets down to the rare pairs
+    (see _PairQueue).
     count_pairs(b"ababba" as ids, [4, 2], [3, 1]) -> ({"ab": 6, "ba": 4}, {"ab": array([0]), "ba": array([0, 1])})"""
+    # A pair's code: its two ids side by side in one integer, 16 bits while every id is a byte (numpy sorts 16-bit
+    # keys by radix sort), else 64.
+    shift = 8 if ids.size == 0 or ids.max() < 256 else 32
+    first = ids[:-1].astype(np.uint16 if shift == 8 else np.uint64)
     # Position k and k + 1 form a pair unless k is the last position of a word; a word of length n has n - 1 pairs.
     inside = np.ones(max(ids.size - 1, 0), bool)
     inside[np.cumsum(lengths)[:-1] - 1] = False
-    code = (ids[:-1].astype(np.uint16) << 8 | ids[1:])[inside]  # (pairs,) note: numpy sorts 16-bit keys by radix sort
-    del inside
+    code = (first << shift | ids[1:])[inside]  # (pairs,)
+    del first, inside
     where = np.repeat(np.arange(lengths.size, dtype=np.int32), lengths - 1)  # (pairs,) the word of each pair
-    if code.size == 0:  # no word of two bytes: nothing to merge
+    if code.size == 0:  # no word of two tokens: nothing to merge
         return defaultdict(int), defaultdict(list)
     order = np.argsort(code, kind="stable")
     code, where = code[order], where[order]
@@ -348,9 +354,9 @@ def count_pairs(ids: np.ndarray, lengths: np.ndarray, freqs: np.ndarray) -> tupl
     once = np.r_[True, (code[1:] != code[:-1]) | (where[1:] != where[:-1])]
     code, where = code[once], where[once]
     starts = np.flatnonzero(np.r_[True, code[1:] != code[:-1]])
-    pair_counts, pair_words = defaultdict(int), defaultdict(list)
+    pair_counts, pair_words, mask = defaultdict(int), defaultdict(list), (1 << shift) - 1
     for s, e, c, total in zip(starts.tolist(), [*starts[1:].tolist(), len(code)], code[starts].tolist(), totals):
-        pair = chr(c >> 8) + chr(c & 255)
+        pair = chr(c >> shift) + chr(c & mask)
         pair_counts[pair] = total
         pair_words[pair] = where[s:e]
     return pair_counts, pair_words
@@ -370,8 +376,9 @@ def bpe_merges(table: PretokenTable, num_merges: int, *, progress=False, t0=None
     #                      first merges (the array phase, see _Words), later a list that may name a word twice; either
     #                      may name words that no longer contain the pair: those visits find nothing to merge, which
     #                      is cheaper than keeping the lists exact;
-    #   queue              a max-heap of the pairs on (count, then the byte strings), see _PairQueue, which also keeps
-    #                      rare pairs out of the heap until they could matter.
+    #   queue              a max-heap of the pairs on (count, then the byte strings), see _PairQueue.
+    # Rare new pairs are not kept at all (none of the three) until the loop could get down to them (_PairQueue):
+    # then every pair is counted afresh from the words, once, and from there on all are kept.
     # Lazy invalidation: counts only ever go down for existing pairs (a merge turns (x, a) into (x, ab)), and new pairs
     # all contain the new token and are pushed once the merge is done. So when an entry is popped whose count is no
     # longer the pair's count, it is pushed back with the current count (if above 0) and skipped; the first popped
@@ -390,6 +397,10 @@ def bpe_merges(table: PretokenTable, num_merges: int, *, progress=False, t0=None
     merges = []
     while len(merges) < num_merges:
         pair = queue.pop_best(pair_counts)
+        if pair is None and not queue.complete:  # the untracked rare pairs could be next: count them all, once
+            pair_counts, pair_words = count_pairs(*corpus.arrays())
+            queue = _PairQueue(pair_counts, keys, complete=True)
+            pair = queue.pop_best(pair_counts)
         if pair is None:  # no pair occurs any more: the corpus has no further merges
             break
         a, b = pair
@@ -408,7 +419,7 @@ def bpe_merges(table: PretokenTable, num_merges: int, *, progress=False, t0=None
     return vocab, merges
 
 
-RARE_PAIR_COUNT = 8  # a new pair seen at most this often waits outside the heap (_PairQueue)
+RARE_PAIR_COUNT = 8  # a new pair seen at most this often is not tracked until the loop gets down to such counts
 _MAX_COUNT = (1 << 64) - 1  # above any pair count: a count key is _MAX_COUNT - count
 
 
@@ -425,12 +436,15 @@ def _entry_count(entry: str) -> int:
 
 
 class _PairQueue:
-    """The merge loop's max-heap of pairs, on (count, then the byte strings), with lazy invalidation (see bpe_merges),
-    and a waiting list: a brand-new pair that occurs at most RARE_PAIR_COUNT times goes there instead of into the
-    heap, because the loop rarely gets down to such counts (on kernel-docs the 32,000th merge's pair still occurs 15
-    times) while most new pairs are that rare (78% of all pushes at 32K). That keeps the heap ~4x smaller (~30 MB
-    less at 32K) and saves their pushes. The first time the heap's top is no more frequent than RARE_PAIR_COUNT, the
-    waiting pairs still alive join the heap at once, and from then on every pair goes straight in.
+    """The merge loop's max-heap of pairs, on (count, then the byte strings), with lazy invalidation (see bpe_merges).
+
+    Rare pairs: a brand-new pair that occurs at most RARE_PAIR_COUNT times is not tracked at all (no count, no word
+    list, no entry), because the loop rarely gets down to such counts (at 32K merges the last pair merged occurs
+    thousands of times on OpenWebText, 15 times on kernel-docs) while most new pairs are that rare (78% of them on
+    kernel-docs; on issue 33's 400 MB corpus, 2.3M of 2.7M pairs, ~600 MB of bookkeeping). A new pair's count never
+    grows (see bpe_merges), so a rare one stays rare. If the heap's top gets down to RARE_PAIR_COUNT (or the heap
+    empties), pop_best returns None and bpe_merges counts every pair afresh from the words, once, and goes on with a
+    `complete` queue that tracks every pair.
 
     An entry is one str, entry(count, a, b) = _count_key(count) + _inverted(a's bytes) + _inverted(b's bytes) + the
     pair, which sorts exactly as the tuple (-count, key(a), key(b)) would: the count key has a fixed width and the
@@ -439,33 +453,32 @@ class _PairQueue:
     most counts tie. At 32K on kernel-docs the 86K heappops take 0.19-0.21 s instead of 0.36-0.46 (line profiles;
     BENCHMARKS.md). The pair is the entry's last two characters."""
 
-    def __init__(self, pair_counts: dict, keys: list):
+    def __init__(self, pair_counts: dict, keys: list, complete: bool = False):
         self.keys = keys  # token id -> _inverted(token bytes); bpe_merges appends one per merge
         self.heap = [self.entry(n, p) for p, n in pair_counts.items()]
         heapq.heapify(self.heap)
-        self.waiting: list | None = []  # None once flushed
+        self.complete = complete  # tracks every pair, rare ones too
 
     def entry(self, count: int, pair: str) -> str:
         """The heap entry of a pair that occurs `count` times."""
         return _count_key(count) + self.keys[ord(pair[0])] + self.keys[ord(pair[1])] + pair
 
+    def tracks(self, count: int) -> bool:
+        """Is a new pair that occurs `count` times kept (counted, listed, pushed)?"""
+        return count > RARE_PAIR_COUNT or self.complete
+
     def push(self, count: int, pair: str) -> None:
         """Add a pair that occurs `count` (> 0) times and has no entry yet."""
-        if count <= RARE_PAIR_COUNT and self.waiting is not None:
-            self.waiting.append(pair)
-        else:
-            heapq.heappush(self.heap, self.entry(count, pair))
+        heapq.heappush(self.heap, self.entry(count, pair))
 
     def pop_best(self, pair_counts: dict) -> str | None:
         """Pop entries until one is current and return its pair: the most frequent pair (ties: the greater byte
-        strings), or None once no pair is left. A stale entry, whose count is no longer the pair's count, is pushed
-        back with the current count if that is above 0 (lazy invalidation). Every waiting pair occurs at most
-        RARE_PAIR_COUNT times, so a current entry above that is the maximum whatever waits."""
+        strings), or None once no pair is left, or, unless complete, once an untracked rare pair could be the best.
+        A stale entry, whose count is no longer the pair's count, is pushed back with the current count if that is
+        above 0 (lazy invalidation)."""
         heap, heappush, heappop = self.heap, heapq.heappush, heapq.heappop  # note: local names are faster below
         while True:
-            if self.waiting is not None and (not heap or _entry_count(heap[0]) <= RARE_PAIR_COUNT):
-                self._flush_waiting(pair_counts)
-            if not heap:
+            if not heap or (not self.complete and _entry_count(heap[0]) <= RARE_PAIR_COUNT):
                 return None
             entry = heappop(heap)
             pair = entry[-2:]
@@ -474,15 +487,6 @@ class _PairQueue:
                 return pair
             if count > 0:
                 heappush(heap, _count_key(count) + entry[4:])
-
-    def _flush_waiting(self, pair_counts: dict) -> None:
-        """Move the waiting pairs that still occur into the heap, with their current counts."""
-        for pair in self.waiting:
-            count = pair_counts.get(pair, 0)
-            if count > 0:
-                self.heap.append(self.entry(count, pair))
-        heapq.heapify(self.heap)
-        self.waiting = None
 
 
 class _NeighbourTally(NamedTuple):
@@ -566,6 +570,13 @@ class _Words:
             word_ids = self.word_objs[word_ids].tolist()
         return _rewrite_words(self.words, self.freqs, word_ids, pair, new)
 
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The words as they are now, as count_pairs takes them: (ids, lengths, freqs)."""
+        if self.flat is not None:
+            return (*self.flat.ids(), self.freq_of)
+        ids = np.frombuffer("".join(self.words).encode("utf-32-le", "surrogatepass"), np.uint32)
+        return ids, np.fromiter(map(len, self.words), np.int64, len(self.words)), self.freq_of
+
 
 class _FlatWords:
     """The words end to end in one array of token ids, for the merge loop's first merges, which list thousands of
@@ -636,12 +647,16 @@ class _FlatWords:
         self.tokens[concatenated_ranges((start + size - removed)[freed], removed[freed])] = END
         return _NeighbourTally(left_words, left_counts, right_words, right_counts, int(freq[overlaps].sum()))
 
+    def ids(self) -> tuple[np.ndarray, np.ndarray]:
+        """The words' token ids end to end, (total,) uint32, and each word's length, (num_words,)."""
+        in_use = self.tokens != self.END
+        return self.tokens[in_use], np.add.reduceat(in_use, self.start)
+
     def words(self) -> list[str]:
         """The words as strs again, one character per token, chr(id), for the rest of the merge loop. note: ids 0xD800
         to 0xDFFF are surrogate code points, which surrogatepass lets through."""
-        in_use = self.tokens != self.END
-        lengths = np.add.reduceat(in_use, self.start)
-        text = self.tokens[in_use].tobytes().decode("utf-32-le", "surrogatepass")
+        ids, lengths = self.ids()
+        text = ids.tobytes().decode("utf-32-le", "surrogatepass")
         ends = np.cumsum(lengths)
         return list(map(text.__getitem__, map(slice, (ends - lengths).tolist(), ends.tolist())))
 
@@ -704,21 +719,22 @@ def _apply_pair_deltas(tally: _NeighbourTally, pair: str, new: str, pair_counts:
                        queue: _PairQueue) -> None:
     """Apply one merge's tally to the bookkeeping, once per changed pair: the old neighbour pairs (x, a) and (b, y)
     lose their counts; the new pairs (x, new) and (new, y), all brand new, get theirs and the tally's word lists, and
-    are pushed on the queue if they occur."""
+    are pushed on the queue if they occur and the queue tracks them (rare ones are left out, see _PairQueue)."""
     a, b = pair
     left_words, right_words, overlap = tally.left_words, tally.right_words, tally.overlap
     for x, count in tally.left_counts.items():
         if x != new:  # (new, a) did not exist before this merge
             _lose(pair_counts, pair_words, x + a, count)
-        x_new = x + new
-        pair_counts[x_new] = count
-        pair_words[x_new] = left_words[x]
-        queue.push(count, x_new)  # count > 0: every left neighbour is an occurrence
+        if queue.tracks(count):  # count > 0: every left neighbour is an occurrence
+            x_new = x + new
+            pair_counts[x_new] = count
+            pair_words[x_new] = left_words[x]
+            queue.push(count, x_new)
     for y, count in tally.right_counts.items():
         _lose(pair_counts, pair_words, b + y, count)  # one per listed occurrence: an overlap's (b, a) is gone too
         if y == a:
             count -= overlap  # but an overlap made no (new, a) (see _NeighbourTally)
-        if count > 0:  # 0 when every (new, a) the tally saw was an overlap (see _rewrite_words)
+        if count > 0 and queue.tracks(count):  # 0 when every (new, a) the tally saw was an overlap (_rewrite_words)
             new_y = new + y
             pair_counts[new_y] = count
             pair_words[new_y] = right_words[y]
@@ -731,7 +747,10 @@ def _lose(pair_counts: dict, pair_words: dict, pair: str, count: int) -> None:
     entries), so forgetting them keeps memory to the live pairs. Its queue entries go when popped or flushed (count 0:
     dropped).
     _lose({"ab": 3}, {"ab": [0]}, "ab", 3) leaves both dicts empty."""
-    left = pair_counts[pair] - count
+    left = pair_counts.get(pair)
+    if left is None:  # a rare pair the loop does not track (see _PairQueue)
+        return
+    left -= count
     if left:
         pair_counts[pair] = left
     else:

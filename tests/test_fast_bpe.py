@@ -1,6 +1,6 @@
 """Tests of lib/fast_bpe.py, bpe.py's fast path: the fast trainer against the teaching trainer in each phase of its
 merge loop (the array phase, str words, the switch between them), its pieces (_FlatWords against _rewrite_words, the
-queue's entry order, the rare-pair waiting list, any number of workers and piece sizes); pre-tokenisation by chunks
+queue's entry order, the untracked rare pairs, any number of workers and piece sizes); pre-tokenisation by chunks
 against the plain GPT-2 regex (the chunk regex's whitespace set against regex's \\s on every code point, the ASCII
 pattern); and the fast encoder against the plain one (the hash table, batched BPE, the cold path for any batch size,
 the warm cache, flat memory while streaming).
@@ -137,20 +137,25 @@ def test_queue_entries_sort_as_count_then_greater_bytes():
 
 @pytest.fixture(scope="module")
 def rare_corpus(tmp_path_factory):
-    """A corpus and the teaching version's 300 merges on it (computed once for the three waiting-list cases)."""
+    """A corpus and the teaching version's 300 merges on it (computed once for the rare-pair cases)."""
     rng = random.Random(11)
     path = write(tmp_path_factory.mktemp("rare"), random_text(rng, 3000, alphabet="abcdefé", specials=[EOT]))
     return path, bpe.train_bpe_naive(path, 256 + 1 + 300, [EOT])
 
 
 @pytest.mark.parametrize("rare", [0, 5, 1000])
-def test_rare_pair_waiting_list_does_not_change_merges(rare_corpus, monkeypatch, rare):
-    """_PairQueue keeps pairs first seen at most RARE_PAIR_COUNT times out of the heap until the heap's top gets down
-    to them: with none waiting (0), a flush two thirds of the way through the 300 merges (5) or at the second merge
-    (1000), the merges are the teaching version's."""
+def test_untracked_rare_pairs_do_not_change_merges(rare_corpus, monkeypatch, merge_phases, rare):
+    """_PairQueue leaves new pairs seen at most RARE_PAIR_COUNT times untracked until the heap's top gets down to
+    them, and bpe_merges then counts every pair afresh from the words: with none left out (0), the recount two thirds
+    of the way through the 300 merges (5) or at the second merge (1000), from the array phase's words or the str
+    phase's (merge_phases), the merges are the teaching version's, and the recount ran once."""
     path, naive = rare_corpus
     monkeypatch.setattr(fast_bpe, "RARE_PAIR_COUNT", rare)
+    calls = []
+    count_pairs = fast_bpe.count_pairs
+    monkeypatch.setattr(fast_bpe, "count_pairs", lambda *a: calls.append(a[0].dtype) or count_pairs(*a))
     assert bpe.train_bpe(path, 256 + 1 + 300, [EOT], fast=True, num_workers=1) == naive
+    assert len(calls) == (1 if rare == 0 else 2)  # the first count, then the recount
 
 
 def test_workers_and_pieces_do_not_change_the_result(tmp_path, monkeypatch):
