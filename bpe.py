@@ -621,8 +621,11 @@ def export_command(args) -> None:
     check_output_dir(out)
     if args.format == "hf":
         check_dir_target(out, "--out", "the Hugging Face tokenizer directory")
+        stale = formats.hf_tokenizer_replaces(out, args.force)  # another tokenizer's files are not left beside ours
         with output_dir(out):
             formats.save_hf_tokenizer(tok, out)
+            for name in stale:
+                (out / name).unlink()
         print(f"wrote {out}/tokenizer.json and tokenizer_config.json; in Python: "
               f"transformers.AutoTokenizer.from_pretrained({str(out)!r}) or tokenizers.Tokenizer.from_file("
               f"{str(out / 'tokenizer.json')!r})")
@@ -662,6 +665,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("--format", choices=["hf", "tiktoken"], required=True)
     p.add_argument("--out", required=True, help="hf: a directory (tokenizer.json, tokenizer_config.json); "
                                                 "tiktoken: the .tiktoken file")
+    p.add_argument("--force", action="store_true", help="hf: write into a directory that holds more than an earlier "
+                   "export, replacing the tokenizer files there (other tokenizers' too) and keeping the rest")
     p.set_defaults(command_fn=export_command, workers=None)
     return parser
 

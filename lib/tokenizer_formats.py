@@ -71,6 +71,33 @@ def hf_tokenizer_config(tok: Tokenizer, model_max_length: int | None = None) -> 
     return config
 
 
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # what save_hf_tokenizer writes
+# What `bpe.py export --format hf --force` removes from a directory that holds more than an earlier export: the
+# files from which AutoTokenizer would load other tokens beside ours (it adds the tokens of a special_tokens_map.json
+# it finds) or another tokenizer instead. Anything else (model weights, README.md) is kept.
+OTHER_TOKENIZER_FILES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+                         "tokenizer.model", "spiece.model", "chat_template.jinja", "chat_template.json")
+
+
+def hf_tokenizer_replaces(out: Path, force: bool) -> list[str]:
+    """The names in `out` that a tokenizer export removes after writing its own: none from an earlier export (it
+    holds only HF_TOKENIZER_FILES, which are replaced), the other tokenizers' files with --force. Any other non-empty
+    directory is refused without --force, and a tokenizer directory of this project (special_tokens.json beside
+    vocab.json and merges.txt) even with it: --force would delete the tokenizer it holds."""
+    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    others = [n for n in names if n not in HF_TOKENIZER_FILES]
+    if not others:
+        return []
+    if "special_tokens.json" in names:
+        raise ValueError(f"--out {out} is a tokenizer directory of this project (special_tokens.json), whose files "
+                         f"the export would delete; give a new or empty directory")
+    if not force:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise ValueError(f"--out {out} is not empty and not an earlier tokenizer export (it holds {shown}): pass "
+                         f"--force to replace the tokenizer files in it and keep the rest, or a new or empty directory")
+    return [n for n in others if n in OTHER_TOKENIZER_FILES]
+
+
 def save_hf_tokenizer(tok: Tokenizer, directory, model_max_length: int | None = None) -> None:
     """directory/tokenizer.json and tokenizer_config.json: what AutoTokenizer.from_pretrained(directory) reads."""
     d = Path(directory)

@@ -194,6 +194,16 @@ ROWS = [
                                                  "{d}/hf"], 2,
              E + "{d}/tok/merges.txt does not exist; is {d}/tok a tokenizer directory (bpe.py train --out)?",
              setup=remove("tok/merges.txt"), absent=("hf",)),
+    # another model's tokenizer files beside ours: AutoTokenizer would add their tokens (issue 32's 303 for 300)
+    BadInput("export-hf-into-another-tokenizers-directory", ["export", "--tokenizer", "{d}/tok", "--format", "hf",
+                                                             "--out", "{d}/hf"], 2,
+             E + "--out {d}/hf is not empty and not an earlier tokenizer export (it holds special_tokens_map.json): "
+                 "pass --force to replace the tokenizer files in it and keep the rest, or a new or empty directory",
+             setup=write("hf/special_tokens_map.json", b"{}"), unchanged=("hf",)),
+    BadInput("export-hf-into-this-projects-tokenizer", ["export", "--tokenizer", "{d}/tok", "--format", "hf",
+                                                        "--out", "{d}/tok", "--force"], 2,
+             E + "--out {d}/tok is a tokenizer directory of this project (special_tokens.json), whose files the "
+                 "export would delete; give a new or empty directory", unchanged=("tok",)),
     # permission faults are the machine's: exit 1 (the hf export into a read-only directory was exit 2,
     # "[Errno 13] Permission denied: ..."); these rows skip as root
     BadInput("perm-export-hf-into-read-only-directory", ["export", "--tokenizer", "{d}/tok", "--format", "hf",
@@ -277,3 +287,18 @@ def test_a_permission_fault_is_exit_1_even_as_root(made_tokenizer, tmp_path, cap
 def test_describe_os_error(error, code, line):
     """Whose fault an OSError is (2: the path given; 1: the machine) and one line without "[Errno N]"."""
     assert cli.describe_os_error(error) == (code, line)
+
+
+def test_a_tokenizer_export_replaces_an_earlier_one_and_force_removes_only_tokenizer_files(made_tokenizer, tmp_path,
+                                                                                          capsys):
+    """Into an earlier export: replaced, exit 0. With --force into another model's directory: the other tokenizer's
+    files go (special_tokens_map.json, vocab.json), the rest stays (weights, README.md)."""
+    export = ["export", "--tokenizer", made_tokenizer / "tok", "--format", "hf", "--out", tmp_path / "hf"]
+    assert run_cli(bpe.main, export, capsys)[0] == 0
+    assert run_cli(bpe.main, export, capsys)[0] == 0
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    for name in ("special_tokens_map.json", "vocab.json", "model.safetensors", "README.md"):
+        (tmp_path / "hf" / name).write_text("{}")
+    assert run_cli(bpe.main, [*export, "--force"], capsys)[0] == 0
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["README.md", "model.safetensors",
+                                                                   "tokenizer.json", "tokenizer_config.json"]
