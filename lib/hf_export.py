@@ -26,7 +26,8 @@ from pathlib import Path
 import bpe
 import train
 from lib import cli, tokenizer_formats
-from lib.checkpoints import checkpoint_config, checkpoint_tokenizer, load_weights_only, read_checkpoint
+from lib.checkpoints import (checkpoint_config, checkpoint_tokenizer, load_weights_only, read_checkpoint,
+                             tokenizer_fingerprint)
 from lib.cli import (BadInputError, EnvironmentFault, OneLineParser, WriteFault, atomic_file, atomic_write_text,
                      describe_fault, error_summary)
 from model import TransformerLM
@@ -76,7 +77,8 @@ def export_hf(ckpt_path, out_dir, tokenizer_dir=None, force: bool = False) -> Pa
     with staging_dir(out) as tmp:
         # note: safetensors.torch.save returns the file as bytes (the weights once more in memory) for atomic_file
         # to write all or nothing; transformers checks for the "format": "pt" metadata.
-        data = safetensors_torch.save(tensors, metadata={"format": "pt", EXPORT_MARK: ",".join(EXPORT_FILES)})
+        data = sorted_header(safetensors_torch.save(tensors, metadata={"format": "pt",
+                                                                      EXPORT_MARK: ",".join(EXPORT_FILES)}))
         with atomic_file(tmp / HF_WEIGHTS[0], needed=len(data)) as f:
             f.write(data)
         for name, obj in (("config.json", to_hf_llama_config(cfg, eot, eot)),
@@ -85,6 +87,17 @@ def export_hf(ckpt_path, out_dir, tokenizer_dir=None, force: bool = False) -> Pa
         tokenizer_formats.save_hf_tokenizer(tok, tmp, model_max_length=cfg.context_length)
         install(tmp, out, stale)
     return out
+
+
+def sorted_header(data: bytes) -> bytes:
+    """A .safetensors file with its JSON header's keys sorted. subtle: safetensors writes the metadata from a hash map
+    whose order changes from process to process, so with two metadata keys two exports of one model differed in
+    their bytes half of the time. The file starts with the header's length (8 bytes, little-endian), then the
+    header, padded with spaces; the same keys in another order have the same length, so the data does not move."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + size]), separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    header = header.encode("utf-8")
+    return data[:8] + header.ljust(size) + data[8 + size:] if len(header) <= size else data
 
 
 def export_replaces(out: Path, force: bool) -> list[str]:
@@ -181,7 +194,9 @@ def import_hf(hf_dir, run_dir, overwrite: bool = False) -> Path:
     model.load_state_dict(state, assign=True)
     with staging_dir(run) as tmp:
         tok.save_dir(tmp)
+        # the fingerprint of the tokenizer imported, not of whatever RUN holds until install() moves it in
         train.save_checkpoint(model, None, 0, tmp / "last.pt", tokenizer_dir=str(run.resolve()),
+                              tokenizer_fingerprint=tokenizer_fingerprint(tok), tokenizer_vocab_size=tok.vocab_size,
                               imported_from=str(src.resolve()))
         install(tmp, run, [])
     return run
