@@ -8,8 +8,8 @@ bpe_merges takes a PretokenTable since issue 33; before, the words as strs and t
 or bpe.py from before the loop moved there (a86aed4 and earlier).
 Each round runs bpe_merges of each version on the same counts (a fresh copy of the words for the older versions),
 the order swapped every round; the times are this process's CPU seconds. Reported: the paired ratio (the median over
-rounds of new / old) and the ratio of the two fastest runs. The two versions must produce the same merges. Run it with one file twice (an A/A test) to
-see the noise floor.
+rounds of new / old) and the ratio of the two fastest runs. The two versions must produce the same merges. Run it
+with one file twice (an A/A test) to see the noise floor.
 
     git show HEAD:lib/fast_bpe.py > /tmp/fast_bpe_old.py
     python bench/ab_bpe.py /tmp/fast_bpe_old.py lib/fast_bpe.py               # kernel-docs, vocab 32K, 10 rounds

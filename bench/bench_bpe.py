@@ -1,8 +1,8 @@
 """Benchmark bpe.py against the reference libraries, side by side in one run (issues 2 and 14's performance targets).
 
 Training: bpe.train_bpe(..., fast=True) (lib/fast_bpe.py, what `bpe.py train` runs) vs Hugging Face `tokenizers` (BpeTrainer, the same GPT-2 regex split + byte-level alphabet)
-on the same file, vocab 10,000 and 32,000 with <|endoftext|>, same cores; wall time and peak memory, each trial in a fresh
-forked process so neither inherits the other's memory. Encoding: Tokenizer.encode (one process, GPT-2 vocab, cold
+on the same file, vocab 10,000 and 32,000 with <|endoftext|>, same cores; wall time and peak memory, each trial in a
+fresh forked process so neither inherits the other's memory. Encoding: Tokenizer.encode (one process, GPT-2 vocab, cold
 caches, then a second pass with warm ones; fast=True, as `bpe.py encode` runs it) vs tiktoken built from the same GPT-2
 files, on the first 10 MB and on the whole file; then lib/datasets.py's `encode_file` with 1 and 2 workers.
 Compression (bytes/token) of our 10K tokenizer and GPT-2's on the validation texts. Trials alternate and the medians
@@ -106,15 +106,17 @@ def compare_training(train_file, vocab_size, workers, repeats, keep_dir=None) ->
 
 
 def training_rows(name, results) -> list[str]:
-    """Two Markdown rows per vocab size: time and peak memory (the process tree), ours vs HF, with the ratios (targets: issue 14)."""
+    """Two Markdown rows per vocab size: time and peak memory (the process tree), ours vs HF, with the ratios
+    (targets: issue 14)."""
     rows = []
     for r in results:
         per_trial = ", ".join(f"{x:.2f}" for x in r["trial_ratios"])
         rows.append(f"| train {name}, vocab {r['vocab_size']:,} incl. the special token | {r['ours_s']:.2f} s | "
                     f"HF tokenizers {r['hf_s']:.2f} s | {r['ours_s'] / r['hf_s']:.2f}x time (trials {per_trial}) "
                     f"| <= 0.6x |")
-        rows.append(f"| peak memory (process tree) while training, vocab {r['vocab_size']:,} | {r['ours_mib']:.0f} MiB | "
-                    f"HF tokenizers {r['hf_mib']:.0f} MiB | {r['ours_mib'] / r['hf_mib']:.2f}x memory | <= 0.8x |")
+        rows.append(f"| peak memory (process tree) while training, vocab {r['vocab_size']:,} | "
+                    f"{r['ours_mib']:.0f} MiB | HF tokenizers {r['hf_mib']:.0f} MiB | "
+                    f"{r['ours_mib'] / r['hf_mib']:.2f}x memory | <= 0.8x |")
     return rows
 
 

@@ -1,4 +1,4 @@
-"""BPE training at OpenWebText's size: peak memory and time of `bpe.py train` against Hugging Face tokenizers (issue 33).
+"""BPE training at OpenWebText's size: peak memory and time of `bpe.py train` against HF tokenizers (issue 33).
 
 Writes bench/synth_corpus.py's --letters corpus at each size (seeded; skipped if the file is already there), then runs,
 alternately and each as its own process, `python bpe.py train` (vocab 32K, <|endoftext|>) and Hugging Face tokenizers'
