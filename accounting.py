@@ -27,16 +27,14 @@ measuring code (saved bytes, a measured torch.mm peak, the machine line) lives i
     python accounting.py --preset gpt2-xl --steps 400000 --batch-size 1024 --gpu a100 --mfu 0.5 --gpu-mem 80GB
     python accounting.py --compare     # all presets side by side; more (--measure, --fsdp, --fsdp-table): --help
 """
-import argparse
 import dataclasses
 import json
 import math
-import re
 
 import torch
 
 import model
-from lib.cli import OneLineParser, human_bytes  # (decimal units, as memory is sold: 1 GB = 1e9 bytes)
+from lib.cli import OneLineParser, human_bytes, parse_bytes, positive_int  # (decimal units: 1 GB = 1e9 bytes)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Parameters: one row per tensor kind (model.py names), shape formula, count
@@ -800,26 +798,6 @@ def fsdp_table(gpu_mem: float = FSDP_TABLE_GPU_MEM, world_size: int = FSDP_TABLE
 # ---------------------------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------------------------
-
-def parse_bytes(text: str) -> float:
-    """'80GB' -> 80e9, '80GiB' -> 80·2³⁰, '80' -> 80e9 (GB)."""
-    units = {"": 1e9, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-             "tib": 2**40}
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in units or float(m.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"bad memory size {text!r}; write e.g. 80GB or 80GiB")
-    return float(m.group(1)) * units[m.group(2).lower()]
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
 
 MEASURE_MAX_BYTES = 4e9  # --measure runs the model on this machine's CPU: refuse what a laptop could not hold
 

@@ -16,6 +16,7 @@ import contextlib
 import errno
 import importlib
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -35,6 +36,28 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_bytes(text: str) -> float:
+    """argparse type for a memory size (accounting.py's --gpu-mem): '80GB' -> 80e9, '80GiB' -> 80·2³⁰, '80' -> 80e9
+    (GB)."""
+    units = {"": 1e9, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+             "tib": 2**40}
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in units or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"bad memory size {text!r}; write e.g. 80GB or 80GiB")
+    return float(m.group(1)) * units[m.group(2).lower()]
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (accounting.py's sizes), else argparse's one-line error."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------------------
