@@ -116,6 +116,12 @@ def describe_fault(error: BaseException, path, needed: int | None = None) -> str
     return space_problem(path, needed) or error_summary(error)
 
 
+def some_of(items: list, shown: int = 3) -> str:
+    """The first few items and how many more, short enough for a one-line error: "a, b, c and 2 more"."""
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(map(str, items[:shown])) + more
+
+
 QUOTED_ERROR_CHARS = 160  # how much of a library's error message a one-line error quotes
 
 

@@ -119,10 +119,9 @@ def export_replaces(out: Path, force: bool) -> list[str]:
         raise BadInputError(f"{out} holds {own[0]}: it is a run or tokenizer directory of this project, whose files "
                             f"an export would replace or delete; pass a new or empty directory as --out")
     if not force:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise BadInputError(f"{out} is not empty and not an earlier export (it holds {shown}): pass --force to "
-                            f"replace the Hugging Face model and tokenizer files in it and keep the rest, or a new or "
-                            f"empty directory as --out")
+        raise BadInputError(f"{out} is not empty and not an earlier export (it holds {cli.some_of(foreign)}): pass "
+                            f"--force to replace the Hugging Face model and tokenizer files in it and keep the rest, "
+                            f"or a new or empty directory as --out")
     return [n for n in names if any(fnmatch.fnmatch(n, pattern) for pattern in HF_MODEL_FILES)]
 
 

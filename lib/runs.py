@@ -832,9 +832,7 @@ def is_number(value) -> bool:
 
 def line_numbers(damaged: list[tuple[int, bytes]], shown: int = 5) -> str:
     """'line 4' or 'lines 4, 9, 12 and 3 more': where the damaged lines are, short enough for one line."""
-    numbers = [str(n) for n, _ in damaged]
-    more = f" and {len(numbers) - shown} more" if len(numbers) > shown else ""
-    return f"line{'s' * (len(numbers) > 1)} {', '.join(numbers[:shown])}{more}"
+    return f"line{'s' * (len(damaged) > 1)} {cli.some_of([n for n, _ in damaged], shown)}"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from bpe import CHAR_TO_BYTE, END_OF_TEXT, GPT2_PAT, Tokenizer, str_to_token, token_to_str
-from lib.cli import atomic_write_text
+from lib.cli import atomic_write_text, some_of
 
 # Both libraries can run a Tokenizer exactly (tests/test_hf.py compares ids on random Unicode, special tokens and real
 # text): HF `tokenizers` as a BPE model with our merges in rank order behind the GPT-2 regex, tiktoken with each token's
@@ -92,9 +92,9 @@ def hf_tokenizer_replaces(out: Path, force: bool) -> list[str]:
         raise ValueError(f"--out {out} is a tokenizer directory of this project (special_tokens.json), whose files "
                          f"the export would delete; give a new or empty directory")
     if not force:
-        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-        raise ValueError(f"--out {out} is not empty and not an earlier tokenizer export (it holds {shown}): pass "
-                         f"--force to replace the tokenizer files in it and keep the rest, or a new or empty directory")
+        raise ValueError(f"--out {out} is not empty and not an earlier tokenizer export (it holds {some_of(others)}): "
+                         f"pass --force to replace the tokenizer files in it and keep the rest, or a new or empty "
+                         f"directory")
     return [n for n in others if n in OTHER_TOKENIZER_FILES]
 
 
