@@ -163,7 +163,8 @@ def config_value_problem(action: argparse.Action, value) -> str | None:
     if isinstance(action, argparse.BooleanOptionalAction):
         return None if isinstance(value, bool) else f"must be JSON true or false, got {value!r}"
     if action.type in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (action.type is int and value != int(value)):
+        not_a_number = isinstance(value, bool) or not isinstance(value, (int, float))
+        if not_a_number or (action.type is int and value != int(value)):
             return "must be an integer" if action.type is int else "must be a number"
     elif not isinstance(value, str):
         return f"must be a string, got {value!r}"
